@@ -1,0 +1,43 @@
+"""prefetch: a drop-in, deterministic, multiprocess replacement for a plain training-data generator.
+
+Public API::
+
+    prefetch.data_generator(batch_size, data_x, data_y, shuffle=True, **options)
+    prefetch.Loader(*sources, batch_size=32, ...)
+    prefetch.batch_rng()        # per-batch numpy Generator for transforms
+    prefetch.Stats              # what loader.stats() returns
+
+See ``docs/design.md`` for how it works.
+"""
+
+from ._rng import batch_rng
+from .collate import collate_auto, collate_list
+from .errors import (
+    CoordinatorDiedError,
+    LoaderClosedError,
+    PrefetchError,
+    RemoteError,
+    WorkerDiedError,
+    WorkerError,
+    WorkerTimeoutError,
+)
+from .loader import Loader, data_generator
+from .stats import Stats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CoordinatorDiedError",
+    "Loader",
+    "LoaderClosedError",
+    "PrefetchError",
+    "RemoteError",
+    "Stats",
+    "WorkerDiedError",
+    "WorkerError",
+    "WorkerTimeoutError",
+    "batch_rng",
+    "collate_auto",
+    "collate_list",
+    "data_generator",
+]

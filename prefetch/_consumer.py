@@ -1,0 +1,286 @@
+"""The consumer side: the engines that ``Loader``'s generator pulls batches from.
+
+``ProcessEngine`` starts the coordinator (which starts the workers), receives
+``BatchReady``/``BatchFailed`` in completion order, keeps them in a reorder buffer
+and hands them out strictly by batch number. Each yielded batch's arrays view its
+shared-memory slot through a per-batch *lease* (see ``_shm``); when the user drops
+the batch, a ``weakref.finalize`` on the lease puts the slot on ``released``, and
+the next ``Consumed`` message returns it. If the user keeps ``prefetch`` leased
+batches alive, further batches are copied out of their slot instead, so holding
+batches never starves the pool (no deadlock) and the number of segments stays
+bounded.
+
+``InlineEngine`` (``workers=0``) makes each batch in the calling process with the
+same pipeline, restoring the caller's global random state after each batch.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import secrets
+import selectors
+import time
+import weakref
+from collections import deque
+from dataclasses import replace
+from typing import Any
+
+import multiprocess
+import multiprocess.util  # noqa: F401 - before our atexit hook is registered, so that ours runs first
+import psutil
+
+from . import _rng
+from ._coordinator import coordinator_main
+from ._channel import receive
+from ._protocol import (
+    BatchFailed,
+    BatchReady,
+    Consumed,
+    CoordinatorFailed,
+    FailureKind,
+    Lost,
+    SegmentRef,
+    Stop,
+    TimedOut,
+    WorkerLost,
+    encode,
+)
+from ._shm import SlotReader, new_prefix, remove_stale_segments, share_sources, unlink_prefix
+from ._worker import BatchError, _uses_randomness, make_batch
+from .config import LoaderConfig
+from .errors import CoordinatorDiedError, WorkerDiedError, WorkerTimeoutError, annotate, describe_exit
+from .stats import Stats, StatsRecorder
+
+# How long the consumer waits in one go before checking the coordinator is alive.
+COORDINATOR_POLL_S = 0.5
+
+# How long the coordinator gets to stop its workers and exit before it is killed
+# (it gives its workers WORKER_JOIN_TIMEOUT_S = 1 s).
+COORDINATOR_JOIN_TIMEOUT_S = 3.0
+
+_live_engines: weakref.WeakSet[ProcessEngine] = weakref.WeakSet()
+
+
+def close_all_engines() -> None:
+    """Stop every running engine (at interpreter exit, before multiprocess joins its children)."""
+    for engine in list(_live_engines):
+        engine.close()
+
+
+# atexit runs hooks last-in, first-out: ours runs before multiprocess's own, which
+# would otherwise wait forever for a coordinator nobody told to stop.
+atexit.register(close_all_engines)
+
+
+def _release(held: set[int], released: deque[tuple[int, SegmentRef | None]], slot: int, segment: SegmentRef | None) -> None:
+    held.discard(slot)
+    released.append((slot, segment))
+
+
+class InlineEngine:
+    """``workers=0``: every batch made in the calling process, same output as the workers'."""
+
+    def __init__(self, config: LoaderConfig, start: int):
+        self.config = config
+        self.order = config.order()
+        self.position = start
+        self.recorder = StatsRecorder()
+        self.randomness = _uses_randomness(config)
+
+    def next_batch(self) -> Any:
+        batch_number = self.position
+        indices = self.order.batch_indices(batch_number)
+        started = time.perf_counter()
+        try:
+            if self.randomness:
+                with _rng.seeded_in_caller(self.config.seed, batch_number):
+                    batch, _ = make_batch(self.config, indices)
+            else:
+                batch, _ = make_batch(self.config, indices)
+        except BatchError as error:
+            raise annotate(error.original, error.failure.where, batch_number) from error.original.__cause__
+        self.position += 1
+        self.recorder.delivered(len(indices), time.perf_counter() - started, 0, None, None)
+        return batch
+
+    def stats(self) -> Stats:
+        return self.recorder.snapshot([], None)
+
+    def close(self) -> None:
+        pass
+
+
+class ProcessEngine:
+    """The consumer's end of the process pipeline, from batch ``start`` on."""
+
+    def __init__(self, config: LoaderConfig, start: int):
+        self.config = config
+        self.order = config.order()
+        self.position = start
+        self.sent_position = start
+        self.credit_step = config.credit_step
+        self.ready: dict[int, BatchReady | BatchFailed] = {}
+        self.reader = SlotReader()
+        self.held: set[int] = set()
+        self.released: deque[tuple[int, SegmentRef | None]] = deque()
+        self.recorder = StatsRecorder()
+        self.closed = False
+        remove_stale_segments()
+        self.prefix = new_prefix(secrets.token_hex(4))
+        ctx = multiprocess.get_context(config.start_method)
+        if ctx.get_start_method() != "fork":
+            config = replace(config, sources=share_sources(config.sources, self.prefix))
+        control_in, self.control = ctx.Pipe(duplex=False)
+        self.results, results_out = ctx.Pipe(duplex=False)
+        self.process = ctx.Process(
+            target=coordinator_main,
+            args=(control_in, results_out, config, self.prefix, start, os.getpid()),
+            name="prefetch-coordinator",
+        )
+        try:
+            self.process.start()
+        except BaseException:
+            unlink_prefix(self.prefix)
+            raise
+        finally:
+            control_in.close()
+            results_out.close()
+        os.set_blocking(self.results.fileno(), False)
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.results, selectors.EVENT_READ)
+        self.selector.register(self.process.sentinel, selectors.EVENT_READ)
+        _live_engines.add(self)
+
+    # --- talking to the coordinator -----------------------------------------------------
+
+    def _tell(self, message: Consumed | Lost | TimedOut | Stop) -> None:
+        self.control.send_bytes(encode(message))
+
+    def _flush(self) -> None:
+        """Return credits and released slots to the coordinator."""
+        if self.position == self.sent_position and not self.released:
+            return
+        released = []
+        while self.released:
+            released.append(self.released.popleft())
+        self._tell(Consumed(self.position, tuple(released)))
+        self.sent_position = self.position
+
+    def _drain(self) -> bool:
+        """File every message waiting on the results pipe; False if there was none."""
+        got = False
+        while True:
+            try:
+                message = receive(self.results)
+            except BlockingIOError:
+                return got
+            except (EOFError, OSError):
+                self._coordinator_died()
+            got = True
+            self._file(message)
+
+    def _coordinator_died(self) -> None:
+        self.process.join(COORDINATOR_JOIN_TIMEOUT_S)
+        raise CoordinatorDiedError(
+            f"the coordinator process (pid {self.process.pid}) {describe_exit(self.process.exitcode)}; "
+            "the loader cannot go on"
+        )
+
+    def _file(self, message: Any) -> None:
+        if isinstance(message, (BatchReady, BatchFailed)):
+            wanted = message.batch >= self.position and message.batch not in self.ready
+            if wanted:
+                self.ready[message.batch] = message
+            if isinstance(message, BatchFailed):
+                if message.slot >= 0:  # a worker's slot with nothing in it
+                    self.released.append((message.slot, None))
+            elif not wanted or message.segment is None:  # a duplicate of a redone batch, or no data
+                self.released.append((message.slot, message.segment))
+        elif isinstance(message, WorkerLost):
+            self.recorder.restarts += 1
+            missing = tuple((b, s) for b, s in message.tasks if b >= self.position and b not in self.ready)
+            self._tell(Lost(message.pid, message.exitcode, missing))
+        elif isinstance(message, CoordinatorFailed):
+            raise CoordinatorDiedError("the coordinator process failed:\n" + message.traceback)
+
+    # --- the consumer's API -------------------------------------------------------------
+
+    def _wait_for(self, batch: int) -> float:
+        """Block until ``batch`` is in the reorder buffer; return the seconds waited."""
+        started = time.perf_counter()
+        deadline = None if self.config.timeout is None else started + self.config.timeout
+        while batch not in self.ready:
+            timeout = COORDINATOR_POLL_S if deadline is None else max(0.0, min(COORDINATOR_POLL_S, deadline - time.perf_counter()))
+            events = self.selector.select(timeout)
+            if not self._drain() and events and not self.process.is_alive():
+                self._coordinator_died()
+            if deadline is not None and time.perf_counter() >= deadline and batch not in self.ready:
+                self._tell(TimedOut(batch))
+                deadline += self.config.timeout
+        return time.perf_counter() - started
+
+    def next_batch(self) -> Any:
+        """The next batch in order (blocks until it is ready)."""
+        fill = len(self.ready)
+        self._drain()
+        waited = self._wait_for(self.position) if self.position not in self.ready else 0.0
+        message = self.ready.pop(self.position)
+        self.position += 1
+        if isinstance(message, BatchFailed):
+            self._flush()
+            raise self._error(message)
+        lease_ok = len(self.held) < self.config.prefetch
+        batch, lease = self.reader.read(message.slot, message.segment, message.payload, message.buffers, lease_ok)
+        if lease is not None:
+            self.held.add(message.slot)
+            finalizer = weakref.finalize(lease, _release, self.held, self.released, message.slot, message.segment)
+            finalizer.atexit = False
+        elif message.segment is not None:
+            self.released.append((message.slot, message.segment))
+        samples = len(self.order.batch_indices(message.batch))
+        self.recorder.delivered(samples, waited, fill, message.timings, message.pid)
+        if self.position - self.sent_position >= self.credit_step:
+            self._flush()
+        return batch
+
+    def _error(self, message: BatchFailed) -> BaseException:
+        if message.kind == FailureKind.USER_CODE:
+            assert message.failure is not None
+            return message.failure.to_exception(message.batch, message.indices, message.pid)
+        kind = WorkerTimeoutError if message.kind == FailureKind.WORKER_TIMEOUT else WorkerDiedError
+        return kind(message.message, batch=message.batch, indices=message.indices, pid=message.pid)
+
+    def _worker_processes(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.process.pid).children()
+        except psutil.Error:
+            return []
+
+    def worker_pids(self) -> list[int]:
+        return [process.pid for process in self._worker_processes()]
+
+    def stats(self) -> Stats:
+        return self.recorder.snapshot(self.worker_pids(), self.process.pid)
+
+    def close(self) -> None:
+        """Stop the coordinator and its workers and unlink every segment; idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        _live_engines.discard(self)
+        try:
+            self._tell(Stop())
+        except OSError:
+            pass
+        self.process.join(COORDINATOR_JOIN_TIMEOUT_S)
+        if self.process.is_alive():
+            workers = self._worker_processes()
+            self.process.kill()
+            self.process.join(COORDINATOR_JOIN_TIMEOUT_S)
+            psutil.wait_procs(workers, timeout=COORDINATOR_JOIN_TIMEOUT_S)  # they die with their parent
+        self.selector.close()
+        self.control.close()
+        self.results.close()
+        self.ready.clear()
+        unlink_prefix(self.prefix)

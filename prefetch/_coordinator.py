@@ -1,0 +1,300 @@
+"""The coordinator process: owns the order, dispatches index batches, supervises workers.
+
+It alone decides what is made next. It keeps
+
+* the *credit window*: batch ``b`` is dispatched only while ``b < position + prefetch``,
+  ``position`` being how many batches the consumer has yielded (``Consumed``);
+* the *slot pool*: each task needs a free slot; slots come back from the consumer
+  when the user drops a batch, and the pool grows lazily up to
+  (``LoaderConfig.max_slots``: ``prefetch`` ready or in flight, up to ``prefetch``
+  held by the user -- past that the consumer copies batches out rather than hold
+  slots, see ``_consumer`` -- and the releases not yet reported);
+* each worker's outstanding tasks, in the order it makes them. A task is known done
+  once the consumer's position passes it; a new task goes to the worker with the
+  fewest outstanding.
+
+Workers send their results straight to the consumer on the shared results pipe; the
+coordinator never touches batch data. It waits on the consumer's control pipe and
+every worker's process sentinel at once, so a dead worker is seen at once. It then
+posts ``WorkerLost``; the consumer answers ``Lost`` with the batches that never
+arrived, and those are redone by a fresh worker -- the one the worker was making at
+most ``retries`` times -- so the output does not change. Workers are forked from
+the coordinator, a fresh single-threaded process, whatever start method started it.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import multiprocess
+import numpy as np
+import psutil
+
+from ._channel import send
+from ._protocol import (
+    BatchFailed,
+    Consumed,
+    CoordinatorFailed,
+    FailureKind,
+    Lost,
+    SegmentRef,
+    Stop,
+    Task,
+    TimedOut,
+    WorkerLost,
+    decode,
+    encode,
+)
+from ._shm import resolve_sources, unlink_prefix
+from ._worker import worker_main
+from .config import LoaderConfig
+from .errors import describe_exit
+
+# How often the coordinator checks that the consumer process is alive.
+PARENT_CHECK_INTERVAL_S = 0.25
+# How long stopping workers may take before they are killed.
+WORKER_JOIN_TIMEOUT_S = 1.0
+# Workers that die with nothing to do (a broken environment, not a poison batch)
+# are replaced this many times, then the coordinator gives up.
+IDLE_DEATHS_ALLOWED = 8
+
+
+@dataclass
+class _Worker:
+    process: Any
+    tasks_conn: Any
+    tasks: deque[Task] = field(default_factory=deque)  # outstanding, in the order it makes them
+
+
+class Coordinator:
+    """The coordinator's state and event loop (one per coordinator process)."""
+
+    def __init__(self, control: Any, results: Any, config: LoaderConfig, prefix: str, start: int, consumer_pid: int):
+        self.control = control
+        self.results = results
+        self.config = config
+        self.prefix = prefix
+        self.order = config.order()
+        self.total = self.order.num_batches
+        self.next_batch = start
+        self.position = start
+        self.redo: deque[int] = deque()
+        self.attempts: dict[int, int] = {}
+        self.timed_out: set[int] = set()
+        self.free_slots: list[int] = []
+        self.slot_count = 0
+        self.max_slots = config.max_slots
+        self.segments: dict[int, SegmentRef] = {}
+        self.size_hint = 0
+        self.idle_deaths = 0
+        self.workers: list[_Worker] = []
+        method = "fork" if "fork" in multiprocess.get_all_start_methods() else config.start_method
+        self.ctx = multiprocess.get_context(method)
+        self.consumer = psutil.Process(consumer_pid)
+        self.selector = selectors.DefaultSelector()
+        os.set_blocking(control.fileno(), False)
+        self.selector.register(control, selectors.EVENT_READ, None)
+
+    # --- workers ------------------------------------------------------------------------
+
+    def _start_worker(self) -> None:
+        tasks_out, tasks_in = self.ctx.Pipe(duplex=False)
+        process = self.ctx.Process(
+            target=worker_main,
+            args=(tasks_out, self.results, self.config, self.prefix, os.getpid()),
+            daemon=True,
+            name="prefetch-worker",
+        )
+        process.start()
+        tasks_out.close()
+        worker = _Worker(process, tasks_in)
+        self.workers.append(worker)
+        self.selector.register(process.sentinel, selectors.EVENT_READ, worker)
+
+    def _lose_worker(self, worker: _Worker) -> None:
+        """A worker died (or was killed): post its outstanding tasks, start a replacement."""
+        worker.process.join(WORKER_JOIN_TIMEOUT_S)
+        self.selector.unregister(worker.process.sentinel)
+        self.workers.remove(worker)
+        worker.tasks_conn.close()
+        pid, exitcode = worker.process.pid, worker.process.exitcode
+        outstanding = tuple((t.batch, t.slot) for t in worker.tasks if t.batch >= self.position)
+        if not outstanding:
+            self.idle_deaths += 1
+            if self.idle_deaths > IDLE_DEATHS_ALLOWED:
+                raise RuntimeError(f"workers keep dying before doing any work (last: pid {pid} {describe_exit(exitcode)})")
+        send(self.results, WorkerLost(pid, exitcode, outstanding), self.prefix)
+        self._start_worker()
+
+    def _on_lost(self, message: Lost) -> None:
+        """The consumer says which of a lost worker's batches never came: fail or redo them."""
+        self.free_slots.extend(slot for _, slot in message.tasks)
+        if not message.tasks:
+            return
+        (head, _), rest = message.tasks[0], message.tasks[1:]
+        indices = list(self.order.batch_indices(head).tolist())
+        if head in self.timed_out:
+            self.timed_out.discard(head)
+            text = (
+                f"batch {head} (sample indices {indices}) was not ready within timeout={self.config.timeout}s; "
+                f"worker pid {message.pid}, which had it, was killed"
+            )
+            self._fail(head, FailureKind.WORKER_TIMEOUT, message.pid, text)
+        else:
+            self.attempts[head] = self.attempts.get(head, 0) + 1
+            if self.attempts[head] > self.config.retries:
+                text = (
+                    f"worker pid {message.pid} {describe_exit(message.exitcode)}, while making batch {head} "
+                    f"(sample indices {indices}); it killed {self.attempts[head]} worker(s), retries={self.config.retries}"
+                )
+                self._fail(head, FailureKind.WORKER_DIED, message.pid, text)
+            else:
+                self.redo.append(head)
+        self.redo.extend(batch for batch, _ in rest)
+
+    def _fail(self, batch: int, kind: FailureKind, pid: int, text: str) -> None:
+        indices = tuple(self.order.batch_indices(batch).tolist())
+        send(self.results, BatchFailed(batch, -1, indices, pid, kind, None, text), self.prefix)
+
+    def _on_timed_out(self, batch: int) -> None:
+        for worker in self.workers:
+            if any(task.batch == batch for task in worker.tasks):
+                self.timed_out.add(batch)
+                worker.process.kill()  # the sentinel reports it next: _lose_worker
+                return
+
+    # --- dispatch -----------------------------------------------------------------------
+
+    def _take_slot(self) -> int | None:
+        if self.free_slots:
+            return self.free_slots.pop()
+        if self.slot_count < self.max_slots:
+            self.slot_count += 1
+            return self.slot_count - 1
+        return None
+
+    def _next_to_make(self) -> int | None:
+        if self.redo:
+            return self.redo[0]
+        in_window = self.next_batch < self.position + self.config.prefetch
+        if in_window and (self.total is None or self.next_batch < self.total):
+            return self.next_batch
+        return None
+
+    def _dispatch(self) -> None:
+        while self.workers:
+            batch = self._next_to_make()
+            if batch is None:
+                return
+            slot = self._take_slot()
+            if slot is None:
+                return
+            if self.redo:
+                self.redo.popleft()
+            else:
+                self.next_batch += 1
+            worker = min(self.workers, key=lambda w: len(w.tasks))
+            indices = self.order.batch_indices(batch).astype(np.int64, copy=False).tobytes()
+            task = Task(batch, indices, slot, self.segments.get(slot), self.size_hint)
+            worker.tasks_conn.send_bytes(encode(task))
+            worker.tasks.append(task)
+
+    # --- the consumer's messages --------------------------------------------------------
+
+    def _on_consumed(self, message: Consumed) -> None:
+        if message.position > self.position:
+            self.position = message.position
+            for worker in self.workers:
+                if worker.tasks and worker.tasks[0].batch < self.position:
+                    worker.tasks = deque(t for t in worker.tasks if t.batch >= self.position)
+            for batch in [b for b in self.attempts if b < self.position]:
+                del self.attempts[batch]
+        for slot, segment in message.released:
+            self.free_slots.append(slot)
+            if segment is not None:
+                self.segments[slot] = segment
+                self.size_hint = max(self.size_hint, segment.size)
+
+    def _from_consumer(self) -> bool:
+        """Read all the consumer's messages; False when it asks to stop or is gone."""
+        while True:
+            try:
+                message = decode(self.control.recv_bytes())
+            except BlockingIOError:
+                return True
+            except (EOFError, OSError):
+                return False
+            if isinstance(message, Consumed):
+                self._on_consumed(message)
+            elif isinstance(message, Lost):
+                self._on_lost(message)
+            elif isinstance(message, TimedOut):
+                self._on_timed_out(message.batch)
+            else:
+                return False  # Stop
+
+    def _consumer_alive(self) -> bool:
+        try:
+            return self.consumer.is_running() and self.consumer.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    def run(self) -> None:
+        """The event loop: dispatch, wait for the consumer or a worker's death, react; until stopped."""
+        for _ in range(self.config.workers):
+            self._start_worker()
+        next_parent_check = time.monotonic() + PARENT_CHECK_INTERVAL_S
+        while True:
+            self._dispatch()
+            for key, _ in self.selector.select(max(0.0, next_parent_check - time.monotonic())):
+                if key.data is None:
+                    if not self._from_consumer():
+                        return
+                elif key.data in self.workers:
+                    self._lose_worker(key.data)
+            if time.monotonic() >= next_parent_check:
+                if not self._consumer_alive():
+                    return
+                next_parent_check = time.monotonic() + PARENT_CHECK_INTERVAL_S
+
+    def shutdown(self) -> None:
+        """Stop every worker (asking first, then killing) and unlink every segment."""
+        for worker in self.workers:
+            try:
+                worker.tasks_conn.send_bytes(encode(Stop()))
+            except OSError:
+                pass
+        deadline = time.monotonic() + WORKER_JOIN_TIMEOUT_S
+        for worker in self.workers:
+            worker.process.join(max(0.0, deadline - time.monotonic()))
+        for worker in self.workers:
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join(WORKER_JOIN_TIMEOUT_S)
+        unlink_prefix(self.prefix)
+
+
+def coordinator_main(control: Any, results: Any, config: LoaderConfig, prefix: str, start: int, consumer_pid: int) -> None:
+    """The coordinator process's entry point."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the consumer's to handle
+    coordinator = None
+    try:
+        config = replace(config, sources=resolve_sources(config.sources))
+        coordinator = Coordinator(control, results, config, prefix, start, consumer_pid)
+        coordinator.run()
+    except BaseException:
+        try:
+            send(results, CoordinatorFailed(traceback.format_exc()), prefix)
+        except OSError:
+            pass
+    finally:
+        if coordinator is not None:
+            coordinator.shutdown()
+        unlink_prefix(prefix)

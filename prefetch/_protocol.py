@@ -1,0 +1,165 @@
+"""The messages that cross process boundaries, and nothing else.
+
+Every message is a small typed ``NamedTuple`` (immutable, and the cheapest typed
+record to pickle: the hot path sends a few per batch). Array data never travels in
+a message: it is in a shared-memory slot (``_shm``). The pipes, and who writes what::
+
+    control  consumer -> coordinator      Consumed, Lost, TimedOut, Stop
+    tasks    coordinator -> one worker    Task, Stop
+    results  workers -> consumer          BatchReady, BatchFailed
+             coordinator -> consumer      WorkerLost, BatchFailed, CoordinatorFailed
+
+The results pipe has many writers and one reader. Each message goes in one
+``write`` of at most ``PIPE_BUF`` bytes, which POSIX makes atomic (``_channel``), so
+messages never interleave and a dying worker leaves no half message. The pipe is
+FIFO: a ``WorkerLost`` notice, written after the coordinator saw the death, arrives
+after everything the dead worker managed to send, so the consumer knows exactly
+which of its batches never came.
+"""
+
+from __future__ import annotations
+
+import pickle
+from enum import IntEnum
+from typing import NamedTuple, Union
+
+from .errors import Failure
+
+
+class SegmentRef(NamedTuple):
+    """A shared-memory segment: its file name in the shm directory and its size in bytes."""
+
+    name: str
+    size: int
+
+
+class Task(NamedTuple):
+    """Coordinator -> worker: make batch ``batch`` from ``indices`` into slot ``slot``."""
+
+    batch: int
+    indices: bytes  # int64 sample indices (bytes pickle faster than an array)
+    slot: int
+    segment: SegmentRef | None  # the slot's segment as last reported; None until one exists
+    size_hint: int  # bytes of the largest slot so far: the size to create a new one with
+
+
+class Timings(NamedTuple):
+    """Seconds a worker spent on one batch, by stage."""
+
+    load: float
+    transform: float
+    collate: float
+    write: float
+
+
+class BatchReady(NamedTuple):
+    """Worker -> consumer: batch ``batch`` is in slot ``slot``.
+
+    ``payload`` is the batch pickled with protocol 5, its array buffers out of band;
+    ``buffers`` gives each buffer's ``(offset, nbytes)`` in ``segment``. A large
+    payload is itself stored in the segment: then ``payload`` is None and the last
+    entry of ``buffers`` locates it. ``segment`` is None when nothing was written to
+    the slot (no arrays, small payload).
+    """
+
+    batch: int
+    slot: int
+    segment: SegmentRef | None
+    payload: bytes | None
+    buffers: tuple[tuple[int, int], ...]
+    timings: Timings
+    pid: int
+
+
+class FailureKind(IntEnum):
+    """Why a batch could not be made."""
+
+    USER_CODE = 1
+    """User code raised; ``BatchFailed.failure`` holds the exception."""
+    WORKER_DIED = 2
+    """The worker died making it, more often than ``retries`` allows."""
+    WORKER_TIMEOUT = 3
+    """The consumer waited longer than ``timeout`` for it; its worker was killed."""
+
+
+class BatchFailed(NamedTuple):
+    """Worker or coordinator -> consumer: batch ``batch`` cannot be made, and why.
+
+    ``slot`` is the slot the worker had (the consumer gives it back), or -1 when the
+    coordinator already took it back.
+    """
+
+    batch: int
+    slot: int
+    indices: tuple[int, ...]
+    pid: int | None
+    kind: FailureKind
+    failure: Failure | None = None  # USER_CODE only
+    message: str = ""  # WORKER_DIED / WORKER_TIMEOUT: the text of the consumer's error
+
+
+class WorkerLost(NamedTuple):
+    """Coordinator -> consumer: worker ``pid`` died with ``tasks`` (batch, slot) outstanding.
+
+    The consumer answers ``Lost`` with those it never received.
+    """
+
+    pid: int
+    exitcode: int | None
+    tasks: tuple[tuple[int, int], ...]
+
+
+class CoordinatorFailed(NamedTuple):
+    """Coordinator -> consumer: the coordinator itself failed; ``traceback`` says where."""
+
+    traceback: str
+
+
+class Spilled(NamedTuple):
+    """Any writer -> consumer: a message too large for one atomic write, stored in a file."""
+
+    segment: SegmentRef
+
+
+class Consumed(NamedTuple):
+    """Consumer -> coordinator: ``position`` batches are yielded; ``released`` slots are free.
+
+    Each yielded batch returns one credit, so at most ``prefetch`` batches are ready
+    or in flight. A slot comes back, with the segment it now has, only when the user
+    has dropped every array viewing it.
+    """
+
+    position: int
+    released: tuple[tuple[int, SegmentRef | None], ...]
+
+
+class Lost(NamedTuple):
+    """Consumer -> coordinator: of a lost worker's tasks, these (in its order) never arrived."""
+
+    pid: int
+    exitcode: int | None
+    tasks: tuple[tuple[int, int], ...]
+
+
+class TimedOut(NamedTuple):
+    """Consumer -> coordinator: waited more than ``timeout`` for ``batch``: kill its worker."""
+
+    batch: int
+
+
+class Stop(NamedTuple):
+    """Consumer -> coordinator, coordinator -> worker: shut down now."""
+
+
+Message = Union[
+    Task, BatchReady, BatchFailed, WorkerLost, CoordinatorFailed, Spilled, Consumed, Lost, TimedOut, Stop
+]
+
+
+def encode(message: Message) -> bytes:
+    return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def decode(data: bytes) -> Message:
+    message: Message = pickle.loads(data)
+    return message

@@ -1,0 +1,376 @@
+"""Shared memory: the slots batches are written into, and sources shared with spawned processes.
+
+A *slot* is a numbered place for one batch. Its bytes live in a *segment*, a file
+in the shm directory (``/dev/shm`` on Linux) that the worker making the batch and
+the consumer both map. Ownership moves with the messages:
+
+* the coordinator hands a free slot to a worker with each ``Task``;
+* the worker writes the batch's arrays into it (``SlotWriter``) -- stacking straight
+  into the slot where it can -- and creates a larger segment when the batch does not
+  fit (the old one is unlinked; segment names are never reused);
+* the consumer maps it and builds arrays that *view* the slot (``SlotReader``): no
+  copy. A per-batch *lease* array is the base of every array of the batch, and the
+  slot goes back to the coordinator only when the lease is garbage, i.e. when the
+  user holds no array of the batch any more.
+
+Every segment of a loader is named ``prefetch-<consumer pid>-<token>-...``, so
+cleanup never needs a list: whoever shuts down last unlinks the prefix
+(``unlink_prefix``), and a later loader removes the prefixes of dead consumers
+(``remove_stale_segments``). Segments are allocated with ``posix_fallocate``, so a
+full ``/dev/shm`` fails at once with ``ENOSPC`` instead of a ``SIGBUS`` later.
+"""
+
+from __future__ import annotations
+
+import io
+import mmap
+import os
+import pickle
+import tempfile
+from dataclasses import dataclass
+from itertools import count
+from typing import Any
+
+import numpy as np
+import psutil
+
+from ._protocol import SegmentRef
+
+SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+NAME_ROOT = "prefetch-"
+# Arrays in a slot start at multiples of this, so SIMD loads and stores stay aligned.
+ALIGN_BYTES = 64
+# A pickled batch payload larger than this goes into the slot too, so that the
+# message pipes only ever carry small messages.
+INLINE_PAYLOAD_MAX_BYTES = 16 * 1024
+PAGE_BYTES = mmap.PAGESIZE
+
+
+def _align(n: int, to: int = ALIGN_BYTES) -> int:
+    return (n + to - 1) // to * to
+
+
+def _path(name: str) -> str:
+    return os.path.join(SHM_DIR, name)
+
+
+def create_segment(name: str, size: int) -> mmap.mmap:
+    """Create segment ``name`` of ``size`` bytes (reserved now: ``ENOSPC`` here, not SIGBUS later)."""
+    fd = os.open(_path(name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    try:
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as exc:
+            os.unlink(_path(name))
+            raise OSError(
+                exc.errno,
+                f"cannot reserve {size / 2**20:.1f} MiB in {SHM_DIR} for a batch ({exc.strerror}); "
+                "free space there, lower `prefetch` or the batch size (Docker: --shm-size)",
+            ) from exc
+        return mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+
+
+def open_segment(ref: SegmentRef) -> mmap.mmap:
+    fd = os.open(_path(ref.name), os.O_RDWR)
+    try:
+        return mmap.mmap(fd, ref.size)
+    finally:
+        os.close(fd)
+
+
+def unlink_segment(name: str) -> None:
+    try:
+        os.unlink(_path(name))
+    except FileNotFoundError:
+        pass
+
+
+def new_prefix(token: str) -> str:
+    return f"{NAME_ROOT}{os.getpid()}-{token}-"
+
+
+def unlink_prefix(prefix: str) -> int:
+    """Unlink every segment whose name starts with ``prefix``; return how many."""
+    removed = 0
+    for name in os.listdir(SHM_DIR):
+        if name.startswith(prefix):
+            unlink_segment(name)
+            removed += 1
+    return removed
+
+
+def remove_stale_segments() -> int:
+    """Unlink segments left by loaders whose consumer process is gone (e.g. SIGKILLed)."""
+    removed = 0
+    for name in os.listdir(SHM_DIR):
+        if not name.startswith(NAME_ROOT):
+            continue
+        pid = name[len(NAME_ROOT) :].split("-", 1)[0]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            unlink_segment(name)
+            removed += 1
+    return removed
+
+
+def _address(buffer: Any) -> int:
+    return int(np.frombuffer(buffer, np.uint8).ctypes.data)
+
+
+# --- the worker side ----------------------------------------------------------------------
+
+
+class _Mapping:
+    """One worker's mapping of a slot's segment."""
+
+    def __init__(self, ref: SegmentRef, mm: mmap.mmap):
+        self.ref = ref
+        self.mm = mm
+        self.view = np.frombuffer(mm, np.uint8)
+        self.base = int(self.view.ctypes.data)
+
+
+class BatchSpace:
+    """The free space of one slot while a batch is written: a bump allocator."""
+
+    def __init__(self, mapping: _Mapping | None):
+        self.mapping = mapping
+        self.used = 0
+
+    def reserve(self, nbytes: int) -> int | None:
+        """Offset of ``nbytes`` fresh bytes in the slot, or None when they do not fit."""
+        if self.mapping is None:
+            return None
+        offset = _align(self.used)
+        if offset + nbytes > self.mapping.ref.size:
+            return None
+        self.used = offset + nbytes
+        return offset
+
+    def alloc(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """An array in the slot when it fits, else in private memory (copied in at the end)."""
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        offset = None if dtype.hasobject else self.reserve(nbytes)
+        if offset is None or self.mapping is None:
+            return np.empty(shape, dtype)
+        return self.mapping.view[offset : offset + nbytes].view(dtype).reshape(shape)
+
+    def holds(self, address: int, nbytes: int) -> bool:
+        m = self.mapping
+        return m is not None and m.base <= address and address + nbytes <= m.base + m.ref.size
+
+
+class _BatchPickler(pickle.Pickler):
+    """Pickles a batch with its arrays out of band; non-contiguous arrays are first made contiguous in the slot."""
+
+    def __init__(self, file: io.BytesIO, space: BatchSpace, buffers: list[pickle.PickleBuffer]):
+        super().__init__(file, protocol=5, buffer_callback=buffers.append)
+        self._space = space
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is np.ndarray and not obj.dtype.hasobject and not (obj.flags.c_contiguous or obj.flags.f_contiguous):
+            contiguous = self._space.alloc(obj.shape, obj.dtype)
+            np.copyto(contiguous, obj)
+            return contiguous.__reduce_ex__(5)
+        return NotImplemented
+
+
+@dataclass(frozen=True)
+class WrittenBatch:
+    segment: SegmentRef | None
+    payload: bytes | None
+    buffers: tuple[tuple[int, int], ...]
+
+
+class SlotWriter:
+    """A worker's writer into slots; keeps each slot's segment mapped between batches."""
+
+    def __init__(self, prefix: str):
+        self._prefix = prefix
+        self._maps: dict[int, _Mapping] = {}
+        self._names = count()
+
+    def space(self, slot: int, segment: SegmentRef | None, size_hint: int) -> BatchSpace:
+        """The space to build a batch in, for a task that names ``slot`` and its current segment."""
+        mapping = self._maps.get(slot)
+        if segment is None:
+            if mapping is None and size_hint > 0:
+                mapping = self._create(slot, size_hint, old=None)
+        elif mapping is None or mapping.ref != segment:
+            try:
+                mapping = _Mapping(segment, open_segment(segment))
+            except FileNotFoundError:  # replaced by a batch whose report was lost: start afresh
+                mapping = self._create(slot, max(size_hint, segment.size), old=None)
+            self._maps[slot] = mapping
+        return BatchSpace(mapping)
+
+    def _create(self, slot: int, size: int, old: _Mapping | None) -> _Mapping:
+        name = f"{self._prefix}{slot}-{os.getpid()}-{next(self._names)}"
+        size = _align(size, PAGE_BYTES)
+        ref = SegmentRef(name, size)
+        mapping = _Mapping(ref, create_segment(name, size))
+        if old is not None:
+            unlink_segment(old.ref.name)
+        self._maps[slot] = mapping
+        return mapping
+
+    def write(self, slot: int, space: BatchSpace, batch: Any) -> WrittenBatch:
+        """Put ``batch`` in the slot: arrays out of band (growing the slot if needed), the rest pickled."""
+        buffers: list[pickle.PickleBuffer] = []
+        file = io.BytesIO()
+        _BatchPickler(file, space, buffers).dump(batch)
+        payload = file.getvalue()
+        raws = [buffer.raw() for buffer in buffers]
+        if len(payload) > INLINE_PAYLOAD_MAX_BYTES:
+            raws.append(memoryview(payload))
+        if not raws:
+            return WrittenBatch(None, payload, ())
+        placed: list[tuple[int, int]] = []
+        for raw in raws:
+            nbytes = raw.nbytes
+            if nbytes and space.holds(_address(raw), nbytes):
+                assert space.mapping is not None
+                placed.append((_address(raw) - space.mapping.base, nbytes))
+                continue
+            offset = space.reserve(nbytes)
+            if offset is None:
+                return self._write_grown(slot, space, payload, raws)
+            assert space.mapping is not None
+            space.mapping.view[offset : offset + nbytes] = np.frombuffer(raw, np.uint8)
+            placed.append((offset, nbytes))
+        assert space.mapping is not None
+        inline = None if len(raws) > len(buffers) else payload
+        return WrittenBatch(space.mapping.ref, inline, tuple(placed))
+
+    def _write_grown(self, slot: int, space: BatchSpace, payload: bytes, raws: list[memoryview]) -> WrittenBatch:
+        needed = sum(_align(raw.nbytes) for raw in raws)
+        old = space.mapping
+        size = needed if old is None else max(needed, old.ref.size + old.ref.size // 4)
+        mapping = self._create(slot, size, old=old)
+        placed, offset = [], 0
+        for raw in raws:
+            nbytes = raw.nbytes
+            mapping.view[offset : offset + nbytes] = np.frombuffer(raw, np.uint8)
+            placed.append((offset, nbytes))
+            offset = _align(offset + nbytes)
+        inline = None if len(payload) > INLINE_PAYLOAD_MAX_BYTES else payload
+        return WrittenBatch(mapping.ref, inline, tuple(placed))
+
+
+# --- the consumer side --------------------------------------------------------------------
+
+
+class SlotReader:
+    """The consumer's reader of slots; keeps each slot's segment mapped."""
+
+    def __init__(self) -> None:
+        self._maps: dict[int, tuple[SegmentRef, mmap.mmap]] = {}
+
+    def read(
+        self, slot: int, segment: SegmentRef | None, payload: bytes | None, buffers: tuple[tuple[int, int], ...], lease: bool
+    ) -> tuple[Any, np.ndarray | None]:
+        """Rebuild a batch. With ``lease`` its arrays view the slot, and the returned lease
+        array is their common base; without, they are copies and the slot is free at once."""
+        if segment is None:
+            assert payload is not None
+            return pickle.loads(payload), None
+        cached = self._maps.get(slot)
+        if cached is None or cached[0] != segment:
+            cached = (segment, open_segment(segment))
+            self._maps[slot] = cached
+        end = max(offset + nbytes for offset, nbytes in buffers)
+        whole = np.frombuffer(cached[1], np.uint8, count=max(end, 1))
+        views = [whole[offset : offset + nbytes] for offset, nbytes in buffers]
+        data = payload if payload is not None else views.pop()
+        if not lease:
+            views = [view.copy() for view in views]
+        return pickle.loads(data, buffers=views), (whole if lease else None)
+
+
+# --- sources shared with spawned processes ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SharedArray:
+    """A numpy source copied once into a segment, for a coordinator started by spawn/forkserver."""
+
+    name: str
+    size: int
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class MemmapFile:
+    """A ``np.memmap`` source, reopened read-only from its file by the coordinator."""
+
+    filename: str
+    offset: int
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+    dtype: str
+
+
+def _memmap_file(source: np.memmap) -> MemmapFile | None:
+    mapped = getattr(source, "_mmap", None)
+    if mapped is None or source.filename is None or any(s < 0 for s in source.strides):
+        return None
+    start = source.offset - source.offset % mmap.ALLOCATIONGRANULARITY
+    position = start + int(source.ctypes.data) - _address(mapped)
+    return MemmapFile(str(source.filename), position, source.shape, source.strides, source.dtype.str)
+
+
+def share_sources(sources: tuple[Any, ...], prefix: str) -> tuple[Any, ...]:
+    """Replace numpy sources by small handles before the coordinator is spawned (others pickle as they are)."""
+    shared: list[Any] = []
+    for position, source in enumerate(sources):
+        handle: Any = source
+        if isinstance(source, np.memmap):
+            handle = _memmap_file(source) or source
+        if isinstance(handle, np.ndarray) and not handle.dtype.hasobject:
+            name = f"{prefix}source{position}"
+            size = max(handle.nbytes, 1)
+            mm = create_segment(name, _align(size, PAGE_BYTES))
+            target = np.frombuffer(mm, np.uint8, count=handle.nbytes).view(handle.dtype).reshape(handle.shape)
+            np.copyto(target, handle)
+            del target
+            mm.close()
+            handle = SharedArray(name, _align(size, PAGE_BYTES), handle.shape, handle.dtype.str)
+        shared.append(handle)
+    return tuple(shared)
+
+
+def resolve_sources(sources: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Turn handles back into read-only arrays (in the coordinator; its workers inherit them)."""
+    resolved: list[Any] = []
+    for source in sources:
+        if isinstance(source, SharedArray):
+            mm = open_segment(SegmentRef(source.name, source.size))
+            unlink_segment(source.name)  # mapped here and inherited by workers: the name is no longer needed
+            dtype = np.dtype(source.dtype)
+            count = int(np.prod(source.shape, dtype=np.int64))
+            source = np.frombuffer(mm, dtype, count=count).reshape(source.shape)
+            source.flags.writeable = False
+        elif isinstance(source, MemmapFile):
+            whole = np.memmap(source.filename, dtype=np.uint8, mode="r")
+            source = np.ndarray(source.shape, np.dtype(source.dtype), buffer=whole, offset=source.offset, strides=source.strides)
+        resolved.append(source)
+    return tuple(resolved)
+
+
+# --- messages too large for one atomic pipe write (see _channel) -------------------------
+
+
+def write_file_segment(name: str, data: bytes) -> SegmentRef:
+    with open(_path(name), "xb") as file:
+        file.write(data)
+    return SegmentRef(name, len(data))
+
+
+def read_file_segment(ref: SegmentRef) -> bytes:
+    with open(_path(ref.name), "rb") as file:
+        data = file.read()
+    unlink_segment(ref.name)
+    return data

@@ -1,0 +1,185 @@
+"""The worker process: load samples, transform, collate, write the batch into its slot, report.
+
+``make_batch`` is the whole per-batch pipeline. It is shared with the in-process
+engine (``workers=0``), so both produce the same batches, and it can be tested
+without any process. ``worker_main`` is the loop around it in a worker process:
+take a ``Task`` from the coordinator, answer ``BatchReady`` or ``BatchFailed``,
+until ``Stop``, a closed pipe or the death of the coordinator.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import select
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import _rng
+from ._channel import send
+from ._protocol import BatchFailed, BatchReady, FailureKind, Stop, Task, Timings, decode
+from ._shm import SlotWriter
+from .collate import Alloc, collate_auto, collate_list, private_alloc
+from .config import LoaderConfig
+from .errors import Failure
+
+# How often an idle worker checks that its coordinator is still alive.
+PARENT_CHECK_INTERVAL_MS = 250
+_PR_SET_PDEATHSIG = 1
+
+
+class BatchError(Exception):
+    """User code failed while making a batch; ``failure`` is the packed exception."""
+
+    def __init__(self, failure: Failure, original: BaseException):
+        super().__init__(failure.text)
+        self.failure = failure
+        self.original = original
+
+
+@dataclass
+class _Clock:
+    load: float = 0.0
+    transform: float = 0.0
+    collate: float = 0.0
+
+
+def _fast_path(config: LoaderConfig, sources: tuple[Any, ...]) -> bool:
+    """Whole-batch ``np.take`` is the same as per-sample loading and stacking for plain arrays."""
+    return (
+        config.transform is None
+        and config.collate == "auto"
+        and all(isinstance(s, np.ndarray) and not s.dtype.hasobject for s in sources)
+    )
+
+
+def _take(sources: tuple[Any, ...], indices: np.ndarray, alloc: Alloc) -> Any:
+    parts = []
+    for source in sources:
+        out = alloc((len(indices), *source.shape[1:]), source.dtype)
+        parts.append(np.take(source, indices, axis=0, out=out, mode="clip"))
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+def _collate_fn(config: LoaderConfig) -> Callable[[list[Any], Alloc], Any]:
+    if config.collate == "auto":
+        return collate_auto
+    if config.collate == "list":
+        return collate_list
+    user_collate = config.collate
+    assert callable(user_collate)
+    return lambda samples, alloc: user_collate(samples)
+
+
+def make_batch(config: LoaderConfig, indices: np.ndarray, alloc: Alloc = private_alloc) -> tuple[Any, _Clock]:
+    """Batch ``indices``: load each sample, transform it, collate, then ``batch_transform``.
+
+    The caller seeds the random generators first. User-code exceptions come out as
+    ``BatchError`` naming the stage and the sample index.
+    """
+    clock = _Clock()
+    sources = config.sources
+    start = time.perf_counter()
+    if _fast_path(config, sources):
+        batch = _take(sources, indices, alloc)
+        clock.load = time.perf_counter() - start
+    else:
+        samples = []
+        index = -1
+        try:
+            if len(sources) == 1:
+                source = sources[0]
+                for index in indices.tolist():
+                    samples.append(source[index])
+            else:
+                for index in indices.tolist():
+                    samples.append(tuple(source[index] for source in sources))
+        except Exception as exc:
+            raise BatchError(Failure.capture(exc, f"loading sample {index}"), exc) from exc
+        clock.load = time.perf_counter() - start
+        start = time.perf_counter()
+        transform = config.transform
+        if transform is not None:
+            position = 0
+            try:
+                for position, sample in enumerate(samples):
+                    samples[position] = transform(sample)
+            except Exception as exc:
+                where = f"transform of sample {int(indices[position])}"
+                raise BatchError(Failure.capture(exc, where), exc) from exc
+            clock.transform = time.perf_counter() - start
+            start = time.perf_counter()
+        try:
+            batch = _collate_fn(config)(samples, alloc)
+        except Exception as exc:
+            raise BatchError(Failure.capture(exc, f"collate of samples {indices.tolist()}"), exc) from exc
+        clock.collate = time.perf_counter() - start
+    if config.batch_transform is not None:
+        start = time.perf_counter()
+        try:
+            batch = config.batch_transform(batch)
+        except Exception as exc:
+            raise BatchError(Failure.capture(exc, f"batch_transform of samples {indices.tolist()}"), exc) from exc
+        clock.transform += time.perf_counter() - start
+    return batch, clock
+
+
+def _uses_randomness(config: LoaderConfig) -> bool:
+    return config.transform is not None or config.batch_transform is not None or callable(config.collate)
+
+
+def run_task(config: LoaderConfig, writer: SlotWriter, task: Task) -> BatchReady | BatchFailed:
+    """Make one batch into its slot and say how it went."""
+    if _uses_randomness(config):
+        _rng.seed_globals(config.seed, task.batch)
+    space = writer.space(task.slot, task.segment, task.size_hint)
+    indices = np.frombuffer(task.indices, np.int64)
+    try:
+        batch, clock = make_batch(config, indices, space.alloc)
+    except BatchError as error:
+        return BatchFailed(task.batch, task.slot, tuple(indices.tolist()), os.getpid(), FailureKind.USER_CODE, error.failure)
+    start = time.perf_counter()
+    try:
+        written = writer.write(task.slot, space, batch)
+    except Exception as exc:  # e.g. /dev/shm full, or an object that cannot be pickled
+        failure = Failure.capture(exc, f"writing the batch of samples {indices.tolist()} to shared memory")
+        return BatchFailed(task.batch, task.slot, tuple(indices.tolist()), os.getpid(), FailureKind.USER_CODE, failure)
+    timings = Timings(clock.load, clock.transform, clock.collate, time.perf_counter() - start)
+    return BatchReady(task.batch, task.slot, written.segment, written.payload, written.buffers, timings, os.getpid())
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent (the coordinator) dies."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux: the poll below still works
+        pass
+
+
+def worker_main(tasks: Any, results: Any, config: LoaderConfig, prefix: str, parent_pid: int) -> None:
+    """A worker process's life: tasks in, results out, until told to stop or orphaned."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the consumer's to handle
+    _die_with_parent()
+    writer = SlotWriter(prefix)
+    poller = select.poll()
+    poller.register(tasks.fileno(), select.POLLIN)
+    while os.getppid() == parent_pid:
+        if not poller.poll(PARENT_CHECK_INTERVAL_MS):
+            continue
+        try:
+            message = decode(tasks.recv_bytes())
+        except (EOFError, OSError):
+            return
+        if isinstance(message, Stop):
+            return
+        assert isinstance(message, Task)
+        try:
+            send(results, run_task(config, writer, message), prefix)
+        except OSError:  # the consumer is gone
+            return

@@ -1,0 +1,222 @@
+"""One frozen, validated configuration: what every process of a loader is handed.
+
+Validation happens here, at construction, so a bad argument fails in the user's
+call with a message that names the option, the value received and what is
+accepted -- never later inside a worker.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+
+from .order import LAST_BATCH_MODES, Order
+
+COLLATE_MODES = ("auto", "list")
+START_METHODS = ("fork", "spawn", "forkserver")
+# Default ready-or-in-flight batches per worker: one being made, one waiting, so a
+# worker never idles between batches.
+PREFETCH_PER_WORKER = 2
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, not the machine's total)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """Everything that defines a loader's stream and how it is made."""
+
+    sources: tuple[Any, ...]
+    batch_size: int
+    shuffle: bool
+    seed: int
+    epochs: int | None
+    last_batch: str
+    rank: int
+    world_size: int
+    transform: Callable[[Any], Any] | None
+    batch_transform: Callable[[Any], Any] | None
+    collate: str | Callable[[list[Any]], Any]
+    workers: int
+    prefetch: int
+    start_method: str | None
+    timeout: float | None
+    retries: int
+
+    @property
+    def credit_step(self) -> int:
+        """Credits the consumer returns per ``Consumed`` message: half the window, so the
+        coordinator wakes once per half window rather than once per batch, and the
+        workers always have at least half the window queued."""
+        return max(1, self.prefetch // 2)
+
+    @property
+    def max_slots(self) -> int:
+        """Slots the pool may grow to: ``prefetch`` ready or in flight, up to ``prefetch`` held
+        by the user (past that the consumer copies), and one credit step of releases not
+        yet reported -- so the window can always be filled and the consumer need not
+        report before it waits."""
+        return 2 * self.prefetch + self.credit_step
+
+    @property
+    def n(self) -> int:
+        return len(self.sources[0])
+
+    def order(self) -> Order:
+        return Order(
+            n=self.n,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            shuffle=self.shuffle,
+            epochs=self.epochs,
+            last_batch=self.last_batch,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The fields a saved position is only valid for (``load_state_dict`` compares them)."""
+        return {
+            "n": self.n,
+            "batch_size": self.batch_size,
+            "shuffle": self.shuffle,
+            "epochs": self.epochs,
+            "last_batch": self.last_batch,
+            "rank": self.rank,
+            "world_size": self.world_size,
+        }
+
+
+def _start_methods() -> list[str]:
+    import multiprocessing  # lazily: `import prefetch` stays fast
+
+    return multiprocessing.get_all_start_methods()
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _need_int(name: str, value: Any, minimum: int, what: str) -> int:
+    if not _is_int(value):
+        raise TypeError(f"{name} must be an int {what}; got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int {what}; got {value!r}")
+    return int(value)
+
+
+def _need_callable(name: str, value: Any) -> Any:
+    if value is not None and not callable(value):
+        raise TypeError(f"{name} must be a callable or None; got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _check_sources(sources: tuple[Any, ...]) -> None:
+    if not sources:
+        raise TypeError("Loader needs at least one source: a sequence such as a list, tuple or numpy array")
+    for position, source in enumerate(sources):
+        if isinstance(source, Iterator) or not (hasattr(source, "__len__") and hasattr(source, "__getitem__")):
+            raise TypeError(
+                f"source {position} must be a map-style sequence (with __len__ and integer __getitem__: "
+                f"a list, tuple, numpy array or memmap); got {type(source).__name__}. An iterator or "
+                "generator cannot be indexed or shuffled: wrap its items in a list, or use "
+                "prefetch.background() for an existing generator"
+            )
+    lengths = [len(source) for source in sources]
+    if lengths[0] == 0:
+        raise ValueError("source 0 is empty: there is nothing to load")
+    if len(set(lengths)) > 1:
+        shown = ", ".join(f"source {i} has {n}" for i, n in enumerate(lengths))
+        raise ValueError(f"all sources must have the same length; {shown}")
+
+
+def make_config(
+    sources: tuple[Any, ...],
+    *,
+    batch_size: Any,
+    shuffle: Any = True,
+    seed: Any = None,
+    epochs: Any = None,
+    last_batch: Any = "wrap",
+    rank: Any = 0,
+    world_size: Any = 1,
+    transform: Any = None,
+    batch_transform: Any = None,
+    collate: Any = "auto",
+    workers: Any = None,
+    prefetch: Any = None,
+    start_method: Any = None,
+    timeout: Any = None,
+    retries: Any = 1,
+) -> LoaderConfig:
+    """Validate the user's arguments and return the loader's configuration."""
+    _check_sources(sources)
+    n = len(sources[0])
+    batch_size = _need_int("batch_size", batch_size, 1, ">= 1")
+    if not isinstance(shuffle, bool):
+        raise TypeError(f"shuffle must be True or False; got {shuffle!r}")
+    if seed is None:
+        import secrets
+
+        seed = secrets.randbits(63)
+    seed = _need_int("seed", seed, 0, ">= 0 (or None to draw one)")
+    if epochs is not None:
+        epochs = _need_int("epochs", epochs, 1, ">= 1 (or None for an endless stream)")
+    if last_batch not in LAST_BATCH_MODES:
+        raise ValueError(f"last_batch must be one of {', '.join(map(repr, LAST_BATCH_MODES))}; got {last_batch!r}")
+    world_size = _need_int("world_size", world_size, 1, ">= 1")
+    if world_size > n:
+        raise ValueError(f"world_size={world_size} is larger than the data ({n} samples): some ranks would get none")
+    rank = _need_int("rank", rank, 0, f"in [0, world_size={world_size})")
+    if rank >= world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}); got {rank}")
+    if last_batch == "drop" and batch_size > n // world_size:
+        raise ValueError(
+            f"last_batch='drop' with batch_size={batch_size} larger than the {n // world_size} samples of "
+            "this rank's shard would never yield a batch; use a smaller batch_size or last_batch='short'/'wrap'"
+        )
+    transform = _need_callable("transform", transform)
+    batch_transform = _need_callable("batch_transform", batch_transform)
+    if not callable(collate) and collate not in COLLATE_MODES:
+        raise ValueError(f"collate must be 'auto', 'list' or a callable; got {collate!r}")
+    workers = usable_cores() if workers is None else _need_int("workers", workers, 0, ">= 0 (0 runs in-process)")
+    if prefetch is None:
+        prefetch = PREFETCH_PER_WORKER * max(workers, 1)
+    prefetch = _need_int("prefetch", prefetch, 1, ">= 1 (batches ready or in flight)")
+    if start_method is not None and start_method not in _start_methods():
+        accepted = ", ".join(map(repr, _start_methods()))
+        raise ValueError(f"start_method must be None or one of {accepted} on this platform; got {start_method!r}")
+    if timeout is not None:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+            raise TypeError(f"timeout must be a number of seconds > 0 or None; got {timeout!r}")
+        if not (math.isfinite(timeout) and timeout > 0):
+            raise ValueError(f"timeout must be a finite number of seconds > 0 or None; got {timeout!r}")
+        timeout = float(timeout)
+    retries = _need_int("retries", retries, 0, ">= 0 (times a batch is redone after its worker died)")
+    return LoaderConfig(
+        sources=tuple(sources),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        seed=seed,
+        epochs=epochs,
+        last_batch=last_batch,
+        rank=rank,
+        world_size=world_size,
+        transform=transform,
+        batch_transform=batch_transform,
+        collate=collate,
+        workers=workers,
+        prefetch=prefetch,
+        start_method=start_method,
+        timeout=timeout,
+        retries=retries,
+    )

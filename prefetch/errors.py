@@ -1,0 +1,157 @@
+"""The errors prefetch raises, and how a worker's exception travels to the consumer.
+
+Exceptions raised by *user code* (a source's ``__getitem__``, ``transform``,
+``collate``, ``batch_transform``) are re-raised in the consumer with their own type,
+the worker's formatted traceback chained as ``__cause__`` and a note that names the
+batch, the sample index and the worker. Everything the engine itself reports is a
+``PrefetchError``:
+
+* ``LoaderClosedError`` -- the loader was used after ``close()``.
+* ``WorkerError`` -- a batch could not be made in a worker; carries ``batch``,
+  ``indices`` and ``pid``.
+
+  * ``WorkerDiedError`` -- the worker process died (signal or exit code) while making it.
+  * ``WorkerTimeoutError`` -- it took longer than ``timeout`` seconds (also a ``TimeoutError``).
+  * ``RemoteError`` -- user code raised an exception that could not be rebuilt in the
+    consumer (unpicklable); its type name, text and traceback are kept.
+
+* ``CoordinatorDiedError`` -- the coordinator process died or failed.
+"""
+
+from __future__ import annotations
+
+import signal
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+
+class PrefetchError(Exception):
+    """Base class of every error the engine raises itself."""
+
+
+class LoaderClosedError(PrefetchError, RuntimeError):
+    """Raised when a closed loader is iterated or asked for its state."""
+
+
+class CoordinatorDiedError(PrefetchError):
+    """Raised when the coordinator process died or failed; the loader cannot go on."""
+
+
+class WorkerError(PrefetchError):
+    """Raised when a batch could not be made in a worker process."""
+
+    def __init__(self, message: str, *, batch: int, indices: tuple[int, ...] = (), pid: int | None = None):
+        super().__init__(message)
+        self.batch = batch
+        self.indices = indices
+        self.pid = pid
+
+
+class WorkerDiedError(WorkerError):
+    """Raised when the worker making a batch died (killed, crashed, exited) too often."""
+
+
+class WorkerTimeoutError(WorkerError, TimeoutError):
+    """Raised when one batch took longer than the loader's ``timeout`` in a worker."""
+
+
+class RemoteError(WorkerError):
+    """Raised for a user-code exception that could not be rebuilt in the consumer."""
+
+    def __init__(self, message: str, *, type_name: str, batch: int, indices: tuple[int, ...] = (), pid: int | None = None):
+        super().__init__(message, batch=batch, indices=indices, pid=pid)
+        self.type_name = type_name
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised in a worker, chained as its ``__cause__``."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return "\n\n" + self.text
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A user-code exception packed in a worker, small enough for a message."""
+
+    type_name: str
+    text: str
+    traceback: str
+    pickled: bytes | None  # the exception itself, when it survives a dill round trip
+    where: str  # e.g. "transform of sample 17"
+
+    @classmethod
+    def capture(cls, exc: BaseException, where: str) -> Failure:
+        """Pack ``exc`` (being handled now) for the trip to the consumer."""
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        import dill  # lazily: it is only needed when something went wrong
+
+        pickled: bytes | None
+        try:
+            pickled = dill.dumps(exc)
+            dill.loads(pickled)  # a class that pickles but cannot be rebuilt is no use to the consumer
+        except Exception:
+            pickled = None
+        return cls(type(exc).__qualname__, str(exc), tb, pickled, where)
+
+    def to_exception(self, batch: int, indices: tuple[int, ...], pid: int | None) -> BaseException:
+        """The exception the consumer raises: the original type, or ``RemoteError``."""
+        worker = f"worker pid {pid}" if pid is not None else "the calling process (workers=0)"
+        note = f"prefetch: raised in {where_text(self.where)} of batch {batch}, in {worker}"
+        exc: BaseException | None = None
+        if self.pickled is not None:
+            import dill
+
+            try:
+                exc = dill.loads(self.pickled)
+            except Exception:
+                exc = None
+        if not isinstance(exc, BaseException):
+            exc = RemoteError(
+                f"{self.type_name}: {self.text} (the exception could not be rebuilt here; "
+                "its traceback follows)",
+                type_name=self.type_name,
+                batch=batch,
+                indices=indices,
+                pid=pid,
+            )
+        exc.__cause__ = RemoteTraceback(self.traceback)
+        exc.add_note(note)
+        return exc
+
+
+def where_text(where: str) -> str:
+    return where or "user code"
+
+
+def annotate(exc: BaseException, where: str, batch: int) -> BaseException:
+    """Add the in-process (``workers=0``) note that matches a worker's."""
+    exc.add_note(f"prefetch: raised in {where_text(where)} of batch {batch}, in the calling process (workers=0)")
+    return exc
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """Say how a process ended, with the likely cause: 'killed by SIGKILL (...)' or 'exited with code 3'."""
+    if exitcode is None:
+        return "is still running"
+    if exitcode >= 0:
+        return f"exited with code {exitcode}"
+    try:
+        name = signal.Signals(-exitcode).name
+    except ValueError:
+        name = f"signal {-exitcode}"
+    hints = {
+        "SIGKILL": "killed by SIGKILL: the kernel's OOM killer is the usual cause (check `dmesg`); "
+        "lower `prefetch`, the batch size or the number of workers",
+        "SIGSEGV": "crashed with SIGSEGV: a segmentation fault, usually in a C extension used by the "
+        "transform or the source",
+        "SIGBUS": "crashed with SIGBUS: often /dev/shm is full (Docker: raise --shm-size)",
+    }
+    return hints.get(name, f"killed by {name}")
+
+

@@ -1,0 +1,282 @@
+"""``Loader`` and ``data_generator``: what the user iterates.
+
+The data path, end to end::
+
+    consumer (your process)          coordinator process              worker processes
+    -----------------------          -------------------              ----------------
+    Loader / generator               order.Order: batch b -> indices
+      next() wants batch p   --Consumed(p, released slots)-->
+                                     window: b < p + prefetch
+                                     free slot s        --Task(b, indices, s)-->
+                                                                      load, transform,
+                                                                      collate into slot s,
+                                                                      batch_transform
+                                     <--BatchReady(b, s, layout)--
+      reorder buffer {b: msg} <--relayed as is--
+      yield arrays viewing slot s
+      (slot s released when the user drops the batch)
+
+Only index batches and small typed messages (``_protocol``) cross the pipes; array
+bytes are written once, by a worker, into shared memory (``_shm``). The consumer
+yields strictly by batch number, so the stream is the same for any number of
+workers. ``docs/design.md`` tells the whole story, including shutdown.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import replace
+from collections.abc import Callable, Generator
+from typing import Any
+
+from typing import TYPE_CHECKING
+
+from .config import LoaderConfig, make_config
+from .errors import LoaderClosedError
+from .stats import Stats, StatsRecorder
+
+if TYPE_CHECKING:
+    from ._consumer import InlineEngine, ProcessEngine
+
+STATE_FORMAT = 1
+
+
+class _EngineSlot:
+    """The loader's running engine, in a holder its finalizer can reach without the loader."""
+
+    def __init__(self) -> None:
+        self.engine: InlineEngine | ProcessEngine | None = None
+        self.last: InlineEngine | ProcessEngine | None = None  # for stats() after it stopped
+        self.owner: object | None = None  # the generator that started it
+
+    def stop(self) -> None:
+        engine, self.engine, self.owner = self.engine, None, None
+        if engine is not None:
+            self.last = engine
+            engine.close()
+
+
+class Loader:
+    """Batches from map-style sources, made ahead of time by a pool of worker processes.
+
+    ``Loader(*sources, batch_size=32, ...)``: with one source a sample is
+    ``source[i]``; with several it is ``(s1[i], s2[i], ...)`` and a batch is a tuple
+    of collated parts. ``iter(loader)`` is a generator that continues from the
+    loader's position; the batch sequence is fixed by ``seed`` whatever ``workers``,
+    ``prefetch`` or start method. See ``docs/api.md`` for every option.
+
+    Example::
+
+        with prefetch.Loader(images, labels, batch_size=64, epochs=1, transform=augment) as loader:
+            for x, y in loader:
+                train_step(x, y)
+    """
+
+    def __init__(
+        self,
+        *sources: Any,
+        batch_size: int = 32,
+        shuffle: bool = True,
+        seed: int | None = None,
+        epochs: int | None = None,
+        last_batch: str = "wrap",
+        rank: int = 0,
+        world_size: int = 1,
+        transform: Callable[[Any], Any] | None = None,
+        batch_transform: Callable[[Any], Any] | None = None,
+        collate: str | Callable[[list[Any]], Any] = "auto",
+        workers: int | None = None,
+        prefetch: int | None = None,
+        start_method: str | None = None,
+        timeout: float | None = None,
+        retries: int = 1,
+    ):
+        self._config: LoaderConfig = make_config(
+            sources,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            seed=seed,
+            epochs=epochs,
+            last_batch=last_batch,
+            rank=rank,
+            world_size=world_size,
+            transform=transform,
+            batch_transform=batch_transform,
+            collate=collate,
+            workers=workers,
+            prefetch=prefetch,
+            start_method=start_method,
+            timeout=timeout,
+            retries=retries,
+        )
+        self._order = self._config.order()
+        self._position = 0
+        self._closed = False
+        self._running = _EngineSlot()
+        self._newest_iterator: object | None = None
+        self._finalizer = weakref.finalize(self, _EngineSlot.stop, self._running)
+
+    # --- what the loader is -------------------------------------------------------------
+
+    @property
+    def seed(self) -> int:
+        """The seed of the order and of the transforms' randomness (drawn when ``seed=None``)."""
+        return self._config.seed
+
+    @property
+    def batch_size(self) -> int:
+        return self._config.batch_size
+
+    @property
+    def workers(self) -> int:
+        return self._config.workers
+
+    @property
+    def prefetch(self) -> int:
+        return self._config.prefetch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Batches per epoch of this rank's shard: ``ceil(shard / batch_size)`` (``drop``: ``floor``)."""
+        return self._order.steps_per_epoch
+
+    @property
+    def position(self) -> int:
+        """Batches yielded so far (over all iterations): the next batch's number."""
+        return self._position
+
+    def __len__(self) -> int:
+        total = self._order.num_batches
+        if total is None:
+            raise TypeError("an endless Loader (epochs=None) has no len(); use steps_per_epoch, or pass epochs=N")
+        return total
+
+    def __repr__(self) -> str:
+        c = self._config
+        return (
+            f"Loader(n={c.n}, batch_size={c.batch_size}, shuffle={c.shuffle}, seed={c.seed}, epochs={c.epochs}, "
+            f"last_batch={c.last_batch!r}, workers={c.workers}, prefetch={c.prefetch}, position={self._position}"
+            f"{', closed' if self._closed else ''})"
+        )
+
+    # --- iterating ----------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LoaderClosedError("this Loader is closed; create a new one (or resume one with load_state_dict)")
+
+    def __iter__(self) -> Generator[Any, None, None]:
+        self._check_open()
+        return self._generate(owns_loader=False)
+
+    def _generate(self, owns_loader: bool) -> Generator[Any, None, None]:
+        me = object()
+        self._newest_iterator = me
+        return self._run(me, owns_loader)
+
+    def _run(self, me: object, owns_loader: bool) -> Generator[Any, None, None]:
+        """The generator behind ``iter(loader)``; it owns the engine while it runs.
+
+        A newer ``iter(loader)`` takes the engine over (this one then raises), and
+        ``load_state_dict`` stops it (this one then goes on from the new position).
+        """
+        total = self._order.num_batches
+        try:
+            while total is None or self._position < total:
+                self._check_open()
+                running = self._running
+                if running.owner is not me:
+                    if self._newest_iterator is not me:
+                        raise RuntimeError("this iterator was superseded by a newer iter(loader)")
+                    running.stop()
+                    running.engine = self._start_engine()
+                    running.owner = me
+                    total = self._order.num_batches
+                batch = running.engine.next_batch()
+                self._position += 1
+                yield batch
+        finally:
+            if self._running.owner is me:
+                self._running.stop()
+            if owns_loader:
+                self.close()
+
+    def _start_engine(self) -> InlineEngine | ProcessEngine:
+        # Imported here: multiprocess (and dill) cost more to import than all the rest.
+        from ._consumer import InlineEngine, ProcessEngine
+
+        if self._config.workers == 0:
+            return InlineEngine(self._config, self._position)
+        return ProcessEngine(self._config, self._position)
+
+    # --- state --------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The loader's position: small, no data. ``load_state_dict`` on a fresh loader of the
+        same configuration continues with exactly the next batch."""
+        return {
+            "format": STATE_FORMAT,
+            "seed": self._config.seed,
+            "position": self._position,
+            "config": self._config.fingerprint(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a saved position (the saved seed is adopted; any running iteration stops)."""
+        self._check_open()
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ValueError(f"not a prefetch Loader state (format {STATE_FORMAT}): {state!r}")
+        mine = self._config.fingerprint()
+        for key, value in state["config"].items():
+            if mine.get(key) != value:
+                raise ValueError(
+                    f"the state was saved by a loader with {key}={value!r}, this one has {key}={mine.get(key)!r}; "
+                    "resume with the same configuration"
+                )
+        position = state["position"]
+        total = self._order.num_batches
+        if not isinstance(position, int) or position < 0 or (total is not None and position > total):
+            raise ValueError(f"state position {position!r} is outside this loader's {total} batches")
+        self._running.stop()
+        self._config = replace(self._config, seed=int(state["seed"]))
+        self._order = self._config.order()
+        self._position = position
+
+    # --- profiling and lifecycle --------------------------------------------------------
+
+    def stats(self) -> Stats:
+        """Figures of the current (or last) iteration: throughput, data stall, worker use, memory."""
+        engine = self._running.engine or self._running.last
+        if engine is None:
+            return StatsRecorder().snapshot([], None)
+        return engine.stats()
+
+    def close(self) -> None:
+        """Stop the workers and the coordinator and free all shared memory. Idempotent."""
+        self._closed = True
+        self._running.stop()
+
+    def __enter__(self) -> Loader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def data_generator(
+    batch_size: int, data_x: Any, data_y: Any, shuffle: bool = True, **options: Any
+) -> Generator[tuple[Any, Any], None, None]:
+    """The seed's ``data_generator``, in parallel: an endless generator of ``(batch_x, batch_y)``.
+
+    Same positional parameters as the plain generator; batches straddle epoch
+    boundaries. ``options`` are ``Loader``'s (``transform``, ``workers``, ...). The
+    result is a real generator, as Keras ``fit`` requires; closing it (or dropping
+    it) stops its processes.
+
+    Example::
+
+        gen = prefetch.data_generator(32, x_train, y_train, transform=augment)
+        model.fit(gen, steps_per_epoch=len(x_train) // 32, epochs=10)
+    """
+    loader = Loader(data_x, data_y, batch_size=batch_size, shuffle=shuffle, **options)
+    return loader._generate(owns_loader=True)

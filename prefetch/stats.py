@@ -1,0 +1,130 @@
+"""Figures collected along the data path, and the report ``loader.stats()`` returns.
+
+The question they answer: *is my training loop starved, and would more workers
+help?* ``wait_fraction`` is the share of the consumer's wall time spent inside
+``next()`` waiting for a batch (the data stall). If it is high and the workers are
+busy nearly all the time, more workers (or cheaper transforms) help; if it is high
+but the workers idle, the bound is elsewhere (``prefetch`` depth, the source).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ._protocol import Timings
+
+
+@dataclass(frozen=True)
+class Stats:
+    """A snapshot of a loader's figures since its current iteration started."""
+
+    batches: int
+    samples: int
+    elapsed_s: float
+    batches_per_s: float
+    samples_per_s: float
+    wait_fraction: float  # share of elapsed time the consumer waited for data
+    worker_busy: dict[int, float]  # pid -> share of elapsed time spent making batches
+    load_s: float  # mean seconds per batch, by stage
+    transform_s: float
+    collate_s: float
+    transfer_s: float
+    mean_fill: float  # ready batches waiting in the consumer when one was asked for
+    max_fill: int
+    restarts: int  # workers that died and were replaced
+    memory: dict[str, int] = field(default_factory=dict)  # role -> RSS bytes; "uss_total" if readable
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        busy = ", ".join(f"{share:.0%}" for share in self.worker_busy.values()) or "-"
+        memory = ", ".join(f"{role} {size / 2**20:.0f} MiB" for role, size in self.memory.items()) or "-"
+        rows = [
+            ("batches / samples", f"{self.batches} / {self.samples}"),
+            ("throughput", f"{self.batches_per_s:.1f} batches/s, {self.samples_per_s:.0f} samples/s"),
+            ("waiting for data", f"{self.wait_fraction:.1%} of {self.elapsed_s:.2f} s"),
+            ("worker busy", busy),
+            (
+                "per batch",
+                f"load {self.load_s * 1e3:.2f} ms, transform {self.transform_s * 1e3:.2f} ms, "
+                f"collate {self.collate_s * 1e3:.2f} ms, transfer {self.transfer_s * 1e3:.2f} ms",
+            ),
+            ("buffer fill", f"mean {self.mean_fill:.1f}, max {self.max_fill}"),
+            ("worker restarts", str(self.restarts)),
+            ("memory", memory),
+        ]
+        width = max(len(name) for name, _ in rows)
+        return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+class StatsRecorder:
+    """Accumulates figures on the consumer side; cheap enough for every batch."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.batches = 0
+        self.samples = 0
+        self.wait_s = 0.0
+        self.busy_s: dict[int, float] = defaultdict(float)
+        self.stage_s = [0.0, 0.0, 0.0, 0.0]
+        self.fill_sum = 0
+        self.fill_max = 0
+        self.restarts = 0
+
+    def delivered(self, samples: int, waited_s: float, fill: int, timings: Timings | None, pid: int | None) -> None:
+        self.batches += 1
+        self.samples += samples
+        self.wait_s += waited_s
+        self.fill_sum += fill
+        self.fill_max = max(self.fill_max, fill)
+        if timings is not None:
+            stages = (timings.load, timings.transform, timings.collate, timings.write)
+            for i, seconds in enumerate(stages):
+                self.stage_s[i] += seconds
+            if pid is not None:
+                self.busy_s[pid] += sum(stages)
+
+    def snapshot(self, worker_pids: list[int], coordinator_pid: int | None) -> Stats:
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        per_batch = [s / self.batches if self.batches else 0.0 for s in self.stage_s]
+        busy = {pid: min(1.0, self.busy_s.get(pid, 0.0) / elapsed) for pid in worker_pids}
+        for pid, seconds in self.busy_s.items():  # workers that were replaced still count
+            busy.setdefault(pid, min(1.0, seconds / elapsed))
+        return Stats(
+            batches=self.batches,
+            samples=self.samples,
+            elapsed_s=elapsed,
+            batches_per_s=self.batches / elapsed,
+            samples_per_s=self.samples / elapsed,
+            wait_fraction=min(1.0, self.wait_s / elapsed),
+            worker_busy=busy,
+            load_s=per_batch[0],
+            transform_s=per_batch[1],
+            collate_s=per_batch[2],
+            transfer_s=per_batch[3],
+            mean_fill=self.fill_sum / self.batches if self.batches else 0.0,
+            max_fill=self.fill_max,
+            restarts=self.restarts,
+            memory=_memory(worker_pids, coordinator_pid),
+        )
+
+
+def _memory(worker_pids: list[int], coordinator_pid: int | None) -> dict[str, int]:
+    import psutil  # lazily: `import prefetch` stays fast
+
+    roles = [("consumer", os.getpid())]
+    if coordinator_pid is not None:
+        roles.append(("coordinator", coordinator_pid))
+    roles += [(f"worker {pid}", pid) for pid in worker_pids]
+    memory: dict[str, int] = {}
+    for role, pid in roles:
+        try:
+            memory[role] = psutil.Process(pid).memory_info().rss
+        except psutil.Error:
+            continue
+    return memory

@@ -1,0 +1,50 @@
+"""Shared fixtures: every test must leave no process and no shared-memory segment behind."""
+
+from __future__ import annotations
+
+import os
+
+import psutil
+import pytest
+
+from prefetch._shm import NAME_ROOT, SHM_DIR
+
+# multiprocess's own helpers live as long as the test session by design; they are not ours.
+_SESSION_HELPERS = ("resource_tracker", "forkserver")
+# How long processes of a closed loader may take to disappear.
+EXIT_GRACE_S = 5.0
+
+
+def _children() -> list[psutil.Process]:
+    kids = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            cmdline = " ".join(child.cmdline())
+        except psutil.Error:
+            continue
+        if not any(helper in cmdline for helper in _SESSION_HELPERS):
+            kids.append(child)
+    return kids
+
+
+def _segments() -> set[str]:
+    """This process's loaders' segments (other processes may run loaders of their own meanwhile)."""
+    mine = f"{NAME_ROOT}{os.getpid()}-"
+    return {name for name in os.listdir(SHM_DIR) if name.startswith(mine)}
+
+
+@pytest.fixture(autouse=True)
+def no_leaks():
+    """Fail a test that leaves a child process or a new /dev/shm segment behind."""
+    before_children = {p.pid for p in _children()}
+    before_segments = _segments()
+    yield
+    new = [p for p in _children() if p.pid not in before_children]
+    gone, alive = psutil.wait_procs(new, timeout=EXIT_GRACE_S)
+    for process in alive:
+        process.kill()
+    leaked = _segments() - before_segments
+    for name in leaked:
+        os.unlink(os.path.join(SHM_DIR, name))
+    assert not alive, f"child processes left running: {[p.pid for p in alive]}"
+    assert not leaked, f"shared-memory segments left in {SHM_DIR}: {sorted(leaked)}"

@@ -1,0 +1,60 @@
+"""Backpressure, batches held by the user, and the safety of yielded data."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from helpers import CountingSource
+
+import prefetch
+
+
+@pytest.mark.parametrize(("workers", "depth"), [(2, 2), (3, 5)])
+def test_backpressure_bounds_the_work_done_ahead(tmp_path, workers, depth):
+    source = CountingSource(400, str(tmp_path / "count"))
+    batch_size = 4
+    with prefetch.Loader(source, batch_size=batch_size, workers=workers, prefetch=depth, epochs=1) as loader:
+        consumed = 0
+        for _ in loader:
+            consumed += 1
+            time.sleep(0.02)  # a slow training step: the workers must not run ahead
+            assert source.loaded() <= (consumed + depth) * batch_size
+            if consumed == 15:
+                break
+        # by now the pipeline has had time to fill up to exactly the bound, and no further
+        time.sleep(0.3)
+        assert source.loaded() <= (consumed + depth) * batch_size
+
+
+def test_holding_every_batch_of_an_epoch_neither_deadlocks_nor_corrupts():
+    data = np.arange(600 * 3, dtype=np.int32).reshape(600, 3)
+    with prefetch.Loader(data, batch_size=10, epochs=1, seed=5, workers=2, prefetch=2) as loader:
+        held = list(loader)  # 60 batches alive at once with a pool of a few slots
+    with prefetch.Loader(data, batch_size=10, epochs=1, seed=5, workers=0) as loader:
+        expected = list(loader)
+    assert len(held) == 60
+    for got, want in zip(held, expected):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_held_batch_never_changes_afterwards():
+    data = np.arange(2000 * 8, dtype=np.float64).reshape(2000, 8)
+    with prefetch.Loader(data, batch_size=16, seed=2, workers=2, prefetch=2) as loader:
+        it = iter(loader)
+        kept = [next(it) for _ in range(3)]
+        snapshots = [k.copy() for k in kept]
+        views = [k[1:5] for k in kept]  # derived views keep the slot too
+        del kept
+        for _ in range(200):
+            next(it)
+        for view, snapshot in zip(views, snapshots):
+            np.testing.assert_array_equal(view, snapshot[1:5])
+
+
+def test_yielded_arrays_are_writable_numpy_arrays():
+    with prefetch.Loader(np.zeros((20, 2)), batch_size=4, workers=2) as loader:
+        batch = next(iter(loader))
+        batch += 1
+        assert batch.flags.writeable and float(batch.sum()) == 8.0
