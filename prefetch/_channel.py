@@ -15,7 +15,7 @@ import select
 from itertools import count
 from typing import Any
 
-from ._protocol import Message, SegmentRef, Spilled, decode, encode
+from ._protocol import Message, Spilled, decode, encode
 from ._shm import read_file_segment, write_file_segment
 
 # multiprocess's Connection prefixes 4 bytes of length and writes header and body at
@@ -40,5 +40,3 @@ def receive(conn: Any) -> Message:
     if isinstance(message, Spilled):
         message = decode(read_file_segment(message.segment))
     return message
-
-

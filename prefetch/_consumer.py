@@ -27,12 +27,12 @@ from dataclasses import replace
 from typing import Any
 
 import multiprocess
-import multiprocess.util  # noqa: F401 - before our atexit hook is registered, so that ours runs first
+import multiprocess.util
 import psutil
 
 from . import _rng
-from ._coordinator import coordinator_main
 from ._channel import receive
+from ._coordinator import coordinator_main
 from ._protocol import (
     BatchFailed,
     BatchReady,
@@ -73,7 +73,9 @@ def close_all_engines() -> None:
 atexit.register(close_all_engines)
 
 
-def _release(held: set[int], released: deque[tuple[int, SegmentRef | None]], slot: int, segment: SegmentRef | None) -> None:
+def _release(
+    held: set[int], released: deque[tuple[int, SegmentRef | None]], slot: int, segment: SegmentRef | None
+) -> None:
     held.discard(slot)
     released.append((slot, segment))
 
@@ -209,15 +211,21 @@ class ProcessEngine:
     def _wait_for(self, batch: int) -> float:
         """Block until ``batch`` is in the reorder buffer; return the seconds waited."""
         started = time.perf_counter()
-        deadline = None if self.config.timeout is None else started + self.config.timeout
+        timeout_s = self.config.timeout
+        deadline = None if timeout_s is None else started + timeout_s
         while batch not in self.ready:
-            timeout = COORDINATOR_POLL_S if deadline is None else max(0.0, min(COORDINATOR_POLL_S, deadline - time.perf_counter()))
+            timeout = (
+                COORDINATOR_POLL_S
+                if deadline is None
+                else max(0.0, min(COORDINATOR_POLL_S, deadline - time.perf_counter()))
+            )
             events = self.selector.select(timeout)
             if not self._drain() and events and not self.process.is_alive():
                 self._coordinator_died()
-            if deadline is not None and time.perf_counter() >= deadline and batch not in self.ready:
-                self._tell(TimedOut(batch))
-                deadline += self.config.timeout
+            if deadline is not None and timeout_s is not None and time.perf_counter() >= deadline:
+                if batch not in self.ready:
+                    self._tell(TimedOut(batch))
+                deadline += timeout_s
         return time.perf_counter() - started
 
     def next_batch(self) -> Any:

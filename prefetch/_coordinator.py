@@ -129,7 +129,9 @@ class Coordinator:
         if not outstanding:
             self.idle_deaths += 1
             if self.idle_deaths > IDLE_DEATHS_ALLOWED:
-                raise RuntimeError(f"workers keep dying before doing any work (last: pid {pid} {describe_exit(exitcode)})")
+                raise RuntimeError(
+                    f"workers keep dying before doing any work (last: pid {pid} {describe_exit(exitcode)})"
+                )
         send(self.results, WorkerLost(pid, exitcode, outstanding), self.prefix)
         self._start_worker()
 
@@ -152,7 +154,8 @@ class Coordinator:
             if self.attempts[head] > self.config.retries:
                 text = (
                     f"worker pid {message.pid} {describe_exit(message.exitcode)}, while making batch {head} "
-                    f"(sample indices {indices}); it killed {self.attempts[head]} worker(s), retries={self.config.retries}"
+                    f"(sample indices {indices}); it killed {self.attempts[head]} worker(s), "
+                    f"retries={self.config.retries}"
                 )
                 self._fail(head, FailureKind.WORKER_DIED, message.pid, text)
             else:
@@ -281,7 +284,9 @@ class Coordinator:
         unlink_prefix(self.prefix)
 
 
-def coordinator_main(control: Any, results: Any, config: LoaderConfig, prefix: str, start: int, consumer_pid: int) -> None:
+def coordinator_main(
+    control: Any, results: Any, config: LoaderConfig, prefix: str, start: int, consumer_pid: int
+) -> None:
     """The coordinator process's entry point."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the consumer's to handle
     coordinator = None

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import pickle
 from enum import IntEnum
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 from .errors import Failure
 
@@ -151,9 +151,7 @@ class Stop(NamedTuple):
     """Consumer -> coordinator, coordinator -> worker: shut down now."""
 
 
-Message = Union[
-    Task, BatchReady, BatchFailed, WorkerLost, CoordinatorFailed, Spilled, Consumed, Lost, TimedOut, Stop
-]
+Message = Task | BatchReady | BatchFailed | WorkerLost | CoordinatorFailed | Spilled | Consumed | Lost | TimedOut | Stop
 
 
 def encode(message: Message) -> bytes:

@@ -170,7 +170,11 @@ class _BatchPickler(pickle.Pickler):
         self._space = space
 
     def reducer_override(self, obj: Any) -> Any:
-        if type(obj) is np.ndarray and not obj.dtype.hasobject and not (obj.flags.c_contiguous or obj.flags.f_contiguous):
+        if (
+            type(obj) is np.ndarray
+            and not obj.dtype.hasobject
+            and not (obj.flags.c_contiguous or obj.flags.f_contiguous)
+        ):
             contiguous = self._space.alloc(obj.shape, obj.dtype)
             np.copyto(contiguous, obj)
             return contiguous.__reduce_ex__(5)
@@ -269,7 +273,12 @@ class SlotReader:
         self._maps: dict[int, tuple[SegmentRef, mmap.mmap]] = {}
 
     def read(
-        self, slot: int, segment: SegmentRef | None, payload: bytes | None, buffers: tuple[tuple[int, int], ...], lease: bool
+        self,
+        slot: int,
+        segment: SegmentRef | None,
+        payload: bytes | None,
+        buffers: tuple[tuple[int, int], ...],
+        lease: bool,
     ) -> tuple[Any, np.ndarray | None]:
         """Rebuild a batch. With ``lease`` its arrays view the slot, and the returned lease
         array is their common base; without, they are copies and the slot is free at once."""
@@ -283,7 +292,7 @@ class SlotReader:
         end = max(offset + nbytes for offset, nbytes in buffers)
         whole = np.frombuffer(cached[1], np.uint8, count=max(end, 1))
         views = [whole[offset : offset + nbytes] for offset, nbytes in buffers]
-        data = payload if payload is not None else views.pop()
+        data: Any = payload if payload is not None else views.pop()
         if not lease:
             views = [view.copy() for view in views]
         return pickle.loads(data, buffers=views), (whole if lease else None)
@@ -355,7 +364,9 @@ def resolve_sources(sources: tuple[Any, ...]) -> tuple[Any, ...]:
             source.flags.writeable = False
         elif isinstance(source, MemmapFile):
             whole = np.memmap(source.filename, dtype=np.uint8, mode="r")
-            source = np.ndarray(source.shape, np.dtype(source.dtype), buffer=whole, offset=source.offset, strides=source.strides)
+            source = np.ndarray(
+                source.shape, np.dtype(source.dtype), buffer=whole, offset=source.offset, strides=source.strides
+            )
         resolved.append(source)
     return tuple(resolved)
 

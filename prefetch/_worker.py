@@ -142,7 +142,9 @@ def run_task(config: LoaderConfig, writer: SlotWriter, task: Task) -> BatchReady
     try:
         batch, clock = make_batch(config, indices, space.alloc)
     except BatchError as error:
-        return BatchFailed(task.batch, task.slot, tuple(indices.tolist()), os.getpid(), FailureKind.USER_CODE, error.failure)
+        return BatchFailed(
+            task.batch, task.slot, tuple(indices.tolist()), os.getpid(), FailureKind.USER_CODE, error.failure
+        )
     start = time.perf_counter()
     try:
         written = writer.write(task.slot, space, batch)

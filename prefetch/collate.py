@@ -92,7 +92,7 @@ def collate_auto(samples: Sequence[Any], alloc: Alloc = private_alloc, field: st
 
 def _rebuild_mapping(example: Mapping[Any, Any], fields: dict[Any, Any]) -> Any:
     try:
-        return type(example)(fields)
+        return type(example)(fields)  # type: ignore[call-arg]
     except Exception:
         return fields
 

@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-
 from .order import LAST_BATCH_MODES, Order
 
 COLLATE_MODES = ("auto", "list")

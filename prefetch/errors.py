@@ -23,7 +23,6 @@ from __future__ import annotations
 import signal
 import traceback
 from dataclasses import dataclass
-from typing import Any
 
 
 class PrefetchError(Exception):
@@ -59,7 +58,9 @@ class WorkerTimeoutError(WorkerError, TimeoutError):
 class RemoteError(WorkerError):
     """Raised for a user-code exception that could not be rebuilt in the consumer."""
 
-    def __init__(self, message: str, *, type_name: str, batch: int, indices: tuple[int, ...] = (), pid: int | None = None):
+    def __init__(
+        self, message: str, *, type_name: str, batch: int, indices: tuple[int, ...] = (), pid: int | None = None
+    ):
         super().__init__(message, batch=batch, indices=indices, pid=pid)
         self.type_name = type_name
 
@@ -113,8 +114,7 @@ class Failure:
                 exc = None
         if not isinstance(exc, BaseException):
             exc = RemoteError(
-                f"{self.type_name}: {self.text} (the exception could not be rebuilt here; "
-                "its traceback follows)",
+                f"{self.type_name}: {self.text} (the exception could not be rebuilt here; its traceback follows)",
                 type_name=self.type_name,
                 batch=batch,
                 indices=indices,
@@ -153,5 +153,3 @@ def describe_exit(exitcode: int | None) -> str:
         "SIGBUS": "crashed with SIGBUS: often /dev/shm is full (Docker: raise --shm-size)",
     }
     return hints.get(name, f"killed by {name}")
-
-

@@ -25,11 +25,9 @@ workers. ``docs/design.md`` tells the whole story, including shutdown.
 from __future__ import annotations
 
 import weakref
-from dataclasses import replace
 from collections.abc import Callable, Generator
-from typing import Any
-
-from typing import TYPE_CHECKING
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 from .config import LoaderConfig, make_config
 from .errors import LoaderClosedError
@@ -192,6 +190,7 @@ class Loader:
                     running.engine = self._start_engine()
                     running.owner = me
                     total = self._order.num_batches
+                assert running.engine is not None
                 batch = running.engine.next_batch()
                 self._position += 1
                 yield batch

@@ -40,7 +40,7 @@ def no_leaks():
     before_segments = _segments()
     yield
     new = [p for p in _children() if p.pid not in before_children]
-    gone, alive = psutil.wait_procs(new, timeout=EXIT_GRACE_S)
+    _, alive = psutil.wait_procs(new, timeout=EXIT_GRACE_S)
     for process in alive:
         process.kill()
     leaked = _segments() - before_segments

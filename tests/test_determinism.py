@@ -13,7 +13,14 @@ DATA_Y = np.arange(203)
 
 
 def stream(**options) -> list[tuple[np.ndarray, np.ndarray]]:
-    options = {"batch_size": 16, "epochs": 2, "seed": 1234, "transform": augment, "batch_transform": batch_noise, **options}
+    options = {
+        "batch_size": 16,
+        "epochs": 2,
+        "seed": 1234,
+        "transform": augment,
+        "batch_transform": batch_noise,
+        **options,
+    }
     with prefetch.Loader(DATA_X, DATA_Y, **options) as loader:
         return [(x.copy(), y.copy()) for x, y in loader]
 

@@ -45,7 +45,9 @@ def test_unpicklable_exception_arrives_as_a_readable_error():
 def test_a_worker_that_dies_once_is_replaced_and_the_output_is_unchanged(tmp_path, kind):
     expected = batches(workers=0)
     marker = str(tmp_path / "died-once")
-    with prefetch.Loader(X, Y, batch_size=4, epochs=1, seed=8, workers=2, transform=fail_at(21, kind, marker)) as loader:
+    with prefetch.Loader(
+        X, Y, batch_size=4, epochs=1, seed=8, workers=2, transform=fail_at(21, kind, marker)
+    ) as loader:
         got = [(x.tolist(), y.tolist()) for x, y in loader]
         assert loader.stats().restarts == 1
     assert got == expected

@@ -116,9 +116,8 @@ def test_load_state_dict_names_the_field_that_differs():
     x = np.arange(20)
     with prefetch.Loader(x, batch_size=4, workers=0) as loader:
         state = loader.state_dict()
-    with prefetch.Loader(x, batch_size=5, workers=0) as other:
-        with pytest.raises(ValueError, match="batch_size=4"):
-            other.load_state_dict(state)
+    with prefetch.Loader(x, batch_size=5, workers=0) as other, pytest.raises(ValueError, match="batch_size=4"):
+        other.load_state_dict(state)
 
 
 def test_closed_loader_says_it_is_closed():
@@ -135,7 +134,10 @@ def test_a_newer_iterator_supersedes_the_older():
         old = iter(loader)
         next(old)
         new = iter(loader)
-        assert next(new).tolist() == prefetch.Loader(np.arange(40), batch_size=2, workers=0, seed=0)._order.batch_indices(1).tolist()
+        assert (
+            next(new).tolist()
+            == prefetch.Loader(np.arange(40), batch_size=2, workers=0, seed=0)._order.batch_indices(1).tolist()
+        )
         with pytest.raises(RuntimeError, match="superseded"):
             next(old)
 
