@@ -246,7 +246,7 @@ class ProcessEngine:
             finalizer.atexit = False
         elif message.segment is not None:
             self.released.append((message.slot, message.segment))
-        samples = len(self.order.batch_indices(message.batch))
+        samples = self.order.batch_length(message.batch)
         self.recorder.delivered(samples, waited, fill, message.timings, message.pid)
         if self.position - self.sent_position >= self.credit_step:
             self._flush()

@@ -53,7 +53,7 @@ from ._protocol import (
     encode,
 )
 from ._shm import resolve_sources, unlink_prefix
-from ._worker import worker_main
+from ._worker import batch_scheduling, worker_main
 from .config import LoaderConfig
 from .errors import describe_exit
 
@@ -289,6 +289,7 @@ def coordinator_main(
 ) -> None:
     """The coordinator process's entry point."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the consumer's to handle
+    batch_scheduling()
     coordinator = None
     try:
         config = replace(config, sources=resolve_sources(config.sources))

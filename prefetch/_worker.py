@@ -130,7 +130,11 @@ def make_batch(config: LoaderConfig, indices: np.ndarray, alloc: Alloc = private
 
 
 def _uses_randomness(config: LoaderConfig) -> bool:
-    return config.transform is not None or config.batch_transform is not None or callable(config.collate)
+    """Whether user code runs while a batch is made (a transform, a collate function, or a
+    source class whose ``__getitem__`` may draw random numbers): then the global random
+    generators are seeded per batch. Plain lists, tuples and arrays need no seeding."""
+    plain = all(isinstance(s, (np.ndarray, list, tuple, range)) for s in config.sources)
+    return not plain or config.transform is not None or config.batch_transform is not None or callable(config.collate)
 
 
 def run_task(config: LoaderConfig, writer: SlotWriter, task: Task) -> BatchReady | BatchFailed:
@@ -153,6 +157,16 @@ def run_task(config: LoaderConfig, writer: SlotWriter, task: Task) -> BatchReady
         return BatchFailed(task.batch, task.slot, tuple(indices.tolist()), os.getpid(), FailureKind.USER_CODE, failure)
     timings = Timings(clock.load, clock.transform, clock.collate, time.perf_counter() - start)
     return BatchReady(task.batch, task.slot, written.segment, written.payload, written.buffers, timings, os.getpid())
+
+
+def batch_scheduling() -> None:
+    """Run this process under Linux's SCHED_BATCH policy: it then does not preempt the
+    training loop each time a message wakes it, which on a machine with few cores costs
+    the consumer more than the message itself."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        pass
 
 
 def _die_with_parent() -> None:

@@ -53,11 +53,11 @@ def _stack(samples: Sequence[Any], alloc: Alloc, field: str) -> np.ndarray:
             )
         if sample.dtype != dtype:
             dtype = np.result_type(dtype, sample.dtype)
-    batch_shape = (len(samples), *shape)
     if dtype.hasobject:
         return np.stack(samples)
-    out = alloc(batch_shape, dtype)
-    np.stack(samples, out=out)
+    out = alloc((len(samples), *shape), dtype)
+    for position, sample in enumerate(samples):  # faster than np.stack, small arrays or large
+        out[position] = sample
     return out
 
 

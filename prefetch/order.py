@@ -100,6 +100,15 @@ class Order:
             raise IndexError("a 'drop' stream whose batch_size exceeds the shard has no batches")
         return b // self.steps_per_epoch
 
+    def batch_length(self, b: int) -> int:
+        """How many samples batch ``b`` has (without computing them)."""
+        if self.last_batch == "wrap":
+            if self.epochs is None:
+                return self.batch_size
+            return max(0, min(self.batch_size, self.epochs * self.shard_size - b * self.batch_size))
+        j = b % self.steps_per_epoch
+        return min(self.batch_size, self.shard_size - j * self.batch_size)
+
     def batch_indices(self, b: int) -> np.ndarray:
         """The sample indices of batch ``b`` (int64), or ``IndexError`` past the end."""
         total = self.num_batches

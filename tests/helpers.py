@@ -104,3 +104,13 @@ def fail_at(index: int, kind: str, marker: str | None = None):
         return x, y
 
     return transform
+
+
+class RandomCropSource:
+    """A PyTorch-style dataset whose ``__getitem__`` itself draws random numbers."""
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return np.full(3, i, dtype=np.float64) + np.random.rand(3) + random.random()

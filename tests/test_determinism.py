@@ -65,3 +65,13 @@ def test_workers_zero_restores_the_callers_random_state():
 def test_batch_rng_outside_a_loader_says_so():
     with pytest.raises(RuntimeError, match="batch_rng"):
         prefetch.batch_rng()
+
+
+def test_randomness_inside_a_source_class_is_deterministic_too():
+    from helpers import RandomCropSource
+
+    def run(workers):
+        with prefetch.Loader(RandomCropSource(), batch_size=8, epochs=1, seed=3, workers=workers) as loader:
+            return [b.tolist() for b in loader]
+
+    assert run(2) == run(0)

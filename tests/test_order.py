@@ -557,3 +557,16 @@ def test_endless_drop_with_no_full_batch():
         endless.batch_indices(0)
     with pytest.raises(IndexError):
         endless.batch_epoch(0)
+
+
+@given(
+    n=st.integers(1, 60),
+    batch_size=st.integers(1, 20),
+    epochs=st.integers(1, 4),
+    last_batch=st.sampled_from(["wrap", "short"]),
+)
+@settings(max_examples=60, deadline=None)
+def test_batch_length_matches_the_indices(n, batch_size, epochs, last_batch):
+    order = Order(n=n, batch_size=batch_size, seed=1, epochs=epochs, last_batch=last_batch)
+    for b in range(order.num_batches):
+        assert order.batch_length(b) == len(order.batch_indices(b))
