@@ -31,7 +31,7 @@ import multiprocess.util
 import psutil
 
 from . import _rng
-from ._channel import receive
+from ._channel import PipeReader
 from ._coordinator import coordinator_main
 from ._protocol import (
     BatchFailed,
@@ -73,11 +73,29 @@ def close_all_engines() -> None:
 atexit.register(close_all_engines)
 
 
-def _release(
-    held: set[int], released: deque[tuple[int, SegmentRef | None]], slot: int, segment: SegmentRef | None
-) -> None:
-    held.discard(slot)
-    released.append((slot, segment))
+class _Leases:
+    """The slots whose batch the user still holds, and those given back since the last report.
+
+    A weak reference with a callback on each batch's lease array: when the user drops
+    the last array of a batch, the callback (in whatever thread drops it) moves the slot
+    to ``released``. Both steps are single dict/deque operations, atomic under the GIL.
+    """
+
+    def __init__(self) -> None:
+        self.held: dict[int, tuple[weakref.ref[Any], int, SegmentRef | None]] = {}
+        self.released: deque[tuple[int, SegmentRef | None]] = deque()
+
+    def add(self, lease: Any, slot: int, segment: SegmentRef | None) -> None:
+        ref = weakref.ref(lease, self._dropped)
+        self.held[id(ref)] = (ref, slot, segment)
+
+    def _dropped(self, ref: weakref.ref[Any]) -> None:
+        entry = self.held.pop(id(ref), None)
+        if entry is not None:
+            self.released.append((entry[1], entry[2]))
+
+    def __len__(self) -> int:
+        return len(self.held)
 
 
 class InlineEngine:
@@ -124,8 +142,8 @@ class ProcessEngine:
         self.credit_step = config.credit_step
         self.ready: dict[int, BatchReady | BatchFailed] = {}
         self.reader = SlotReader()
-        self.held: set[int] = set()
-        self.released: deque[tuple[int, SegmentRef | None]] = deque()
+        self.leases = _Leases()
+        self.released = self.leases.released
         self.recorder = StatsRecorder()
         self.closed = False
         remove_stale_segments()
@@ -148,9 +166,9 @@ class ProcessEngine:
         finally:
             control_in.close()
             results_out.close()
-        os.set_blocking(self.results.fileno(), False)
+        self.reader_pipe = PipeReader(self.results)
         self.selector = selectors.DefaultSelector()
-        self.selector.register(self.results, selectors.EVENT_READ)
+        self.selector.register(self.reader_pipe.fileno(), selectors.EVENT_READ)
         self.selector.register(self.process.sentinel, selectors.EVENT_READ)
         _live_engines.add(self)
 
@@ -166,21 +184,18 @@ class ProcessEngine:
         released = []
         while self.released:
             released.append(self.released.popleft())
-        self._tell(Consumed(self.position, tuple(released)))
+        self._tell(Consumed(self.position, tuple(released), len(self.leases)))
         self.sent_position = self.position
 
     def _drain(self) -> bool:
         """File every message waiting on the results pipe; False if there was none."""
-        got = False
-        while True:
-            try:
-                message = receive(self.results)
-            except BlockingIOError:
-                return got
-            except (EOFError, OSError):
-                self._coordinator_died()
-            got = True
+        try:
+            messages = self.reader_pipe.read_available()
+        except (EOFError, OSError):
+            self._coordinator_died()
+        for message in messages:
             self._file(message)
+        return bool(messages)
 
     def _coordinator_died(self) -> None:
         self.process.join(COORDINATOR_JOIN_TIMEOUT_S)
@@ -238,12 +253,10 @@ class ProcessEngine:
         if isinstance(message, BatchFailed):
             self._flush()
             raise self._error(message)
-        lease_ok = len(self.held) < self.config.prefetch
+        lease_ok = len(self.leases) < self.config.prefetch
         batch, lease = self.reader.read(message.slot, message.segment, message.payload, message.buffers, lease_ok)
         if lease is not None:
-            self.held.add(message.slot)
-            finalizer = weakref.finalize(lease, _release, self.held, self.released, message.slot, message.segment)
-            finalizer.atexit = False
+            self.leases.add(lease, message.slot, message.segment)
         elif message.segment is not None:
             self.released.append((message.slot, message.segment))
         samples = self.order.batch_length(message.batch)

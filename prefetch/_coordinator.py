@@ -5,10 +5,10 @@ It alone decides what is made next. It keeps
 * the *credit window*: batch ``b`` is dispatched only while ``b < position + prefetch``,
   ``position`` being how many batches the consumer has yielded (``Consumed``);
 * the *slot pool*: each task needs a free slot; slots come back from the consumer
-  when the user drops a batch, and the pool grows lazily up to
-  (``LoaderConfig.max_slots``: ``prefetch`` ready or in flight, up to ``prefetch``
-  held by the user -- past that the consumer copies batches out rather than hold
-  slots, see ``_consumer`` -- and the releases not yet reported);
+  when the user drops a batch. The pool grows lazily to ``prefetch + 1`` slots (the
+  window and the batch in the user's hands), plus one per batch the user reports
+  holding, up to ``LoaderConfig.max_slots`` -- past ``prefetch`` held batches the
+  consumer copies batches out rather than hold slots (see ``_consumer``);
 * each worker's outstanding tasks, in the order it makes them. A task is known done
   once the consumer's position passes it; a new task goes to the worker with the
   fewest outstanding.
@@ -37,7 +37,7 @@ import multiprocess
 import numpy as np
 import psutil
 
-from ._channel import send
+from ._channel import PipeReader, send
 from ._protocol import (
     BatchFailed,
     Consumed,
@@ -49,7 +49,6 @@ from ._protocol import (
     Task,
     TimedOut,
     WorkerLost,
-    decode,
     encode,
 )
 from ._shm import resolve_sources, unlink_prefix
@@ -90,7 +89,7 @@ class Coordinator:
         self.timed_out: set[int] = set()
         self.free_slots: list[int] = []
         self.slot_count = 0
-        self.max_slots = config.max_slots
+        self.held = 0  # batches the user holds, as last reported
         self.segments: dict[int, SegmentRef] = {}
         self.size_hint = 0
         self.idle_deaths = 0
@@ -99,8 +98,8 @@ class Coordinator:
         self.ctx = multiprocess.get_context(method)
         self.consumer = psutil.Process(consumer_pid)
         self.selector = selectors.DefaultSelector()
-        os.set_blocking(control.fileno(), False)
-        self.selector.register(control, selectors.EVENT_READ, None)
+        self.control_pipe = PipeReader(control)
+        self.selector.register(self.control_pipe.fileno(), selectors.EVENT_READ, None)
 
     # --- workers ------------------------------------------------------------------------
 
@@ -178,7 +177,8 @@ class Coordinator:
     def _take_slot(self) -> int | None:
         if self.free_slots:
             return self.free_slots.pop()
-        if self.slot_count < self.max_slots:
+        budget = min(self.config.max_slots, self.config.slot_budget + self.held)
+        if self.slot_count < budget:
             self.slot_count += 1
             return self.slot_count - 1
         return None
@@ -212,6 +212,7 @@ class Coordinator:
     # --- the consumer's messages --------------------------------------------------------
 
     def _on_consumed(self, message: Consumed) -> None:
+        self.held = message.held
         if message.position > self.position:
             self.position = message.position
             for worker in self.workers:
@@ -227,13 +228,11 @@ class Coordinator:
 
     def _from_consumer(self) -> bool:
         """Read all the consumer's messages; False when it asks to stop or is gone."""
-        while True:
-            try:
-                message = decode(self.control.recv_bytes())
-            except BlockingIOError:
-                return True
-            except (EOFError, OSError):
-                return False
+        try:
+            messages = self.control_pipe.read_available()
+        except (EOFError, OSError):
+            return False
+        for message in messages:
             if isinstance(message, Consumed):
                 self._on_consumed(message)
             elif isinstance(message, Lost):
@@ -242,6 +241,7 @@ class Coordinator:
                 self._on_timed_out(message.batch)
             else:
                 return False  # Stop
+        return True
 
     def _consumer_alive(self) -> bool:
         try:

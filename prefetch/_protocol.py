@@ -126,11 +126,12 @@ class Consumed(NamedTuple):
 
     Each yielded batch returns one credit, so at most ``prefetch`` batches are ready
     or in flight. A slot comes back, with the segment it now has, only when the user
-    has dropped every array viewing it.
+    has dropped every array viewing it; ``held`` is how many batches the user holds.
     """
 
     position: int
     released: tuple[tuple[int, SegmentRef | None], ...]
+    held: int
 
 
 class Lost(NamedTuple):

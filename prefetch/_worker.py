@@ -14,6 +14,7 @@ import os
 import select
 import signal
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,8 +22,8 @@ from typing import Any
 import numpy as np
 
 from . import _rng
-from ._channel import send
-from ._protocol import BatchFailed, BatchReady, FailureKind, Stop, Task, Timings, decode
+from ._channel import PipeReader, send
+from ._protocol import BatchFailed, BatchReady, FailureKind, Stop, Task, Timings
 from ._shm import SlotWriter
 from .collate import Alloc, collate_auto, collate_list, private_alloc
 from .config import LoaderConfig
@@ -183,15 +184,20 @@ def worker_main(tasks: Any, results: Any, config: LoaderConfig, prefix: str, par
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the consumer's to handle
     _die_with_parent()
     writer = SlotWriter(prefix)
+    inbox = PipeReader(tasks)
     poller = select.poll()
-    poller.register(tasks.fileno(), select.POLLIN)
+    poller.register(inbox.fileno(), select.POLLIN)
+    queued: deque[Any] = deque()
     while os.getppid() == parent_pid:
-        if not poller.poll(PARENT_CHECK_INTERVAL_MS):
+        if not queued:
+            if not poller.poll(PARENT_CHECK_INTERVAL_MS):
+                continue
+            try:
+                queued.extend(inbox.read_available())
+            except (EOFError, OSError):
+                return
             continue
-        try:
-            message = decode(tasks.recv_bytes())
-        except (EOFError, OSError):
-            return
+        message = queued.popleft()
         if isinstance(message, Stop):
             return
         assert isinstance(message, Task)

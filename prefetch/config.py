@@ -53,18 +53,25 @@ class LoaderConfig:
 
     @property
     def credit_step(self) -> int:
-        """Credits the consumer returns per ``Consumed`` message: half the window, so the
-        coordinator wakes once per half window rather than once per batch, and the
-        workers always have at least half the window queued."""
-        return max(1, self.prefetch // 2)
+        """Credits the consumer returns per ``Consumed`` message. Half the window's slack
+        beyond one batch per worker: the coordinator wakes less often than once per batch,
+        yet every worker always has its next task queued."""
+        return max(1, (self.prefetch - self.workers) // 2)
+
+    @property
+    def slot_budget(self) -> int:
+        """Slots the pool may hold while the user keeps no batches: the ``prefetch`` window
+        plus the batch in the user's hands (the loop variable). The pool grows past this by
+        the number of batches the user reports holding (``Consumed.held``), never past
+        ``max_slots``."""
+        return self.prefetch + 1
 
     @property
     def max_slots(self) -> int:
-        """Slots the pool may grow to: ``prefetch`` ready or in flight, up to ``prefetch`` held
-        by the user (past that the consumer copies), and one credit step of releases not
-        yet reported -- so the window can always be filled and the consumer need not
-        report before it waits."""
-        return 2 * self.prefetch + self.credit_step
+        """The most slots a pool ever has: the window, ``prefetch`` batches held by the user
+        (past that the consumer copies batches out instead), and the releases not yet
+        reported."""
+        return 2 * self.prefetch + self.credit_step + 1
 
     @property
     def n(self) -> int:

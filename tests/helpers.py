@@ -114,3 +114,202 @@ class RandomCropSource:
 
     def __getitem__(self, i: int) -> np.ndarray:
         return np.full(3, i, dtype=np.float64) + np.random.rand(3) + random.random()
+
+
+# --- fault injection: one misbehaviour, at one sample, in any stage of the pipeline ---------------
+
+FAULTS = ("raise", "unpicklable", "sys_exit", "os_exit", "sigkill", "sigsegv", "hang")
+# Faults that end the worker process, and how the consumer's error names the way it ended.
+DEATHS = {"sys_exit": "exited with code 3", "os_exit": "exited with code 1", "sigkill": "SIGKILL", "sigsegv": "SIGSEGV"}
+
+
+class BadSample(ValueError):
+    """A user exception of the test's own type: it must arrive in the consumer as itself."""
+
+
+class Fault:
+    """Misbehaves when a batch touches sample ``index``; with ``marker``, only once (the
+    marker file is created first, so a retry in a fresh worker succeeds)."""
+
+    def __init__(self, index: int, kind: str, marker: str | None = None):
+        assert kind in FAULTS, kind
+        self.index = index
+        self.kind = kind
+        self.marker = marker
+
+    def strike(self, indices) -> None:
+        if self.index not in {int(i) for i in indices}:
+            return
+        if self.marker is not None:
+            if os.path.exists(self.marker):
+                return
+            open(self.marker, "w").close()
+        if self.kind == "raise":
+            raise BadSample(f"bad sample {self.index}")
+        if self.kind == "unpicklable":
+            raise Unpicklable(f"cannot travel {self.index}", lambda: None)
+        if self.kind == "sys_exit":
+            import sys
+
+            sys.exit(3)
+        if self.kind == "os_exit":
+            os._exit(1)
+        if self.kind == "sigkill":
+            os.kill(os.getpid(), 9)
+        if self.kind == "sigsegv":
+            import faulthandler
+
+            faulthandler.disable()  # no "Fatal Python error" report: the test wants only the signal
+            faulthandler._sigsegv()
+        if self.kind == "hang":
+            import time
+
+            time.sleep(3600)
+
+
+class FaultySource:
+    """A map-style source (not an array: every sample goes through ``__getitem__``) of ``data`` rows."""
+
+    def __init__(self, data: np.ndarray, fault: Fault | None):
+        self.data = data
+        self.fault = fault
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if self.fault is not None:
+            self.fault.strike([i])
+        return self.data[i]
+
+
+class FaultyTransform:
+    """A ``transform`` of ``(x, index)`` samples."""
+
+    def __init__(self, fault: Fault | None):
+        self.fault = fault
+
+    def __call__(self, sample):
+        x, y = sample
+        if self.fault is not None:
+            self.fault.strike([y])
+        return x * np.float32(2), y
+
+
+class FaultyCollate:
+    """A ``collate`` function of ``(x, index)`` samples (``"auto"`` collation, after the fault)."""
+
+    def __init__(self, fault: Fault | None):
+        self.fault = fault
+
+    def __call__(self, samples):
+        if self.fault is not None:
+            self.fault.strike([y for _, y in samples])
+        return prefetch.collate_auto(samples)
+
+
+class FaultyBatchTransform:
+    """A ``batch_transform`` of ``(x, indices)`` batches."""
+
+    def __init__(self, fault: Fault | None):
+        self.fault = fault
+
+    def __call__(self, batch):
+        x, y = batch
+        if self.fault is not None:
+            self.fault.strike(y)
+        return x + np.float32(1), y
+
+
+STAGES = ("load", "transform", "collate", "batch_transform")
+
+
+def faulty_pipeline(stage: str, data: np.ndarray, fault: Fault | None) -> tuple[tuple, dict]:
+    """``Loader`` sources and options whose ``stage`` carries ``fault`` (``None``: the same pipeline, no fault).
+
+    Samples are ``(data[i], i)``, so every stage can tell which samples it has."""
+    assert stage in STAGES, stage
+    index = np.arange(len(data))
+    if stage == "load":
+        return (FaultySource(data, fault), index), {}
+    if stage == "transform":
+        return (data, index), {"transform": FaultyTransform(fault)}
+    if stage == "collate":
+        return (data, index), {"collate": FaultyCollate(fault)}
+    return (data, index), {"batch_transform": FaultyBatchTransform(fault)}
+
+
+def fingerprint(batch):
+    """The exact bytes of a batch, with every array's dtype and shape: equal only if byte-identical."""
+    if isinstance(batch, np.ndarray):
+        return ("ndarray", batch.dtype.str, batch.shape, batch.tobytes())
+    if isinstance(batch, dict):
+        return {k: fingerprint(v) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return (type(batch).__name__, *(fingerprint(v) for v in batch))
+    return (type(batch).__name__, repr(batch))
+
+
+# --- processes and segments -------------------------------------------------------------------------
+
+# multiprocess's own helpers live as long as the test session by design; they are not a loader's.
+SESSION_HELPERS = ("resource_tracker", "forkserver")
+
+
+def loader_processes(root: int | None = None) -> list[int]:
+    """Pids of the loader processes (coordinators and workers) below process ``root`` (default: this one)."""
+    import psutil
+
+    pids = []
+    try:
+        children = psutil.Process(root).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    for child in children:
+        try:
+            cmdline = " ".join(child.cmdline())
+        except psutil.Error:
+            continue
+        if not any(helper in cmdline for helper in SESSION_HELPERS):
+            pids.append(child.pid)
+    return pids
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting for its parent to reap it has ended)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def segments_of(pid: int) -> list[str]:
+    """The /dev/shm segments of the loaders whose consumer is process ``pid``."""
+    from prefetch._shm import NAME_ROOT, SHM_DIR
+
+    return sorted(name for name in os.listdir(SHM_DIR) if name.startswith(f"{NAME_ROOT}{pid}-"))
+
+
+def wait_until(condition, timeout_s: float, interval_s: float = 0.02) -> float:
+    """Poll ``condition()`` until it is true; return the seconds it took, or raise AssertionError at the deadline."""
+    import time
+
+    started = time.monotonic()
+    deadline = started + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still not true after {timeout_s} s: {getattr(condition, '__doc__', condition)}")
+        time.sleep(interval_s)
+    return time.monotonic() - started
+
+
+def all_gone(pids, consumer_pid: int | None = None):
+    """A condition: every process in ``pids`` ended and (if given) ``consumer_pid`` has no segment left."""
+
+    def gone() -> bool:
+        return not any(alive(pid) for pid in pids) and (consumer_pid is None or not segments_of(consumer_pid))
+
+    gone.__doc__ = f"processes {list(pids)} gone and no segment of consumer {consumer_pid} left"
+    return gone
