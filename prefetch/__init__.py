@@ -22,6 +22,7 @@ from .errors import (
     WorkerTimeoutError,
 )
 from .loader import Loader, data_generator
+from .profile import ProfileReport, profile
 from .stats import Stats
 
 __version__ = "0.1.0"
@@ -31,6 +32,7 @@ __all__ = [
     "Loader",
     "LoaderClosedError",
     "PrefetchError",
+    "ProfileReport",
     "RemoteError",
     "Stats",
     "WorkerDiedError",
@@ -40,4 +42,5 @@ __all__ = [
     "collate_auto",
     "collate_list",
     "data_generator",
+    "profile",
 ]

@@ -128,22 +128,29 @@ class BadSample(ValueError):
 
 
 class Fault:
-    """Misbehaves when a batch touches sample ``index``; with ``marker``, only once (the
-    marker file is created first, so a retry in a fresh worker succeeds)."""
+    """Misbehaves when a batch touches sample ``index``: every time, or with ``marker`` only the
+    first ``times`` times (each strike appends a byte to the marker file first, so the retry in a
+    fresh worker after the last one succeeds)."""
 
-    def __init__(self, index: int, kind: str, marker: str | None = None):
+    def __init__(self, index: int, kind: str, marker: str | None = None, times: int = 1):
         assert kind in FAULTS, kind
         self.index = index
         self.kind = kind
         self.marker = marker
+        self.times = times
+
+    def strikes(self) -> int:
+        """How often it struck (counted only with a marker)."""
+        return os.path.getsize(self.marker) if self.marker and os.path.exists(self.marker) else 0
 
     def strike(self, indices) -> None:
         if self.index not in {int(i) for i in indices}:
             return
         if self.marker is not None:
-            if os.path.exists(self.marker):
+            if self.strikes() >= self.times:
                 return
-            open(self.marker, "w").close()
+            with open(self.marker, "ab") as file:
+                file.write(b"x")
         if self.kind == "raise":
             raise BadSample(f"bad sample {self.index}")
         if self.kind == "unpicklable":
