@@ -5,10 +5,11 @@ It alone decides what is made next. It keeps
 * the *credit window*: batch ``b`` is dispatched only while ``b < position + prefetch``,
   ``position`` being how many batches the consumer has yielded (``Consumed``);
 * the *slot pool*: each task needs a free slot; slots come back from the consumer
-  when the user drops a batch. The pool grows lazily to ``prefetch + 1`` slots (the
-  window and the batch in the user's hands), plus one per batch the user reports
-  holding, up to ``LoaderConfig.max_slots`` -- past ``prefetch`` held batches the
-  consumer copies batches out rather than hold slots (see ``_consumer``);
+  when the user drops a batch. The pool grows lazily to ``prefetch`` slots plus one
+  per batch the user holds (as last reported: in a plain ``for`` loop, the batch
+  just yielded and the one still bound to the loop variable), never beyond
+  ``LoaderConfig.max_slots`` -- past ``prefetch`` held batches the consumer copies
+  batches out rather than hold slots (see ``_consumer``);
 * each worker's outstanding tasks, in the order it makes them. A task is known done
   once the consumer's position passes it; a new task goes to the worker with the
   fewest outstanding.
@@ -177,7 +178,7 @@ class Coordinator:
     def _take_slot(self) -> int | None:
         if self.free_slots:
             return self.free_slots.pop()
-        budget = min(self.config.max_slots, self.config.slot_budget + self.held)
+        budget = min(self.config.max_slots, self.config.prefetch + self.held)
         if self.slot_count < budget:
             self.slot_count += 1
             return self.slot_count - 1
@@ -206,8 +207,11 @@ class Coordinator:
             worker = min(self.workers, key=lambda w: len(w.tasks))
             indices = self.order.batch_indices(batch).astype(np.int64, copy=False).tobytes()
             task = Task(batch, indices, slot, self.segments.get(slot), self.size_hint)
-            worker.tasks_conn.send_bytes(encode(task))
             worker.tasks.append(task)
+            try:
+                worker.tasks_conn.send_bytes(encode(task))
+            except OSError:  # it just died: its sentinel reports it, and the task is redone with its others
+                pass
 
     # --- the consumer's messages --------------------------------------------------------
 

@@ -59,14 +59,6 @@ class LoaderConfig:
         return max(1, (self.prefetch - self.workers) // 2)
 
     @property
-    def slot_budget(self) -> int:
-        """Slots the pool may hold while the user keeps no batches: the ``prefetch`` window
-        plus the batch in the user's hands (the loop variable). The pool grows past this by
-        the number of batches the user reports holding (``Consumed.held``), never past
-        ``max_slots``."""
-        return self.prefetch + 1
-
-    @property
     def max_slots(self) -> int:
         """The most slots a pool ever has: the window, ``prefetch`` batches held by the user
         (past that the consumer copies batches out instead), and the releases not yet
