@@ -139,6 +139,8 @@ def _overhead_data() -> tuple[np.ndarray, np.ndarray]:
 # The epochs workload: the same tiny samples, in 16-batch epochs or in one epoch longer than the whole run.
 SHORT_EPOCH_BATCHES = 16
 LONG_EPOCH_BATCHES = 10_000
+SHORT_EPOCH_LABEL = f"{SHORT_EPOCH_BATCHES}-batch epochs"
+LONG_EPOCH_LABEL = f"one {LONG_EPOCH_BATCHES}-batch epoch"
 
 
 @cache
@@ -340,7 +342,9 @@ def pool_imap_batches(
 
     ``Pool.imap`` reads its input as fast as it can, so an endless index stream would queue tasks (and
     results) without bound; a semaphore of ``window`` tasks ahead of the consumer bounds it, as any working
-    roll-your-own version has to. Closing the generator lets the pool's task thread finish.
+    roll-your-own version has to. Closing the generator stops the input and waits for the batches in flight,
+    after which ``pool.close(); pool.join()`` is clean. (``pool.terminate()`` while a worker is writing a
+    result can kill it holding the result queue's lock and hang the pool's task thread for ever.)
     """
     ahead = threading.Semaphore(window)
     stop = threading.Event()
@@ -352,13 +356,16 @@ def pool_imap_batches(
                 return
             yield indices
 
+    results = pool.imap(make_batch, index_batches())
     try:
-        for batch in pool.imap(make_batch, index_batches()):
+        for batch in results:
             ahead.release()
             yield batch
     finally:
         stop.set()
-        ahead.release()  # wake the task thread if it waits for room
+        ahead.release()  # wake the task thread if it waits for room: it sees ``stop`` and ends the input
+        for _ in results:  # the batches already in flight
+            pass
 
 
 # --- the PyTorch baseline ---------------------------------------------------------------------------------
@@ -367,7 +374,7 @@ def pool_imap_batches(
 class ArrayDataset:
     """Map-style dataset over ``(x, y)`` with the workload's transform applied per sample."""
 
-    def __init__(self, data_x: Any, data_y: Any, transform: Callable[[Sample], Sample]):
+    def __init__(self, data_x: Any, data_y: Any, transform: Callable[[Sample], Sample]) -> None:
         self.x = data_x
         self.y = data_y
         self.transform = transform
@@ -467,8 +474,8 @@ def pool_stream(
     try:
         yield Stream(batches)
     finally:
-        batches.close()
-        pool.terminate()
+        batches.close()  # no more input, nothing in flight
+        pool.close()
         pool.join()
 
 

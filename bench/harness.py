@@ -1,0 +1,489 @@
+"""The measuring harness, the results collector and the report, shared by the benchmark files.
+
+``measure`` times one system's stream; ``RESULTS`` collects every measurement of the session; ``render_markdown``
+and ``render_json`` turn them into ``bench/results/latest.md`` and ``latest.json`` (``conftest`` writes them at
+the end of the session and prints the tables).
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import psutil
+import workloads
+from workloads import Stream, Workload
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"
+SHM_DIR = "/dev/shm"
+# multiprocess's helper processes live as long as the session by design; they are not a loader's.
+SESSION_HELPERS = ("resource_tracker", "forkserver")
+
+SYSTEM_LABELS = {
+    "plain": "plain generator",
+    "memcpy": "memcpy (np.copyto, 1 thread)",
+    "pool": "multiprocess.Pool.imap",
+    "torch": "torch DataLoader",
+    "torch-tensor": "torch DataLoader, tensor collate",
+    "prefetch": "prefetch",
+}
+SECTION_ORDER = ("cpu", "latency", "bigarray", "overhead", "epochs", "startup", "memory")
+SECTION_TEXT = {
+    "startup": (
+        "Start-up",
+        "Fresh subprocess per round. `import` = time of the import statement alone. First batch = from "
+        "constructing the loader to holding its first batch (overhead workload; the loader's own lazy imports "
+        "included, torch's `import torch` not); close = from there to all workers gone.",
+    ),
+    "memory": (
+        "Memory",
+        "Large-array workload, 2 workers. USS (memory unique to a process) and PSS summed over the consumer "
+        "and all its child processes, sampled along the run; growth = mean of the last third of samples minus "
+        "the first third; shm = bytes of this run's /dev/shm segments, against prefetch depth x batch bytes.",
+    ),
+}
+
+
+# --- the collector ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One measurement: a system on a workload at a worker count, over several rounds."""
+
+    workload: str
+    system: str
+    workers: int | None
+    unit: str  # samples/s, GB/s, batches/s (higher is better) or s (lower is better)
+    values: list[float]  # one per round
+    consumer_cores: list[float] = field(default_factory=list)  # consumer CPU seconds / wall seconds
+    total_cores: list[float] = field(default_factory=list)  # the same, consumer and all its children
+    batches_per_round: int | None = None
+    variant: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def median(self) -> float:
+        """The median over rounds: the figure the report shows."""
+        return statistics.median(self.values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The row with its summary figures, for ``latest.json``."""
+        return {
+            **asdict(self),
+            "median": self.median,
+            "min": min(self.values),
+            "max": max(self.values),
+            "consumer_cores_median": _median_or_none(self.consumer_cores),
+            "total_cores_median": _median_or_none(self.total_cores),
+        }
+
+
+def _median_or_none(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+class Results:
+    """Everything measured in this session, for the report."""
+
+    def __init__(self) -> None:
+        self.rows: list[Row] = []
+        self.tables: dict[str, list[dict[str, Any]]] = {}  # free-form sections (memory)
+        self.started = datetime.datetime.now(datetime.timezone.utc)
+        self.load_at_start = os.getloadavg()
+        self.numpy_imported_early = False  # set by conftest: then BLAS may have missed the 1-thread setting
+
+    def add(self, row: Row) -> Row:
+        """Record a measurement; return it."""
+        self.rows.append(row)
+        return row
+
+    def add_table_row(self, section: str, row: dict[str, Any]) -> None:
+        """Record one row of a free-form section (its keys are the column names)."""
+        self.tables.setdefault(section, []).append(row)
+
+    def empty(self) -> bool:
+        """Whether nothing was measured (then no report is written)."""
+        return not self.rows and not self.tables
+
+
+RESULTS = Results()
+
+
+# --- processes and CPU time -------------------------------------------------------------------------------
+
+
+def children() -> list[psutil.Process]:
+    """This process's descendants, less multiprocess's session helpers."""
+    kids = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            cmdline = " ".join(child.cmdline())
+        except psutil.Error:
+            continue
+        if not any(helper in cmdline for helper in SESSION_HELPERS):
+            kids.append(child)
+    return kids
+
+
+def _cpu_s(process: psutil.Process) -> float | None:
+    try:
+        times = process.cpu_times()
+    except psutil.Error:
+        return None
+    return times.user + times.system
+
+
+def _cpu_by_pid(processes: list[psutil.Process]) -> dict[int, float]:
+    found = {}
+    for process in processes:
+        seconds = _cpu_s(process)
+        if seconds is not None:
+            found[process.pid] = seconds
+    return found
+
+
+def own_segments() -> dict[str, int]:
+    """This process's loaders' shared-memory segments: name -> bytes."""
+    prefix = f"prefetch-{os.getpid()}-"
+    found = {}
+    for name in os.listdir(SHM_DIR):
+        if name.startswith(prefix):
+            try:
+                found[name] = os.stat(os.path.join(SHM_DIR, name)).st_size
+            except FileNotFoundError:
+                continue
+    return found
+
+
+# --- the harness ------------------------------------------------------------------------------------------
+
+
+def warm_up(batches: Iterator[Any], workload: Workload, workers: int | None) -> int:
+    """Take the first batches (start-up, pipeline fill), check the first one's shape, then estimate the
+    steady rate; return the number of batches a timed round takes to last about ``ROUND_S``."""
+    workload.check(next(batches))
+    for _ in range(2 * max(workers or 0, 1) + 1):
+        next(batches)
+    taken = 0
+    started = time.perf_counter()
+    while taken < 2 or time.perf_counter() - started < workloads.WARMUP_S:
+        next(batches)
+        taken += 1
+    rate = taken / (time.perf_counter() - started)
+    wanted = max(
+        workloads.MIN_BATCHES_PER_ROUND, min(workloads.MAX_BATCHES_PER_ROUND, math.ceil(rate * workloads.ROUND_S))
+    )
+    # A whole number of batches per worker: workers that finish together (latency) deliver in bursts of
+    # ``workers`` batches, and a round that ends mid-burst would be off by part of a burst.
+    step = max(workers or 0, 1)
+    return math.ceil(wanted / step) * step
+
+
+def measure(
+    benchmark: Any,
+    results: Results,
+    stream: Stream,
+    workload: Workload,
+    system: str,
+    workers: int | None,
+    *,
+    variant: str = "",
+    extra: dict[str, Any] | None = None,
+) -> Row:
+    """Warm ``stream`` up, then time ``ROUNDS`` rounds of a fixed number of batches with
+    ``benchmark.pedantic``; record the throughput and the CPU used in ``results``.
+
+    The consumer takes each batch and drops it (it touches nothing), so what is timed is delivery alone. The
+    consumer's CPU time (user + system) over a round divided by the round's wall time is the cores it used;
+    the same over the consumer and all its child processes is the total cost of the system.
+    """
+    batches = stream.batches
+    per_round = warm_up(batches, workload, workers)
+    me = psutil.Process()
+    walls: list[float] = []
+    consumer_cores: list[float] = []
+    total_cores: list[float] = []
+
+    kids = children()  # workers persist: listed once, so that no listing delays a round's start
+
+    def one_round() -> None:
+        kids_before = _cpu_by_pid(kids)
+        mine_before = _cpu_s(me) or 0.0
+        started = time.perf_counter()
+        for _ in islice(batches, per_round):
+            pass
+        wall = time.perf_counter() - started
+        mine = (_cpu_s(me) or 0.0) - mine_before
+        kids_after = _cpu_by_pid(kids)
+        theirs = sum(kids_after[pid] - kids_before[pid] for pid in kids_after.keys() & kids_before.keys())
+        walls.append(wall)
+        consumer_cores.append(mine / wall)
+        total_cores.append((mine + theirs) / wall)
+
+    benchmark.group = workload.name
+    benchmark.pedantic(one_round, rounds=workloads.ROUNDS, iterations=1, warmup_rounds=0)
+    row = Row(
+        workload=workload.name,
+        system=system,
+        workers=workers,
+        unit=workload.unit,
+        values=[workload.rate(per_round, wall) for wall in walls],
+        consumer_cores=consumer_cores,
+        total_cores=total_cores,
+        batches_per_round=per_round,
+        variant=variant,
+        extra={**stream.info(), **(extra or {})},
+    )
+    benchmark.extra_info.update(
+        system=system,
+        workers=workers,
+        variant=variant,
+        unit=row.unit,
+        median=row.median,
+        batches_per_round=per_round,
+        consumer_cores=_median_or_none(consumer_cores),
+    )
+    return results.add(row)
+
+
+# --- the report -------------------------------------------------------------------------------------------
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _git_revision() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=BENCH_DIR, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    return {
+        "cores": len(os.sched_getaffinity(0)),
+        "cpu": _cpu_model(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "numpy": _version("numpy"),
+        "torch": _version("torch"),
+        "multiprocess": _version("multiprocess"),
+        "prefetch": f"{_version('prefetch')} (git {_git_revision()})",
+        "platform": platform.platform(),
+    }
+
+
+def settings(results: Results) -> dict[str, Any]:
+    """How the numbers were measured."""
+    return {
+        "quick": workloads.QUICK,
+        "rounds": workloads.ROUNDS,
+        "round_s": workloads.ROUND_S,
+        "warmup_s": workloads.WARMUP_S,
+        "cpu_work_ms_per_sample": round(workloads.CPU_REPS * workloads.REP_S * 1e3, 3),
+        "light_work_ms_per_sample": round(workloads.LIGHT_REPS * workloads.REP_S * 1e3, 3),
+        "blas_threads": {v: os.environ.get(v) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")},
+        "numpy_imported_before_thread_settings": results.numpy_imported_early,
+        "started": results.started.isoformat(timespec="seconds"),
+        "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "load_average_start": [round(x, 2) for x in results.load_at_start],
+        "load_average_end": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def render_json(results: Results) -> dict[str, Any]:
+    """Everything, every round included, for ``latest.json``."""
+    return {
+        "machine": machine(),
+        "settings": settings(results),
+        "rows": [row.to_dict() for row in results.rows],
+        "tables": results.tables,
+    }
+
+
+def _num(value: float) -> str:
+    if value >= 1000:
+        return f"{value:,.0f}"
+    if value >= 100:
+        return f"{value:.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    if value >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3g}"
+
+
+def _cores(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f}" if values else ""
+
+
+def _ratio(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}x"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table, less the columns that are empty in every row."""
+    keep = [i for i in range(len(header)) if any(row[i] for row in rows)]
+    header = [header[i] for i in keep]
+    rows = [[row[i] for i in keep] for row in rows]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return lines
+
+
+def _find(rows: list[Row], **want: Any) -> Row | None:
+    for row in rows:
+        if all(getattr(row, key) == value for key, value in want.items()):
+            return row
+    return None
+
+
+def _sort_key(row: Row) -> tuple[Any, ...]:
+    system = workloads.SYSTEMS.index(row.system) if row.system in workloads.SYSTEMS else len(workloads.SYSTEMS)
+    return (system, row.variant, row.workers if row.workers is not None else -1)
+
+
+def _rate_section(name: str, rows: list[Row]) -> list[str]:
+    """A throughput table: each row against the plain generator, torch at the same worker count, and the
+    workload's own reference (ideal scaling, memcpy, or the long epoch)."""
+    workload = workloads.WORKLOADS[name]
+    unit = rows[0].unit
+    rows = sorted(rows, key=_sort_key)
+    plain = _find(rows, system="plain")
+    memcpy = _find(rows, system="memcpy")
+    has_ideal = any("ideal" in row.extra for row in rows)
+    is_epochs = name == "epochs"
+    header = ["system", "workers"] + (["epochs"] if is_epochs else [])
+    header += [f"{unit} (median)", "min-max", "vs plain", "vs torch"]
+    header += ["% of ideal"] if has_ideal else []
+    header += ["of memcpy"] if memcpy is not None else []
+    header += ["short vs long"] if is_epochs else []
+    header += ["consumer cores", "all cores", "batches/round"]
+    body = []
+    for row in rows:
+        torch_row = _find(rows, system="torch", workers=row.workers, variant=row.variant)
+        cells = [SYSTEM_LABELS.get(row.system, row.system), "-" if row.workers is None else str(row.workers)]
+        cells += [row.variant] if is_epochs else []
+        cells += [_num(row.median), f"{_num(min(row.values))}-{_num(max(row.values))}"]
+        cells.append(_ratio(row.median / plain.median) if plain and row is not plain else "")
+        cells.append(_ratio(row.median / torch_row.median) if torch_row and row is not torch_row else "")
+        if has_ideal:
+            ideal = row.extra.get("ideal")
+            cells.append(f"{row.median / ideal:.0%}" if ideal else "")
+        if memcpy is not None:
+            cells.append(f"{row.median / memcpy.median:.0%}" if row is not memcpy else "")
+        if is_epochs:
+            long = _find(rows, system=row.system, workers=row.workers, variant=workloads.LONG_EPOCH_LABEL)
+            cells.append(_ratio(row.median / long.median) if long and row is not long else "")
+        cells.append(_cores(row.consumer_cores))
+        cells.append(_cores(row.total_cores))
+        cells.append(str(row.batches_per_round or ""))
+        body.append(cells)
+    return [f"### {workload.title} (`{name}`)", "", workload.about, "", *_table(header, body)]
+
+
+def _startup_section(rows: list[Row]) -> list[str]:
+    title, about = SECTION_TEXT["startup"]
+    body = []
+    for row in rows:
+        reference = _find(rows, system="torch", workers=row.workers, variant=row.variant)
+        vs_torch = _ratio(row.median / reference.median) if reference and row is not reference else ""
+        body.append(
+            [
+                SYSTEM_LABELS.get(row.system, row.system),
+                row.variant,
+                f"{row.median:.3f}",
+                f"{min(row.values):.3f}-{max(row.values):.3f}",
+                vs_torch,
+                str(len(row.values)),
+            ]
+        )
+    header = ["system", "measurement", "seconds (median)", "min-max", "time / torch's", "rounds"]
+    return [f"### {title}", "", about, "", *_table(header, body)]
+
+
+def _free_section(section: str, rows: list[dict[str, Any]]) -> list[str]:
+    title, about = SECTION_TEXT.get(section, (section, ""))
+    header = list(rows[0])
+    body = [[_cell(row.get(key)) for key in header] for row in rows]
+    return [f"### {title}", "", about, "", *_table(header, body)]
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return _num(value) if value >= 0 else f"-{_num(-value)}"
+    return str(value)
+
+
+def render_markdown(results: Results) -> str:
+    """The report: the machine, the settings, then one table per workload."""
+    info = machine()
+    setup = settings(results)
+    lines = ["# prefetch benchmarks", ""]
+    if workloads.QUICK:
+        lines += ["**QUICK MODE: a smoke run on tiny sizes, one round: the numbers mean nothing.**", ""]
+    lines += [
+        f"- machine: {info['cores']} usable cores, {info['cpu']}, {info['memory_gib']} GiB, {info['platform']}",
+        f"- versions: python {info['python']}, numpy {info['numpy']}, torch {info['torch']}, "
+        f"multiprocess {info['multiprocess']}, prefetch {info['prefetch']}",
+        f"- date: {setup['started']} to {setup['finished']} (UTC); load average at start "
+        f"{setup['load_average_start']}, at end {setup['load_average_end']}",
+        f"- method: {setup['rounds']} timed round(s) of ~{setup['round_s']} s each after a warm-up, median and "
+        f"min-max over rounds; BLAS threads {setup['blas_threads']}; cpu work {setup['cpu_work_ms_per_sample']} "
+        f"ms/sample, light work {setup['light_work_ms_per_sample']} ms/sample (calibrated)",
+        "- vs plain / vs torch: median throughput over the plain generator's / torch DataLoader's (numpy "
+        "collate) at the same worker count; consumer cores: the consuming process's CPU time over wall time; "
+        "all cores: the same with every child process (workers, coordinator) counted",
+    ]
+    if results.numpy_imported_early:
+        lines.append("- WARNING: numpy was imported before the BLAS thread settings; BLAS may be multithreaded")
+    by_workload: dict[str, list[Row]] = {}
+    for row in results.rows:
+        by_workload.setdefault(row.workload, []).append(row)
+    sections = [s for s in SECTION_ORDER if s in by_workload or s in results.tables]
+    sections += [s for s in [*by_workload, *results.tables] if s not in sections]
+    for section in sections:
+        lines.append("")
+        if section == "startup":
+            lines += _startup_section(by_workload[section])
+        elif section in by_workload:
+            lines += _rate_section(section, by_workload[section])
+        if section in results.tables:
+            if section in by_workload:
+                lines.append("")
+            lines += _free_section(section, results.tables[section])
+    return "\n".join(lines) + "\n"
