@@ -25,13 +25,18 @@ from . import _rng
 from ._channel import PipeReader, send
 from ._protocol import BatchFailed, BatchReady, FailureKind, Stop, Task, Timings
 from ._shm import SlotWriter
-from .collate import Alloc, collate_auto, collate_list, private_alloc
+from .collate import Alloc, StreamingStack, collate_auto, collate_list, private_alloc
 from .config import LoaderConfig
 from .errors import Failure
 
 # How often an idle worker checks that its coordinator is still alive.
 PARENT_CHECK_INTERVAL_MS = 250
 _PR_SET_PDEATHSIG = 1
+_PR_SET_TIMERSLACK = 29
+# Linux lets a timed wait (time.sleep, a poll with a timeout) overshoot by the thread's
+# timer slack, 50 us by default: 2.5 % of a 2 ms wait. Workers that wait on storage or a
+# network with timeouts should wake on time; the cost is a few more timer interrupts.
+WORKER_TIMER_SLACK_NS = 1000
 
 
 class BatchError(Exception):
@@ -77,6 +82,33 @@ def _collate_fn(config: LoaderConfig) -> Callable[[list[Any], Alloc], Any]:
     return lambda samples, alloc: user_collate(samples)
 
 
+def _transform_all(
+    config: LoaderConfig, samples: list[Any], indices: np.ndarray, alloc: Alloc
+) -> StreamingStack | None:
+    """Transform ``samples`` in place; with ``collate="auto"``, stack each into the batch as it
+    comes (``StreamingStack``) and return the stack, or None if the samples were kept instead."""
+    transform = config.transform
+    assert transform is not None
+    stack: StreamingStack | None = None
+    position = 0
+    try:
+        for position, sample in enumerate(samples):
+            sample = transform(sample)
+            if position == 0 and config.collate == "auto" and StreamingStack.accepts(sample):
+                stack = StreamingStack(sample, len(samples), alloc)
+            if stack is not None:
+                if stack.push(sample):
+                    samples[position] = None  # its memory is reused, still in cache, by the next sample
+                    continue
+                samples[:position] = stack.rows_as_samples()  # does not match: collate the usual way
+                stack = None
+            samples[position] = sample
+    except Exception as exc:
+        where = f"transform of sample {int(indices[position])}"
+        raise BatchError(Failure.capture(exc, where), exc) from exc
+    return stack
+
+
 def make_batch(config: LoaderConfig, indices: np.ndarray, alloc: Alloc = private_alloc) -> tuple[Any, _Clock]:
     """Batch ``indices``: load each sample, transform it, collate, then ``batch_transform``.
 
@@ -104,21 +136,18 @@ def make_batch(config: LoaderConfig, indices: np.ndarray, alloc: Alloc = private
             raise BatchError(Failure.capture(exc, f"loading sample {index}"), exc) from exc
         clock.load = time.perf_counter() - start
         start = time.perf_counter()
-        transform = config.transform
-        if transform is not None:
-            position = 0
-            try:
-                for position, sample in enumerate(samples):
-                    samples[position] = transform(sample)
-            except Exception as exc:
-                where = f"transform of sample {int(indices[position])}"
-                raise BatchError(Failure.capture(exc, where), exc) from exc
+        stacked = None
+        if config.transform is not None:
+            stacked = _transform_all(config, samples, indices, alloc)
             clock.transform = time.perf_counter() - start
             start = time.perf_counter()
-        try:
-            batch = _collate_fn(config)(samples, alloc)
-        except Exception as exc:
-            raise BatchError(Failure.capture(exc, f"collate of samples {indices.tolist()}"), exc) from exc
+        if stacked is not None:
+            batch = stacked.result()
+        else:
+            try:
+                batch = _collate_fn(config)(samples, alloc)
+            except Exception as exc:
+                raise BatchError(Failure.capture(exc, f"collate of samples {indices.tolist()}"), exc) from exc
         clock.collate = time.perf_counter() - start
     if config.batch_transform is not None:
         start = time.perf_counter()
@@ -160,21 +189,25 @@ def run_task(config: LoaderConfig, writer: SlotWriter, task: Task) -> BatchReady
     return BatchReady(task.batch, task.slot, written.segment, written.payload, written.buffers, timings, os.getpid())
 
 
-def batch_scheduling() -> None:
-    """Run this process under Linux's SCHED_BATCH policy: it then does not preempt the
-    training loop each time a message wakes it, which on a machine with few cores costs
-    the consumer more than the message itself."""
+def batch_scheduling(enabled: bool = True) -> None:
+    """Run this process under Linux's SCHED_BATCH policy (or back under the normal one):
+    the coordinator then does not preempt the training loop each time a message wakes it,
+    which on a machine with few cores costs the consumer more than the message itself.
+    Workers go back to the normal policy: a worker waking from I/O should run at once."""
     try:
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+        policy = os.SCHED_BATCH if enabled else os.SCHED_OTHER
+        os.sched_setscheduler(0, policy, os.sched_param(0))
     except (AttributeError, OSError):  # pragma: no cover - not Linux
         pass
 
 
 def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when its parent (the coordinator) dies."""
+    """Ask Linux to SIGKILL this process when its parent (the coordinator) dies, and to
+    keep timed waits short (``WORKER_TIMER_SLACK_NS``)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        libc.prctl(_PR_SET_TIMERSLACK, WORKER_TIMER_SLACK_NS)
     except (OSError, AttributeError):  # pragma: no cover - not Linux: the poll below still works
         pass
 
@@ -183,6 +216,7 @@ def worker_main(tasks: Any, results: Any, config: LoaderConfig, prefix: str, par
     """A worker process's life: tasks in, results out, until told to stop or orphaned."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the consumer's to handle
     _die_with_parent()
+    batch_scheduling(enabled=False)  # the coordinator's policy is inherited: undo it
     writer = SlotWriter(prefix)
     inbox = PipeReader(tasks)
     poller = select.poll()

@@ -2,7 +2,10 @@
 
 ``collate_auto`` stacks numpy arrays, numpy scalars and Python numbers into one
 array per field, recursing into tuples, namedtuples and dicts (the container type
-is kept); anything else (strings, None, lists, objects) becomes a list.
+is kept); anything else (strings, None, lists, objects) becomes a list. The arrays
+of one field must agree in shape and dtype (a batch's dtype must not depend on
+which samples it drew); when they do not, the error lists which positions of the
+batch have which shape or dtype.
 ``collate_list`` gives the seed generator's lists: a list of samples, or a tuple
 of lists when samples are tuples such as ``(x, y)``.
 
@@ -32,27 +35,75 @@ def _is_stackable(value: Any) -> bool:
     return isinstance(value, numbers.Number) and not isinstance(value, (str, bytes))
 
 
+# How many positions an error message lists per group before it abbreviates.
+_POSITIONS_SHOWN = 8
+
+
+def _groups(samples: Sequence[Any], describe: Callable[[Any], str]) -> str:
+    """'(3,) at positions [0, 1, 2]; (4,) at position [3]': which samples of a batch have what."""
+    where: dict[str, list[int]] = {}
+    for position, sample in enumerate(samples):
+        where.setdefault(describe(sample), []).append(position)
+    parts = []
+    for what, positions in where.items():
+        shown = ", ".join(map(str, positions[:_POSITIONS_SHOWN]))
+        more = f", ... ({len(positions)} in all)" if len(positions) > _POSITIONS_SHOWN else ""
+        parts.append(f"{what} at position{'s' if len(positions) > 1 else ''} [{shown}{more}]")
+    return "; ".join(parts)
+
+
+# Positions count from 0 in the batch; the note prefetch adds to the error lists the batch's
+# sample indices in the same order, so position p is the p-th index there.
+_WHERE = "positions in the batch; the note below lists the batch's sample indices in the same order"
+
+
+def _shape_of(sample: Any) -> str:
+    return str(sample.shape) if isinstance(sample, np.ndarray) else f"a {type(sample).__name__} (not an array)"
+
+
+def _stack_numbers(samples: Sequence[Any], alloc: Alloc, field: str) -> np.ndarray:
+    """Python numbers and numpy scalars: one small array (mixed ints and floats promote, as in numpy)."""
+    try:
+        values = np.asarray(samples)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(
+            f"cannot stack{field} into one array: the samples are {_groups(samples, _kind_of)} ({_WHERE}); "
+            "make every sample of this field the same kind, or pass collate='list' or a collate function"
+        ) from exc
+    if values.dtype.kind in "USV":  # a string among numbers would silently turn every number into text
+        raise ValueError(
+            f"cannot stack{field} into one array: numbers and text are mixed: {_groups(samples, _kind_of)} "
+            f"({_WHERE}); make every sample of this field a number, or pass collate='list'"
+        )
+    if values.dtype.hasobject or values.ndim != 1:
+        return values
+    out = alloc(values.shape, values.dtype)
+    out[...] = values
+    return out
+
+
+def _kind_of(sample: Any) -> str:
+    return type(sample).__name__
+
+
 def _stack(samples: Sequence[Any], alloc: Alloc, field: str) -> np.ndarray:
     first = samples[0]
     if not isinstance(first, np.ndarray):
-        values = np.asarray(samples)  # Python numbers and numpy scalars: one small array
-        if values.dtype.hasobject or values.ndim != 1:
-            return values
-        out = alloc(values.shape, values.dtype)
-        out[...] = values
-        return out
+        return _stack_numbers(samples, alloc, field)
     shape = first.shape
     dtype = first.dtype
-    for position, sample in enumerate(samples):
+    for sample in samples:
         if not isinstance(sample, np.ndarray) or sample.shape != shape:
-            got = getattr(sample, "shape", type(sample).__name__)
             raise ValueError(
-                f"cannot stack{field} into one array: sample {position} of the batch has shape {got}, "
-                f"sample 0 has {shape}; make the transform return equal shapes, or pass collate='list' "
-                "or a collate function"
+                f"cannot stack{field} into one array: the samples' shapes differ: {_groups(samples, _shape_of)} "
+                f"({_WHERE}); make the transform return equal shapes, or pass collate='list' or a collate function"
             )
         if sample.dtype != dtype:
-            dtype = np.result_type(dtype, sample.dtype)
+            raise ValueError(
+                f"cannot stack{field} into one array: the samples' dtypes differ: "
+                f"{_groups(samples, lambda s: str(s.dtype))} ({_WHERE}); make the transform return one dtype "
+                f"(e.g. x.astype({str(dtype)!r})), or pass collate='list' or a collate function"
+            )
     if dtype.hasobject:
         return np.stack(samples)
     out = alloc((len(samples), *shape), dtype)
@@ -71,8 +122,9 @@ def collate_auto(samples: Sequence[Any], alloc: Alloc = private_alloc, field: st
         for position, sample in enumerate(samples):
             if not isinstance(sample, tuple) or len(sample) != width:
                 raise ValueError(
-                    f"cannot collate{field}: sample {position} of the batch is {type(sample).__name__} of "
-                    f"length {len(sample) if hasattr(sample, '__len__') else '?'}, sample 0 a tuple of {width}"
+                    f"cannot collate{field}: the sample at position {position} of the batch is a "
+                    f"{type(sample).__name__} of length {len(sample) if hasattr(sample, '__len__') else '?'}, the one "
+                    f"at position 0 a tuple of {width} ({_WHERE})"
                 )
         fields = [collate_auto([s[i] for s in samples], alloc, f"{field}[{i}]") for i in range(width)]
         if hasattr(first, "_fields"):  # namedtuple
@@ -103,3 +155,70 @@ def collate_list(samples: Sequence[Any], alloc: Alloc = private_alloc) -> Any:
     if isinstance(first, tuple) and not hasattr(first, "_fields"):
         return tuple([s[i] for s in samples] for i in range(len(first)))
     return list(samples)
+
+
+class StreamingStack:
+    """``collate_auto`` done one sample at a time, for samples that are an array or a plain tuple
+    of arrays and numbers: each transformed sample is copied into the batch while it is still in
+    the CPU's cache, instead of after the whole batch is transformed (for large images that saves
+    a round trip through memory per sample). ``push`` refuses a sample that does not match the
+    first; the caller then falls back to ``collate_auto`` over ``rows_as_samples()`` and the rest,
+    so the result -- or the error -- is exactly ``collate_auto``'s.
+    """
+
+    def __init__(self, first: Any, count: int, alloc: Alloc):
+        self.is_tuple = type(first) is tuple
+        leaves = first if self.is_tuple else (first,)
+        self.outs: list[np.ndarray | list[Any]] = [
+            alloc((count, *leaf.shape), leaf.dtype) if type(leaf) is np.ndarray else [] for leaf in leaves
+        ]
+        self.alloc = alloc
+        self.rows = 0
+
+    @staticmethod
+    def accepts(first: Any) -> bool:
+        """Whether a batch whose first sample is ``first`` can be stacked as it goes."""
+        leaves = first if type(first) is tuple else (first,)
+        if type(first) is not tuple and type(first) is not np.ndarray:
+            return False
+        return bool(leaves) and all(
+            (type(leaf) is np.ndarray and not leaf.dtype.hasobject) or _is_number(leaf) for leaf in leaves
+        )
+
+    def push(self, sample: Any) -> bool:
+        """Write ``sample`` as the next row; False, writing nothing, if it does not match the first."""
+        if self.is_tuple:
+            if type(sample) is not tuple or len(sample) != len(self.outs):
+                return False
+            leaves = sample
+        else:
+            leaves = (sample,)
+        for leaf, out in zip(leaves, self.outs, strict=True):
+            if isinstance(out, list):
+                if not _is_number(leaf):
+                    return False
+            elif type(leaf) is not np.ndarray or leaf.shape != out.shape[1:] or leaf.dtype != out.dtype:
+                return False
+        for leaf, out in zip(leaves, self.outs, strict=True):
+            if isinstance(out, list):
+                out.append(leaf)
+            else:
+                out[self.rows] = leaf
+        self.rows += 1
+        return True
+
+    def _row(self, i: int) -> Any:
+        leaves = tuple(out[i] for out in self.outs)
+        return leaves if self.is_tuple else leaves[0]
+
+    def rows_as_samples(self) -> list[Any]:
+        """The samples pushed so far (array leaves as views of their row)."""
+        return [self._row(i) for i in range(self.rows)]
+
+    def result(self) -> Any:
+        parts = [collate_auto(out, self.alloc) if isinstance(out, list) else out for out in self.outs]
+        return tuple(parts) if self.is_tuple else parts[0]
+
+
+def _is_number(value: Any) -> bool:
+    return _is_stackable(value) and not isinstance(value, np.ndarray)
