@@ -201,6 +201,28 @@ def batch_scheduling(enabled: bool = True) -> None:
         pass
 
 
+# The environment variables the common BLAS and OpenMP runtimes read when they start.
+THREAD_ENV_VARS = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+)
+
+
+def limit_threads() -> None:
+    """One BLAS/OpenMP thread per worker, so N workers do not oversubscribe the cores: for the
+    runtimes already loaded (threadpoolctl) and for those a transform loads later (environment)."""
+    for name in THREAD_ENV_VARS:
+        os.environ[name] = "1"
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - a dependency; only the environment then
+        return
+    threadpool_limits(1)
+
+
 def _die_with_parent() -> None:
     """Ask Linux to SIGKILL this process when its parent (the coordinator) dies, and to
     keep timed waits short (``WORKER_TIMER_SLACK_NS``)."""
@@ -217,6 +239,8 @@ def worker_main(tasks: Any, results: Any, config: LoaderConfig, prefix: str, par
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the consumer's to handle
     _die_with_parent()
     batch_scheduling(enabled=False)  # the coordinator's policy is inherited: undo it
+    if config.limit_threads:
+        limit_threads()
     writer = SlotWriter(prefix)
     inbox = PipeReader(tasks)
     poller = select.poll()

@@ -50,13 +50,14 @@ class LoaderConfig:
     start_method: str | None
     timeout: float | None
     retries: int
+    limit_threads: bool = True
 
     @property
     def credit_step(self) -> int:
-        """Credits the consumer returns per ``Consumed`` message. Half the window's slack
-        beyond one batch per worker: the coordinator wakes less often than once per batch,
-        yet every worker always has its next task queued."""
-        return max(1, (self.prefetch - self.workers) // 2)
+        """Credits the consumer returns per ``Consumed`` message: an eighth of the window's
+        slack beyond one batch per worker. The coordinator wakes less often than once per
+        batch when the window is deep, while credits held back never leave a worker idle."""
+        return max(1, (self.prefetch - self.workers) // 8)
 
     @property
     def max_slots(self) -> int:
@@ -126,15 +127,14 @@ def _check_sources(sources: tuple[Any, ...]) -> None:
             raise TypeError(
                 f"source {position} must be a map-style sequence (with __len__ and integer __getitem__: "
                 f"a list, tuple, numpy array or memmap); got {type(source).__name__}. An iterator or "
-                "generator cannot be indexed or shuffled: wrap its items in a list, or use "
-                "prefetch.background() for an existing generator"
+                "generator cannot be indexed or shuffled: collect its items first, e.g. list(it) or np.stack(list(it))"
             )
     lengths = [len(source) for source in sources]
     if lengths[0] == 0:
-        raise ValueError("source 0 is empty: there is nothing to load")
+        raise ValueError("the sources are empty (length 0): there is nothing to load; pass at least one sample")
     if len(set(lengths)) > 1:
         shown = ", ".join(f"source {i} has {n}" for i, n in enumerate(lengths))
-        raise ValueError(f"all sources must have the same length; {shown}")
+        raise ValueError(f"all sources must have the same length (sample i is source[i] of each); got {shown}")
 
 
 def make_config(
@@ -155,13 +155,14 @@ def make_config(
     start_method: Any = None,
     timeout: Any = None,
     retries: Any = 1,
+    limit_threads: Any = True,
 ) -> LoaderConfig:
     """Validate the user's arguments and return the loader's configuration."""
     _check_sources(sources)
     n = len(sources[0])
     batch_size = _need_int("batch_size", batch_size, 1, ">= 1")
     if not isinstance(shuffle, bool):
-        raise TypeError(f"shuffle must be True or False; got {shuffle!r}")
+        raise TypeError(f"shuffle must be True or False; got {shuffle!r} ({type(shuffle).__name__})")
     if seed is None:
         import secrets
 
@@ -173,7 +174,10 @@ def make_config(
         raise ValueError(f"last_batch must be one of {', '.join(map(repr, LAST_BATCH_MODES))}; got {last_batch!r}")
     world_size = _need_int("world_size", world_size, 1, ">= 1")
     if world_size > n:
-        raise ValueError(f"world_size={world_size} is larger than the data ({n} samples): some ranks would get none")
+        raise ValueError(
+            f"world_size={world_size} is larger than the data ({n} samples): some ranks would get none; "
+            f"world_size must be between 1 and {n}"
+        )
     rank = _need_int("rank", rank, 0, f"in [0, world_size={world_size})")
     if rank >= world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}); got {rank}")
@@ -195,11 +199,15 @@ def make_config(
         raise ValueError(f"start_method must be None or one of {accepted} on this platform; got {start_method!r}")
     if timeout is not None:
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-            raise TypeError(f"timeout must be a number of seconds > 0 or None; got {timeout!r}")
+            raise TypeError(
+                f"timeout must be a number of seconds > 0 or None; got {timeout!r} ({type(timeout).__name__})"
+            )
         if not (math.isfinite(timeout) and timeout > 0):
             raise ValueError(f"timeout must be a finite number of seconds > 0 or None; got {timeout!r}")
         timeout = float(timeout)
     retries = _need_int("retries", retries, 0, ">= 0 (times a batch is redone after its worker died)")
+    if not isinstance(limit_threads, bool):
+        raise TypeError(f"limit_threads must be True or False; got {limit_threads!r}")
     return LoaderConfig(
         sources=tuple(sources),
         batch_size=batch_size,
@@ -217,4 +225,5 @@ def make_config(
         start_method=start_method,
         timeout=timeout,
         retries=retries,
+        limit_threads=limit_threads,
     )

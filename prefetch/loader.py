@@ -88,6 +88,7 @@ class Loader:
         start_method: str | None = None,
         timeout: float | None = None,
         retries: int = 1,
+        limit_threads: bool = True,
     ):
         self._config: LoaderConfig = make_config(
             sources,
@@ -106,6 +107,7 @@ class Loader:
             start_method=start_method,
             timeout=timeout,
             retries=retries,
+            limit_threads=limit_threads,
         )
         self._order = self._config.order()
         self._position = 0
@@ -206,6 +208,9 @@ class Loader:
 
         if self._config.workers == 0:
             return InlineEngine(self._config, self._position)
+        from .doctor import preflight
+
+        preflight(self._config)  # fails fast on a full /dev/shm; warns about threads before fork, ...
         return ProcessEngine(self._config, self._position)
 
     # --- state --------------------------------------------------------------------------

@@ -320,3 +320,48 @@ def all_gone(pids, consumer_pid: int | None = None):
 
     gone.__doc__ = f"processes {list(pids)} gone and no segment of consumer {consumer_pid} left"
     return gone
+
+
+class DieWhenTold:
+    """A ``transform`` of ``(x, index)`` samples that, the first time it meets sample ``index``, waits
+    until the file ``go`` exists, then kills its own process (``marker`` makes it happen once)."""
+
+    def __init__(self, index: int, go: str, marker: str):
+        self.index = index
+        self.go = go
+        self.marker = marker
+
+    def __call__(self, sample):
+        x, y = sample
+        if int(y) == self.index and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            wait_until(lambda: os.path.exists(self.go), timeout_s=10)
+            os.kill(os.getpid(), 9)
+        return x, y
+
+
+class NeedsTwoArguments(Exception):
+    """Pickles, but cannot be rebuilt: unpickling calls ``NeedsTwoArguments(message)``, one argument short."""
+
+    def __init__(self, index: int, why: str):
+        super().__init__(f"sample {index} is {why}")
+
+
+class RaiseUnrebuildable:
+    """A ``transform`` of ``(x, index)`` samples that raises ``NeedsTwoArguments`` at sample ``index``."""
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def __call__(self, sample):
+        if int(sample[1]) == self.index:
+            raise NeedsTwoArguments(self.index, "bad")
+        return sample
+
+
+def blas_threads(sample):
+    """The BLAS/OpenMP thread counts the transform runs with (as an array the loader can stack)."""
+    from threadpoolctl import threadpool_info
+
+    counts = [info["num_threads"] for info in threadpool_info()] or [1]
+    return np.array([max(counts), int(os.environ.get("OMP_NUM_THREADS", "0"))])

@@ -103,3 +103,16 @@ def test_non_contiguous_and_object_arrays_from_a_batch_transform():
         expected, _ = next(iter(loader))
     np.testing.assert_array_equal(strided, expected)
     assert objects.dtype == object and objects[1] is None
+
+
+def test_workers_run_one_blas_thread_unless_told_otherwise():
+    from helpers import blas_threads
+
+    with prefetch.Loader(np.zeros((8, 2)), batch_size=4, workers=1, transform=blas_threads) as loader:
+        limited = next(iter(loader))
+    assert limited[:, 0].max() == 1 and limited[:, 1].max() == 1
+    with prefetch.Loader(np.zeros((8, 2)), batch_size=4, workers=1, transform=blas_threads, limit_threads=False) as loader:
+        free = next(iter(loader))
+    import os
+
+    assert free[0, 1] == int(os.environ.get("OMP_NUM_THREADS", "0"))
