@@ -12,11 +12,14 @@ See ``docs/design.md`` for how it works.
 
 from ._rng import batch_rng
 from .collate import collate_auto, collate_list
+from .doctor import doctor
 from .errors import (
     CoordinatorDiedError,
     LoaderClosedError,
     PrefetchError,
+    PrefetchWarning,
     RemoteError,
+    ShmSpaceError,
     WorkerDiedError,
     WorkerError,
     WorkerTimeoutError,
@@ -32,8 +35,10 @@ __all__ = [
     "Loader",
     "LoaderClosedError",
     "PrefetchError",
+    "PrefetchWarning",
     "ProfileReport",
     "RemoteError",
+    "ShmSpaceError",
     "Stats",
     "WorkerDiedError",
     "WorkerError",
@@ -42,5 +47,6 @@ __all__ = [
     "collate_auto",
     "collate_list",
     "data_generator",
+    "doctor",
     "profile",
 ]

@@ -1,4 +1,4 @@
-"""Command line: ``python -m prefetch demo``."""
+"""Command line: ``python -m prefetch demo``, ``python -m prefetch doctor``, ``python -m prefetch profile``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m prefetch", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("demo", help="the seed's example, then a CPU-heavy pipeline timed against the plain generator")
+    commands.add_parser("doctor", help="check /dev/shm space, the open-files limit and threads: what can go wrong")
     sweep = commands.add_parser("profile", help="sweep worker counts on your pipeline: module:factory(workers=N)")
     sweep.add_argument("factory", help="module:function returning a prefetch.Loader for a `workers` keyword")
     sweep.add_argument("--workers", default="0,1,2,4", help="comma-separated worker counts (default 0,1,2,4)")
@@ -23,6 +24,12 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, os.getcwd())
         counts = [int(w) for w in args.workers.split(",") if w.strip()]
         print(profile(load_factory(args.factory), workers=counts, batches=args.batches))
+    if args.command == "doctor":
+        from .doctor import doctor
+
+        report = doctor()
+        print(report)
+        return 0 if report.ok else 1
     if args.command == "demo":
         from .demo import main as demo
 

@@ -17,12 +17,16 @@ same pipeline, restoring the caller's global random state after each batch.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import secrets
 import selectors
+import signal
+import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -38,6 +42,7 @@ from ._protocol import (
     BatchReady,
     Consumed,
     CoordinatorFailed,
+    CoordinatorReady,
     FailureKind,
     Lost,
     SegmentRef,
@@ -71,6 +76,21 @@ def close_all_engines() -> None:
 # atexit runs hooks last-in, first-out: ours runs before multiprocess's own, which
 # would otherwise wait forever for a coordinator nobody told to stop.
 atexit.register(close_all_engines)
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """Ignore SIGINT while a child starts: a spawned interpreter inherits the disposition, so a
+    Ctrl-C during its start-up does not print a second traceback from the child. (Only the main
+    thread may change signal handlers; elsewhere this does nothing.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class _Leases:
@@ -146,6 +166,7 @@ class ProcessEngine:
         self.released = self.leases.released
         self.recorder = StatsRecorder()
         self.closed = False
+        self.coordinator_ready = False  # until it says its workers are started
         remove_stale_segments()
         self.prefix = new_prefix(secrets.token_hex(4))
         ctx = multiprocess.get_context(config.start_method)
@@ -159,7 +180,8 @@ class ProcessEngine:
             name="prefetch-coordinator",
         )
         try:
-            self.process.start()
+            with _sigint_ignored():  # a Ctrl-C while it boots is the consumer's alone
+                self.process.start()
         except BaseException:
             unlink_prefix(self.prefix)
             raise
@@ -218,6 +240,8 @@ class ProcessEngine:
             self.recorder.restarts += 1
             missing = tuple((b, s) for b, s in message.tasks if b >= self.position and b not in self.ready)
             self._tell(Lost(message.pid, message.exitcode, missing))
+        elif isinstance(message, CoordinatorReady):
+            self.coordinator_ready = True
         elif isinstance(message, CoordinatorFailed):
             raise CoordinatorDiedError("the coordinator process failed:\n" + message.traceback)
 
@@ -227,7 +251,7 @@ class ProcessEngine:
         """Block until ``batch`` is in the reorder buffer; return the seconds waited."""
         started = time.perf_counter()
         timeout_s = self.config.timeout
-        deadline = None if timeout_s is None else started + timeout_s
+        deadline = None if timeout_s is None or not self.coordinator_ready else started + timeout_s
         while batch not in self.ready:
             timeout = (
                 COORDINATOR_POLL_S
@@ -237,6 +261,8 @@ class ProcessEngine:
             events = self.selector.select(timeout)
             if not self._drain() and events and not self.process.is_alive():
                 self._coordinator_died()
+            if deadline is None and timeout_s is not None and self.coordinator_ready:
+                deadline = time.perf_counter() + timeout_s  # its start-up does not count against a batch
             if deadline is not None and timeout_s is not None and time.perf_counter() >= deadline:
                 if batch not in self.ready:
                     self._tell(TimedOut(batch))

@@ -43,6 +43,7 @@ from ._protocol import (
     BatchFailed,
     Consumed,
     CoordinatorFailed,
+    CoordinatorReady,
     FailureKind,
     Lost,
     SegmentRef,
@@ -257,6 +258,7 @@ class Coordinator:
         """The event loop: dispatch, wait for the consumer or a worker's death, react; until stopped."""
         for _ in range(self.config.workers):
             self._start_worker()
+        send(self.results, CoordinatorReady(os.getpid()), self.prefix)
         next_parent_check = time.monotonic() + PARENT_CHECK_INTERVAL_S
         while True:
             self._dispatch()

@@ -7,7 +7,7 @@ a message: it is in a shared-memory slot (``_shm``). The pipes, and who writes w
     control  consumer -> coordinator      Consumed, Lost, TimedOut, Stop
     tasks    coordinator -> one worker    Task, Stop
     results  workers -> consumer          BatchReady, BatchFailed
-             coordinator -> consumer      WorkerLost, BatchFailed, CoordinatorFailed
+             coordinator -> consumer      CoordinatorReady, WorkerLost, BatchFailed, CoordinatorFailed
 
 The results pipe has many writers and one reader. Each message goes in one
 ``write`` of at most ``PIPE_BUF`` bytes, which POSIX makes atomic (``_channel``), so
@@ -109,6 +109,12 @@ class WorkerLost(NamedTuple):
     tasks: tuple[tuple[int, int], ...]
 
 
+class CoordinatorReady(NamedTuple):
+    """Coordinator -> consumer: its workers are started (``timeout`` clocks start from here)."""
+
+    pid: int
+
+
 class CoordinatorFailed(NamedTuple):
     """Coordinator -> consumer: the coordinator itself failed; ``traceback`` says where."""
 
@@ -152,7 +158,19 @@ class Stop(NamedTuple):
     """Consumer -> coordinator, coordinator -> worker: shut down now."""
 
 
-Message = Task | BatchReady | BatchFailed | WorkerLost | CoordinatorFailed | Spilled | Consumed | Lost | TimedOut | Stop
+Message = (
+    Task
+    | BatchReady
+    | BatchFailed
+    | WorkerLost
+    | CoordinatorReady
+    | CoordinatorFailed
+    | Spilled
+    | Consumed
+    | Lost
+    | TimedOut
+    | Stop
+)
 
 
 def encode(message: Message) -> bytes:

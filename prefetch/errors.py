@@ -16,6 +16,11 @@ batch, the sample index and the worker. Everything the engine itself reports is 
     consumer (unpicklable); its type name, text and traceback are kept.
 
 * ``CoordinatorDiedError`` -- the coordinator process died or failed.
+* ``ShmSpaceError`` -- the pre-flight check found too little room in ``/dev/shm`` for the
+  loader's batches (also an ``OSError``).
+
+``PrefetchWarning`` is what the pre-flight check warns with (threads before fork, large
+Python-object sources, a low open-files limit): see ``prefetch.doctor``.
 """
 
 from __future__ import annotations
@@ -35,6 +40,14 @@ class LoaderClosedError(PrefetchError, RuntimeError):
 
 class CoordinatorDiedError(PrefetchError):
     """Raised when the coordinator process died or failed; the loader cannot go on."""
+
+
+class ShmSpaceError(PrefetchError, OSError):
+    """Raised when a loader starts and ``/dev/shm`` cannot hold ``prefetch`` of its batches."""
+
+
+class PrefetchWarning(UserWarning):
+    """Warned by the pre-flight check when a loader starts: it will run, but something may go wrong."""
 
 
 class WorkerError(PrefetchError):
@@ -140,7 +153,10 @@ def describe_exit(exitcode: int | None) -> str:
     if exitcode is None:
         return "is still running"
     if exitcode >= 0:
-        return f"exited with code {exitcode}"
+        return (
+            f"exited with code {exitcode}: something in it called sys.exit() or os._exit() "
+            "(user code, or a library giving up)"
+        )
     try:
         name = signal.Signals(-exitcode).name
     except ValueError:

@@ -33,6 +33,14 @@ def _segments() -> set[str]:
     return {name for name in os.listdir(SHM_DIR) if name.startswith(mine)}
 
 
+def pytest_configure(config):
+    # pytest-timeout (timeout_method = "thread") runs a timer thread during every test: the
+    # pre-flight check rightly warns about threads before fork, but not about that one.
+    config.addinivalue_line(
+        "filterwarnings", r"ignore:1 more thread running in this process \('pytest_timeout:prefetch.PrefetchWarning"
+    )
+
+
 @pytest.fixture(autouse=True)
 def no_leaks():
     """Fail a test that leaves a child process or a new /dev/shm segment behind."""

@@ -365,3 +365,37 @@ def blas_threads(sample):
 
     counts = [info["num_threads"] for info in threadpool_info()] or [1]
     return np.array([max(counts), int(os.environ.get("OMP_NUM_THREADS", "0"))])
+
+
+class SlowToStart:
+    """A source of ``n`` numbers whose unpickling takes ``delay_s``: under spawn or forkserver, the
+    coordinator (which unpickles the sources before anything else) starts that much later."""
+
+    def __init__(self, n: int, delay_s: float):
+        self.n = n
+        self.delay_s = delay_s
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+    def __setstate__(self, state: dict) -> None:
+        import time
+
+        self.__dict__.update(state)
+        time.sleep(self.delay_s)
+
+
+class RaiseLong:
+    """A ``transform`` of ``(x, index)`` samples that raises ``BadSample`` with a ``length``-character message."""
+
+    def __init__(self, index: int, length: int):
+        self.index = index
+        self.length = length
+
+    def __call__(self, sample):
+        if int(sample[1]) == self.index:
+            raise BadSample("x" * self.length)
+        return sample

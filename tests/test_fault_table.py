@@ -13,26 +13,42 @@ A row is ``(fault, stage, start method)``. The fault strikes when a batch touche
   seconds, and the hung worker killed.
 
 The autouse ``no_leaks`` fixture (conftest) checks after every row that no child process and no
-``/dev/shm`` segment is left.
+``/dev/shm`` segment is left. After the table: the ``retries`` option, workers killed from outside
+(the OOM killer), exceptions too large for one pipe write, and races made deterministic.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import time
 
 import numpy as np
 import pytest
-from helpers import DEATHS, STAGES, BadSample, Fault, alive, faulty_pipeline, fingerprint, wait_until
+from helpers import (
+    DEATHS,
+    STAGES,
+    BadSample,
+    DieWhenTold,
+    Fault,
+    RaiseLong,
+    RaiseUnrebuildable,
+    SlowToStart,
+    alive,
+    faulty_pipeline,
+    fingerprint,
+)
 
 import prefetch
+from prefetch._coordinator import Coordinator
 from prefetch.order import Order
 
 START_METHODS = ("fork", "spawn")
 N = 24
 BATCH_SIZE = 4
 SEED = 8
-BAD = 13  # the sample the fault strikes at
+BAD = 15  # the sample the fault strikes at: in batch 3 of SEED's order, after batches that go well
 DATA = np.arange(N * 3, dtype=np.float32).reshape(N, 3)
 WORKERS = 2
 TIMEOUT_S = 1.0
@@ -77,6 +93,10 @@ def first_error(stage: str, fault: Fault, **options) -> tuple[BaseException, flo
                 return exc, time.monotonic() - started
 
 
+def test_the_fault_strikes_after_good_batches():
+    assert bad_batch() == 3
+
+
 def notes(exc: BaseException) -> str:
     return "\n".join(getattr(exc, "__notes__", []))
 
@@ -110,6 +130,23 @@ def test_unpicklable_exception_arrives_as_a_readable_remote_error(stage, start_m
 
 
 @pytest.mark.parametrize("start_method", START_METHODS)
+def test_an_exception_whose_class_cannot_be_rebuilt_arrives_as_a_remote_error(start_method):
+    sources, options = faulty_pipeline("transform", DATA, None)
+    options["transform"] = RaiseUnrebuildable(BAD)
+    with (
+        prefetch.Loader(
+            *sources, batch_size=BATCH_SIZE, seed=SEED, workers=WORKERS, start_method=start_method, **options
+        ) as loader,
+        pytest.raises(prefetch.RemoteError) as info,
+    ):
+        list(zip(range(10), loader))
+    exc = info.value
+    assert exc.type_name == "NeedsTwoArguments" and f"NeedsTwoArguments: sample {BAD} is bad" in str(exc)
+    assert exc.batch == bad_batch() and BAD in exc.indices
+    assert "NeedsTwoArguments" in str(exc.__cause__) and "in __call__" in str(exc.__cause__)
+
+
+@pytest.mark.parametrize("start_method", START_METHODS)
 @pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize("death", list(DEATHS))
 def test_a_death_once_is_recovered_byte_identically(tmp_path, death, stage, start_method):
@@ -135,20 +172,66 @@ def test_a_poison_sample_raises_worker_died_naming_pid_batch_and_cause(death, st
         assert "OOM" in text
     if death == "sigsegv":
         assert "C extension" in text
+    if death in ("sys_exit", "os_exit"):
+        assert "sys.exit() or os._exit()" in text
     assert waited < DEATH_REPORT_S
 
 
 @pytest.mark.parametrize("start_method", START_METHODS)
 @pytest.mark.parametrize("stage", STAGES)
 def test_a_hung_worker_times_out_and_is_killed(stage, start_method):
-    exc, waited = first_error(
-        stage, Fault(BAD, "hang"), workers=WORKERS, start_method=start_method, timeout=TIMEOUT_S
-    )
+    exc, waited = first_error(stage, Fault(BAD, "hang"), workers=WORKERS, start_method=start_method, timeout=TIMEOUT_S)
     assert isinstance(exc, prefetch.WorkerTimeoutError) and isinstance(exc, TimeoutError), repr(exc)
     assert exc.batch == bad_batch() and BAD in exc.indices
     assert f"pid {exc.pid}" in str(exc) and f"batch {exc.batch}" in str(exc)
     assert TIMEOUT_S * 0.9 <= waited < TIMEOUT_S + 2.0
     assert exc.pid is not None and not alive(exc.pid)  # killed (and reaped) before the error was raised
+
+
+@pytest.mark.parametrize("start_method", START_METHODS)
+def test_workers_killed_from_outside_are_replaced_and_the_output_is_unchanged(start_method):
+    """What the OOM killer does: SIGKILL to a worker at any moment, here three times during a run."""
+    sources, options = faulty_pipeline("transform", DATA, None)
+    options.update(batch_size=BATCH_SIZE, epochs=4, seed=SEED)
+    with prefetch.Loader(*sources, workers=0, **options) as loader:
+        expected = [fingerprint(batch) for batch in loader]
+    got = []
+    with prefetch.Loader(*sources, workers=WORKERS, start_method=start_method, **options) as loader:
+        for number, batch in enumerate(loader):
+            got.append(fingerprint(batch))
+            if number in (1, 7, 15):
+                engine = loader._running.engine
+                assert engine is not None
+                os.kill(engine.worker_pids()[0], signal.SIGKILL)
+        assert loader.stats().restarts >= 1
+    assert got == expected
+
+
+def test_a_long_error_message_and_traceback_arrive_whole():
+    """More than a pipe's atomic write: the failure travels through a spill file, which is then removed."""
+    sources, options = faulty_pipeline("transform", DATA, None)
+    options["transform"] = RaiseLong(BAD, 200_000)
+    with (
+        prefetch.Loader(*sources, batch_size=BATCH_SIZE, seed=SEED, workers=WORKERS, **options) as loader,
+        pytest.raises(BadSample) as info,
+    ):
+        list(loader)
+    assert str(info.value) == "x" * 200_000
+    assert f"sample {BAD}" in notes(info.value)
+
+
+def test_timeout_does_not_count_the_coordinators_start_up():
+    """The contract: ``timeout`` is the seconds one batch may take *in a worker*. Starting the engine is not that."""
+    with prefetch.Loader(
+        SlowToStart(16, delay_s=2 * TIMEOUT_S),
+        batch_size=4,
+        shuffle=False,
+        epochs=1,
+        workers=1,
+        start_method="spawn",
+        timeout=TIMEOUT_S,
+    ) as loader:
+        assert [batch.tolist() for batch in loader] == [[i, i + 1, i + 2, i + 3] for i in range(0, 16, 4)]
 
 
 @pytest.mark.parametrize(("retries", "deaths"), [(0, 1), (2, 2)])
@@ -175,3 +258,38 @@ def test_a_dead_worker_is_seen_within_a_second():
     exc, waited = first_error("load", Fault(BAD, "sigkill"), workers=1, retries=0)
     assert isinstance(exc, prefetch.WorkerDiedError), repr(exc)
     assert waited < 1.0
+
+
+def test_a_worker_dead_but_not_yet_noticed_is_not_sent_a_task(tmp_path, monkeypatch):
+    """A race the table hit now and then (the coordinator failed with ``BrokenPipeError``), made deterministic.
+
+    The coordinator (forked, so it inherits this patch) reads the consumer's first ``Consumed`` and,
+    before returning to its event loop, lets the worker die and waits until it is a zombie -- as if it
+    had been preempted right then. Its next ``_dispatch`` then sends a task to the dead worker. A
+    correct engine treats the failed send as that worker's death (or skips dead workers) and recovers.
+    """
+    go = tmp_path / "go"
+    original = Coordinator._from_consumer
+
+    def from_consumer_then_lose_the_worker(self):
+        carry_on = original(self)
+        if self.position >= 1 and not go.exists():
+            go.touch()  # the worker making batch 1 now kills itself
+            import psutil
+
+            pid = self.workers[0].process.pid
+            deadline = time.monotonic() + 10
+            while psutil.Process(pid).status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return carry_on
+
+    monkeypatch.setattr(Coordinator, "_from_consumer", from_consumer_then_lose_the_worker)
+    data = np.arange(40 * 2, dtype=np.float32).reshape(40, 2)
+    options = dict(batch_size=4, epochs=1, shuffle=False, prefetch=2)
+    with prefetch.Loader(data, np.arange(40), workers=0, **options) as loader:
+        expected = [fingerprint(batch) for batch in loader]
+    # sample 5 is in batch 1; the transform returns samples as they are
+    transform = DieWhenTold(5, str(go), str(tmp_path / "died"))
+    with prefetch.Loader(data, np.arange(40), workers=1, start_method="fork", transform=transform, **options) as loader:
+        got = [fingerprint(batch) for batch in loader]
+    assert got == expected and (tmp_path / "died").exists()

@@ -111,7 +111,9 @@ def test_workers_run_one_blas_thread_unless_told_otherwise():
     with prefetch.Loader(np.zeros((8, 2)), batch_size=4, workers=1, transform=blas_threads) as loader:
         limited = next(iter(loader))
     assert limited[:, 0].max() == 1 and limited[:, 1].max() == 1
-    with prefetch.Loader(np.zeros((8, 2)), batch_size=4, workers=1, transform=blas_threads, limit_threads=False) as loader:
+    with prefetch.Loader(
+        np.zeros((8, 2)), batch_size=4, workers=1, transform=blas_threads, limit_threads=False
+    ) as loader:
         free = next(iter(loader))
     import os
 
