@@ -4,6 +4,8 @@ Public API::
 
     prefetch.data_generator(batch_size, data_x, data_y, shuffle=True, **options)
     prefetch.Loader(*sources, batch_size=32, ...)
+    prefetch.Files(paths, load=None)  # a source over files, loaded in the workers
+    prefetch.background(iterable, depth=2)  # a plain generator, run in one background process
     prefetch.batch_rng()        # per-batch numpy Generator for transforms
     prefetch.Stats              # what loader.stats() returns
 
@@ -11,6 +13,7 @@ See ``docs/design.md`` for how it works.
 """
 
 from ._rng import batch_rng
+from .background import background
 from .collate import collate_auto, collate_list
 from .doctor import doctor
 from .errors import (
@@ -24,6 +27,7 @@ from .errors import (
     WorkerError,
     WorkerTimeoutError,
 )
+from .files import Files
 from .loader import Loader, data_generator
 from .profile import ProfileReport, profile
 from .stats import Stats
@@ -32,6 +36,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CoordinatorDiedError",
+    "Files",
     "Loader",
     "LoaderClosedError",
     "PrefetchError",
@@ -43,6 +48,7 @@ __all__ = [
     "WorkerDiedError",
     "WorkerError",
     "WorkerTimeoutError",
+    "background",
     "batch_rng",
     "collate_auto",
     "collate_list",

@@ -127,7 +127,8 @@ def _check_sources(sources: tuple[Any, ...]) -> None:
             raise TypeError(
                 f"source {position} must be a map-style sequence (with __len__ and integer __getitem__: "
                 f"a list, tuple, numpy array or memmap); got {type(source).__name__}. An iterator or "
-                "generator cannot be indexed or shuffled: collect its items first, e.g. list(it) or np.stack(list(it))"
+                "generator cannot be indexed or shuffled: collect its items first (list(it), np.stack(list(it))), "
+                "or run the generator as it is, ahead of the loop, with prefetch.background(it)"
             )
     lengths = [len(source) for source in sources]
     if lengths[0] == 0:

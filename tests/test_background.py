@@ -1,0 +1,250 @@
+"""prefetch.background: a plain generator run in one background process, same items, bounded, leak-free."""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import os
+import random
+import signal
+import time
+import types
+from itertools import islice
+
+import numpy as np
+import pytest
+from conftest import _segments
+from helpers import ALPHABET_X, ALPHABET_Y
+
+import prefetch
+from prefetch.errors import RemoteTraceback
+
+# Poll interval and upper bound when waiting for the producer to reach a state it must reach.
+POLL_S = 0.005
+DEADLINE_S = 10.0
+# `prefetch.background` is the function; the module behind it:
+background_module = importlib.import_module("prefetch.background")
+
+
+def seed_data_generator(batch_size, data_x, data_y, shuffle=True):
+    """The seed's generator, verbatim."""
+    data_size = len(data_x)
+    index_list = [*range(data_size)]
+    if shuffle:
+        random.shuffle(index_list)
+    index = 0
+    while True:
+        batch_x, batch_y = [], []
+        for _ in range(batch_size):
+            if index >= data_size:
+                index = 0
+                if shuffle:
+                    random.shuffle(index_list)
+            batch_x.append(data_x[index_list[index]])
+            batch_y.append(data_y[index_list[index]])
+            index += 1
+        yield (batch_x, batch_y)
+
+
+def array_generator(n_items, shape=(16, 32, 32, 3)):
+    """A seed-like generator of (images, labels) arrays, randomness from np.random."""
+    for i in range(n_items):
+        yield np.random.randint(0, 255, shape, dtype=np.uint8), np.full(shape[0], i, dtype=np.int64)
+
+
+def take(gen, n):
+    items = list(islice(gen, n))
+    gen.close()
+    return items
+
+
+def test_the_seed_generator_gives_identical_items():
+    random.seed(1234)
+    expected = take(seed_data_generator(3, ALPHABET_X, ALPHABET_Y), 60)
+    random.seed(1234)
+    gen = prefetch.background(seed_data_generator(3, ALPHABET_X, ALPHABET_Y))
+    assert isinstance(gen, types.GeneratorType)
+    assert take(gen, 60) == expected
+    assert expected[0] != expected[9]  # shuffled, epochs straddled: a real comparison
+
+
+def test_arrays_travel_through_shared_memory_and_stay_unchanged():
+    np.random.seed(5)
+    expected = list(array_generator(12))
+    np.random.seed(5)
+    gen = prefetch.background(array_generator(12), depth=3)
+    first = next(gen)
+    assert _segments(), "array items should be written to shared-memory segments"
+    held = [first, *gen]  # exhausted: the process is gone and the segments unlinked
+    assert not _segments()
+    assert len(held) == 12
+    for (x, y), (ex, ey) in zip(held, expected):
+        assert x.dtype == np.uint8 and x.shape == ex.shape and np.array_equal(x, ex)
+        assert np.array_equal(y, ey)
+    first[0][...] = 0  # the user's own copy: writable, and changes nothing else
+    assert np.array_equal(held[1][0], expected[1][0])
+
+
+def test_large_python_objects_and_empty_iterables():
+    big = [f"sample-{i}" for i in range(20_000)]  # a pickle far above the inline limit
+    items = list(prefetch.background([big, {"x": np.arange(3)}, None]))
+    assert items[0] == big and items[1]["x"].tolist() == [0, 1, 2] and items[2] is None
+    assert list(prefetch.background(iter([]))) == []
+
+
+def _produced(path) -> int:
+    return os.path.getsize(path) if os.path.exists(path) else 0
+
+
+def counting_generator(path):
+    """Endless; appends one byte to ``path`` per item made (the producer's progress, visible here)."""
+    i = 0
+    while True:
+        with open(path, "ab") as file:
+            file.write(b"x")
+        yield np.full(4, i)
+        i += 1
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_backpressure_keeps_at_most_depth_items_ahead(tmp_path, depth):
+    path = tmp_path / "made"
+    gen = prefetch.background(counting_generator(path), depth=depth)
+    for consumed in range(1, 8):
+        assert next(gen)[0] == consumed - 1
+        assert _produced(path) <= consumed + depth
+    deadline = time.monotonic() + DEADLINE_S
+    while _produced(path) < 7 + depth and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+    assert _produced(path) == 7 + depth  # it does work ahead, up to the bound
+    gen.close()
+    assert _produced(path) == 7 + depth
+
+
+def failing_generator():
+    yield 1
+    yield np.arange(3)
+    raise ValueError("boom at item 2")
+
+
+def test_an_exception_in_the_generator_is_raised_with_its_type():
+    gen = prefetch.background(failing_generator())
+    assert next(gen) == 1
+    assert next(gen).tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="boom at item 2") as info:
+        next(gen)
+    assert isinstance(info.value.__cause__, RemoteTraceback)
+    assert "failing_generator" in info.value.__cause__.text
+    assert any("background iterable" in note for note in info.value.__notes__)
+    with pytest.raises(StopIteration):
+        next(gen)
+
+
+def suicidal_generator():
+    yield np.zeros(3)
+    os.kill(os.getpid(), signal.SIGKILL)
+    yield np.ones(3)  # pragma: no cover - never reached
+
+
+def test_a_killed_producer_is_reported_not_a_hang():
+    gen = prefetch.background(suicidal_generator())
+    next(gen)
+    with pytest.raises(prefetch.WorkerDiedError, match="SIGKILL"):
+        next(gen)
+
+
+def test_closing_or_dropping_early_leaves_nothing():
+    gen = prefetch.background(array_generator(1000), depth=2)
+    next(gen)
+    assert _segments()
+    gen.close()
+    assert not _segments()
+
+    gen = prefetch.background(array_generator(1000))
+    next(gen)
+    del gen
+    gc.collect()
+    assert not _segments()
+    # the no_leaks fixture checks that no process is left either
+
+
+KILLED_CONSUMER = """
+import os, sys, time
+import numpy as np
+import prefetch
+
+def items():
+    while True:
+        yield os.getpid(), np.zeros((64, 64))
+
+gen = prefetch.background(items(), depth=2)
+producer_pid, _ = next(gen)
+print(os.getpid(), producer_pid, flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_killed_consumer_leaves_no_producer_and_no_segment():
+    import subprocess
+    import sys
+
+    import psutil
+
+    from prefetch._shm import NAME_ROOT, SHM_DIR
+
+    consumer = subprocess.Popen([sys.executable, "-c", KILLED_CONSUMER], stdout=subprocess.PIPE, text=True)
+    try:
+        consumer_pid, producer_pid = map(int, consumer.stdout.readline().split())
+        prefix = f"{NAME_ROOT}{consumer_pid}-"
+        assert any(name.startswith(prefix) for name in os.listdir(SHM_DIR))
+    finally:
+        consumer.kill()
+        consumer.wait()
+        consumer.stdout.close()
+
+    def producer_alive() -> bool:
+        try:
+            return psutil.Process(producer_pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + DEADLINE_S
+    while time.monotonic() < deadline and (
+        producer_alive() or any(name.startswith(prefix) for name in os.listdir(SHM_DIR))
+    ):
+        time.sleep(POLL_S)
+    assert not producer_alive(), "the producer outlived its consumer"
+    assert not [name for name in os.listdir(SHM_DIR) if name.startswith(prefix)]
+
+
+def test_a_never_started_generator_starts_no_process():
+    gen = prefetch.background(array_generator(5))
+    del gen  # nothing ran: nothing to clean up (the no_leaks fixture checks)
+
+
+def make_seeded_generator():
+    random.seed(99)
+    return seed_data_generator(4, ALPHABET_X, ALPHABET_Y)
+
+
+def test_without_fork_a_generator_object_is_refused_and_a_function_works(monkeypatch):
+    monkeypatch.setattr(background_module, "_fork_available", lambda: False)
+    with pytest.raises(RuntimeError, match="zero-argument function that returns the iterable"):
+        prefetch.background(seed_data_generator(3, ALPHABET_X, ALPHABET_Y))
+    expected = take(make_seeded_generator(), 20)
+    assert take(prefetch.background(make_seeded_generator), 20) == expected  # spawned, pickled with dill
+
+
+def test_a_function_returning_the_iterable_works_with_fork():
+    assert list(prefetch.background(lambda: (i * i for i in range(5)))) == [0, 1, 4, 9, 16]
+
+
+@pytest.mark.parametrize("depth", [0, -1, 1.5, True])
+def test_bad_depth_says_what_to_change(depth):
+    with pytest.raises(ValueError, match="depth must be an int >= 1"):
+        prefetch.background([1, 2], depth=depth)
+
+
+def test_a_non_iterable_is_refused():
+    with pytest.raises(TypeError, match="an iterable"):
+        prefetch.background(42)
