@@ -81,6 +81,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     RESULTS_DIR.mkdir(exist_ok=True)
     (RESULTS_DIR / "latest.md").write_text(harness.render_markdown(RESULTS))
     (RESULTS_DIR / "latest.json").write_text(json.dumps(harness.render_json(RESULTS), indent=1, default=str) + "\n")
+    harness.render_plot(RESULTS, RESULTS_DIR / "throughput.png")
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:

@@ -487,3 +487,38 @@ def render_markdown(results: Results) -> str:
                 lines.append("")
             lines += _free_section(section, results.tables[section])
     return "\n".join(lines) + "\n"
+
+
+def render_plot(results: Results, path: Any) -> bool:
+    """A PNG of throughput against workers for the cpu and latency workloads, one line per system.
+
+    Needs matplotlib (the ``bench`` tox env installs it); returns False, writing nothing, without it.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    workloads = [w for w in ("cpu", "latency", "overhead") if any(r.workload == w and r.workers for r in results.rows)]
+    if not workloads:
+        return False
+    figure, axes = plt.subplots(1, len(workloads), figsize=(5 * len(workloads), 4), squeeze=False)
+    for axis, workload in zip(axes[0], workloads, strict=True):
+        rows = [r for r in results.rows if r.workload == workload and r.workers and not r.variant]
+        for system in sorted({r.system for r in rows}):
+            points = sorted((r.workers, r.median) for r in rows if r.system == system)
+            axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=system)
+        plain = next((r for r in results.rows if r.workload == workload and r.system == "plain generator"), None)
+        if plain is not None:
+            axis.axhline(plain.median, color="grey", linestyle="--", label="plain generator")
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("workers")
+        axis.set_ylabel(rows[0].unit if rows else "")
+        axis.set_title(workload)
+        axis.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return True

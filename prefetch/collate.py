@@ -92,6 +92,16 @@ def _stack(samples: Sequence[Any], alloc: Alloc, field: str) -> np.ndarray:
         return _stack_numbers(samples, alloc, field)
     shape = first.shape
     dtype = first.dtype
+    # Small samples: one bulk assignment (numpy rejects unequal shapes itself); only a mismatch
+    # pays for the sample-by-sample check below, which says what differs.
+    small = first.nbytes < STREAM_MIN_SAMPLE_BYTES and not dtype.hasobject
+    if small and all(type(sample) is np.ndarray and sample.dtype == dtype for sample in samples):
+        out = alloc((len(samples), *shape), dtype)
+        try:
+            out[...] = samples
+            return out
+        except ValueError:
+            pass
     for sample in samples:
         if not isinstance(sample, np.ndarray) or sample.shape != shape:
             raise ValueError(
@@ -157,6 +167,10 @@ def collate_list(samples: Sequence[Any], alloc: Alloc = private_alloc) -> Any:
     return list(samples)
 
 
+# Samples smaller than this stay in cache anyway: they are stacked all at once, after the transforms.
+STREAM_MIN_SAMPLE_BYTES = 64 * 1024
+
+
 class StreamingStack:
     """``collate_auto`` done one sample at a time, for samples that are an array or a plain tuple
     of arrays and numbers: each transformed sample is copied into the batch while it is still in
@@ -181,9 +195,10 @@ class StreamingStack:
         leaves = first if type(first) is tuple else (first,)
         if type(first) is not tuple and type(first) is not np.ndarray:
             return False
-        return bool(leaves) and all(
-            (type(leaf) is np.ndarray and not leaf.dtype.hasobject) or _is_number(leaf) for leaf in leaves
-        )
+        arrays = [leaf for leaf in leaves if type(leaf) is np.ndarray]
+        if sum(leaf.nbytes for leaf in arrays) < STREAM_MIN_SAMPLE_BYTES:
+            return False  # small samples: stacking the whole batch at once is cheaper
+        return all((type(leaf) is np.ndarray and not leaf.dtype.hasobject) or _is_number(leaf) for leaf in leaves)
 
     def push(self, sample: Any) -> bool:
         """Write ``sample`` as the next row; False, writing nothing, if it does not match the first."""

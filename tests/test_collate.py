@@ -25,6 +25,11 @@ def test_list_gives_the_seed_lists():
     assert collate_list(["a", "b"]) == ["a", "b"]
 
 
+@pytest.fixture(autouse=True)
+def stream_every_size(monkeypatch):
+    monkeypatch.setattr("prefetch.collate.STREAM_MIN_SAMPLE_BYTES", 0)
+
+
 def _stream(samples):
     stack = StreamingStack(samples[0], len(samples), np.empty)
     for position, sample in enumerate(samples):
