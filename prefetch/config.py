@@ -20,6 +20,10 @@ START_METHODS = ("fork", "spawn", "forkserver")
 # Default ready-or-in-flight batches per worker: one being made, one waiting, so a
 # worker never idles between batches.
 PREFETCH_PER_WORKER = 2
+# ... plus this many: a credit travels consumer -> coordinator -> worker, one hop more than in a
+# loader without a coordinator, and with tiny batches a window of exactly two per worker lets
+# small pools run dry during that trip (measured: 2 workers, 32 tiny samples a batch).
+PREFETCH_EXTRA = 2
 
 
 def usable_cores() -> int:
@@ -193,7 +197,7 @@ def make_config(
         raise ValueError(f"collate must be 'auto', 'list' or a callable; got {collate!r}")
     workers = usable_cores() if workers is None else _need_int("workers", workers, 0, ">= 0 (0 runs in-process)")
     if prefetch is None:
-        prefetch = PREFETCH_PER_WORKER * max(workers, 1)
+        prefetch = PREFETCH_PER_WORKER * max(workers, 1) + PREFETCH_EXTRA
     prefetch = _need_int("prefetch", prefetch, 1, ">= 1 (batches ready or in flight)")
     if start_method is not None and start_method not in _start_methods():
         accepted = ", ".join(map(repr, _start_methods()))
