@@ -510,7 +510,7 @@ def render_plot(results: Results, path: Any) -> bool:
         for system in sorted({r.system for r in rows}):
             points = sorted((r.workers, r.median) for r in rows if r.system == system)
             axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=system)
-        plain = next((r for r in results.rows if r.workload == workload and r.system == "plain generator"), None)
+        plain = next((r for r in results.rows if r.workload == workload and r.system == "plain"), None)
         if plain is not None:
             axis.axhline(plain.median, color="grey", linestyle="--", label="plain generator")
         axis.set_xscale("log", base=2)
