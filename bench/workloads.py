@@ -262,31 +262,10 @@ def plain_generator(
     batch_size: int, data_x: Any, data_y: Any, transform: Callable[[Sample], Sample], shuffle: bool = True
 ) -> Generator[Batch, None, None]:
     """The seed's ``data_generator`` as written, with ``transform`` applied per sample and numpy stacking at
-    the end, so that it delivers the same arrays as the other systems."""
-    data_size = len(data_x)
-    index_list = [*range(data_size)]
+    the end, so that it delivers the same arrays as the other systems (the demo's copy of it)."""
+    from prefetch.demo import plain_data_generator
 
-    if shuffle:
-        random.shuffle(index_list)
-
-    index = 0
-
-    while True:
-        batch_x, batch_y = [], []
-
-        for _ in range(batch_size):
-            if index >= data_size:
-                index = 0
-                if shuffle:
-                    random.shuffle(index_list)
-
-            x, y = transform((data_x[index_list[index]], data_y[index_list[index]]))
-            batch_x.append(x)
-            batch_y.append(y)
-
-            index += 1
-
-        yield np.stack(batch_x), np.asarray(batch_y)
+    yield from plain_data_generator(batch_size, data_x, data_y, shuffle=shuffle, transform=transform)
 
 
 def seed_index_batches(batch_size: int, n: int, shuffle: bool, rng: random.Random) -> Iterator[list[int]]:
