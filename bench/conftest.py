@@ -92,3 +92,25 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     for line in harness.render_markdown(RESULTS).splitlines():
         terminalreporter.write_line(line)
     terminalreporter.write_line(f"(also in {RESULTS_DIR / 'latest.md'} and latest.json)")
+
+
+_PROGRESS: dict[str, Any] = {"done": 0, "total": 0, "started": None}
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Remember how many benchmarks there are, for the progress line."""
+    _PROGRESS["total"] = len(session.items)
+
+
+def pytest_runtest_logstart(nodeid: str, location: tuple[str, int | None, str]) -> None:
+    """A progress line per benchmark on long runs: how many are done, time so far, and an estimate of the rest."""
+    import time
+
+    if _PROGRESS["started"] is None:
+        _PROGRESS["started"] = time.monotonic()
+    done, total = _PROGRESS["done"], _PROGRESS["total"]
+    elapsed = time.monotonic() - _PROGRESS["started"]
+    eta = f", about {elapsed / done * (total - done):.0f} s left" if done else ""
+    sys.stderr.write(f"\r[bench {done + 1}/{total}, {elapsed:.0f} s{eta}] {nodeid[-60:]:<60}")
+    sys.stderr.flush()
+    _PROGRESS["done"] = done + 1

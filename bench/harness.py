@@ -39,7 +39,7 @@ SYSTEM_LABELS = {
     "torch-tensor": "torch DataLoader, tensor collate",
     "prefetch": "prefetch",
 }
-SECTION_ORDER = ("cpu", "latency", "bigarray", "overhead", "epochs", "startup", "memory")
+SECTION_ORDER = ("cpu", "latency", "bigarray", "overhead", "epochs", "startup", "memory", "copy-on-read", "stats")
 SECTION_TEXT = {
     "startup": (
         "Start-up",
@@ -52,6 +52,17 @@ SECTION_TEXT = {
         "Large-array workload, 2 workers. USS (memory unique to a process) and PSS summed over the consumer "
         "and all its child processes, sampled along the run; growth = mean of the last third of samples minus "
         "the first third; shm = bytes of this run's /dev/shm segments, against prefetch depth x batch bytes.",
+    ),
+    "copy-on-read": (
+        "Copy-on-read",
+        "A source that is a Python list of 1M floats, 2 forked workers: their USS at the first batch and after "
+        "one epoch. Reading an object writes its reference count, which copies its page into the worker; a "
+        "numpy array source has no such growth (prefetch.doctor() warns about large list sources).",
+    ),
+    "stats": (
+        "Cost of loader.stats()",
+        "The consumer's bookkeeping per batch and the worker's stage timestamps, against the per-batch time "
+        "of the overhead workload with 2 workers.",
     ),
 }
 
