@@ -156,3 +156,11 @@ def test_stats_report_the_run():
     assert 0.0 <= stats.wait_fraction <= 1.0 and stats.batches_per_s > 0
     assert stats.worker_busy and all(0.0 <= share <= 1.0 for share in stats.worker_busy.values())
     assert "throughput" in str(stats) and stats.to_dict()["samples"] == 200
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3, 4, 5, 8, 32])
+def test_default_prefetch_is_a_multiple_of_the_workers(workers):
+    # batches come back in order: a worker holding one more than the others makes them all wait
+    loader = prefetch.Loader(np.arange(10), batch_size=2, workers=workers)
+    assert loader.prefetch % workers == 0 and loader.prefetch >= 2 * workers
+    loader.close()
