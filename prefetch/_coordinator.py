@@ -274,7 +274,7 @@ class Coordinator:
                 next_parent_check = time.monotonic() + PARENT_CHECK_INTERVAL_S
 
     def shutdown(self) -> None:
-        """Stop every worker (asking first, then killing) and unlink every segment."""
+        """Stop every worker (asking first, then killing); ``coordinator_main`` then unlinks every segment."""
         for worker in self.workers:
             try:
                 worker.tasks_conn.send_bytes(encode(Stop()))
@@ -287,7 +287,6 @@ class Coordinator:
             if worker.process.is_alive():
                 worker.process.kill()
                 worker.process.join(WORKER_JOIN_TIMEOUT_S)
-        unlink_prefix(self.prefix)
 
 
 def coordinator_main(

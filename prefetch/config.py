@@ -16,7 +16,6 @@ from typing import Any
 from .order import LAST_BATCH_MODES, Order
 
 COLLATE_MODES = ("auto", "list")
-START_METHODS = ("fork", "spawn", "forkserver")
 # Default ready-or-in-flight batches per worker: one being made, one waiting, so a
 # worker never idles between batches.
 PREFETCH_PER_WORKER = 2

@@ -48,8 +48,6 @@ BASE_FDS = 16
 # Warn when the engine's estimated descriptors exceed this share of the soft limit.
 FD_SHARE_WARN = 0.5
 
-LEVELS = ("ok", "warn", "error")
-
 
 @dataclass(frozen=True)
 class Finding:
