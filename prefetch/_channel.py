@@ -18,11 +18,21 @@ from typing import Any
 from ._protocol import Message, Spilled, decode, encode
 from ._shm import read_file_segment, write_file_segment
 
-# multiprocess's Connection prefixes 4 bytes of length and writes header and body at
-# once for bodies up to 16 KiB, so a body up to PIPE_BUF - 4 bytes is one atomic write.
+# A frame is 4 bytes of length and the body, written at once, so a body up to
+# PIPE_BUF - 4 bytes is one atomic write.
 ATOMIC_MESSAGE_MAX_BYTES = getattr(select, "PIPE_BUF", 512) - 4
 
 _spills = count()
+
+
+def write_frame(conn: Any, data: bytes) -> None:
+    """Write one frame (4-byte big-endian length, then ``data``) with as few ``write`` calls as
+    the pipe allows: one, atomic, for a frame of at most ``PIPE_BUF`` bytes. The framing is
+    ``Connection.send_bytes``'s, without its layers of Python calls on the hot path."""
+    frame = memoryview(len(data).to_bytes(4, "big") + data)
+    fd = conn.fileno()
+    while frame:
+        frame = frame[os.write(fd, frame) :]
 
 
 def send(conn: Any, message: Message, prefix: str) -> None:
@@ -31,7 +41,7 @@ def send(conn: Any, message: Message, prefix: str) -> None:
     if len(data) > ATOMIC_MESSAGE_MAX_BYTES:
         name = f"{prefix}spill-{os.getpid()}-{next(_spills)}"
         data = encode(Spilled(write_file_segment(name, data)))
-    conn.send_bytes(data)
+    write_frame(conn, data)
 
 
 def _unspill(message: Message) -> Message:
@@ -45,7 +55,7 @@ class PipeReader:
 
     The pipe is made non-blocking; ``read_available`` never blocks (wait on ``fileno()``
     first) and decodes as many whole messages as have arrived -- one system call for a
-    burst of messages instead of two per message. Messages are ``Connection.send_bytes``
+    burst of messages instead of two per message. Messages are ``write_frame``
     frames: a 4-byte big-endian length, then the pickled message.
     """
 

@@ -4,8 +4,8 @@
 ``BatchReady``/``BatchFailed`` in completion order, keeps them in a reorder buffer
 and hands them out strictly by batch number. Each yielded batch's arrays view its
 shared-memory slot through a per-batch *lease* (see ``_shm``); when the user drops
-the batch, a ``weakref.finalize`` on the lease puts the slot on ``released``, and
-the next ``Consumed`` message returns it. If the user keeps ``prefetch`` leased
+the batch, a weakref callback on the lease puts the slot on ``released``, and the
+``Consumed`` message sent when the user asks for a next batch returns it. If the user keeps ``prefetch`` leased
 batches alive, further batches are copied out of their slot instead, so holding
 batches never starves the pool (no deadlock) and the number of segments stays
 bounded.
@@ -35,7 +35,7 @@ import multiprocess.util
 import psutil
 
 from . import _rng
-from ._channel import PipeReader
+from ._channel import PipeReader, write_frame
 from ._coordinator import coordinator_main
 from ._protocol import (
     BatchFailed,
@@ -164,6 +164,7 @@ class ProcessEngine:
         self.reader = SlotReader()
         self.leases = _Leases()
         self.released = self.leases.released
+        self.reported_segments: dict[int, SegmentRef] = {}  # each slot's segment as last told
         self.recorder = StatsRecorder()
         self.closed = False
         self.coordinator_ready = False  # until it says its workers are started
@@ -197,7 +198,7 @@ class ProcessEngine:
     # --- talking to the coordinator -----------------------------------------------------
 
     def _tell(self, message: Consumed | Lost | TimedOut | Stop) -> None:
-        self.control.send_bytes(encode(message))
+        write_frame(self.control, encode(message))
 
     def _flush(self) -> None:
         """Return credits and released slots to the coordinator."""
@@ -205,7 +206,13 @@ class ProcessEngine:
             return
         released = []
         while self.released:
-            released.append(self.released.popleft())
+            slot, segment = self.released.popleft()
+            if segment is not None:
+                if self.reported_segments.get(slot) == segment:
+                    segment = None  # the coordinator has it already: a shorter message
+                else:
+                    self.reported_segments[slot] = segment
+            released.append((slot, segment))
         self._tell(Consumed(self.position, tuple(released), len(self.leases)))
         self.sent_position = self.position
 
@@ -271,6 +278,12 @@ class ProcessEngine:
 
     def next_batch(self) -> Any:
         """The next batch in order (blocks until it is ready)."""
+        # Credits and released slots go back when the user asks for the next batch, not when
+        # the last one was yielded: the batch the user works on keeps its place in the window,
+        # so a loop that keeps nothing needs prefetch + 1 slots (the +1 is the previous batch,
+        # still bound to the loop variable while this one is fetched).
+        if self.position - self.sent_position >= self.credit_step:
+            self._flush()
         fill = len(self.ready)
         self._drain()
         waited = self._wait_for(self.position) if self.position not in self.ready else 0.0
@@ -280,15 +293,15 @@ class ProcessEngine:
             self._flush()
             raise self._error(message)
         lease_ok = len(self.leases) < self.config.prefetch
-        batch, lease = self.reader.read(message.slot, message.segment, message.payload, message.buffers, lease_ok)
+        batch, lease = self.reader.read(
+            message.slot, message.segment, message.payload, message.buffers, message.arrays, lease_ok
+        )
         if lease is not None:
             self.leases.add(lease, message.slot, message.segment)
         elif message.segment is not None:
             self.released.append((message.slot, message.segment))
         samples = self.order.batch_length(message.batch)
         self.recorder.delivered(samples, waited, fill, message.timings, message.pid)
-        if self.position - self.sent_position >= self.credit_step:
-            self._flush()
         return batch
 
     def _error(self, message: BatchFailed) -> BaseException:

@@ -6,8 +6,8 @@ It alone decides what is made next. It keeps
   ``position`` being how many batches the consumer has yielded (``Consumed``);
 * the *slot pool*: each task needs a free slot; slots come back from the consumer
   when the user drops a batch. The pool grows lazily to ``prefetch`` slots plus one
-  per batch the user holds (as last reported: in a plain ``for`` loop, the batch
-  just yielded and the one still bound to the loop variable), never beyond
+  per batch the user holds (as last reported: in a plain ``for`` loop, the one
+  still bound to the loop variable while the next is fetched), never beyond
   ``LoaderConfig.max_slots`` -- past ``prefetch`` held batches the consumer copies
   batches out rather than hold slots (see ``_consumer``);
 * each worker's outstanding tasks, in the order it makes them. A task is known done
@@ -38,7 +38,7 @@ import multiprocess
 import numpy as np
 import psutil
 
-from ._channel import PipeReader, send
+from ._channel import PipeReader, send, write_frame
 from ._protocol import (
     BatchFailed,
     Consumed,
@@ -210,7 +210,7 @@ class Coordinator:
             task = Task(batch, indices, slot, self.segments.get(slot), self.size_hint)
             worker.tasks.append(task)
             try:
-                worker.tasks_conn.send_bytes(encode(task))
+                write_frame(worker.tasks_conn, encode(task))
             except OSError:  # it just died: its sentinel reports it, and the task is redone with its others
                 pass
 
@@ -277,7 +277,7 @@ class Coordinator:
         """Stop every worker (asking first, then killing); ``coordinator_main`` then unlinks every segment."""
         for worker in self.workers:
             try:
-                worker.tasks_conn.send_bytes(encode(Stop()))
+                write_frame(worker.tasks_conn, encode(Stop()))
             except OSError:
                 pass
         deadline = time.monotonic() + WORKER_JOIN_TIMEOUT_S

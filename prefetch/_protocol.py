@@ -52,14 +52,25 @@ class Timings(NamedTuple):
     write: float
 
 
+class SlotArrays(NamedTuple):
+    """A batch that is nothing but arrays stacked in its slot -- one array, a tuple or a dict
+    of them, the usual case -- described without pickle, which costs more than the rest of
+    a small batch's trip. ``arrays`` gives each array's ``(offset, dtype.str, shape)``."""
+
+    container: str  # "array", "tuple" or "dict"
+    keys: tuple[str, ...]  # the dict's keys, in order; () otherwise
+    arrays: tuple[tuple[int, str, tuple[int, ...]], ...]
+
+
 class BatchReady(NamedTuple):
     """Worker -> consumer: batch ``batch`` is in slot ``slot``.
 
-    ``payload`` is the batch pickled with protocol 5, its array buffers out of band;
-    ``buffers`` gives each buffer's ``(offset, nbytes)`` in ``segment``. A large
-    payload is itself stored in the segment: then ``payload`` is None and the last
-    entry of ``buffers`` locates it. ``segment`` is None when nothing was written to
-    the slot (no arrays, small payload).
+    Either ``arrays`` describes it (``SlotArrays``), or ``payload`` is the batch
+    pickled with protocol 5, its array buffers out of band, and ``buffers`` gives each
+    buffer's ``(offset, nbytes)`` in ``segment``. A large payload is itself stored in
+    the segment: then ``payload`` is None and the last entry of ``buffers`` locates
+    it. ``segment`` is None when nothing was written to the slot (no arrays, small
+    payload).
     """
 
     batch: int
@@ -67,6 +78,7 @@ class BatchReady(NamedTuple):
     segment: SegmentRef | None
     payload: bytes | None
     buffers: tuple[tuple[int, int], ...]
+    arrays: SlotArrays | None
     timings: Timings
     pid: int
 
@@ -131,8 +143,9 @@ class Consumed(NamedTuple):
     """Consumer -> coordinator: ``position`` batches are yielded; ``released`` slots are free.
 
     Each yielded batch returns one credit, so at most ``prefetch`` batches are ready
-    or in flight. A slot comes back, with the segment it now has, only when the user
-    has dropped every array viewing it; ``held`` is how many batches the user holds.
+    or in flight. A slot comes back only when the user has dropped every array viewing
+    it, with the segment it now has (None when unchanged since last told); ``held`` is
+    how many batches the user holds.
     """
 
     position: int

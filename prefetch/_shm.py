@@ -23,6 +23,7 @@ full ``/dev/shm`` fails at once with ``ENOSPC`` instead of a ``SIGBUS`` later.
 from __future__ import annotations
 
 import io
+import math
 import mmap
 import os
 import pickle
@@ -34,7 +35,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from ._protocol import SegmentRef
+from ._protocol import SegmentRef, SlotArrays
 
 SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 NAME_ROOT = "prefetch-"
@@ -132,11 +133,13 @@ class _Mapping:
 
 
 class BatchSpace:
-    """The free space of one slot while a batch is written: a bump allocator."""
+    """The free space of one slot while a batch is written: a bump allocator that
+    remembers where each array it handed out lies."""
 
     def __init__(self, mapping: _Mapping | None):
         self.mapping = mapping
         self.used = 0
+        self._placed: dict[int, tuple[np.ndarray, int]] = {}  # id -> (array, offset)
 
     def reserve(self, nbytes: int) -> int | None:
         """Offset of ``nbytes`` fresh bytes in the slot, or None when they do not fit."""
@@ -151,15 +154,41 @@ class BatchSpace:
     def alloc(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         """An array in the slot when it fits, else in private memory (copied in at the end)."""
         dtype = np.dtype(dtype)
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        offset = None if dtype.hasobject else self.reserve(nbytes)
+        offset = None if dtype.hasobject else self.reserve(math.prod(shape) * dtype.itemsize)
         if offset is None or self.mapping is None:
             return np.empty(shape, dtype)
-        return self.mapping.view[offset : offset + nbytes].view(dtype).reshape(shape)
+        array = np.ndarray(shape, dtype, buffer=self.mapping.view, offset=offset)
+        self._placed[id(array)] = (array, offset)
+        return array
 
     def holds(self, address: int, nbytes: int) -> bool:
         m = self.mapping
         return m is not None and m.base <= address and address + nbytes <= m.base + m.ref.size
+
+    def _where(self, leaf: Any) -> tuple[int, str, tuple[int, ...]] | None:
+        entry = self._placed.get(id(leaf))
+        if entry is None or entry[0] is not leaf or leaf.dtype.names is not None or leaf.dtype.subdtype is not None:
+            return None
+        return entry[1], leaf.dtype.str, leaf.shape
+
+    def describe(self, batch: Any) -> SlotArrays | None:
+        """``batch`` as ``SlotArrays`` if it is one array, a tuple or a str-keyed dict of arrays
+        that ``alloc`` placed in the slot (and nothing else); None otherwise."""
+        if type(batch) is tuple:
+            container, keys, leaves = "tuple", (), batch
+        elif type(batch) is dict:
+            container, keys, leaves = "dict", tuple(batch), tuple(batch.values())
+            if not all(type(key) is str for key in keys):
+                return None
+        else:
+            container, keys, leaves = "array", (), (batch,)
+        arrays = []
+        for leaf in leaves:
+            where = self._where(leaf)
+            if where is None:
+                return None
+            arrays.append(where)
+        return SlotArrays(container, keys, tuple(arrays))
 
 
 class _BatchPickler(pickle.Pickler):
@@ -186,6 +215,7 @@ class WrittenBatch:
     segment: SegmentRef | None
     payload: bytes | None
     buffers: tuple[tuple[int, int], ...]
+    arrays: SlotArrays | None = None
 
 
 class SlotWriter:
@@ -222,6 +252,10 @@ class SlotWriter:
 
     def write(self, slot: int, space: BatchSpace, batch: Any) -> WrittenBatch:
         """Put ``batch`` in the slot: arrays out of band (growing the slot if needed), the rest pickled."""
+        arrays = space.describe(batch)
+        if arrays is not None:  # already in the slot: nothing to write
+            assert space.mapping is not None
+            return WrittenBatch(space.mapping.ref, None, (), arrays)
         buffers: list[pickle.PickleBuffer] = []
         file = io.BytesIO()
         _BatchPickler(file, space, buffers).dump(batch)
@@ -278,6 +312,7 @@ class SlotReader:
         segment: SegmentRef | None,
         payload: bytes | None,
         buffers: tuple[tuple[int, int], ...],
+        arrays: SlotArrays | None,
         lease: bool,
     ) -> tuple[Any, np.ndarray | None]:
         """Rebuild a batch. With ``lease`` its arrays view the slot, and the returned lease
@@ -289,6 +324,18 @@ class SlotReader:
         if cached is None or cached[0] != segment:
             cached = (segment, open_segment(segment))
             self._maps[slot] = cached
+        if arrays is not None:
+            whole = np.frombuffer(cached[1], np.uint8)
+            leaves = [np.ndarray(shape, dtype, buffer=whole, offset=offset) for offset, dtype, shape in arrays.arrays]
+            if not lease:
+                leaves = [leaf.copy() for leaf in leaves]
+            if arrays.container == "tuple":
+                batch: Any = tuple(leaves)
+            elif arrays.container == "dict":
+                batch = dict(zip(arrays.keys, leaves, strict=True))
+            else:
+                batch = leaves[0]
+            return batch, (whole if lease else None)
         end = max(offset + nbytes for offset, nbytes in buffers)
         whole = np.frombuffer(cached[1], np.uint8, count=max(end, 1))
         views = [whole[offset : offset + nbytes] for offset, nbytes in buffers]

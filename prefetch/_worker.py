@@ -129,6 +129,10 @@ def make_batch(config: LoaderConfig, indices: np.ndarray, alloc: Alloc = private
                 source = sources[0]
                 for index in indices.tolist():
                     samples.append(source[index])
+            elif len(sources) == 2:  # (x, y): the common case, without a generator per sample
+                first, second = sources
+                for index in indices.tolist():
+                    samples.append((first[index], second[index]))
             else:
                 for index in indices.tolist():
                     samples.append(tuple(source[index] for source in sources))
@@ -186,7 +190,9 @@ def run_task(config: LoaderConfig, writer: SlotWriter, task: Task) -> BatchReady
         failure = Failure.capture(exc, f"writing the batch of samples {indices.tolist()} to shared memory")
         return BatchFailed(task.batch, task.slot, tuple(indices.tolist()), os.getpid(), FailureKind.USER_CODE, failure)
     timings = Timings(clock.load, clock.transform, clock.collate, time.perf_counter() - start)
-    return BatchReady(task.batch, task.slot, written.segment, written.payload, written.buffers, timings, os.getpid())
+    return BatchReady(
+        task.batch, task.slot, written.segment, written.payload, written.buffers, written.arrays, timings, os.getpid()
+    )
 
 
 def batch_scheduling(enabled: bool = True) -> None:

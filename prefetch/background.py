@@ -225,7 +225,7 @@ class _Producer:
             return False, None
         if isinstance(message, Failed):
             raise message.failure.to_exception(self.items, (), self.process.pid)
-        item, _ = reader.read(message.slot, message.segment, message.payload, message.buffers, lease=False)
+        item, _ = reader.read(message.slot, message.segment, message.payload, message.buffers, None, lease=False)
         with contextlib.suppress(OSError):  # a producer that died meanwhile is noticed at the next wait
             self.conn.send(Credit(message.slot))
         self.items += 1

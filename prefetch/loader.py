@@ -196,6 +196,7 @@ class Loader:
                 batch = running.engine.next_batch()
                 self._position += 1
                 yield batch
+                del batch  # else this frame would keep the user's last batch, and its slot, alive
         finally:
             if self._running.owner is me:
                 self._running.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 from helpers import CountingSource
 
 import prefetch
+from prefetch._shm import SHM_DIR
 
 
 @pytest.mark.parametrize(("workers", "depth"), [(2, 2), (3, 5)])
@@ -58,3 +60,28 @@ def test_yielded_arrays_are_writable_numpy_arrays():
         batch = next(iter(loader))
         batch += 1
         assert batch.flags.writeable and float(batch.sum()) == 8.0
+
+
+def _slots_in_use() -> int:
+    """Segments of this process's loaders that hold batches (a grown slot's old segment is unlinked)."""
+    prefix = f"prefetch-{os.getpid()}-"
+    return sum(1 for name in os.listdir(SHM_DIR) if name.startswith(prefix) and "spill" not in name)
+
+
+@pytest.mark.parametrize("drop_each_batch", [False, True])
+def test_shared_memory_holds_prefetch_batches_plus_the_one_the_loop_still_binds(drop_each_batch):
+    depth = 4
+    data = np.zeros((4000, 256), np.float32)
+    with prefetch.Loader(data, batch_size=32, workers=2, prefetch=depth) as loader:
+        batches = iter(loader)
+        batch = None
+        peak = 0
+        for _ in range(60):
+            if drop_each_batch:
+                batch = None  # the user keeps nothing while asking for the next batch
+            batch = next(batches)
+            time.sleep(0.005)  # a training step: the workers fill the window meanwhile
+            peak = max(peak, _slots_in_use())
+        del batch
+    # a plain `for` loop still binds the previous batch while the next is fetched: one slot more
+    assert peak == (depth if drop_each_batch else depth + 1)
