@@ -174,14 +174,15 @@ class BatchSpace:
     def describe(self, batch: Any) -> SlotArrays | None:
         """``batch`` as ``SlotArrays`` if it is one array, a tuple or a str-keyed dict of arrays
         that ``alloc`` placed in the slot (and nothing else); None otherwise."""
+        keys: tuple[str, ...] = ()
         if type(batch) is tuple:
-            container, keys, leaves = "tuple", (), batch
+            container, leaves = "tuple", batch
         elif type(batch) is dict:
             container, keys, leaves = "dict", tuple(batch), tuple(batch.values())
             if not all(type(key) is str for key in keys):
                 return None
         else:
-            container, keys, leaves = "array", (), (batch,)
+            container, leaves = "array", (batch,)
         arrays = []
         for leaf in leaves:
             where = self._where(leaf)

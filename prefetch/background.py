@@ -48,7 +48,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import secrets
 import signal
 import sys
 import weakref
@@ -187,7 +186,9 @@ class _Producer:
     """The consumer's handle on the producer process; stopping it is idempotent and also runs at exit."""
 
     def __init__(self, source: Any, make: bool, depth: int):
-        import multiprocess  # lazily, like the rest of the engine: `import prefetch` stays fast
+        import secrets  # lazily, like the rest of the engine: `import prefetch` stays fast
+
+        import multiprocess
 
         from ._shm import new_prefix, remove_stale_segments
 

@@ -30,7 +30,7 @@ class SweepRow:
     samples_per_s: float
     wait_fraction: float
     worker_busy: float  # mean over workers
-    memory_mb: float  # RSS of consumer, coordinator and workers
+    memory_mb: float  # USS summed over consumer, coordinator and workers (RSS where USS is unreadable)
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,10 @@ def _measure(loader: Loader, workers: int, batches: int, warmup: int, step: Call
         samples_per_s=samples / elapsed,
         wait_fraction=waited / elapsed,
         worker_busy=sum(busy) / len(busy) if busy else 0.0,
-        memory_mb=sum(stats.memory.values()) / 2**20,
+        memory_mb=(
+            stats.memory.get("uss_total") or sum(size for role, size in stats.memory.items() if role != "uss_total")
+        )
+        / 2**20,
     )
 
 

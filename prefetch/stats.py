@@ -13,9 +13,10 @@ import os
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ._protocol import Timings
+if TYPE_CHECKING:
+    from ._protocol import Timings
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,9 @@ class Stats:
     mean_fill: float  # ready batches waiting in the consumer when one was asked for
     max_fill: int
     restarts: int  # workers that died and were replaced
-    memory: dict[str, int] = field(default_factory=dict)  # role -> RSS bytes; "uss_total" if readable
+    # role ("consumer", "coordinator", "worker <pid>") -> RSS bytes; and "uss_total", memory unique to
+    # any of these processes (shared pages counted once), where the system lets us read it
+    memory: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -122,9 +125,17 @@ def _memory(worker_pids: list[int], coordinator_pid: int | None) -> dict[str, in
         roles.append(("coordinator", coordinator_pid))
     roles += [(f"worker {pid}", pid) for pid in worker_pids]
     memory: dict[str, int] = {}
+    uss_total: int | None = 0
     for role, pid in roles:
         try:
-            memory[role] = psutil.Process(pid).memory_info().rss
+            process = psutil.Process(pid)
+            memory[role] = process.memory_info().rss
         except psutil.Error:
             continue
+        try:  # USS counts each page once, not once per process that maps it (as RSS does)
+            uss_total = None if uss_total is None else uss_total + process.memory_full_info().uss
+        except (psutil.Error, AttributeError):
+            uss_total = None
+    if uss_total:
+        memory["uss_total"] = uss_total
     return memory

@@ -158,6 +158,17 @@ def test_stats_report_the_run():
     assert "throughput" in str(stats) and stats.to_dict()["samples"] == 200
 
 
+def test_stats_report_the_memory_of_every_process_while_running():
+    with prefetch.Loader(np.arange(200.0), batch_size=10, workers=2) as loader:
+        batches = iter(loader)
+        next(batches)
+        memory = loader.stats().memory
+    workers = [role for role in memory if role.startswith("worker ")]
+    assert len(workers) == 2 and memory["consumer"] > 0 and memory["coordinator"] > 0
+    rss_total = sum(size for role, size in memory.items() if role != "uss_total")
+    assert 0 < memory["uss_total"] < rss_total  # forked processes share most of their pages
+
+
 @pytest.mark.parametrize("workers", [1, 2, 3, 4, 5, 8, 32])
 def test_default_prefetch_is_a_multiple_of_the_workers(workers):
     # batches come back in order: a worker holding one more than the others makes them all wait
