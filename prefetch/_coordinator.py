@@ -289,12 +289,26 @@ class Coordinator:
                 worker.process.join(WORKER_JOIN_TIMEOUT_S)
 
 
+def _import_before_forking(config: LoaderConfig) -> None:
+    """Import what every worker needs once, here, so that the forked workers inherit it: numpy
+    imports ``numpy.random`` lazily (13 ms here, on the path to the first batch otherwise twice:
+    the coordinator's first dispatch, then each worker's first seeding)."""
+    import numpy.random  # noqa: F401
+
+    if config.limit_threads:
+        try:
+            import threadpoolctl  # noqa: F401
+        except ImportError:  # pragma: no cover - a dependency
+            pass
+
+
 def coordinator_main(
     control: Any, results: Any, config: LoaderConfig, prefix: str, start: int, consumer_pid: int
 ) -> None:
     """The coordinator process's entry point."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the consumer's to handle
     batch_scheduling()
+    _import_before_forking(config)
     coordinator = None
     try:
         config = replace(config, sources=resolve_sources(config.sources))
