@@ -49,9 +49,11 @@ SECTION_TEXT = {
     ),
     "memory": (
         "Memory",
-        "Large-array workload, 2 workers. USS (memory unique to a process) and PSS summed over the consumer "
-        "and all its child processes, sampled along the run; growth = mean of the last third of samples minus "
-        "the first third; shm = bytes of this run's /dev/shm segments, against prefetch depth x batch bytes.",
+        "Large-array workload, 2 workers. USS (memory unique to a process), PSS and RSS summed over the "
+        "consumer and all its child processes, sampled along the run (RSS counts shared pages once per process "
+        "that maps them, so its sum overstates); growth = mean of the last third of USS samples minus the first "
+        "third; shm = bytes of this run's /dev/shm segments, against prefetch depth x batch bytes. A `for loop` "
+        "consumer still binds the previous batch while the next is fetched; one that `drops each batch` does not.",
     ),
     "copy-on-read": (
         "Copy-on-read",

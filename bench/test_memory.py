@@ -22,18 +22,21 @@ def _sample() -> dict[str, Any]:
     consumer = psutil.Process()
     uss: dict[int, int] = {}
     pss: dict[int, int] = {}
+    rss: dict[int, int] = {}
     for process in [consumer, *children()]:
         try:
             info = process.memory_full_info()
         except psutil.Error:
             continue
         uss[process.pid] = info.uss
+        rss[process.pid] = info.rss
         pss[process.pid] = getattr(info, "pss", 0)
     segments = own_segments()
     others = [size for pid, size in uss.items() if pid != consumer.pid]
     return {
         "uss_sum": sum(uss.values()),
         "pss_sum": sum(pss.values()),
+        "rss_sum": sum(rss.values()),
         "consumer_uss": uss.get(consumer.pid, 0),
         "largest_child_uss": max(others, default=0),
         "shm_bytes": sum(segments.values()),
@@ -89,6 +92,7 @@ def test_memory(results: Results, system: str, loop: str) -> None:
             "USS sum median MiB": statistics.median(uss) / MIB,
             "growth first->last third MiB": (statistics.mean(uss[-third:]) - statistics.mean(uss[:third])) / MIB,
             "PSS sum peak MiB": max(s["pss_sum"] for s in samples) / MIB,
+            "RSS sum peak MiB": max(s["rss_sum"] for s in samples) / MIB,
             "consumer USS peak MiB": max(s["consumer_uss"] for s in samples) / MIB,
             "largest child USS peak MiB": max(s["largest_child_uss"] for s in samples) / MIB,
             "data set MiB": data_x.nbytes / MIB,
