@@ -5,10 +5,10 @@
 and hands them out strictly by batch number. Each yielded batch's arrays view its
 shared-memory slot through a per-batch *lease* (see ``_shm``); when the user drops
 the batch, a weakref callback on the lease puts the slot on ``released``, and the
-``Consumed`` message sent when the user asks for a next batch returns it. If the user keeps ``prefetch`` leased
-batches alive, further batches are copied out of their slot instead, so holding
-batches never starves the pool (no deadlock) and the number of segments stays
-bounded.
+``Consumed`` message sent when the user next asks for a batch returns it. If the
+user keeps ``prefetch`` leased batches alive, further batches are copied out of
+their slot instead, so holding batches never starves the pool (no deadlock) and
+the number of segments stays bounded.
 
 ``InlineEngine`` (``workers=0``) makes each batch in the calling process with the
 same pipeline, restoring the caller's global random state after each batch.

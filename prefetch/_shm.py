@@ -167,7 +167,9 @@ class BatchSpace:
 
     def _where(self, leaf: Any) -> tuple[int, str, tuple[int, ...]] | None:
         entry = self._placed.get(id(leaf))
-        if entry is None or entry[0] is not leaf or leaf.dtype.names is not None or leaf.dtype.subdtype is not None:
+        if entry is None or entry[0] is not leaf or not leaf.flags.c_contiguous:
+            return None
+        if leaf.dtype.names is not None or leaf.dtype.subdtype is not None:  # dtype.str would lose fields
             return None
         return entry[1], leaf.dtype.str, leaf.shape
 
