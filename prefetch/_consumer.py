@@ -55,6 +55,7 @@ from ._shm import SlotReader, new_prefix, remove_stale_segments, share_sources, 
 from ._worker import BatchError, _uses_randomness, make_batch
 from .config import LoaderConfig
 from .errors import CoordinatorDiedError, WorkerDiedError, WorkerTimeoutError, annotate, describe_exit
+from ._tuning import ThreadTuner
 from .stats import Stats, StatsRecorder
 
 # How long the consumer waits in one go before checking the coordinator is alive.
@@ -168,6 +169,7 @@ class ProcessEngine:
         self.recorder = StatsRecorder()
         self.closed = False
         self.coordinator_ready = False  # until it says its workers are started
+        self.tuner = ThreadTuner.start(config.train_threads, config.workers)  # None: nothing to tune
         remove_stale_segments()
         self.prefix = new_prefix(secrets.token_hex(4))
         ctx = multiprocess.get_context(config.start_method)
@@ -284,6 +286,8 @@ class ProcessEngine:
         # still bound to the loop variable while this one is fetched).
         if self.position - self.sent_position >= self.credit_step:
             self._flush()
+        if self.tuner is not None:
+            self.tuner.tick()
         fill = len(self.ready)
         self._drain()
         waited = self._wait_for(self.position) if self.position not in self.ready else 0.0
@@ -320,8 +324,17 @@ class ProcessEngine:
     def worker_pids(self) -> list[int]:
         return [process.pid for process in self._worker_processes()]
 
+    def decisions(self) -> tuple[str, ...]:
+        """What the engine decided about sharing the cores with the training step, and why."""
+        made = []
+        if self.config.worker_nice:
+            made.append(f"workers at nice +{self.config.worker_nice}: the training step goes first (worker_nice)")
+        if self.tuner is not None and self.tuner.decision:
+            made.append(self.tuner.decision)
+        return tuple(made)
+
     def stats(self) -> Stats:
-        return self.recorder.snapshot(self.worker_pids(), self.process.pid)
+        return self.recorder.snapshot(self.worker_pids(), self.process.pid, self.decisions())
 
     def close(self) -> None:
         """Stop the coordinator and its workers and unlink every segment; idempotent."""
@@ -329,6 +342,8 @@ class ProcessEngine:
             return
         self.closed = True
         _live_engines.discard(self)
+        if self.tuner is not None:
+            self.tuner.restore()
         try:
             self._tell(Stop())
         except OSError:

@@ -245,6 +245,8 @@ def worker_main(tasks: Any, results: Any, config: LoaderConfig, prefix: str, par
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the consumer's to handle
     _die_with_parent()
     batch_scheduling(enabled=False)  # the coordinator's policy is inherited: undo it
+    if config.worker_nice:
+        os.nice(config.worker_nice)  # the training step goes first (see _tuning)
     if config.limit_threads:
         limit_threads()
     writer = SlotWriter(prefix)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from ._tuning import DEFAULT_WORKER_NICE
 from .order import LAST_BATCH_MODES, Order
 
 COLLATE_MODES = ("auto", "list")
@@ -57,6 +58,8 @@ class LoaderConfig:
     timeout: float | None
     retries: int
     limit_threads: bool = True
+    worker_nice: int = DEFAULT_WORKER_NICE  # how far workers step back from the training step (os.nice)
+    train_threads: str | int | None = "auto"  # the training framework's intra-op threads (see _tuning)
 
     @property
     def credit_step(self) -> int:
@@ -163,6 +166,8 @@ def make_config(
     timeout: Any = None,
     retries: Any = 1,
     limit_threads: Any = True,
+    worker_nice: Any = DEFAULT_WORKER_NICE,
+    train_threads: Any = "auto",
 ) -> LoaderConfig:
     """Validate the user's arguments and return the loader's configuration."""
     _check_sources(sources)
@@ -216,6 +221,11 @@ def make_config(
     retries = _need_int("retries", retries, 0, ">= 0 (times a batch is redone after its worker died)")
     if not isinstance(limit_threads, bool):
         raise TypeError(f"limit_threads must be True or False; got {limit_threads!r}")
+    worker_nice = _need_int("worker_nice", worker_nice, 0, "in [0, 19] (0: workers as urgent as the training loop)")
+    if worker_nice > 19:
+        raise ValueError(f"worker_nice must be an int in [0, 19]; got {worker_nice}")
+    if train_threads != "auto" and train_threads is not None:
+        train_threads = _need_int("train_threads", train_threads, 1, ">= 1, 'auto' or None")
     return LoaderConfig(
         sources=tuple(sources),
         batch_size=batch_size,
@@ -234,4 +244,6 @@ def make_config(
         timeout=timeout,
         retries=retries,
         limit_threads=limit_threads,
+        worker_nice=worker_nice,
+        train_threads=train_threads,
     )

@@ -29,6 +29,7 @@ from collections.abc import Callable, Generator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from ._tuning import DEFAULT_WORKER_NICE
 from .config import LoaderConfig, make_config
 from .errors import LoaderClosedError
 from .stats import Stats, StatsRecorder
@@ -89,6 +90,8 @@ class Loader:
         timeout: float | None = None,
         retries: int = 1,
         limit_threads: bool = True,
+        worker_nice: int = DEFAULT_WORKER_NICE,
+        train_threads: str | int | None = "auto",
     ):
         self._config: LoaderConfig = make_config(
             sources,
@@ -108,6 +111,8 @@ class Loader:
             timeout=timeout,
             retries=retries,
             limit_threads=limit_threads,
+            worker_nice=worker_nice,
+            train_threads=train_threads,
         )
         self._order = self._config.order()
         self._position = 0
