@@ -224,7 +224,12 @@ def _jpeg_stream(system: str, workers: int, options: dict[str, Any]) -> tuple[An
         generator = torch.Generator()
         generator.manual_seed(0)
         loader = DataLoader(
-            Files(), batch_size=JPEG_BATCH, shuffle=True, num_workers=workers, generator=generator, persistent_workers=True
+            Files(),
+            batch_size=JPEG_BATCH,
+            shuffle=True,
+            num_workers=workers,
+            generator=generator,
+            persistent_workers=True,
         )
 
         def endless() -> Any:

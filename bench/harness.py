@@ -42,7 +42,16 @@ SYSTEM_LABELS = {
 SECTION_ORDER = (
     "e2e-jpeg",
     "e2e-keras",
-    "cpu", "latency", "bigarray", "overhead", "epochs", "startup", "memory", "copy-on-read", "stats")
+    "cpu",
+    "latency",
+    "bigarray",
+    "overhead",
+    "epochs",
+    "startup",
+    "memory",
+    "copy-on-read",
+    "stats",
+)
 SECTION_TEXT = {
     "e2e-jpeg": (
         "End to end: JPEG files into a torch training step (`e2e`)",

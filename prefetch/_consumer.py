@@ -52,10 +52,10 @@ from ._protocol import (
     encode,
 )
 from ._shm import SlotReader, new_prefix, remove_stale_segments, share_sources, unlink_prefix
+from ._tuning import ThreadTuner
 from ._worker import BatchError, _uses_randomness, make_batch
 from .config import LoaderConfig
 from .errors import CoordinatorDiedError, WorkerDiedError, WorkerTimeoutError, annotate, describe_exit
-from ._tuning import ThreadTuner
 from .stats import Stats, StatsRecorder
 
 # How long the consumer waits in one go before checking the coordinator is alive.

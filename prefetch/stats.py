@@ -19,6 +19,12 @@ if TYPE_CHECKING:
     from ._protocol import Timings
 
 
+USS_NOTE = (
+    "(rss counts shared pages -- libraries, slots, sources -- in every process that maps them; uss_total "
+    "counts each process's own pages once, so it can be below one process's rss)"
+)
+
+
 @dataclass(frozen=True)
 class Stats:
     """A snapshot of a loader's figures since its current iteration started."""
@@ -86,8 +92,13 @@ class Stats:
         if note is not None:
             rows.append(("note", note))
         if "uss_total" in self.memory:
-            rows.append(("", "(rss counts shared pages -- libraries, slots, sources -- in every process that maps them; "
-                              "uss_total counts each process's own pages once, so it can be below one process's rss)"))
+            rows.append(
+                (
+                    "",
+                    "(rss counts shared pages -- libraries, slots, sources -- in every process that maps them; "
+                    "uss_total counts each process's own pages once, so it can be below one process's rss)",
+                )
+            )
         width = max(len(name) for name, _ in rows)
         return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
