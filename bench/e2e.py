@@ -196,6 +196,33 @@ def _cpu_seconds(pids: list[int]) -> dict[int, float]:
     return out
 
 
+def scheduler_figures(pids: list[int]) -> dict[int, list[float]]:
+    """Per process, summed over its threads: [CPU s, run-queue wait s, voluntary, involuntary switches].
+
+    From Linux's ``/proc/PID/task/TID/schedstat`` (ns on CPU, ns waiting runnable) and ``status``: how long
+    each process was ready to run but waited for a core, and how often it gave the core up or lost it.
+    """
+    figures: dict[int, list[float]] = {}
+    for pid in pids:
+        total = [0.0, 0.0, 0.0, 0.0]
+        try:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    on_cpu, waiting, _ = f.read().split()
+                total[0] += int(on_cpu) / 1e9
+                total[1] += int(waiting) / 1e9
+                with open(f"/proc/{pid}/task/{tid}/status") as f:
+                    for line in f:
+                        if line.startswith("voluntary_ctxt_switches"):
+                            total[2] += int(line.split()[1])
+                        elif line.startswith("nonvoluntary_ctxt_switches"):
+                            total[3] += int(line.split()[1])
+        except (OSError, ValueError):
+            continue
+        figures[pid] = total
+    return figures
+
+
 def _descendants() -> list[int]:
     import psutil
 
@@ -276,6 +303,7 @@ def run_jpeg(system: str, step: str, workers: int = 2, **options: Any) -> dict[s
             if train is not None:
                 train(x, y)
         pids = [os.getpid(), *_descendants()]
+        sched_before = scheduler_figures(pids)
         cpu_before = _cpu_seconds(pids)
         t0 = time.perf_counter()
         for _ in range(JPEG_TIMED_BATCHES):
@@ -284,13 +312,23 @@ def run_jpeg(system: str, step: str, workers: int = 2, **options: Any) -> dict[s
                 train(x, y)
         elapsed = time.perf_counter() - t0
         cpu_after = _cpu_seconds(pids)
+        sched_after = scheduler_figures(pids)
         loader = getattr(getattr(batches, "gi_frame", None), "f_locals", {}).get("self")
         if system == "prefetch" and loader is not None:
             info["stats"] = str(loader.stats())
     finally:
         close()
     cores = {str(pid): round((cpu_after[pid] - cpu_before.get(pid, 0.0)) / elapsed, 3) for pid in cpu_after}
+    per_batch = {  # per timed batch: ms on CPU, ms waiting for a core, voluntary and involuntary switches
+        "consumer" if pid == os.getpid() else str(pid): [
+            round((after - before) / JPEG_TIMED_BATCHES * (1e3 if k < 2 else 1), 1)
+            for k, (after, before) in enumerate(zip(sched_after[pid], sched_before[pid]))
+        ]
+        for pid in sched_after
+        if pid in sched_before
+    }
     return {
+        "sched_per_batch": per_batch,
         "images_per_s": JPEG_TIMED_BATCHES * JPEG_BATCH / elapsed,
         "first_batch_s": first_batch_s,
         "consumer_cores": cores.pop(str(os.getpid()), None),
