@@ -5,6 +5,14 @@ engine (``workers=0``), so both produce the same batches, and it can be tested
 without any process. ``worker_main`` is the loop around it in a worker process:
 take a ``Task`` from the coordinator, answer ``BatchReady`` or ``BatchFailed``,
 until ``Stop``, a closed pipe or the death of the coordinator.
+
+Every exception user code raises while a batch is made -- any ``BaseException`` subclass,
+``KeyboardInterrupt`` included (a worker ignores SIGINT, so there it can only come from user
+code) -- is packed into ``BatchFailed`` and raised in the consumer as itself, exactly as with
+``workers=0``; it is never mistaken for a worker crash, so user code never runs twice because of
+it. ``SystemExit`` is the one exception: ``sys.exit()`` in user code ends the worker process, like
+``os._exit()``, and is handled as a worker death (the batch is redone up to ``retries`` times, then
+``WorkerDiedError`` names the exit code).
 """
 
 from __future__ import annotations
@@ -103,7 +111,9 @@ def _transform_all(
                 samples[:position] = stack.rows_as_samples()  # does not match: collate the usual way
                 stack = None
             samples[position] = sample
-    except Exception as exc:
+    except SystemExit:  # sys.exit() in user code ends the worker: see the module docstring
+        raise
+    except BaseException as exc:  # any user exception, KeyboardInterrupt too
         where = f"transform of sample {int(indices[position])}"
         raise BatchError(Failure.capture(exc, where), exc) from exc
     return stack
@@ -136,7 +146,9 @@ def make_batch(config: LoaderConfig, indices: np.ndarray, alloc: Alloc = private
             else:
                 for index in indices.tolist():
                     samples.append(tuple(source[index] for source in sources))
-        except Exception as exc:
+        except SystemExit:  # sys.exit() in user code ends the worker: see the module docstring
+            raise
+        except BaseException as exc:  # any user exception, KeyboardInterrupt too
             raise BatchError(Failure.capture(exc, f"loading sample {index}"), exc) from exc
         clock.load = time.perf_counter() - start
         start = time.perf_counter()
@@ -150,14 +162,18 @@ def make_batch(config: LoaderConfig, indices: np.ndarray, alloc: Alloc = private
         else:
             try:
                 batch = _collate_fn(config)(samples, alloc)
-            except Exception as exc:
+            except SystemExit:  # sys.exit() in user code ends the worker: see the module docstring
+                raise
+            except BaseException as exc:  # any user exception, KeyboardInterrupt too
                 raise BatchError(Failure.capture(exc, f"collate of samples {indices.tolist()}"), exc) from exc
         clock.collate = time.perf_counter() - start
     if config.batch_transform is not None:
         start = time.perf_counter()
         try:
             batch = config.batch_transform(batch)
-        except Exception as exc:
+        except SystemExit:  # sys.exit() in user code ends the worker: see the module docstring
+            raise
+        except BaseException as exc:  # any user exception, KeyboardInterrupt too
             raise BatchError(Failure.capture(exc, f"batch_transform of samples {indices.tolist()}"), exc) from exc
         clock.transform += time.perf_counter() - start
     return batch, clock

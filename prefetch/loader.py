@@ -109,6 +109,9 @@ class Loader:
             retries=retries,
             limit_threads=limit_threads,
         )
+        from ._checks import check_picklable
+
+        check_picklable(self._config)  # spawn/forkserver: what the coordinator cannot receive fails here
         self._order = self._config.order()
         self._position = 0
         self._closed = False
@@ -209,7 +212,10 @@ class Loader:
 
         if self._config.workers == 0:
             return InlineEngine(self._config, self._position)
+        from ._checks import check_main_guarded
         from .doctor import preflight
+
+        check_main_guarded(self._config)  # spawn/forkserver from an unguarded script: say so, start nothing
 
         preflight(self._config)  # fails fast on a full /dev/shm; warns about threads before fork, ...
         return ProcessEngine(self._config, self._position)
