@@ -343,4 +343,5 @@ class ProcessEngine:
         self.control.close()
         self.results.close()
         self.ready.clear()
+        self.reader.close()  # unmapped now, or when the user drops the last batch still held
         unlink_prefix(self.prefix)

@@ -131,6 +131,13 @@ class _Mapping:
         self.view = np.frombuffer(mm, np.uint8)
         self.base = int(self.view.ctypes.data)
 
+    def close(self) -> None:
+        del self.view
+        try:
+            self.mm.close()
+        except BufferError:  # an array of a batch still views it: unmapped when that array goes
+            pass
+
 
 class BatchSpace:
     """The free space of one slot while a batch is written: a bump allocator that
@@ -243,6 +250,12 @@ class SlotWriter:
             self._maps[slot] = mapping
         return BatchSpace(mapping)
 
+    def close(self) -> None:
+        """Unmap every slot this writer keeps mapped (the segments themselves stay)."""
+        maps, self._maps = self._maps, {}
+        for mapping in maps.values():
+            mapping.close()
+
     def _create(self, slot: int, size: int, old: _Mapping | None) -> _Mapping:
         name = f"{self._prefix}{slot}-{os.getpid()}-{next(self._names)}"
         size = _align(size, PAGE_BYTES)
@@ -304,10 +317,25 @@ class SlotWriter:
 
 
 class SlotReader:
-    """The consumer's reader of slots; keeps each slot's segment mapped."""
+    """The consumer's reader of slots; keeps each slot's segment mapped until ``close``.
+
+    A mapping is shared by the reader (its cache) and by the arrays of every batch read from it
+    (their numpy base is the ``mmap``), so it is unmapped, and its descriptor closed, when both
+    have let go: ``close`` drops the cache and unmaps at once what no batch uses; a mapping a
+    batch the user holds still uses goes when the user drops the last array of that batch.
+    """
 
     def __init__(self) -> None:
         self._maps: dict[int, tuple[SegmentRef, mmap.mmap]] = {}
+
+    def close(self) -> None:
+        """Let go of every mapping (see the class docstring); the reader may still be used afterwards."""
+        maps, self._maps = self._maps, {}
+        for _, mm in maps.values():
+            try:
+                mm.close()
+            except BufferError:  # a batch the user holds views it: unmapped when that batch is dropped
+                pass
 
     def read(
         self,
@@ -325,6 +353,11 @@ class SlotReader:
             return pickle.loads(payload), None
         cached = self._maps.get(slot)
         if cached is None or cached[0] != segment:
+            if cached is not None:  # the slot grew into a new segment: let the old one go
+                try:
+                    cached[1].close()
+                except BufferError:  # still viewed by a held batch, unmapped when that goes
+                    pass
             cached = (segment, open_segment(segment))
             self._maps[slot] = cached
         if arrays is not None:

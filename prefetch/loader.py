@@ -196,15 +196,18 @@ class Loader:
                     running.owner = me
                     total = self._order.num_batches
                 assert running.engine is not None
-                batch = running.engine.next_batch()
-                self._position += 1
-                yield batch
-                del batch  # else this frame would keep the user's last batch, and its slot, alive
+                # No local name for the batch: a suspended generator would keep the user's last batch,
+                # and its slot and mapping, alive, even after close().
+                yield self._counted(running.engine.next_batch())
         finally:
             if self._running.owner is me:
                 self._running.stop()
             if owns_loader:
                 self.close()
+
+    def _counted(self, batch: Any) -> Any:
+        self._position += 1
+        return batch
 
     def _start_engine(self) -> InlineEngine | ProcessEngine:
         # Imported here: multiprocess (and dill) cost more to import than all the rest.
