@@ -258,7 +258,7 @@ class SlotWriter:
 
     def _create(self, slot: int, size: int, old: _Mapping | None) -> _Mapping:
         name = f"{self._prefix}{slot}-{os.getpid()}-{next(self._names)}"
-        size = _align(size, PAGE_BYTES)
+        size = max(_align(size, PAGE_BYTES), PAGE_BYTES)  # at least a page: a batch of 0-byte arrays still has a slot
         ref = SegmentRef(name, size)
         mapping = _Mapping(ref, create_segment(name, size))
         if old is not None:

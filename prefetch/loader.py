@@ -24,6 +24,7 @@ workers. ``docs/design.md`` tells the whole story, including shutdown.
 
 from __future__ import annotations
 
+import numbers
 import weakref
 from collections.abc import Callable, Generator
 from dataclasses import replace
@@ -249,6 +250,8 @@ class Loader:
                 )
         position = state["position"]
         total = self._order.num_batches
+        if isinstance(position, numbers.Integral) and not isinstance(position, bool):
+            position = int(position)  # e.g. an np.int64 from a saved array
         if not isinstance(position, int) or position < 0 or (total is not None and position > total):
             raise ValueError(f"state position {position!r} is outside this loader's {total} batches")
         self._running.stop()
