@@ -249,9 +249,10 @@ def make_config(
             raise TypeError(
                 f"timeout must be a number of seconds > 0 or None; got {timeout!r} ({type(timeout).__name__})"
             )
-        if not (math.isfinite(timeout) and timeout > 0):
+        seconds = float(timeout)
+        if not (math.isfinite(seconds) and seconds > 0):
             raise ValueError(f"timeout must be a finite number of seconds > 0 or None; got {timeout!r}")
-        timeout = float(timeout)
+        timeout = seconds
     retries = _need_int("retries", retries, 0, ">= 0 (times a batch is redone after its worker died)")
     if not isinstance(limit_threads, bool):
         raise TypeError(f"limit_threads must be True or False; got {limit_threads!r}")
