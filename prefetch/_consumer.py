@@ -53,6 +53,7 @@ from ._protocol import (
 )
 from ._shm import SlotReader, new_prefix, remove_stale_segments, share_sources, unlink_prefix
 from ._worker import BatchError, _uses_randomness, make_batch
+from .collate import SourceMemory
 from .config import LoaderConfig
 from .errors import CoordinatorDiedError, WorkerDiedError, WorkerTimeoutError, annotate, describe_exit
 from .stats import Stats, StatsRecorder
@@ -127,6 +128,7 @@ class InlineEngine:
         self.position = start
         self.recorder = StatsRecorder()
         self.randomness = _uses_randomness(config)
+        self.source_memory = SourceMemory(config.sources)  # batches must not alias the sources
 
     def next_batch(self) -> Any:
         batch_number = self.position
@@ -135,9 +137,9 @@ class InlineEngine:
         try:
             if self.randomness:
                 with _rng.seeded_in_caller(self.config.seed, batch_number):
-                    batch, _ = make_batch(self.config, indices)
+                    batch, _ = make_batch(self.config, indices, private=self.source_memory)
             else:
-                batch, _ = make_batch(self.config, indices)
+                batch, _ = make_batch(self.config, indices, private=self.source_memory)
         except BatchError as error:
             raise annotate(error.original, error.failure.where, batch_number) from error.original.__cause__
         self.position += 1

@@ -33,7 +33,7 @@ from . import _rng
 from ._channel import PipeReader, send
 from ._protocol import BatchFailed, BatchReady, FailureKind, Stop, Task, Timings
 from ._shm import SlotWriter
-from .collate import Alloc, StreamingStack, collate_auto, collate_list, private_alloc
+from .collate import Alloc, SourceMemory, StreamingStack, collate_auto, collate_list, private_alloc
 from .config import LoaderConfig
 from .errors import Failure
 
@@ -119,14 +119,22 @@ def _transform_all(
     return stack
 
 
-def make_batch(config: LoaderConfig, indices: np.ndarray, alloc: Alloc = private_alloc) -> tuple[Any, _Clock]:
+def make_batch(
+    config: LoaderConfig, indices: np.ndarray, alloc: Alloc = private_alloc, private: SourceMemory | None = None
+) -> tuple[Any, _Clock]:
     """Batch ``indices``: load each sample, transform it, collate, then ``batch_transform``.
 
     The caller seeds the random generators first. User-code exceptions come out as
-    ``BatchError`` naming the stage and the sample index.
+    ``BatchError`` naming the stage and the sample index. With ``private`` (the calling
+    process, ``workers=0``) the parts of the batch that alias a source are copied, as a
+    worker's slot would (see ``SourceMemory``); the whole-batch ``np.take`` never aliases.
     """
     clock = _Clock()
     sources = config.sources
+    safety = None
+    if private is not None:
+        safety = private.for_batch()
+        alloc = safety.alloc
     start = time.perf_counter()
     if _fast_path(config, sources):
         batch = _take(sources, indices, alloc)
@@ -150,6 +158,8 @@ def make_batch(config: LoaderConfig, indices: np.ndarray, alloc: Alloc = private
             raise
         except BaseException as exc:  # any user exception, KeyboardInterrupt too
             raise BatchError(Failure.capture(exc, f"loading sample {index}"), exc) from exc
+        if safety is not None:
+            safety.add(samples)  # before a transform replaces them
         clock.load = time.perf_counter() - start
         start = time.perf_counter()
         stacked = None
@@ -176,6 +186,8 @@ def make_batch(config: LoaderConfig, indices: np.ndarray, alloc: Alloc = private
         except BaseException as exc:  # any user exception, KeyboardInterrupt too
             raise BatchError(Failure.capture(exc, f"batch_transform of samples {indices.tolist()}"), exc) from exc
         clock.transform += time.perf_counter() - start
+    if safety is not None:
+        batch = safety.detach(batch)
     return batch, clock
 
 
