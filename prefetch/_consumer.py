@@ -19,7 +19,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
-import secrets
 import selectors
 import signal
 import threading
@@ -51,7 +50,7 @@ from ._protocol import (
     WorkerLost,
     encode,
 )
-from ._shm import SlotReader, new_prefix, remove_stale_segments, share_sources, unlink_prefix
+from ._shm import SlotReader, claim_prefix, remove_stale_segments, share_sources
 from ._worker import BatchError, _uses_randomness, make_batch
 from .collate import SourceMemory
 from .config import LoaderConfig
@@ -171,7 +170,8 @@ class ProcessEngine:
         self.closed = False
         self.coordinator_ready = False  # until it says its workers are started
         remove_stale_segments()
-        self.prefix = new_prefix(secrets.token_hex(4))
+        self.prefix_lock = claim_prefix()  # held until close(): marks this loader's segments as alive
+        self.prefix = self.prefix_lock.prefix
         ctx = multiprocess.get_context(config.start_method)
         if ctx.get_start_method() != "fork":
             config = replace(config, sources=share_sources(config.sources, self.prefix))
@@ -186,7 +186,7 @@ class ProcessEngine:
             with _sigint_ignored():  # a Ctrl-C while it boots is the consumer's alone
                 self.process.start()
         except BaseException:
-            unlink_prefix(self.prefix)
+            self.prefix_lock.release()
             raise
         finally:
             control_in.close()
@@ -346,4 +346,4 @@ class ProcessEngine:
         self.results.close()
         self.ready.clear()
         self.reader.close()  # unmapped now, or when the user drops the last batch still held
-        unlink_prefix(self.prefix)
+        self.prefix_lock.release()  # every segment, then the lock file

@@ -22,11 +22,13 @@ full ``/dev/shm`` fails at once with ``ENOSPC`` instead of a ``SIGBUS`` later.
 
 from __future__ import annotations
 
+import fcntl
 import io
 import math
 import mmap
 import os
 import pickle
+import secrets
 import tempfile
 from dataclasses import dataclass
 from itertools import count
@@ -92,25 +94,127 @@ def new_prefix(token: str) -> str:
     return f"{NAME_ROOT}{os.getpid()}-{token}-"
 
 
+# The file, beside a prefix's segments, whose flock says that their owner is alive.
+LOCK_NAME = "lock"
+# How many fresh tokens ``claim_prefix`` tries before it gives up (each try fails only if a
+# sweep in another process took the brand-new lock file in the instant before its flock).
+CLAIM_ATTEMPTS = 16
+
+
+class PrefixLock:
+    """The owner's claim on a prefix: an exclusive ``flock`` on ``<prefix>lock`` in the shm directory.
+
+    A process ID says nothing across PID namespaces (two containers sharing ``/dev/shm``), but
+    a lock does: the kernel holds it for the owner's open file, whatever namespace either side
+    is in, and drops it when the owner dies, however it dies. ``remove_stale_segments`` removes a
+    prefix's segments only once it can take the lock itself. Processes forked while the lock is
+    held (the coordinator and workers under fork) share it, so it lasts while any of them lives.
+    """
+
+    def __init__(self, prefix: str, fd: int):
+        self.prefix = prefix
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        """Unlink every segment of the prefix, then the lock file, then drop the lock. Idempotent."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            unlink_prefix(self.prefix)  # the lock file last: the segments are never left unclaimed
+        finally:
+            os.close(fd)
+
+    def __del__(self) -> None:  # an engine that failed while starting: release what it had
+        if getattr(self, "_fd", None) is not None:
+            self.release()
+
+
+def _is_file(fd: int, path: str) -> bool:
+    """Whether ``path`` still names the file open as ``fd`` (a sweep may have unlinked it)."""
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+def claim_prefix() -> PrefixLock:
+    """A fresh prefix for this process's segments, with its lock taken (before any segment exists)."""
+    for _ in range(CLAIM_ATTEMPTS):
+        prefix = new_prefix(secrets.token_hex(4))
+        path = _path(prefix + LOCK_NAME)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        except FileExistsError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            claimed = _is_file(fd, path)
+        except BlockingIOError:  # a sweep holds it for a moment: it will remove it
+            claimed = False
+        if claimed:
+            return PrefixLock(prefix, fd)
+        os.close(fd)
+    raise OSError(f"could not create a lock file for shared memory in {SHM_DIR}")
+
+
 def unlink_prefix(prefix: str) -> int:
-    """Unlink every segment whose name starts with ``prefix``; return how many."""
-    removed = 0
-    for name in os.listdir(SHM_DIR):
-        if name.startswith(prefix):
-            unlink_segment(name)
-            removed += 1
-    return removed
+    """Unlink every segment whose name starts with ``prefix`` (its lock file last); return how many."""
+    lock = prefix + LOCK_NAME
+    names = sorted((name for name in os.listdir(SHM_DIR) if name.startswith(prefix)), key=lambda name: name == lock)
+    for name in names:
+        unlink_segment(name)
+    return len(names)
+
+
+def _owner_prefix(name: str) -> tuple[str, str] | None:
+    """``(prefix, pid)`` of a segment name ``prefetch-<pid>-<token>-...``; None for other names."""
+    parts = name[len(NAME_ROOT) :].split("-", 2)
+    if not name.startswith(NAME_ROOT) or len(parts) < 3 or not parts[0].isdigit():
+        return None
+    return f"{NAME_ROOT}{parts[0]}-{parts[1]}-", parts[0]
+
+
+def _owner_is_gone(prefix: str) -> bool:
+    """Whether the lock of ``prefix`` can be taken (its owner died); a lock file that vanished
+    meanwhile means its owner is removing its segments itself."""
+    try:
+        fd = os.open(_path(prefix + LOCK_NAME), os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False
+    try:  # held until the segments and the lock file are gone, so that no other sweep races this one
+        unlink_prefix(prefix)
+    finally:
+        os.close(fd)
+    return True
 
 
 def remove_stale_segments() -> int:
-    """Unlink segments left by loaders whose consumer process is gone (e.g. SIGKILLed)."""
-    removed = 0
+    """Unlink segments left by owners that are gone (a consumer killed with SIGKILL, ...); return how many owners.
+
+    A prefix with a lock file is removed only when its lock can be taken (``PrefixLock``), which
+    works across PID namespaces. A prefix without one (left by an older version, or whose owner is
+    removing it right now) is removed when no process of its pid is visible here.
+    """
+    prefixes: dict[str, str] = {}
     for name in os.listdir(SHM_DIR):
-        if not name.startswith(NAME_ROOT):
-            continue
-        pid = name[len(NAME_ROOT) :].split("-", 1)[0]
-        if pid.isdigit() and not psutil.pid_exists(int(pid)):
-            unlink_segment(name)
+        owner = _owner_prefix(name)
+        if owner is not None:
+            prefixes[owner[0]] = owner[1]
+    removed = 0
+    for prefix, pid in prefixes.items():
+        if os.path.exists(_path(prefix + LOCK_NAME)):
+            if _owner_is_gone(prefix):
+                removed += 1
+        elif not psutil.pid_exists(int(pid)):
+            unlink_prefix(prefix)
             removed += 1
     return removed
 
