@@ -29,7 +29,7 @@ from .config import LoaderConfig
 # How much of a pickled option or source the construction check writes before it trusts the
 # rest: an unpicklable part usually fails at once (a generator, a connection, a lock), and the
 # bound keeps the check cheap for large Python-object sources (they are pickled for real at start).
-PICKLE_PROBE_BYTES = 1 << 20
+PICKLE_PROBE_BYTES = 64 * 1024
 # A pickling error's text can be a page long (dill's trace for a sqlite3.Connection): keep its start.
 REASON_MAX_CHARS = 200
 
