@@ -114,14 +114,18 @@ class PrefixLock:
     def __init__(self, prefix: str, fd: int):
         self.prefix = prefix
         self._fd: int | None = fd
+        self._owner_pid = os.getpid()
 
     def release(self) -> None:
-        """Unlink every segment of the prefix, then the lock file, then drop the lock. Idempotent."""
+        """Unlink every segment of the prefix, then the lock file, then drop the lock. Idempotent.
+        In a process forked from the owner (which has a copy of this object) it only closes that
+        process's copy of the descriptor: the segments are the owner's."""
         fd, self._fd = self._fd, None
         if fd is None:
             return
         try:
-            unlink_prefix(self.prefix)  # the lock file last: the segments are never left unclaimed
+            if os.getpid() == self._owner_pid:
+                unlink_prefix(self.prefix)  # the lock file last: the segments are never left unclaimed
         finally:
             os.close(fd)
 

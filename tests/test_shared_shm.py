@@ -190,3 +190,21 @@ def test_a_lock_whose_owner_is_gone_is_swept_with_its_segments():
         assert not any(name.startswith(prefix) for name in os.listdir(SHM_DIR))
     finally:
         os.waitpid(child, 0)
+
+
+def test_a_forked_child_dropping_its_copy_of_the_lock_leaves_the_owners_segments():
+    lock = claim_prefix()
+    segment = os.path.join(SHM_DIR, lock.prefix + "0-1-0")
+    open(segment, "wb").close()
+    try:
+        child = os.fork()
+        if child == 0:  # pragma: no cover - the child: what its interpreter's clean-up would do
+            lock.release()
+            os._exit(0)
+        os.waitpid(child, 0)
+        assert os.path.exists(segment) and os.path.exists(os.path.join(SHM_DIR, lock.prefix + LOCK_NAME))
+        remove_stale_segments()  # the owner's lock is still held: nothing is swept
+        assert os.path.exists(segment)
+    finally:
+        lock.release()
+    assert not any(name.startswith(lock.prefix) for name in os.listdir(SHM_DIR))
