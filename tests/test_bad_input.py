@@ -3,7 +3,6 @@ batch_size larger than the data, which works but warns once saying what happens.
 
 from __future__ import annotations
 
-import time
 import warnings
 
 import numpy as np
@@ -31,10 +30,9 @@ def test_zero_byte_samples_give_the_same_stream_with_workers(collate, transform,
     empty = np.zeros((N, 3, 0), dtype=np.float32)
     labels = np.arange(N)
     expected = stream(empty, labels, collate=collate, transform=transform, workers=0)
-    started = time.monotonic()
     got = stream(empty, labels, collate=collate, transform=transform, workers=2, start_method=start_method)
     assert got == expected
-    assert len(got) == 2 * N // 4 and time.monotonic() - started < 10
+    assert len(got) == 2 * N // 4
 
 
 INT_OPTIONS = {"batch_size": 4, "seed": 3, "epochs": 2, "rank": 1, "world_size": 2, "workers": 0, "prefetch": 3}
