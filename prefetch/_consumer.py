@@ -19,7 +19,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
-import secrets
 import selectors
 import signal
 import threading
@@ -51,9 +50,10 @@ from ._protocol import (
     WorkerLost,
     encode,
 )
-from ._shm import SlotReader, new_prefix, remove_stale_segments, share_sources, unlink_prefix
+from ._shm import SlotReader, claim_prefix, remove_stale_segments, share_sources
 from ._tuning import ThreadTuner
 from ._worker import BatchError, _uses_randomness, make_batch
+from .collate import SourceMemory
 from .config import LoaderConfig
 from .errors import CoordinatorDiedError, WorkerDiedError, WorkerTimeoutError, annotate, describe_exit
 from .stats import Stats, StatsRecorder
@@ -128,6 +128,7 @@ class InlineEngine:
         self.position = start
         self.recorder = StatsRecorder()
         self.randomness = _uses_randomness(config)
+        self.source_memory = SourceMemory(config.sources)  # batches must not alias the sources
 
     def next_batch(self) -> Any:
         batch_number = self.position
@@ -136,9 +137,9 @@ class InlineEngine:
         try:
             if self.randomness:
                 with _rng.seeded_in_caller(self.config.seed, batch_number):
-                    batch, _ = make_batch(self.config, indices)
+                    batch, _ = make_batch(self.config, indices, private=self.source_memory)
             else:
-                batch, _ = make_batch(self.config, indices)
+                batch, _ = make_batch(self.config, indices, private=self.source_memory)
         except BatchError as error:
             raise annotate(error.original, error.failure.where, batch_number) from error.original.__cause__
         self.position += 1
@@ -171,7 +172,8 @@ class ProcessEngine:
         self.coordinator_ready = False  # until it says its workers are started
         self.tuner = ThreadTuner.start(config.train_threads, config.workers)  # None: nothing to tune
         remove_stale_segments()
-        self.prefix = new_prefix(secrets.token_hex(4))
+        self.prefix_lock = claim_prefix()  # held until close(): marks this loader's segments as alive
+        self.prefix = self.prefix_lock.prefix
         ctx = multiprocess.get_context(config.start_method)
         if ctx.get_start_method() != "fork":
             config = replace(config, sources=share_sources(config.sources, self.prefix))
@@ -186,7 +188,7 @@ class ProcessEngine:
             with _sigint_ignored():  # a Ctrl-C while it boots is the consumer's alone
                 self.process.start()
         except BaseException:
-            unlink_prefix(self.prefix)
+            self.prefix_lock.release()
             raise
         finally:
             control_in.close()
@@ -358,4 +360,5 @@ class ProcessEngine:
         self.control.close()
         self.results.close()
         self.ready.clear()
-        unlink_prefix(self.prefix)
+        self.reader.close()  # unmapped now, or when the user drops the last batch still held
+        self.prefix_lock.release()  # every segment, then the lock file

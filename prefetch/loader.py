@@ -24,6 +24,7 @@ workers. ``docs/design.md`` tells the whole story, including shutdown.
 
 from __future__ import annotations
 
+import numbers
 import weakref
 from collections.abc import Callable, Generator
 from dataclasses import replace
@@ -114,6 +115,9 @@ class Loader:
             worker_nice=worker_nice,
             train_threads=train_threads,
         )
+        from ._checks import check_picklable
+
+        check_picklable(self._config)  # spawn/forkserver: what the coordinator cannot receive fails here
         self._order = self._config.order()
         self._position = 0
         self._closed = False
@@ -198,15 +202,18 @@ class Loader:
                     running.owner = me
                     total = self._order.num_batches
                 assert running.engine is not None
-                batch = running.engine.next_batch()
-                self._position += 1
-                yield batch
-                del batch  # else this frame would keep the user's last batch, and its slot, alive
+                # No local name for the batch: a suspended generator would keep the user's last batch,
+                # and its slot and mapping, alive, even after close().
+                yield self._counted(running.engine.next_batch())
         finally:
             if self._running.owner is me:
                 self._running.stop()
             if owns_loader:
                 self.close()
+
+    def _counted(self, batch: Any) -> Any:
+        self._position += 1
+        return batch
 
     def _start_engine(self) -> InlineEngine | ProcessEngine:
         # Imported here: multiprocess (and dill) cost more to import than all the rest.
@@ -214,7 +221,10 @@ class Loader:
 
         if self._config.workers == 0:
             return InlineEngine(self._config, self._position)
+        from ._checks import check_main_guarded
         from .doctor import preflight
+
+        check_main_guarded(self._config)  # spawn/forkserver from an unguarded script: say so, start nothing
 
         preflight(self._config)  # fails fast on a full /dev/shm; warns about threads before fork, ...
         return ProcessEngine(self._config, self._position)
@@ -245,6 +255,8 @@ class Loader:
                 )
         position = state["position"]
         total = self._order.num_batches
+        if isinstance(position, numbers.Integral) and not isinstance(position, bool):
+            position = int(position)  # e.g. an np.int64 from a saved array
         if not isinstance(position, int) or position < 0 or (total is not None and position > total):
             raise ValueError(f"state position {position!r} is outside this loader's {total} batches")
         self._running.stop()
