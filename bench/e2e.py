@@ -406,13 +406,17 @@ def run_keras(system: str, threads: str = "default", **options: Any) -> dict[str
 
         gen = prefetch.data_generator(KERAS_BATCH, x, y, shuffle=True, seed=0, transform=digits_augment, **options)
         close = gen.close
+    info: dict[str, Any] = {}
     try:
         model.fit(gen, steps_per_epoch=steps, epochs=KERAS_EPOCHS, verbose=0, callbacks=[Clock()])
+        loader = getattr(getattr(gen, "gi_frame", None), "f_locals", {}).get("self")
+        if loader is not None:
+            info["decisions"] = list(loader.stats().decisions)
     finally:
         close()
     total = time.perf_counter() - started
     epochs = [b - a for a, b in zip([started, *epoch_ends], epoch_ends)]
-    return {"s_per_epoch": total / KERAS_EPOCHS, "epoch_s": [round(e, 3) for e in epochs], "total_s": total}
+    return {"s_per_epoch": total / KERAS_EPOCHS, "epoch_s": [round(e, 3) for e in epochs], "total_s": total, **info}
 
 
 # --- runs in fresh processes, interleaved --------------------------------------------------------------------

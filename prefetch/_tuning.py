@@ -40,6 +40,9 @@ TUNE_ROUNDS = 2
 # The fewer threads are kept only if they make the loop at least this much faster: a noisy machine
 # must not talk the tuner into a change that is no real gain.
 TUNE_MIN_GAIN = 1.05
+# After one round, a difference this large either way is decided at once: the loop should not spend
+# more batches than needed in the slower setting.
+TUNE_CLEAR_GAIN = 1.25
 # When consumer and workers together use at least this share of the usable cores while the loop
 # is not waiting for data, they compete for them.
 CONTENTION_SHARE = 0.85
@@ -120,14 +123,20 @@ class ThreadTuner:
             threads = self._current_candidate()
             self.seconds[threads] = self.seconds.get(threads, 0.0) + now - self.window_started
             self.window += 1
-        if self.window == TUNE_ROUNDS * len(self.candidates):
+        if self.window == TUNE_ROUNDS * len(self.candidates) or self._clear_after_a_round():
             self._decide()
             return
         set_torch_threads(self._current_candidate())
         self.window_started = time.perf_counter()
 
+    def _clear_after_a_round(self) -> bool:
+        if self.window == 0 or self.window % len(self.candidates) or len(self.seconds) < 2:
+            return False
+        fastest, slowest = min(self.seconds.values()), max(self.seconds.values())
+        return slowest >= TUNE_CLEAR_GAIN * fastest
+
     def _decide(self) -> None:
-        batches = TUNE_ROUNDS * TUNE_WINDOW_BATCHES
+        batches = self.window // len(self.candidates) * TUNE_WINDOW_BATCHES  # per candidate
         rates = {t: batches / s for t, s in self.seconds.items()}
         best = max(rates, key=lambda t: rates[t])
         gain = rates[best] / rates[self.original]

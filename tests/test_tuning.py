@@ -20,7 +20,14 @@ from helpers import augment, fingerprint, loader_processes
 
 import prefetch
 from prefetch import _tuning
-from prefetch._tuning import TUNE_MIN_GAIN, TUNE_ROUNDS, TUNE_WARMUP_BATCHES, TUNE_WINDOW_BATCHES, ThreadTuner
+from prefetch._tuning import (
+    TUNE_CLEAR_GAIN,
+    TUNE_MIN_GAIN,
+    TUNE_ROUNDS,
+    TUNE_WARMUP_BATCHES,
+    TUNE_WINDOW_BATCHES,
+    ThreadTuner,
+)
 
 DATA = np.random.default_rng(3).random((96, 6)).astype(np.float32)
 LABELS = np.arange(96)
@@ -99,6 +106,18 @@ def test_tuner_measures_each_candidate_in_alternating_windows(monkeypatch, fake_
     run_tuner(monkeypatch, fake_torch, lambda threads: 0.1)
     measured = fake_torch.calls[: TUNE_ROUNDS * 2]
     assert measured == [2, 1] * TUNE_ROUNDS  # a, b, a, b: drift on the machine hits both alike
+
+
+def test_a_clear_difference_is_decided_after_one_round(monkeypatch, fake_torch):
+    tuner = run_tuner(monkeypatch, fake_torch, lambda threads: 0.10 if threads == 1 else 0.10 * TUNE_CLEAR_GAIN * 1.1)
+    assert fake_torch.calls == [2, 1, 1]  # one window each, then the decision: no second round in the slow setting
+    assert tuner.chosen == 1
+
+
+def test_a_close_difference_gets_every_round(monkeypatch, fake_torch):
+    tuner = run_tuner(monkeypatch, fake_torch, lambda threads: 0.10 if threads == 1 else 0.10 * (TUNE_CLEAR_GAIN - 0.1))
+    assert fake_torch.calls == [2, 1] * TUNE_ROUNDS + [1]
+    assert tuner.chosen == 1
 
 
 def test_tuner_ignores_batches_asked_from_another_thread(monkeypatch, fake_torch):
