@@ -194,11 +194,21 @@ class Coordinator:
         self._post(BatchFailed(batch, -1, indices, pid, kind, None, text))
 
     def _on_timed_out(self, batch: int) -> None:
+        """Kill the worker making the late ``batch``. The consumer waits for an answer: if no worker
+        has it (it should not happen), it fails now, so the consumer never blames the coordinator."""
         for worker in self.workers:
             if any(task.batch == batch for task in worker.tasks):
                 self.timed_out.add(batch)
                 worker.process.kill()  # the sentinel reports it next: _lose_worker
                 return
+        if batch in self.redo:
+            self.redo.remove(batch)
+        indices = list(self.order.batch_indices(batch).tolist())
+        text = (
+            f"batch {batch} (sample indices {indices}) was not ready within timeout={self.config.timeout}s, "
+            "and no worker was making it"
+        )
+        self._fail(batch, FailureKind.WORKER_TIMEOUT, os.getpid(), text)
 
     # --- dispatch -----------------------------------------------------------------------
 
