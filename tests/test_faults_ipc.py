@@ -23,6 +23,7 @@ import pytest
 from helpers import Fault, FaultyTransform, alive, all_gone, loader_processes, segments_of, wait_until
 
 import prefetch
+from prefetch._channel import Outbox
 
 TIMEOUT_S = 2.0
 # A fault the engine must see "at once": the time from the fault to the user's error.
@@ -34,6 +35,23 @@ BIG_BATCH = 10_000
 BIG_N = 6 * BIG_BATCH
 BIG_DATA = np.zeros((BIG_N, 1), dtype=np.float32)
 HUNG_SAMPLE = 2 * BIG_BATCH + 7  # in batch 2 (shuffle=False), after batches that go well
+
+
+def _raw_frames(fd: int, buffer: bytearray) -> list[bytes]:
+    """The whole frames that have arrived on ``fd`` (non-blocking), undecoded; ``buffer`` keeps a partial one."""
+    try:
+        buffer += os.read(fd, 1 << 16)
+    except BlockingIOError:
+        return []
+    frames, start = [], 0
+    while len(buffer) - start >= 4:
+        size = int.from_bytes(buffer[start : start + 4], "big")
+        if len(buffer) - start - 4 < size:
+            break
+        frames.append(bytes(buffer[start + 4 : start + 4 + size]))
+        start += 4 + size
+    del buffer[:start]
+    return frames
 
 
 def first_error(iterator) -> tuple[BaseException, float]:
@@ -49,6 +67,53 @@ def first_error(iterator) -> tuple[BaseException, float]:
 
 
 # --- 1. no process of the engine blocks on a write to another ----------------------------------------
+
+
+def test_an_outbox_never_blocks_and_delivers_every_frame_in_order():
+    """The mechanism: a pipe nobody reads fills up; ``put`` returns at once and keeps the rest, and
+    once the reader drains the pipe ``flush`` delivers everything, whole and in order."""
+    read_end, write_end = multiprocess.Pipe(duplex=False)
+    outbox = Outbox(write_end)
+    os.set_blocking(read_end.fileno(), False)
+    buffer = bytearray()
+    frames = [bytes([i % 251]) * 30_000 for i in range(8)]  # 240 KB: several pipes' worth
+    started = time.monotonic()
+    for frame in frames:
+        outbox.put(frame)
+    assert time.monotonic() - started < 0.5 and outbox.pending
+    got: list[bytes] = []
+    while len(got) < len(frames):
+        got += _raw_frames(read_end.fileno(), buffer)
+        outbox.flush()
+    assert got == frames and not outbox.pending
+    read_end.close()
+    with pytest.raises(BrokenPipeError):
+        outbox.put(b"nobody reads")
+    write_end.close()
+
+
+def test_a_private_outbox_keeps_frames_atomic_and_the_shared_descriptor_blocking():
+    """The coordinator's outbox on the results pipe: non-blocking on a description of its own (the
+    workers keep blocking writes on theirs), and a frame goes in whole or waits, never in part."""
+    read_end, write_end = multiprocess.Pipe(duplex=False)
+    outbox = Outbox(write_end, private=True)
+    assert outbox.fileno() != write_end.fileno() and os.get_blocking(write_end.fileno())
+    frames = [bytes([i]) * 4000 for i in range(40)]  # 160 KB, each frame just under PIPE_BUF
+    for frame in frames:
+        outbox.put(frame)
+    assert outbox.pending
+    os.set_blocking(read_end.fileno(), False)
+    buffer = bytearray()
+    got = _raw_frames(read_end.fileno(), buffer)
+    assert not buffer  # what the pipe took were whole frames only
+    while outbox.pending:
+        outbox.flush()
+        got += _raw_frames(read_end.fileno(), buffer)
+    got += _raw_frames(read_end.fileno(), buffer)
+    assert got == frames
+    outbox.close()
+    read_end.close()
+    write_end.close()
 
 
 @pytest.mark.timeout(30)
