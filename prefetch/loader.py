@@ -55,12 +55,12 @@ class _EngineSlot:
         self.engine: InlineEngine | ProcessEngine | None = None
         self.last: InlineEngine | ProcessEngine | None = None  # for stats() after it stopped
         self.owner: object | None = None  # the generator that started it
-        self.thread: int | None = None
+        self.thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
     def install(self, engine: InlineEngine | ProcessEngine, owner: object) -> None:
         with self._lock:
-            self.engine, self.owner, self.thread = engine, owner, threading.get_ident()
+            self.engine, self.owner, self.thread = engine, owner, threading.current_thread()
 
     def take(self) -> InlineEngine | ProcessEngine | None:
         """Remove the running engine (to close it); None if there is none."""
@@ -218,7 +218,7 @@ class Loader:
                     if running.owner is not me:
                         if self._newest_iterator is not me:
                             raise RuntimeError("this iterator was superseded by a newer iter(loader)")
-                        if running.owner is not None and running.thread != threading.get_ident():
+                        if self._owned_by_another_live_thread():
                             raise ConcurrentIterationError(
                                 "another thread is iterating this loader: a loader is iterated by one thread at "
                                 "a time (close that iteration first, give each thread its own Loader, or hand "
@@ -232,7 +232,7 @@ class Loader:
                         total = self._order.num_batches
                     engine = running.engine
                     assert engine is not None
-                    running.thread = threading.get_ident()
+                    running.thread = threading.current_thread()
                     batch = engine.next_batch()
                     self._position += 1
                 finally:
@@ -244,6 +244,17 @@ class Loader:
                 self._running.stop()
             if owns_loader:
                 self.close()
+
+    def _owned_by_another_live_thread(self) -> bool:
+        """Whether a generator that last ran in another thread, still alive, owns the engine."""
+        running = self._running
+        thread = running.thread
+        return (
+            running.owner is not None
+            and thread is not None
+            and thread is not threading.current_thread()
+            and thread.is_alive()
+        )
 
     def _take_turn(self) -> None:
         if not self._turn.acquire(blocking=False):

@@ -348,6 +348,26 @@ def test_a_second_thread_iterating_gets_a_clear_error_and_no_batch_is_lost_or_re
 
 
 @pytest.mark.timeout(30)
+def test_a_thread_may_take_over_from_a_thread_that_has_ended():
+    """Not concurrent: a generator left open by a thread that is gone is superseded, as in one thread."""
+    options = dict(batch_size=4, epochs=1, seed=3)
+    expected = expected_stream(**options)
+    loader = prefetch.Loader(np.arange(64), workers=2, **options)
+    left_open: list = []
+
+    def take_two() -> None:
+        iterator = iter(loader)
+        left_open.append((iterator, next(iterator).tolist(), next(iterator).tolist()))
+
+    thread = threading.Thread(target=take_two)
+    thread.start()
+    thread.join(20)
+    _, *first = left_open[0]
+    assert first + [batch.tolist() for batch in loader] == expected
+    loader.close()
+
+
+@pytest.mark.timeout(30)
 def test_a_second_thread_meeting_a_next_in_progress_gets_the_same_error(tmp_path):
     marker = tmp_path / "hanging"
     transform = FaultyTransform(Fault(9, "hang", str(marker)))  # batch 2 (shuffle=False) hangs
