@@ -24,27 +24,23 @@ same pipeline, restoring the caller's global random state after each batch.
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import os
 import secrets
 import selectors
-import signal
 import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
 import multiprocess
-import multiprocess.util
 import psutil
 
 from . import _rng
 from ._channel import Outbox, PipeReader
 from ._coordinator import coordinator_main
+from ._lifecycle import WakePipe, live_engines, sigint_ignored, wait_ended
 from ._protocol import (
     BatchFailed,
     BatchReady,
@@ -87,63 +83,8 @@ COORDINATOR_ANSWER_S = 0.5
 # How long close() waits for a next() that another thread is blocked in to notice it.
 BUSY_WAIT_S = 2.0
 
-_live_engines: weakref.WeakSet[ProcessEngine] = weakref.WeakSet()
-
 # What a selector key's data says the ready descriptor is.
 _RESULTS, _COORDINATOR_EXIT, _WAKE, _CONTROL_WRITABLE = "results", "coordinator exit", "wake", "control writable"
-
-
-def close_all_engines() -> None:
-    """Stop every running engine (at interpreter exit, before multiprocess joins its children)."""
-    for engine in list(_live_engines):
-        engine.close()
-
-
-# atexit runs hooks last-in, first-out: ours runs before multiprocess's own, which
-# would otherwise wait forever for a coordinator nobody told to stop.
-atexit.register(close_all_engines)
-
-
-def _forget_engines_in_forked_child() -> None:
-    """In a child that user code forked: the parent's engines are the parent's. Forget them, so
-    that nothing at this process's exit touches them -- neither our atexit hook nor
-    multiprocess's, which would try to join the parent's coordinators."""
-    children = getattr(multiprocess.process, "_children", None)
-    for engine in list(_live_engines):
-        if children is not None:
-            children.discard(engine.process)
-    _live_engines.clear()
-
-
-os.register_at_fork(after_in_child=_forget_engines_in_forked_child)
-
-
-def _wait_ended(processes: list[psutil.Process], timeout_s: float) -> None:
-    """Wait until every one of ``processes`` has ended. A zombie has: an orphaned worker stays one
-    until init reaps it, which may take a while (``psutil.wait_procs`` would wait for that too)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in processes):
-                return
-        except psutil.Error:
-            continue  # one ended while we looked: look again
-        time.sleep(0.01)
-
-
-@contextlib.contextmanager
-def _sigint_ignored() -> Iterator[None]:
-    """Ignore SIGINT while a child starts: a spawned interpreter inherits the disposition, so a
-    Ctrl-C during its start-up does not print a second traceback from the child. (Only the main
-    thread may change signal handlers; elsewhere this does nothing.)"""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 class _Leases:
@@ -224,8 +165,7 @@ class ProcessEngine:
         self.owner_pid = os.getpid()  # a forked child's copy of this engine must leave it alone
         self.busy = threading.Lock()  # held by next_batch: close() from another thread waits for it
         self.close_lock = threading.Lock()
-        self.interrupted = False  # set by close() to wake a next_batch blocked in another thread
-        self.wake_lock = threading.Lock()  # interrupt() never writes to a descriptor close() closed
+        self.wake = WakePipe()  # close() in another thread wakes a blocked next_batch through it
         self.coordinator_acts = 0  # messages from the coordinator itself: it is alive and acting
         remove_stale_segments()
         self.prefix = new_prefix(secrets.token_hex(4))
@@ -240,7 +180,7 @@ class ProcessEngine:
             name="prefetch-coordinator",
         )
         try:
-            with _sigint_ignored():  # a Ctrl-C while it boots is the consumer's alone
+            with sigint_ignored():  # a Ctrl-C while it boots is the consumer's alone
                 self.process.start()
         except BaseException:
             unlink_prefix(self.prefix)
@@ -250,14 +190,12 @@ class ProcessEngine:
             results_out.close()
         self.reader_pipe = PipeReader(self.results)
         self.control_out = Outbox(self.control)
-        self.wake_read, self.wake_write = os.pipe()
-        os.set_blocking(self.wake_write, False)
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.reader_pipe.fileno(), selectors.EVENT_READ, _RESULTS)
         self.selector.register(self.process.sentinel, selectors.EVENT_READ, _COORDINATOR_EXIT)
-        self.selector.register(self.wake_read, selectors.EVENT_READ, _WAKE)
+        self.selector.register(self.wake.fileno(), selectors.EVENT_READ, _WAKE)
         self.watching_control = False
-        _live_engines.add(self)
+        live_engines.add(self)
 
     # --- talking to the coordinator -----------------------------------------------------
 
@@ -321,7 +259,7 @@ class ProcessEngine:
         workers = self._worker_processes()
         self.process.kill()
         self.process.join(COORDINATOR_JOIN_TIMEOUT_S)
-        _wait_ended(workers, COORDINATOR_JOIN_TIMEOUT_S)  # they die with it (PR_SET_PDEATHSIG)
+        wait_ended(workers, COORDINATOR_JOIN_TIMEOUT_S)  # they die with it (PR_SET_PDEATHSIG)
         raise CoordinatorTimeoutError(
             f"batch {batch} was not ready within timeout={self.config.timeout}s, and the coordinator process "
             f"(pid {pid}, state: {state}) did not act on it within {COORDINATOR_ANSWER_S}s; it was killed "
@@ -376,7 +314,7 @@ class ProcessEngine:
                     self._flush_control()
                 elif key.data is _COORDINATOR_EXIT:
                     coordinator_exited = True
-            if self.interrupted:
+            if self.wake.woken:
                 raise LoaderClosedError(
                     f"the loader was closed (from another thread, or at exit) while waiting for batch {batch}"
                 )
@@ -406,19 +344,12 @@ class ProcessEngine:
 
     def interrupt(self) -> None:
         """Wake a ``next_batch`` blocked in another thread: it raises ``LoaderClosedError`` (any thread)."""
-        with self.wake_lock:
-            self.interrupted = True
-            if self.closed:  # its descriptors are closed: nothing waits on them
-                return
-            try:
-                os.write(self.wake_write, b"!")
-            except OSError:  # already woken: the pipe is full
-                pass
+        self.wake.wake()
 
     def next_batch(self) -> Any:
         """The next batch in order (blocks until it is ready)."""
         with self.busy:
-            if self.interrupted:
+            if self.wake.woken:
                 raise LoaderClosedError("the loader was closed (from another thread, or at exit)")
             return self._next_batch()
 
@@ -489,9 +420,8 @@ class ProcessEngine:
                     self.busy.release()
 
     def _shut_down(self) -> None:
-        with self.wake_lock:
-            self.closed = True
-        _live_engines.discard(self)
+        self.closed = True
+        live_engines.discard(self)
         try:
             self.control_out.put(encode(Stop()))
         except OSError:  # the coordinator is gone already
@@ -501,11 +431,10 @@ class ProcessEngine:
             workers = self._worker_processes()
             self.process.kill()
             self.process.join(COORDINATOR_JOIN_TIMEOUT_S)
-            _wait_ended(workers, COORDINATOR_JOIN_TIMEOUT_S)  # they die with their parent
+            wait_ended(workers, COORDINATOR_JOIN_TIMEOUT_S)  # they die with their parent
         self.selector.close()
         self.control.close()
         self.results.close()
-        os.close(self.wake_read)
-        os.close(self.wake_write)
+        self.wake.close()
         self.ready.clear()
         unlink_prefix(self.prefix)
