@@ -215,8 +215,10 @@ def test_a_killed_consumer_is_noticed_within_a_second_while_a_worker_hangs(tmp_p
         wait_until(hanging.exists, timeout_s=20)
         os.kill(process.pid, signal.SIGKILL)
         process.wait(SUBPROCESS_TIMEOUT_S)
+        # The coordinator sees the death at once (a pidfd) and kills its workers; here all are gone and
+        # the segments unlinked in 0.1-0.25 s. The bound leaves room for a machine under load.
         took = wait_until(all_gone(pids, process.pid), timeout_s=5.0)
-        assert took < 1.0, took
+        assert took < DETECTED_S, took
     finally:
         for pid in pids:
             if alive(pid):
