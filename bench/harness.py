@@ -39,8 +39,36 @@ SYSTEM_LABELS = {
     "torch-tensor": "torch DataLoader, tensor collate",
     "prefetch": "prefetch",
 }
-SECTION_ORDER = ("cpu", "latency", "bigarray", "overhead", "epochs", "startup", "memory", "copy-on-read", "stats")
+SECTION_ORDER = (
+    "e2e-jpeg",
+    "e2e-keras",
+    "cpu",
+    "latency",
+    "bigarray",
+    "overhead",
+    "epochs",
+    "startup",
+    "memory",
+    "copy-on-read",
+    "stats",
+)
 SECTION_TEXT = {
+    "e2e-jpeg": (
+        "End to end: JPEG files into a torch training step (`e2e`)",
+        "What a user gets. JPEG files (500x400, q90) -> Pillow decode -> RandomResizedCrop(224) -> flip -> uint8 "
+        "batches of 64, consumed by a small torch CNN's SGD step at torch's default threads, at 1 thread, or by "
+        "nothing (the loader alone). Each system's run is a fresh process; systems interleaved round after round. "
+        "DataLoader: num_workers=2, persistent workers; prefetch: all defaults (2 workers here). Images/s over 20 "
+        "batches after 30 warm-up batches (which cover prefetch's measurement of the training threads); first "
+        "batch = from constructing the loader to holding batch 0; loop / worker cores = CPU seconds per wall second "
+        "of the training process and of its children.",
+    ),
+    "e2e-keras": (
+        "End to end: Keras fit, the seed's use case (`e2e`)",
+        "Keras fit (torch backend, all defaults) for 3 epochs of 48 steps: 8x8 digits upsampled to 32x32, a ~1 ms/"
+        "sample numpy augmentation (pad/crop, flip, noise, blur), a small CNN, batch 32; the seed's plain generator "
+        "against prefetch.data_generator with all defaults. Wall time per epoch, first epoch (start-up) included.",
+    ),
     "startup": (
         "Start-up",
         "Fresh subprocess per round. `import` = time of the import statement alone. First batch = from "

@@ -25,7 +25,6 @@ same pipeline, restoring the caller's global random state after each batch.
 from __future__ import annotations
 
 import os
-import secrets
 import selectors
 import threading
 import time
@@ -55,8 +54,10 @@ from ._protocol import (
     WorkerLost,
     encode,
 )
-from ._shm import SlotReader, new_prefix, remove_stale_segments, share_sources, unlink_prefix
+from ._shm import SlotReader, claim_prefix, remove_stale_segments, share_sources
+from ._tuning import ThreadTuner
 from ._worker import BatchError, _uses_randomness, make_batch
+from .collate import SourceMemory
 from .config import LoaderConfig
 from .errors import (
     CoordinatorDiedError,
@@ -121,6 +122,7 @@ class InlineEngine:
         self.position = start
         self.recorder = StatsRecorder()
         self.randomness = _uses_randomness(config)
+        self.source_memory = SourceMemory(config.sources)  # batches must not alias the sources
 
     def next_batch(self) -> Any:
         batch_number = self.position
@@ -129,9 +131,9 @@ class InlineEngine:
         try:
             if self.randomness:
                 with _rng.seeded_in_caller(self.config.seed, batch_number):
-                    batch, _ = make_batch(self.config, indices)
+                    batch, _ = make_batch(self.config, indices, private=self.source_memory)
             else:
-                batch, _ = make_batch(self.config, indices)
+                batch, _ = make_batch(self.config, indices, private=self.source_memory)
         except BatchError as error:
             raise annotate(error.original, error.failure.where, batch_number) from error.original.__cause__
         self.position += 1
@@ -167,8 +169,10 @@ class ProcessEngine:
         self.close_lock = threading.Lock()
         self.wake = WakePipe()  # close() in another thread wakes a blocked next_batch through it
         self.coordinator_acts = 0  # messages from the coordinator itself: it is alive and acting
+        self.tuner = ThreadTuner.start(config.train_threads, config.workers)  # None: nothing to tune
         remove_stale_segments()
-        self.prefix = new_prefix(secrets.token_hex(4))
+        self.prefix_lock = claim_prefix()  # held until close(): marks this loader's segments as alive
+        self.prefix = self.prefix_lock.prefix
         ctx = multiprocess.get_context(config.start_method)
         if ctx.get_start_method() != "fork":
             config = replace(config, sources=share_sources(config.sources, self.prefix))
@@ -183,7 +187,7 @@ class ProcessEngine:
             with sigint_ignored():  # a Ctrl-C while it boots is the consumer's alone
                 self.process.start()
         except BaseException:
-            unlink_prefix(self.prefix)
+            self.prefix_lock.release()
             raise
         finally:
             control_in.close()
@@ -360,6 +364,8 @@ class ProcessEngine:
         # still bound to the loop variable while this one is fetched).
         if self.position - self.sent_position >= self.credit_step:
             self._flush()
+        if self.tuner is not None:
+            self.tuner.tick()
         fill = len(self.ready)
         self._drain()
         waited = self._wait_for(self.position) if self.position not in self.ready else 0.0
@@ -396,8 +402,23 @@ class ProcessEngine:
     def worker_pids(self) -> list[int]:
         return [process.pid for process in self._worker_processes()]
 
+    def decisions(self) -> tuple[str, ...]:
+        """What the engine decided about sharing the cores with the training step, and why."""
+        made = []
+        if self.config.worker_nice:
+            made.append(f"workers at nice +{self.config.worker_nice}: the training step goes first (worker_nice)")
+        if self.tuner is not None and self.tuner.decision:
+            made.append(self.tuner.decision)
+        return tuple(made)
+
     def stats(self) -> Stats:
-        return self.recorder.snapshot(self.worker_pids(), self.process.pid)
+        return self.recorder.snapshot(self.worker_pids(), self.process.pid, self.decisions())
+
+    def forget_in_forked_child(self) -> None:
+        """In a child forked from the owner: close only this process's copy of the prefix lock's
+        descriptor (its ``release`` does nothing more outside the owner), so that nothing of the
+        parent's is left for this process's exit to clean up."""
+        self.prefix_lock.release()
 
     def close(self) -> None:
         """Stop the coordinator and its workers and unlink every segment; idempotent, from any thread.
@@ -422,6 +443,8 @@ class ProcessEngine:
     def _shut_down(self) -> None:
         self.closed = True
         live_engines.discard(self)
+        if self.tuner is not None:
+            self.tuner.restore()
         try:
             self.control_out.put(encode(Stop()))
         except OSError:  # the coordinator is gone already
@@ -437,4 +460,5 @@ class ProcessEngine:
         self.results.close()
         self.wake.close()
         self.ready.clear()
-        unlink_prefix(self.prefix)
+        self.reader.close()  # unmapped now, or when the user drops the last batch still held
+        self.prefix_lock.release()  # every segment, then the lock file

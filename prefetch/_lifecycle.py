@@ -46,6 +46,7 @@ def _forget_engines_in_forked_child() -> None:
     for engine in list(live_engines):
         if children is not None:
             children.discard(engine.process)
+        engine.forget_in_forked_child()
     live_engines.clear()
 
 

@@ -22,11 +22,13 @@ full ``/dev/shm`` fails at once with ``ENOSPC`` instead of a ``SIGBUS`` later.
 
 from __future__ import annotations
 
+import fcntl
 import io
 import math
 import mmap
 import os
 import pickle
+import secrets
 import tempfile
 from dataclasses import dataclass
 from itertools import count
@@ -92,25 +94,131 @@ def new_prefix(token: str) -> str:
     return f"{NAME_ROOT}{os.getpid()}-{token}-"
 
 
+# The file, beside a prefix's segments, whose flock says that their owner is alive.
+LOCK_NAME = "lock"
+# How many fresh tokens ``claim_prefix`` tries before it gives up (each try fails only if a
+# sweep in another process took the brand-new lock file in the instant before its flock).
+CLAIM_ATTEMPTS = 16
+
+
+class PrefixLock:
+    """The owner's claim on a prefix: an exclusive ``flock`` on ``<prefix>lock`` in the shm directory.
+
+    A process ID says nothing across PID namespaces (two containers sharing ``/dev/shm``), but
+    a lock does: the kernel holds it for the owner's open file, whatever namespace either side
+    is in, and drops it when the owner dies, however it dies. ``remove_stale_segments`` removes a
+    prefix's segments only once it can take the lock itself. Processes forked while the lock is
+    held (the coordinator and workers under fork) share it, so it lasts while any of them lives.
+    """
+
+    def __init__(self, prefix: str, fd: int):
+        self.prefix = prefix
+        self._fd: int | None = fd
+        self._owner_pid = os.getpid()
+
+    def release(self) -> None:
+        """Unlink every segment of the prefix, then the lock file, then drop the lock. Idempotent.
+        In a process forked from the owner (which has a copy of this object) it only closes that
+        process's copy of the descriptor: the segments are the owner's."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            if os.getpid() == self._owner_pid:
+                unlink_prefix(self.prefix)  # the lock file last: the segments are never left unclaimed
+        finally:
+            os.close(fd)
+
+    def __del__(self) -> None:  # an engine that failed while starting: release what it had
+        if getattr(self, "_fd", None) is not None:
+            self.release()
+
+
+def _is_file(fd: int, path: str) -> bool:
+    """Whether ``path`` still names the file open as ``fd`` (a sweep may have unlinked it)."""
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+def claim_prefix() -> PrefixLock:
+    """A fresh prefix for this process's segments, with its lock taken (before any segment exists)."""
+    for _ in range(CLAIM_ATTEMPTS):
+        prefix = new_prefix(secrets.token_hex(4))
+        path = _path(prefix + LOCK_NAME)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        except FileExistsError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            claimed = _is_file(fd, path)
+        except BlockingIOError:  # a sweep holds it for a moment: it will remove it
+            claimed = False
+        if claimed:
+            return PrefixLock(prefix, fd)
+        os.close(fd)
+    raise OSError(f"could not create a lock file for shared memory in {SHM_DIR}")
+
+
 def unlink_prefix(prefix: str) -> int:
-    """Unlink every segment whose name starts with ``prefix``; return how many."""
-    removed = 0
-    for name in os.listdir(SHM_DIR):
-        if name.startswith(prefix):
-            unlink_segment(name)
-            removed += 1
-    return removed
+    """Unlink every segment whose name starts with ``prefix`` (its lock file last); return how many."""
+    lock = prefix + LOCK_NAME
+    names = sorted((name for name in os.listdir(SHM_DIR) if name.startswith(prefix)), key=lambda name: name == lock)
+    for name in names:
+        unlink_segment(name)
+    return len(names)
+
+
+def _owner_prefix(name: str) -> tuple[str, str] | None:
+    """``(prefix, pid)`` of a segment name ``prefetch-<pid>-<token>-...``; None for other names."""
+    parts = name[len(NAME_ROOT) :].split("-", 2)
+    if not name.startswith(NAME_ROOT) or len(parts) < 3 or not parts[0].isdigit():
+        return None
+    return f"{NAME_ROOT}{parts[0]}-{parts[1]}-", parts[0]
+
+
+def _owner_is_gone(prefix: str) -> bool:
+    """Whether the lock of ``prefix`` can be taken (its owner died); a lock file that vanished
+    meanwhile means its owner is removing its segments itself."""
+    try:
+        fd = os.open(_path(prefix + LOCK_NAME), os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False
+    try:  # held until the segments and the lock file are gone, so that no other sweep races this one
+        unlink_prefix(prefix)
+    finally:
+        os.close(fd)
+    return True
 
 
 def remove_stale_segments() -> int:
-    """Unlink segments left by loaders whose consumer process is gone (e.g. SIGKILLed)."""
-    removed = 0
+    """Unlink segments left by owners that are gone (a consumer killed with SIGKILL, ...); return how many owners.
+
+    A prefix with a lock file is removed only when its lock can be taken (``PrefixLock``), which
+    works across PID namespaces. A prefix without one (left by an older version, or whose owner is
+    removing it right now) is removed when no process of its pid is visible here.
+    """
+    prefixes: dict[str, str] = {}
     for name in os.listdir(SHM_DIR):
-        if not name.startswith(NAME_ROOT):
-            continue
-        pid = name[len(NAME_ROOT) :].split("-", 1)[0]
-        if pid.isdigit() and not psutil.pid_exists(int(pid)):
-            unlink_segment(name)
+        owner = _owner_prefix(name)
+        if owner is not None:
+            prefixes[owner[0]] = owner[1]
+    removed = 0
+    for prefix, pid in prefixes.items():
+        if os.path.exists(_path(prefix + LOCK_NAME)):
+            if _owner_is_gone(prefix):
+                removed += 1
+        elif not psutil.pid_exists(int(pid)):
+            unlink_prefix(prefix)
             removed += 1
     return removed
 
@@ -130,6 +238,13 @@ class _Mapping:
         self.mm = mm
         self.view = np.frombuffer(mm, np.uint8)
         self.base = int(self.view.ctypes.data)
+
+    def close(self) -> None:
+        del self.view
+        try:
+            self.mm.close()
+        except BufferError:  # an array of a batch still views it: unmapped when that array goes
+            pass
 
 
 class BatchSpace:
@@ -243,9 +358,15 @@ class SlotWriter:
             self._maps[slot] = mapping
         return BatchSpace(mapping)
 
+    def close(self) -> None:
+        """Unmap every slot this writer keeps mapped (the segments themselves stay)."""
+        maps, self._maps = self._maps, {}
+        for mapping in maps.values():
+            mapping.close()
+
     def _create(self, slot: int, size: int, old: _Mapping | None) -> _Mapping:
         name = f"{self._prefix}{slot}-{os.getpid()}-{next(self._names)}"
-        size = _align(size, PAGE_BYTES)
+        size = max(_align(size, PAGE_BYTES), PAGE_BYTES)  # at least a page: a batch of 0-byte arrays still has a slot
         ref = SegmentRef(name, size)
         mapping = _Mapping(ref, create_segment(name, size))
         if old is not None:
@@ -304,10 +425,25 @@ class SlotWriter:
 
 
 class SlotReader:
-    """The consumer's reader of slots; keeps each slot's segment mapped."""
+    """The consumer's reader of slots; keeps each slot's segment mapped until ``close``.
+
+    A mapping is shared by the reader (its cache) and by the arrays of every batch read from it
+    (their numpy base is the ``mmap``), so it is unmapped, and its descriptor closed, when both
+    have let go: ``close`` drops the cache and unmaps at once what no batch uses; a mapping a
+    batch the user holds still uses goes when the user drops the last array of that batch.
+    """
 
     def __init__(self) -> None:
         self._maps: dict[int, tuple[SegmentRef, mmap.mmap]] = {}
+
+    def close(self) -> None:
+        """Let go of every mapping (see the class docstring); the reader may still be used afterwards."""
+        maps, self._maps = self._maps, {}
+        for _, mm in maps.values():
+            try:
+                mm.close()
+            except BufferError:  # a batch the user holds views it: unmapped when that batch is dropped
+                pass
 
     def read(
         self,
@@ -325,6 +461,11 @@ class SlotReader:
             return pickle.loads(payload), None
         cached = self._maps.get(slot)
         if cached is None or cached[0] != segment:
+            if cached is not None:  # the slot grew into a new segment: let the old one go
+                try:
+                    cached[1].close()
+                except BufferError:  # still viewed by a held batch, unmapped when that goes
+                    pass
             cached = (segment, open_segment(segment))
             self._maps[slot] = cached
         if arrays is not None:

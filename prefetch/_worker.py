@@ -6,6 +6,14 @@ without any process. ``worker_main`` is the loop around it in a worker process:
 take a ``Task`` from the coordinator, answer ``BatchReady`` or ``BatchFailed``,
 until ``Stop``, a closed pipe or the death of the coordinator.
 
+Every exception user code raises while a batch is made -- any ``BaseException`` subclass,
+``KeyboardInterrupt`` included (a worker ignores SIGINT, so there it can only come from user
+code) -- is packed into ``BatchFailed`` and raised in the consumer as itself, exactly as with
+``workers=0``; it is never mistaken for a worker crash, so user code never runs twice because of
+it. ``SystemExit`` is the one exception: ``sys.exit()`` in user code ends the worker process, like
+``os._exit()``, and is handled as a worker death (the batch is redone up to ``retries`` times, then
+``WorkerDiedError`` names the exit code).
+
 A worker reads its task pipe only between batches; the coordinator never waits for
 it to (its writes are queued in an ``Outbox``). The worker's own answers are plain
 atomic writes to the results pipe: one waits only while the consumer has not read
@@ -32,7 +40,7 @@ from . import _rng
 from ._channel import PipeReader, send
 from ._protocol import BatchFailed, BatchReady, FailureKind, Stop, Task, Timings
 from ._shm import SlotWriter
-from .collate import Alloc, StreamingStack, collate_auto, collate_list, private_alloc
+from .collate import Alloc, SourceMemory, StreamingStack, collate_auto, collate_list, private_alloc
 from .config import LoaderConfig
 from .errors import Failure
 
@@ -110,20 +118,30 @@ def _transform_all(
                 samples[:position] = stack.rows_as_samples()  # does not match: collate the usual way
                 stack = None
             samples[position] = sample
-    except Exception as exc:
+    except SystemExit:  # sys.exit() in user code ends the worker: see the module docstring
+        raise
+    except BaseException as exc:  # any user exception, KeyboardInterrupt too
         where = f"transform of sample {int(indices[position])}"
         raise BatchError(Failure.capture(exc, where), exc) from exc
     return stack
 
 
-def make_batch(config: LoaderConfig, indices: np.ndarray, alloc: Alloc = private_alloc) -> tuple[Any, _Clock]:
+def make_batch(
+    config: LoaderConfig, indices: np.ndarray, alloc: Alloc = private_alloc, private: SourceMemory | None = None
+) -> tuple[Any, _Clock]:
     """Batch ``indices``: load each sample, transform it, collate, then ``batch_transform``.
 
     The caller seeds the random generators first. User-code exceptions come out as
-    ``BatchError`` naming the stage and the sample index.
+    ``BatchError`` naming the stage and the sample index. With ``private`` (the calling
+    process, ``workers=0``) the parts of the batch that alias a source are copied, as a
+    worker's slot would (see ``SourceMemory``); the whole-batch ``np.take`` never aliases.
     """
     clock = _Clock()
     sources = config.sources
+    safety = None
+    if private is not None:
+        safety = private.for_batch()
+        alloc = safety.alloc
     start = time.perf_counter()
     if _fast_path(config, sources):
         batch = _take(sources, indices, alloc)
@@ -143,8 +161,12 @@ def make_batch(config: LoaderConfig, indices: np.ndarray, alloc: Alloc = private
             else:
                 for index in indices.tolist():
                     samples.append(tuple(source[index] for source in sources))
-        except Exception as exc:
+        except SystemExit:  # sys.exit() in user code ends the worker: see the module docstring
+            raise
+        except BaseException as exc:  # any user exception, KeyboardInterrupt too
             raise BatchError(Failure.capture(exc, f"loading sample {index}"), exc) from exc
+        if safety is not None:
+            safety.add(samples)  # before a transform replaces them
         clock.load = time.perf_counter() - start
         start = time.perf_counter()
         stacked = None
@@ -157,16 +179,22 @@ def make_batch(config: LoaderConfig, indices: np.ndarray, alloc: Alloc = private
         else:
             try:
                 batch = _collate_fn(config)(samples, alloc)
-            except Exception as exc:
+            except SystemExit:  # sys.exit() in user code ends the worker: see the module docstring
+                raise
+            except BaseException as exc:  # any user exception, KeyboardInterrupt too
                 raise BatchError(Failure.capture(exc, f"collate of samples {indices.tolist()}"), exc) from exc
         clock.collate = time.perf_counter() - start
     if config.batch_transform is not None:
         start = time.perf_counter()
         try:
             batch = config.batch_transform(batch)
-        except Exception as exc:
+        except SystemExit:  # sys.exit() in user code ends the worker: see the module docstring
+            raise
+        except BaseException as exc:  # any user exception, KeyboardInterrupt too
             raise BatchError(Failure.capture(exc, f"batch_transform of samples {indices.tolist()}"), exc) from exc
         clock.transform += time.perf_counter() - start
+    if safety is not None:
+        batch = safety.detach(batch)
     return batch, clock
 
 
@@ -252,6 +280,8 @@ def worker_main(tasks: Any, results: Any, config: LoaderConfig, prefix: str, par
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the consumer's to handle
     _die_with_parent()
     batch_scheduling(enabled=False)  # the coordinator's policy is inherited: undo it
+    if config.worker_nice:
+        os.nice(config.worker_nice)  # the training step goes first (see _tuning)
     if config.limit_threads:
         limit_threads()
     writer = SlotWriter(prefix)

@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from .errors import Failure, WorkerDiedError, describe_exit
 
 if TYPE_CHECKING:
-    from ._shm import SlotReader
+    from ._shm import PrefixLock, SlotReader
 
 __all__ = ["background"]
 
@@ -186,16 +186,15 @@ class _Producer:
     """The consumer's handle on the producer process; stopping it is idempotent and also runs at exit."""
 
     def __init__(self, source: Any, make: bool, depth: int):
-        import secrets  # lazily, like the rest of the engine: `import prefetch` stays fast
-
         import multiprocess
 
-        from ._shm import new_prefix, remove_stale_segments
+        from ._shm import claim_prefix, remove_stale_segments
 
         remove_stale_segments()  # left by consumers that were killed (their producers clean up too)
 
         context = multiprocess.get_context("fork" if _fork_available() else "spawn")
-        self.prefix = new_prefix(secrets.token_hex(4))
+        prefix_lock = claim_prefix()  # marks the segments as alive until _stop (see _shm.PrefixLock)
+        self.prefix = prefix_lock.prefix
         self.conn, child_conn = context.Pipe(duplex=True)
         self.process = context.Process(
             target=_produce,
@@ -206,7 +205,7 @@ class _Producer:
         self.process.start()
         child_conn.close()
         self.items = 0
-        self._stop = weakref.finalize(self, _stop, self.process, self.conn, self.prefix)
+        self._stop = weakref.finalize(self, _stop, self.process, self.conn, prefix_lock)
 
     def next_item(self, reader: SlotReader) -> tuple[bool, Any]:
         """``(True, item)``, or ``(False, None)`` once the iterable is exhausted."""
@@ -245,10 +244,8 @@ class _Producer:
         self._stop()
 
 
-def _stop(process: Any, conn: Any, prefix: str) -> None:
-    """Tell the producer to stop, escalate to kill, then unlink every segment it made."""
-    from ._shm import unlink_prefix
-
+def _stop(process: Any, conn: Any, prefix_lock: PrefixLock) -> None:
+    """Tell the producer to stop, escalate to kill, then unlink every segment it made, and the lock."""
     with contextlib.suppress(OSError, ValueError):
         conn.send(Stop())
     process.join(JOIN_TIMEOUT_S)
@@ -257,7 +254,7 @@ def _stop(process: Any, conn: Any, prefix: str) -> None:
         process.join(JOIN_TIMEOUT_S)
     with contextlib.suppress(OSError):
         conn.close()
-    unlink_prefix(prefix)
+    prefix_lock.release()
 
 
 def background(iterable: Iterable[Any] | Callable[[], Iterable[Any]], depth: int = 2) -> Generator[Any, None, None]:

@@ -8,11 +8,16 @@ accepted -- never later inside a worker.
 from __future__ import annotations
 
 import math
+import numbers
 import os
+import sys
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from ._tuning import DEFAULT_WORKER_NICE
+from .errors import PrefetchWarning
 from .order import LAST_BATCH_MODES, Order
 
 COLLATE_MODES = ("auto", "list")
@@ -57,6 +62,8 @@ class LoaderConfig:
     timeout: float | None
     retries: int
     limit_threads: bool = True
+    worker_nice: int = DEFAULT_WORKER_NICE  # how far workers step back from the training step (os.nice)
+    train_threads: str | int | None = "auto"  # the training framework's intra-op threads (see _tuning)
 
     @property
     def credit_step(self) -> int:
@@ -108,7 +115,8 @@ def _start_methods() -> list[str]:
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """Any integer (``int``, ``np.int64``, ``np.uint8``, ...: every ``numbers.Integral``), but not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _need_int(name: str, value: Any, minimum: int, what: str) -> int:
@@ -117,6 +125,36 @@ def _need_int(name: str, value: Any, minimum: int, what: str) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be an int {what}; got {value!r}")
     return int(value)
+
+
+def _caller_outside_prefetch() -> int:
+    """The ``stacklevel`` that makes a warning point at the user's line, not at prefetch's own."""
+    package = os.path.dirname(__file__)
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and os.path.dirname(frame.f_code.co_filename) == package:
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _warn_batch_larger_than_shard(batch_size: int, shard: int, world_size: int, rank: int, **stream: Any) -> None:
+    """Warn (once, at construction) that a batch cannot be made of distinct samples of one epoch."""
+    last_batch, epochs = stream["last_batch"], stream["epochs"]
+    what = "the data" if world_size == 1 else f"rank {rank}'s shard"
+    if last_batch == "short":
+        happens = f"with last_batch='short' every batch is a whole epoch of {shard} samples, not {batch_size}"
+    elif epochs is not None and epochs * shard <= batch_size:
+        happens = f"the whole stream (epochs={epochs}) is {epochs * shard} samples: one short batch of that many"
+    else:
+        happens = (
+            "with last_batch='wrap' each batch is completed from the next epochs, so it holds some samples "
+            "more than once"
+        )
+    warnings.warn(
+        f"batch_size={batch_size} is larger than the {shard} samples of {what}: {happens}. "
+        f"Use batch_size <= {shard} to get batches of distinct samples.",
+        PrefetchWarning,
+        stacklevel=_caller_outside_prefetch(),
+    )
 
 
 def _need_callable(name: str, value: Any) -> Any:
@@ -163,6 +201,8 @@ def make_config(
     timeout: Any = None,
     retries: Any = 1,
     limit_threads: Any = True,
+    worker_nice: Any = DEFAULT_WORKER_NICE,
+    train_threads: Any = "auto",
 ) -> LoaderConfig:
     """Validate the user's arguments and return the loader's configuration."""
     _check_sources(sources)
@@ -193,6 +233,10 @@ def make_config(
             f"last_batch='drop' with batch_size={batch_size} larger than the {n // world_size} samples of "
             "this rank's shard would never yield a batch; use a smaller batch_size or last_batch='short'/'wrap'"
         )
+    if batch_size > n // world_size:
+        _warn_batch_larger_than_shard(
+            batch_size, n // world_size, world_size, rank, last_batch=last_batch, epochs=epochs
+        )
     transform = _need_callable("transform", transform)
     batch_transform = _need_callable("batch_transform", batch_transform)
     if not callable(collate) and collate not in COLLATE_MODES:
@@ -206,16 +250,22 @@ def make_config(
         accepted = ", ".join(map(repr, _start_methods()))
         raise ValueError(f"start_method must be None or one of {accepted} on this platform; got {start_method!r}")
     if timeout is not None:
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
             raise TypeError(
                 f"timeout must be a number of seconds > 0 or None; got {timeout!r} ({type(timeout).__name__})"
             )
-        if not (math.isfinite(timeout) and timeout > 0):
+        seconds = float(timeout)
+        if not (math.isfinite(seconds) and seconds > 0):
             raise ValueError(f"timeout must be a finite number of seconds > 0 or None; got {timeout!r}")
-        timeout = float(timeout)
+        timeout = seconds
     retries = _need_int("retries", retries, 0, ">= 0 (times a batch is redone after its worker died)")
     if not isinstance(limit_threads, bool):
         raise TypeError(f"limit_threads must be True or False; got {limit_threads!r}")
+    worker_nice = _need_int("worker_nice", worker_nice, 0, "in [0, 19] (0: workers as urgent as the training loop)")
+    if worker_nice > 19:
+        raise ValueError(f"worker_nice must be an int in [0, 19]; got {worker_nice}")
+    if train_threads != "auto" and train_threads is not None:
+        train_threads = _need_int("train_threads", train_threads, 1, ">= 1, 'auto' or None")
     return LoaderConfig(
         sources=tuple(sources),
         batch_size=batch_size,
@@ -234,4 +284,6 @@ def make_config(
         timeout=timeout,
         retries=retries,
         limit_threads=limit_threads,
+        worker_nice=worker_nice,
+        train_threads=train_threads,
     )

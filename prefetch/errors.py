@@ -127,7 +127,7 @@ class Failure:
             dill.loads(pickled)  # a class that pickles but cannot be rebuilt is no use to the consumer
         except Exception:
             pickled = None
-        return cls(type(exc).__qualname__, str(exc), tb, pickled, where)
+        return cls(type(exc).__qualname__, safe_text(exc), tb, pickled, where)
 
     def to_exception(self, batch: int, indices: tuple[int, ...], pid: int | None) -> BaseException:
         """The exception the consumer raises: the original type, or ``RemoteError``."""
@@ -152,6 +152,15 @@ class Failure:
         exc.__cause__ = RemoteTraceback(self.traceback)
         exc.add_note(note)
         return exc
+
+
+def safe_text(exc: BaseException) -> str:
+    """``str(exc)``, or a placeholder when the exception's own ``__str__`` raises: the user's
+    exception must still reach the consumer as itself, never as the error of its ``__str__``."""
+    try:
+        return str(exc)
+    except Exception as problem:
+        return f"<{type(exc).__qualname__}.__str__ raised {type(problem).__qualname__}>"
 
 
 def where_text(where: str) -> str:

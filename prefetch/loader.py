@@ -24,12 +24,14 @@ workers. ``docs/design.md`` tells the whole story, including shutdown.
 
 from __future__ import annotations
 
+import numbers
 import threading
 import weakref
 from collections.abc import Callable, Generator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from ._tuning import DEFAULT_WORKER_NICE
 from .config import LoaderConfig, make_config
 from .errors import ConcurrentIterationError, LoaderClosedError
 from .stats import Stats, StatsRecorder
@@ -111,6 +113,8 @@ class Loader:
         timeout: float | None = None,
         retries: int = 1,
         limit_threads: bool = True,
+        worker_nice: int = DEFAULT_WORKER_NICE,
+        train_threads: str | int | None = "auto",
     ):
         self._config: LoaderConfig = make_config(
             sources,
@@ -130,7 +134,12 @@ class Loader:
             timeout=timeout,
             retries=retries,
             limit_threads=limit_threads,
+            worker_nice=worker_nice,
+            train_threads=train_threads,
         )
+        from ._checks import check_picklable
+
+        check_picklable(self._config)  # spawn/forkserver: what the coordinator cannot receive fails here
         self._order = self._config.order()
         self._position = 0
         self._closed = False
@@ -230,15 +239,15 @@ class Loader:
                             running.stop()
                             self._check_open()
                         total = self._order.num_batches
-                    engine = running.engine
-                    assert engine is not None
+                    assert running.engine is not None
                     running.thread = threading.current_thread()
-                    batch = engine.next_batch()
+                    made = [running.engine.next_batch()]
                     self._position += 1
                 finally:
                     self._turn.release()
-                yield batch
-                del batch  # else this frame would keep the user's last batch, and its slot, alive
+                # Popped as it is yielded: no local keeps the user's last batch (and its slot and
+                # mapping) alive while the generator is suspended, even after close().
+                yield made.pop()
         finally:
             if self._running.owner is me:
                 self._running.stop()
@@ -269,7 +278,10 @@ class Loader:
 
         if self._config.workers == 0:
             return InlineEngine(self._config, self._position)
+        from ._checks import check_main_guarded
         from .doctor import preflight
+
+        check_main_guarded(self._config)  # spawn/forkserver from an unguarded script: say so, start nothing
 
         preflight(self._config)  # fails fast on a full /dev/shm; warns about threads before fork, ...
         return ProcessEngine(self._config, self._position)
@@ -300,6 +312,8 @@ class Loader:
                 )
         position = state["position"]
         total = self._order.num_batches
+        if isinstance(position, numbers.Integral) and not isinstance(position, bool):
+            position = int(position)  # e.g. an np.int64 from a saved array
         if not isinstance(position, int) or position < 0 or (total is not None and position > total):
             raise ValueError(f"state position {position!r} is outside this loader's {total} batches")
         self._take_turn()

@@ -19,6 +19,12 @@ if TYPE_CHECKING:
     from ._protocol import Timings
 
 
+USS_NOTE = (
+    "(rss counts shared pages -- libraries, slots, sources -- in every process that maps them; uss_total "
+    "counts each process's own pages once, so it can be below one process's rss)"
+)
+
+
 @dataclass(frozen=True)
 class Stats:
     """A snapshot of a loader's figures since its current iteration started."""
@@ -40,6 +46,21 @@ class Stats:
     # role ("consumer", "coordinator", "worker <pid>") -> RSS bytes; and "uss_total", memory unique to
     # any of these processes (shared pages counted once), where the system lets us read it
     memory: dict[str, int] = field(default_factory=dict)
+    # Sharing the cores with the training step (see ``_tuning``): cores this process may use, CPU seconds
+    # per wall second of the consumer's process (the training step and its threads included) and of the
+    # workers together, the consumer's OS threads, and what the engine decided about them and why.
+    cores: int = 0
+    consumer_cpu: float = 0.0
+    workers_cpu: float = 0.0
+    consumer_threads: int = 0
+    decisions: tuple[str, ...] = ()
+
+    @property
+    def contention(self) -> str | None:
+        """Whether the training step and the workers compete for the cores, in words (None: they don't)."""
+        from ._tuning import contention
+
+        return contention(self.cores, self.consumer_cpu, self.workers_cpu, self.wait_fraction, self.consumer_threads)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,7 +81,24 @@ class Stats:
             ("buffer fill", f"mean {self.mean_fill:.1f}, max {self.max_fill}"),
             ("worker restarts", str(self.restarts)),
             ("memory", memory),
+            (
+                "cpu",
+                f"loop {self.consumer_cpu:.2f} cores ({self.consumer_threads} threads), "
+                f"workers {self.workers_cpu:.2f} cores, of {self.cores} usable",
+            ),
         ]
+        rows += [("decided", decision) for decision in self.decisions]
+        note = self.contention
+        if note is not None:
+            rows.append(("note", note))
+        if "uss_total" in self.memory:
+            rows.append(
+                (
+                    "",
+                    "(rss counts shared pages -- libraries, slots, sources -- in every process that maps them; "
+                    "uss_total counts each process's own pages once, so it can be below one process's rss)",
+                )
+            )
         width = max(len(name) for name, _ in rows)
         return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
@@ -78,6 +116,7 @@ class StatsRecorder:
         self.fill_sum = 0
         self.fill_max = 0
         self.restarts = 0
+        self.cpu_started = time.process_time()  # this process's CPU, every thread of it
 
     def delivered(self, samples: int, waited_s: float, fill: int, timings: Timings | None, pid: int | None) -> None:
         self.batches += 1
@@ -92,7 +131,9 @@ class StatsRecorder:
             if pid is not None:
                 self.busy_s[pid] += sum(stages)
 
-    def snapshot(self, worker_pids: list[int], coordinator_pid: int | None) -> Stats:
+    def snapshot(self, worker_pids: list[int], coordinator_pid: int | None, decisions: tuple[str, ...] = ()) -> Stats:
+        from .config import usable_cores
+
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         per_batch = [s / self.batches if self.batches else 0.0 for s in self.stage_s]
         busy = {pid: min(1.0, self.busy_s.get(pid, 0.0) / elapsed) for pid in worker_pids}
@@ -114,7 +155,35 @@ class StatsRecorder:
             max_fill=self.fill_max,
             restarts=self.restarts,
             memory=_memory(worker_pids, coordinator_pid),
+            cores=usable_cores(),
+            consumer_cpu=(time.process_time() - self.cpu_started) / elapsed,
+            workers_cpu=_cpu_seconds(worker_pids) / elapsed,
+            consumer_threads=_thread_count(),
+            decisions=decisions,
         )
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        try:
+            times = psutil.Process(pid).cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def _thread_count() -> int:
+    """OS threads of this process (the training framework's pools included, which ``threading`` misses)."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:  # pragma: no cover - not Linux
+        import threading
+
+        return threading.active_count()
 
 
 def _memory(worker_pids: list[int], coordinator_pid: int | None) -> dict[str, int]:

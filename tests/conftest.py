@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 import psutil
@@ -33,6 +34,27 @@ def _segments() -> set[str]:
     return {name for name in os.listdir(SHM_DIR) if name.startswith(mine)}
 
 
+def _mapped_segments() -> set[str]:
+    """Lines of /proc/self/maps that map a prefetch segment (its file may be unlinked already)."""
+    root = os.path.join(SHM_DIR, NAME_ROOT)
+    with open("/proc/self/maps") as maps:
+        return {line.split(None, 5)[-1].strip() for line in maps if root in line}
+
+
+def _segment_descriptors() -> set[str]:
+    """This process's open descriptors to a prefetch segment, as 'fd -> path'."""
+    root = os.path.join(SHM_DIR, NAME_ROOT)
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # the descriptor listdir itself used, now closed
+            continue
+        if target.startswith(root):
+            found.add(f"{fd} -> {target}")
+    return found
+
+
 def pytest_configure(config):
     # pytest-timeout (timeout_method = "thread") runs a timer thread during every test: the
     # pre-flight check rightly warns about threads before fork, but not about that one.
@@ -43,10 +65,17 @@ def pytest_configure(config):
 
 @pytest.fixture(autouse=True)
 def no_leaks():
-    """Fail a test that leaves a child process or a new /dev/shm segment behind."""
+    """Fail a test that leaves a child process, a new /dev/shm segment, or a mapping of or a
+    descriptor to a segment in this process behind. (A test that keeps batches on purpose drops
+    them when it returns: its locals are gone by then.)"""
     before_children = {p.pid for p in _children()}
     before_segments = _segments()
+    before_mapped = _mapped_segments()
+    before_descriptors = _segment_descriptors()
     yield
+    gc.collect()  # batches in reference cycles (a traceback kept by pytest.raises, ...)
+    mapped = _mapped_segments() - before_mapped
+    descriptors = _segment_descriptors() - before_descriptors
     new = [p for p in _children() if p.pid not in before_children]
     _, alive = psutil.wait_procs(new, timeout=EXIT_GRACE_S)
     for process in alive:
@@ -56,3 +85,5 @@ def no_leaks():
         os.unlink(os.path.join(SHM_DIR, name))
     assert not alive, f"child processes left running: {[p.pid for p in alive]}"
     assert not leaked, f"shared-memory segments left in {SHM_DIR}: {sorted(leaked)}"
+    assert not mapped, f"segments still mapped in this process: {sorted(mapped)}"
+    assert not descriptors, f"descriptors to segments still open in this process: {sorted(descriptors)}"

@@ -10,6 +10,9 @@ import pytest
 
 import prefetch
 
+# Most cases use batch_size=32 on 10 samples: the warning that says so is tested in test_bad_input.py.
+pytestmark = pytest.mark.filterwarnings("ignore:batch_size=.* is larger than:prefetch.PrefetchWarning")
+
 X = np.arange(20, dtype=np.float32).reshape(10, 2)
 Y = np.arange(10)
 

@@ -39,6 +39,7 @@ from helpers import (
     faulty_pipeline,
     fingerprint,
 )
+from hostile import Database, HoldsGenerator, RaiseOnce, StrRaises, UserInterrupt
 
 import prefetch
 from prefetch._coordinator import Coordinator
@@ -293,3 +294,101 @@ def test_a_worker_dead_but_not_yet_noticed_is_not_sent_a_task(tmp_path, monkeypa
     with prefetch.Loader(data, np.arange(40), workers=1, start_method="fork", transform=transform, **options) as loader:
         got = [fingerprint(batch) for batch in loader]
     assert got == expected and (tmp_path / "died").exists()
+
+
+# --- issue 10: errors that lost their type or blamed the wrong thing ----------------------------------
+# Exceptions with a broken ``__str__`` or that are not ``Exception`` subclasses keep their type and run
+# once; a spawn script without a ``__main__`` guard and an unpicklable option fail early, saying what to
+# change. Each row also checks the time taken; the autouse fixture checks that nothing is left behind.
+
+FAULT_REPORT_S = 2.0
+
+
+@pytest.mark.parametrize(
+    ("workers", "start_method"), [(0, None), (WORKERS, "fork"), (WORKERS, "spawn")], ids=["inline", "fork", "spawn"]
+)
+@pytest.mark.parametrize("kind", [StrRaises, UserInterrupt], ids=["str_raises", "base_exception"])
+def test_an_odd_user_exception_keeps_its_type_and_user_code_runs_once(tmp_path, kind, workers, start_method):
+    transform = RaiseOnce(BAD, kind, str(tmp_path / "calls"))
+    sources, _ = faulty_pipeline("transform", DATA, None)
+    options = {"batch_size": BATCH_SIZE, "epochs": 1, "seed": SEED, "workers": workers, "transform": transform}
+    if start_method is not None:
+        options["start_method"] = start_method
+    with prefetch.Loader(*sources, **options) as loader:
+        iterator = iter(loader)
+        for _ in range(bad_batch()):
+            next(iterator)
+        started = time.monotonic()
+        with pytest.raises(kind) as info:
+            next(iterator)
+        waited = time.monotonic() - started
+    assert type(info.value) is kind
+    assert f"sample {BAD} of batch {bad_batch()}" in notes(info.value), notes(info.value)
+    assert transform.calls() == 1  # never mistaken for a crash and redone
+    assert waited < FAULT_REPORT_S
+    if workers:
+        assert "raise self.kind" in str(info.value.__cause__)
+        assert kind.__name__ in str(info.value.__cause__)
+
+
+MAIN_SCRIPT = """
+import numpy as np
+import prefetch
+
+def main():
+    loader = prefetch.Loader(np.arange(20), batch_size=4, epochs=1, workers=1, start_method={method!r})
+    print(sum(int(b.sum()) for b in loader))
+
+{entry}
+"""
+
+
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+@pytest.mark.parametrize("guarded", [False, True], ids=["unguarded", "guarded"])
+def test_a_spawn_script_without_a_main_guard_is_told_what_to_change(tmp_path, start_method, guarded):
+    import subprocess
+    import sys
+
+    entry = 'if __name__ == "__main__":\n    main()' if guarded else "main()"
+    script = tmp_path / "train.py"
+    script.write_text(MAIN_SCRIPT.format(method=start_method, entry=entry))
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(prefetch.__file__))}
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=30, env=env)
+    took = time.monotonic() - started
+    if guarded:
+        assert done.returncode == 0 and done.stdout.strip() == str(sum(range(20))), done.stderr
+        return
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("RuntimeError:"), done.stderr
+    assert 'if __name__ == "__main__":' in last and f"{script} (line 9)" in last and start_method in last
+    assert "CoordinatorDiedError" not in done.stderr and "bootstrapping" not in done.stderr
+    assert took < FAULT_REPORT_S + 1.0  # one interpreter start-up with numpy, and no coordinator at all
+
+
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+@pytest.mark.parametrize(
+    ("where", "make"),
+    [
+        ("transform", lambda: ((DATA,), {"transform": HoldsGenerator()})),
+        ("batch_transform", lambda: ((DATA,), {"batch_transform": HoldsGenerator()})),
+        ("collate", lambda: ((DATA,), {"collate": HoldsGenerator()})),
+        ("source 1", lambda: ((DATA, Database(N)), {})),
+    ],
+    ids=["transform", "batch_transform", "collate", "source"],
+)
+def test_an_unpicklable_option_fails_at_construction_naming_it(start_method, where, make):
+    sources, options = make()
+    started = time.monotonic()
+    with pytest.raises(TypeError) as info:
+        prefetch.Loader(*sources, batch_size=BATCH_SIZE, workers=WORKERS, start_method=start_method, **options)
+    assert time.monotonic() - started < FAULT_REPORT_S
+    text = str(info.value)
+    assert text.startswith(f"{where} (") and "cannot be pickled" in text, text
+    assert ("'generator'" in text) if where != "source 1" else ("sqlite3.Connection" in text)
+    assert "start_method='fork'" in text and len(text) < 500 and "\n" not in text
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    # the same options are fine where nothing is pickled
+    for fine in ({"workers": 0}, {"workers": WORKERS, "start_method": "fork"}):
+        prefetch.Loader(*sources, batch_size=BATCH_SIZE, **{**options, **fine}).close()

@@ -10,7 +10,7 @@ import pytest
 from helpers import CountingSource
 
 import prefetch
-from prefetch._shm import SHM_DIR
+from prefetch._shm import LOCK_NAME, SHM_DIR
 
 
 @pytest.mark.parametrize(("workers", "depth"), [(2, 2), (3, 5)])
@@ -65,7 +65,8 @@ def test_yielded_arrays_are_writable_numpy_arrays():
 def _slots_in_use() -> int:
     """Segments of this process's loaders that hold batches (a grown slot's old segment is unlinked)."""
     prefix = f"prefetch-{os.getpid()}-"
-    return sum(1 for name in os.listdir(SHM_DIR) if name.startswith(prefix) and "spill" not in name)
+    slots = (name for name in os.listdir(SHM_DIR) if name.startswith(prefix) and "spill" not in name)
+    return sum(1 for name in slots if not name.endswith(f"-{LOCK_NAME}"))  # the lock file holds no batch
 
 
 @pytest.mark.parametrize("drop_each_batch", [False, True])

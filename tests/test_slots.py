@@ -16,9 +16,12 @@ DTYPES = ["float32", ">f4", "bool", "int8", "uint64", "complex64", "datetime64[m
 @pytest.fixture
 def slot_io():
     prefix = new_prefix("slottest")
+    writer, reader = SlotWriter(prefix), SlotReader()
     try:
-        yield SlotWriter(prefix), SlotReader()
+        yield writer, reader
     finally:
+        writer.close()
+        reader.close()
         unlink_prefix(prefix)
 
 

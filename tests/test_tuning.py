@@ -1,0 +1,200 @@
+"""Sharing the cores with the training step: every decision leaves the batch stream unchanged.
+
+The decisions (``_tuning``): workers raise their nice value (``worker_nice``), and with ``train_threads="auto"``
+the consumer measures the training framework's intra-op threads and keeps the faster setting. The tuner is
+tested without processes on a fake clock and a fake ``torch``; the stream is then compared, byte for byte,
+with tuning on and off while the tuner really changes the threads mid-run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import threading
+import types
+
+import numpy as np
+import psutil
+import pytest
+from helpers import augment, fingerprint, loader_processes
+
+import prefetch
+from prefetch import _tuning
+from prefetch._tuning import TUNE_MIN_GAIN, TUNE_ROUNDS, TUNE_WARMUP_BATCHES, TUNE_WINDOW_BATCHES, ThreadTuner
+
+DATA = np.random.default_rng(3).random((96, 6)).astype(np.float32)
+LABELS = np.arange(96)
+# Batches the tuner needs to decide: its warm-up, then every window of every candidate.
+TUNING_BATCHES = TUNE_WARMUP_BATCHES + TUNE_ROUNDS * 2 * TUNE_WINDOW_BATCHES
+
+
+class FakeTorch(types.ModuleType):
+    """Stands in for ``torch`` in ``sys.modules``: intra-op threads, and every change made to them."""
+
+    def __init__(self, threads: int):
+        super().__init__("torch")
+        self.threads = threads
+        self.calls: list[int] = []
+
+    def get_num_threads(self) -> int:
+        return self.threads
+
+    def set_num_threads(self, threads: int) -> None:
+        self.calls.append(threads)
+        self.threads = threads
+
+
+@pytest.fixture
+def fake_torch(monkeypatch):
+    torch = FakeTorch(threads=2)
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    return torch
+
+
+class FakeClock:
+    """``time.perf_counter`` for the tuner: each batch of the loop takes what ``cycle_s(threads)`` says."""
+
+    def __init__(self, torch: FakeTorch, cycle_s):
+        self.torch, self.cycle_s, self.now = torch, cycle_s, 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def run(self, tuner: ThreadTuner, batches: int) -> None:
+        for _ in range(batches):
+            tuner.tick()
+            self.now += self.cycle_s(self.torch.threads)
+
+
+def run_tuner(monkeypatch, torch: FakeTorch, cycle_s) -> ThreadTuner:
+    clock = FakeClock(torch, cycle_s)
+    monkeypatch.setattr(_tuning.time, "perf_counter", clock.perf_counter)
+    tuner = ThreadTuner.start("auto", workers=2)
+    assert tuner is not None
+    clock.run(tuner, TUNING_BATCHES + 5)
+    return tuner
+
+
+# --- the tuner, without processes ---------------------------------------------------------------------------
+
+
+def test_tuner_keeps_fewer_threads_when_the_loop_runs_faster(monkeypatch, fake_torch):
+    tuner = run_tuner(monkeypatch, fake_torch, lambda threads: 0.10 if threads == 1 else 0.14)
+    assert tuner.chosen == 1
+    assert fake_torch.threads == 1
+    assert "training threads 2 -> 1" in tuner.decision and "1.40x" in tuner.decision
+    tuner.restore()
+    assert fake_torch.threads == 2  # the user's setting comes back when the engine stops
+
+
+def test_tuner_keeps_the_users_threads_unless_fewer_win_clearly(monkeypatch, fake_torch):
+    just_below = 0.10 * (TUNE_MIN_GAIN - 0.01)  # one thread faster, but within the noise margin
+    tuner = run_tuner(monkeypatch, fake_torch, lambda threads: just_below if threads == 1 else 0.10)
+    assert tuner.chosen == 2
+    assert fake_torch.threads == 2
+    assert tuner.decision.startswith("training threads kept at 2")
+
+
+def test_tuner_measures_each_candidate_in_alternating_windows(monkeypatch, fake_torch):
+    run_tuner(monkeypatch, fake_torch, lambda threads: 0.1)
+    measured = fake_torch.calls[: TUNE_ROUNDS * 2]
+    assert measured == [2, 1] * TUNE_ROUNDS  # a, b, a, b: drift on the machine hits both alike
+
+
+def test_tuner_ignores_batches_asked_from_another_thread(monkeypatch, fake_torch):
+    tuner = ThreadTuner.start("auto", workers=2)
+    assert tuner is not None
+    other = threading.Thread(target=lambda: [tuner.tick() for _ in range(TUNING_BATCHES + 5)])
+    other.start()
+    other.join()
+    assert tuner.batches == 0 and fake_torch.calls == []  # OpenMP settings belong to the loop's own thread
+
+
+@pytest.mark.parametrize(
+    ("setting", "threads", "workers", "tunes"),
+    [
+        (None, 2, 2, False),  # the user said never touch the framework
+        ("auto", 1, 2, False),  # nothing to halve
+        ("auto", 2, 0, False),  # no workers to share the cores with
+        ("auto", 2, 2, True),
+    ],
+)
+def test_tuner_starts_only_when_there_is_something_to_tune(monkeypatch, setting, threads, workers, tunes):
+    monkeypatch.setitem(sys.modules, "torch", FakeTorch(threads))
+    assert (ThreadTuner.start(setting, workers) is not None) is tunes
+
+
+def test_no_tuner_without_torch_and_torch_never_imported(monkeypatch):
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    assert ThreadTuner.start("auto", workers=2) is None
+    assert "torch" not in sys.modules
+
+
+def test_train_threads_int_sets_them_for_the_loaders_life(fake_torch):
+    tuner = ThreadTuner.start(1, workers=2)
+    assert tuner is not None and fake_torch.threads == 1 and tuner.chosen == 1
+    tuner.restore()
+    assert fake_torch.threads == 2
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "error"),
+    [
+        ("worker_nice", -1, ValueError),
+        ("worker_nice", 20, ValueError),
+        ("worker_nice", 1.5, TypeError),
+        ("train_threads", 0, ValueError),
+        ("train_threads", "fast", TypeError),
+    ],
+)
+def test_bad_tuning_options_fail_at_construction(option, value, error):
+    with pytest.raises(error, match=option):
+        prefetch.Loader(DATA, batch_size=4, **{option: value})
+
+
+# --- the stream is the same whatever is decided ----------------------------------------------------------------
+
+
+def stream_digest(**options) -> tuple[str, int]:
+    """SHA-256 of every batch of a two-epoch run, and the number of batches."""
+    digest = hashlib.sha256()
+    count = 0
+    options = {"batch_size": 4, "epochs": 2, "seed": 11, "transform": augment, **options}
+    with prefetch.Loader(DATA, LABELS, **options) as loader:
+        for batch in loader:
+            digest.update(repr(fingerprint(batch)).encode())
+            count += 1
+    return digest.hexdigest(), count
+
+
+@pytest.mark.timeout(60)
+def test_stream_unchanged_while_the_tuner_changes_threads_mid_run(fake_torch):
+    reference = stream_digest(workers=0)
+    assert reference[1] > TUNING_BATCHES  # the tuner decides inside the run
+    tuned = stream_digest(workers=2, train_threads="auto", worker_nice=10)
+    assert fake_torch.calls[:2] == [2, 1]  # it did switch the threads while batches were flowing
+    untouched = stream_digest(workers=2, train_threads=None, worker_nice=0)
+    assert tuned == reference == untouched
+    assert fake_torch.threads == 2  # and gave the user's setting back at the end
+
+
+@pytest.mark.timeout(60)
+def test_stream_unchanged_with_a_fixed_thread_count(fake_torch):
+    assert stream_digest(workers=2, train_threads=1) == stream_digest(workers=0)
+    assert fake_torch.calls == [1, 2]  # set for the loader's life, then restored
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("nice", [0, 10, 19])
+def test_workers_step_back_by_worker_nice(nice):
+    mine = psutil.Process().nice()
+    with prefetch.Loader(DATA, batch_size=4, workers=2, worker_nice=nice, seed=0) as loader:
+        batches = iter(loader)  # kept: dropping the generator would stop the engine
+        next(batches)
+        stats = loader.stats()
+        me = psutil.Process().pid
+        workers = [pid for pid in loader_processes() if psutil.Process(pid).ppid() != me]  # not the coordinator
+        assert len(workers) == 2
+        assert {psutil.Process(pid).nice() for pid in workers} == {min(19, mine + nice)}
+    decided = " ".join(stats.decisions)
+    assert (f"nice +{nice}" in decided) is (nice > 0)
