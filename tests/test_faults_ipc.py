@@ -300,12 +300,17 @@ def test_a_forked_child_leaves_the_parents_loader_alone(tmp_path, how):
 
 # --- 3. threads ----------------------------------------------------------------------------------------
 
+# The tests below start threads before the loader forks its coordinator: the pre-flight check rightly
+# warns about that, and these tests know.
+threads_before_fork = pytest.mark.filterwarnings("ignore:.*threads running in this process:prefetch.PrefetchWarning")
+
 
 def expected_stream(**options) -> list:
     with prefetch.Loader(np.arange(64), workers=0, **options) as loader:
         return [batch.tolist() for batch in loader]
 
 
+@threads_before_fork
 @pytest.mark.timeout(30)
 def test_a_second_thread_iterating_gets_a_clear_error_and_no_batch_is_lost_or_repeated():
     options = dict(batch_size=4, epochs=1, seed=3)
@@ -349,6 +354,7 @@ def test_a_second_thread_iterating_gets_a_clear_error_and_no_batch_is_lost_or_re
     assert not multiprocess.active_children()  # nothing for the interpreter to join at exit
 
 
+@threads_before_fork
 @pytest.mark.timeout(30)
 def test_a_thread_may_take_over_from_a_thread_that_has_ended():
     """Not concurrent: a generator left open by a thread that is gone is superseded, as in one thread."""
@@ -369,6 +375,7 @@ def test_a_thread_may_take_over_from_a_thread_that_has_ended():
     loader.close()
 
 
+@threads_before_fork
 @pytest.mark.timeout(30)
 def test_a_second_thread_meeting_a_next_in_progress_gets_the_same_error(tmp_path):
     marker = tmp_path / "hanging"
@@ -391,6 +398,7 @@ def test_a_second_thread_meeting_a_next_in_progress_gets_the_same_error(tmp_path
     assert isinstance(exc, prefetch.LoaderClosedError), repr(exc)
 
 
+@threads_before_fork
 @pytest.mark.timeout(30)
 def test_close_from_another_thread_wakes_a_blocked_next_with_loader_closed(tmp_path):
     marker = tmp_path / "hanging"
