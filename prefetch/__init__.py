@@ -17,7 +17,9 @@ from .background import background
 from .collate import collate_auto, collate_list
 from .doctor import doctor
 from .errors import (
+    ConcurrentIterationError,
     CoordinatorDiedError,
+    CoordinatorTimeoutError,
     LoaderClosedError,
     PrefetchError,
     PrefetchWarning,
@@ -35,7 +37,9 @@ from .stats import Stats
 __version__ = "0.1.0"
 
 __all__ = [
+    "ConcurrentIterationError",
     "CoordinatorDiedError",
+    "CoordinatorTimeoutError",
     "Files",
     "Loader",
     "LoaderClosedError",

@@ -10,32 +10,36 @@ user keeps ``prefetch`` leased batches alive, further batches are copied out of
 their slot instead, so holding batches never starves the pool (no deadlock) and
 the number of segments stays bounded.
 
+Its writes to the coordinator go through an ``Outbox`` (never blocking); a write that
+finds the coordinator gone is reported as ``CoordinatorDiedError``. ``timeout`` is kept
+on the consumer's own clock: a coordinator that does not act on a late batch within
+``COORDINATOR_ANSWER_S`` (stopped, stuck) is killed and reported. An engine belongs to
+the process that made it: in a forked child it does nothing at all. ``close()`` may
+come from any thread: it wakes a ``next_batch`` blocked in another thread (which
+raises ``LoaderClosedError``), waits for it to leave, then shuts down.
+
 ``InlineEngine`` (``workers=0``) makes each batch in the calling process with the
 same pipeline, restoring the caller's global random state after each batch.
 """
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import os
 import selectors
-import signal
 import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
 import multiprocess
-import multiprocess.util
 import psutil
 
 from . import _rng
-from ._channel import PipeReader, write_frame
+from ._channel import Outbox, PipeReader
 from ._coordinator import coordinator_main
+from ._lifecycle import WakePipe, live_engines, sigint_ignored, wait_ended
 from ._protocol import (
     BatchFailed,
     BatchReady,
@@ -55,7 +59,15 @@ from ._tuning import ThreadTuner
 from ._worker import BatchError, _uses_randomness, make_batch
 from .collate import SourceMemory
 from .config import LoaderConfig
-from .errors import CoordinatorDiedError, WorkerDiedError, WorkerTimeoutError, annotate, describe_exit
+from .errors import (
+    CoordinatorDiedError,
+    CoordinatorTimeoutError,
+    LoaderClosedError,
+    WorkerDiedError,
+    WorkerTimeoutError,
+    annotate,
+    describe_exit,
+)
 from .stats import Stats, StatsRecorder
 
 # How long the consumer waits in one go before checking the coordinator is alive.
@@ -65,33 +77,15 @@ COORDINATOR_POLL_S = 0.5
 # (it gives its workers WORKER_JOIN_TIMEOUT_S = 1 s).
 COORDINATOR_JOIN_TIMEOUT_S = 3.0
 
-_live_engines: weakref.WeakSet[ProcessEngine] = weakref.WeakSet()
+# With ``timeout``: how long the coordinator may take to act on a late batch (kill its worker
+# and fail it) before the consumer decides the coordinator itself is stuck or stopped.
+COORDINATOR_ANSWER_S = 0.5
 
+# How long close() waits for a next() that another thread is blocked in to notice it.
+BUSY_WAIT_S = 2.0
 
-def close_all_engines() -> None:
-    """Stop every running engine (at interpreter exit, before multiprocess joins its children)."""
-    for engine in list(_live_engines):
-        engine.close()
-
-
-# atexit runs hooks last-in, first-out: ours runs before multiprocess's own, which
-# would otherwise wait forever for a coordinator nobody told to stop.
-atexit.register(close_all_engines)
-
-
-@contextlib.contextmanager
-def _sigint_ignored() -> Iterator[None]:
-    """Ignore SIGINT while a child starts: a spawned interpreter inherits the disposition, so a
-    Ctrl-C during its start-up does not print a second traceback from the child. (Only the main
-    thread may change signal handlers; elsewhere this does nothing.)"""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+# What a selector key's data says the ready descriptor is.
+_RESULTS, _COORDINATOR_EXIT, _WAKE, _CONTROL_WRITABLE = "results", "coordinator exit", "wake", "control writable"
 
 
 class _Leases:
@@ -170,6 +164,11 @@ class ProcessEngine:
         self.recorder = StatsRecorder()
         self.closed = False
         self.coordinator_ready = False  # until it says its workers are started
+        self.owner_pid = os.getpid()  # a forked child's copy of this engine must leave it alone
+        self.busy = threading.Lock()  # held by next_batch: close() from another thread waits for it
+        self.close_lock = threading.Lock()
+        self.wake = WakePipe()  # close() in another thread wakes a blocked next_batch through it
+        self.coordinator_acts = 0  # messages from the coordinator itself: it is alive and acting
         self.tuner = ThreadTuner.start(config.train_threads, config.workers)  # None: nothing to tune
         remove_stale_segments()
         self.prefix_lock = claim_prefix()  # held until close(): marks this loader's segments as alive
@@ -185,7 +184,7 @@ class ProcessEngine:
             name="prefetch-coordinator",
         )
         try:
-            with _sigint_ignored():  # a Ctrl-C while it boots is the consumer's alone
+            with sigint_ignored():  # a Ctrl-C while it boots is the consumer's alone
                 self.process.start()
         except BaseException:
             self.prefix_lock.release()
@@ -194,15 +193,32 @@ class ProcessEngine:
             control_in.close()
             results_out.close()
         self.reader_pipe = PipeReader(self.results)
+        self.control_out = Outbox(self.control)
         self.selector = selectors.DefaultSelector()
-        self.selector.register(self.reader_pipe.fileno(), selectors.EVENT_READ)
-        self.selector.register(self.process.sentinel, selectors.EVENT_READ)
-        _live_engines.add(self)
+        self.selector.register(self.reader_pipe.fileno(), selectors.EVENT_READ, _RESULTS)
+        self.selector.register(self.process.sentinel, selectors.EVENT_READ, _COORDINATOR_EXIT)
+        self.selector.register(self.wake.fileno(), selectors.EVENT_READ, _WAKE)
+        self.watching_control = False
+        live_engines.add(self)
 
     # --- talking to the coordinator -----------------------------------------------------
 
     def _tell(self, message: Consumed | Lost | TimedOut | Stop) -> None:
-        write_frame(self.control, encode(message))
+        """Send ``message`` now or as soon as the pipe has room; never block, never a raw EPIPE."""
+        try:
+            self.control_out.put(encode(message))
+        except OSError:  # nobody reads the control pipe any more: the coordinator is gone
+            self._coordinator_died()
+        self._watch_control()
+
+    def _watch_control(self) -> None:
+        """Have ``_wait_for`` wake when the control pipe has room, while messages wait for it."""
+        if self.control_out.pending != self.watching_control:
+            self.watching_control = self.control_out.pending
+            if self.watching_control:
+                self.selector.register(self.control_out.fileno(), selectors.EVENT_WRITE, _CONTROL_WRITABLE)
+            else:
+                self.selector.unregister(self.control_out.fileno())
 
     def _flush(self) -> None:
         """Return credits and released slots to the coordinator."""
@@ -237,6 +253,23 @@ class ProcessEngine:
             "the loader cannot go on"
         )
 
+    def _coordinator_unresponsive(self, batch: int) -> None:
+        """The coordinator did not act on a late batch: kill it (and so its workers) and say so."""
+        pid = self.process.pid
+        try:
+            state = psutil.Process(pid).status()
+        except psutil.Error:
+            state = "gone"
+        workers = self._worker_processes()
+        self.process.kill()
+        self.process.join(COORDINATOR_JOIN_TIMEOUT_S)
+        wait_ended(workers, COORDINATOR_JOIN_TIMEOUT_S)  # they die with it (PR_SET_PDEATHSIG)
+        raise CoordinatorTimeoutError(
+            f"batch {batch} was not ready within timeout={self.config.timeout}s, and the coordinator process "
+            f"(pid {pid}, state: {state}) did not act on it within {COORDINATOR_ANSWER_S}s; it was killed "
+            "and the loader cannot go on (a stopped process: SIGSTOP, Ctrl-Z or a debugger)"
+        )
+
     def _file(self, message: Any) -> None:
         if isinstance(message, (BatchReady, BatchFailed)):
             wanted = message.batch >= self.position and message.batch not in self.ready
@@ -248,6 +281,7 @@ class ProcessEngine:
             elif not wanted or message.segment is None:  # a duplicate of a redone batch, or no data
                 self.released.append((message.slot, message.segment))
         elif isinstance(message, WorkerLost):
+            self.coordinator_acts += 1
             self.recorder.restarts += 1
             missing = tuple((b, s) for b, s in message.tasks if b >= self.position and b not in self.ready)
             self._tell(Lost(message.pid, message.exitcode, missing))
@@ -259,29 +293,71 @@ class ProcessEngine:
     # --- the consumer's API -------------------------------------------------------------
 
     def _wait_for(self, batch: int) -> float:
-        """Block until ``batch`` is in the reorder buffer; return the seconds waited."""
+        """Block until ``batch`` is in the reorder buffer; return the seconds waited.
+
+        With ``timeout``, the clock is the consumer's own: at the deadline it asks the coordinator
+        to kill the worker making the batch (which then arrives as a ``BatchFailed``); if the
+        coordinator does not act within ``COORDINATOR_ANSWER_S``, the coordinator is the problem.
+        """
         started = time.perf_counter()
         timeout_s = self.config.timeout
         deadline = None if timeout_s is None or not self.coordinator_ready else started + timeout_s
+        answer_by: float | None = None  # after TimedOut: when the coordinator must have acted
+        acts = self.coordinator_acts
         while batch not in self.ready:
+            wake_at = deadline if answer_by is None else answer_by
             timeout = (
                 COORDINATOR_POLL_S
-                if deadline is None
-                else max(0.0, min(COORDINATOR_POLL_S, deadline - time.perf_counter()))
+                if wake_at is None
+                else max(0.0, min(COORDINATOR_POLL_S, wake_at - time.perf_counter()))
             )
             events = self.selector.select(timeout)
-            if not self._drain() and events and not self.process.is_alive():
+            coordinator_exited = False
+            for key, _ in events:
+                if key.data is _CONTROL_WRITABLE:
+                    self._flush_control()
+                elif key.data is _COORDINATOR_EXIT:
+                    coordinator_exited = True
+            if self.wake.woken:
+                raise LoaderClosedError(
+                    f"the loader was closed (from another thread, or at exit) while waiting for batch {batch}"
+                )
+            if not self._drain() and coordinator_exited:
                 self._coordinator_died()
-            if deadline is None and timeout_s is not None and self.coordinator_ready:
-                deadline = time.perf_counter() + timeout_s  # its start-up does not count against a batch
-            if deadline is not None and timeout_s is not None and time.perf_counter() >= deadline:
-                if batch not in self.ready:
-                    self._tell(TimedOut(batch))
-                deadline += timeout_s
+            now = time.perf_counter()
+            if deadline is None and timeout_s is not None and self.coordinator_ready and answer_by is None:
+                deadline = now + timeout_s  # its start-up does not count against a batch
+            if batch in self.ready:
+                break
+            if answer_by is not None:
+                if self.coordinator_acts != acts:  # it is at work on it (a worker was lost): give it time
+                    acts, answer_by = self.coordinator_acts, now + COORDINATOR_ANSWER_S
+                elif now >= answer_by:
+                    self._coordinator_unresponsive(batch)
+            elif deadline is not None and now >= deadline:
+                self._tell(TimedOut(batch))
+                acts, answer_by, deadline = self.coordinator_acts, now + COORDINATOR_ANSWER_S, None
         return time.perf_counter() - started
+
+    def _flush_control(self) -> None:
+        try:
+            self.control_out.flush()
+        except OSError:
+            self._coordinator_died()
+        self._watch_control()
+
+    def interrupt(self) -> None:
+        """Wake a ``next_batch`` blocked in another thread: it raises ``LoaderClosedError`` (any thread)."""
+        self.wake.wake()
 
     def next_batch(self) -> Any:
         """The next batch in order (blocks until it is ready)."""
+        with self.busy:
+            if self.wake.woken:
+                raise LoaderClosedError("the loader was closed (from another thread, or at exit)")
+            return self._next_batch()
+
+    def _next_batch(self) -> Any:
         # Credits and released slots go back when the user asks for the next batch, not when
         # the last one was yielded: the batch the user works on keeps its place in the window,
         # so a loop that keeps nothing needs prefetch + 1 slots (the +1 is the previous batch,
@@ -338,27 +414,51 @@ class ProcessEngine:
     def stats(self) -> Stats:
         return self.recorder.snapshot(self.worker_pids(), self.process.pid, self.decisions())
 
+    def forget_in_forked_child(self) -> None:
+        """In a child forked from the owner: close only this process's copy of the prefix lock's
+        descriptor (its ``release`` does nothing more outside the owner), so that nothing of the
+        parent's is left for this process's exit to clean up."""
+        self.prefix_lock.release()
+
     def close(self) -> None:
-        """Stop the coordinator and its workers and unlink every segment; idempotent."""
-        if self.closed:
+        """Stop the coordinator and its workers and unlink every segment; idempotent, from any thread.
+
+        A ``next_batch`` blocked in another thread is woken first (it raises ``LoaderClosedError``)
+        and waited for. In a process forked from the one that made the engine, it does nothing:
+        the coordinator, the pipes and the segments are the parent's.
+        """
+        if os.getpid() != self.owner_pid:
             return
+        self.interrupt()
+        with self.close_lock:
+            if self.closed:
+                return
+            acquired = self.busy.acquire(timeout=BUSY_WAIT_S)
+            try:
+                self._shut_down()
+            finally:
+                if acquired:
+                    self.busy.release()
+
+    def _shut_down(self) -> None:
         self.closed = True
-        _live_engines.discard(self)
+        live_engines.discard(self)
         if self.tuner is not None:
             self.tuner.restore()
         try:
-            self._tell(Stop())
-        except OSError:
+            self.control_out.put(encode(Stop()))
+        except OSError:  # the coordinator is gone already
             pass
         self.process.join(COORDINATOR_JOIN_TIMEOUT_S)
         if self.process.is_alive():
             workers = self._worker_processes()
             self.process.kill()
             self.process.join(COORDINATOR_JOIN_TIMEOUT_S)
-            psutil.wait_procs(workers, timeout=COORDINATOR_JOIN_TIMEOUT_S)  # they die with their parent
+            wait_ended(workers, COORDINATOR_JOIN_TIMEOUT_S)  # they die with their parent
         self.selector.close()
         self.control.close()
         self.results.close()
+        self.wake.close()
         self.ready.clear()
         self.reader.close()  # unmapped now, or when the user drops the last batch still held
         self.prefix_lock.release()  # every segment, then the lock file

@@ -15,8 +15,12 @@ It alone decides what is made next. It keeps
   fewest outstanding.
 
 Workers send their results straight to the consumer on the shared results pipe; the
-coordinator never touches batch data. It waits on the consumer's control pipe and
-every worker's process sentinel at once, so a dead worker is seen at once. It then
+coordinator never touches batch data. It waits on the consumer's control pipe, the
+consumer's exit (a pidfd) and every worker's process sentinel at once, so a death is
+seen at once. It never blocks on a write: tasks and its own messages go through
+``Outbox``es, flushed when the pipe has room, so a worker stuck in user code (whose task
+pipe fills up) or a consumer that does not read never stops it serving the rest. When
+the consumer dies it kills the workers at once. When a worker dies it
 posts ``WorkerLost``; the consumer answers ``Lost`` with the batches that never
 arrived, and those are redone by a fresh worker -- the one the worker was making at
 most ``retries`` times -- so the output does not change. Workers are forked from
@@ -38,7 +42,7 @@ import multiprocess
 import numpy as np
 import psutil
 
-from ._channel import PipeReader, send, write_frame
+from ._channel import Outbox, PipeReader, atomic_body, send
 from ._protocol import (
     BatchFailed,
     Consumed,
@@ -58,7 +62,8 @@ from ._worker import batch_scheduling, worker_main
 from .config import LoaderConfig
 from .errors import describe_exit
 
-# How often the coordinator checks that the consumer process is alive.
+# How often the coordinator checks that the consumer process is alive, where it cannot
+# wait on a pidfd of it (Linux before 5.3).
 PARENT_CHECK_INTERVAL_S = 0.25
 # How long stopping workers may take before they are killed.
 WORKER_JOIN_TIMEOUT_S = 1.0
@@ -67,10 +72,20 @@ WORKER_JOIN_TIMEOUT_S = 1.0
 IDLE_DEATHS_ALLOWED = 8
 
 
+# What a selector key's data says the ready descriptor is (a worker's key holds its _Worker).
+_CONTROL = "control"  # the consumer's messages
+_CONSUMER_EXIT = "consumer exit"  # a pidfd of the consumer: readable once it has exited
+
+
+class _ConsumerGone(Exception):
+    """The consumer's end of the results pipe is closed: nobody is left to serve."""
+
+
 @dataclass
 class _Worker:
     process: Any
     tasks_conn: Any
+    outbox: Outbox  # tasks on their way into tasks_conn
     tasks: deque[Task] = field(default_factory=deque)  # outstanding, in the order it makes them
 
 
@@ -99,9 +114,18 @@ class Coordinator:
         method = "fork" if "fork" in multiprocess.get_all_start_methods() else config.start_method
         self.ctx = multiprocess.get_context(method)
         self.consumer = psutil.Process(consumer_pid)
+        self.consumer_gone = False
         self.selector = selectors.DefaultSelector()
         self.control_pipe = PipeReader(control)
-        self.selector.register(self.control_pipe.fileno(), selectors.EVENT_READ, None)
+        self.selector.register(self.control_pipe.fileno(), selectors.EVENT_READ, _CONTROL)
+        self.consumer_exit: int | None = None
+        try:
+            self.consumer_exit = os.pidfd_open(consumer_pid)
+            self.selector.register(self.consumer_exit, selectors.EVENT_READ, _CONSUMER_EXIT)
+        except (AttributeError, OSError):  # pragma: no cover - old kernel: the 0.25 s poll alone
+            pass
+        self.outbox = Outbox(results, private=True)  # this process's messages to the consumer
+        self.watched_writable: set[int] = set()  # outboxes' descriptors the selector waits on
 
     # --- workers ------------------------------------------------------------------------
 
@@ -115,7 +139,7 @@ class Coordinator:
         )
         process.start()
         tasks_out.close()
-        worker = _Worker(process, tasks_in)
+        worker = _Worker(process, tasks_in, Outbox(tasks_in))
         self.workers.append(worker)
         self.selector.register(process.sentinel, selectors.EVENT_READ, worker)
 
@@ -124,6 +148,8 @@ class Coordinator:
         worker.process.join(WORKER_JOIN_TIMEOUT_S)
         self.selector.unregister(worker.process.sentinel)
         self.workers.remove(worker)
+        self._unwatch_writable(worker.outbox)
+        worker.outbox.close()
         worker.tasks_conn.close()
         pid, exitcode = worker.process.pid, worker.process.exitcode
         outstanding = tuple((t.batch, t.slot) for t in worker.tasks if t.batch >= self.position)
@@ -133,7 +159,7 @@ class Coordinator:
                 raise RuntimeError(
                     f"workers keep dying before doing any work (last: pid {pid} {describe_exit(exitcode)})"
                 )
-        send(self.results, WorkerLost(pid, exitcode, outstanding), self.prefix)
+        self._post(WorkerLost(pid, exitcode, outstanding))
         self._start_worker()
 
     def _on_lost(self, message: Lost) -> None:
@@ -165,14 +191,24 @@ class Coordinator:
 
     def _fail(self, batch: int, kind: FailureKind, pid: int, text: str) -> None:
         indices = tuple(self.order.batch_indices(batch).tolist())
-        send(self.results, BatchFailed(batch, -1, indices, pid, kind, None, text), self.prefix)
+        self._post(BatchFailed(batch, -1, indices, pid, kind, None, text))
 
     def _on_timed_out(self, batch: int) -> None:
+        """Kill the worker making the late ``batch``. The consumer waits for an answer: if no worker
+        has it (it should not happen), it fails now, so the consumer never blames the coordinator."""
         for worker in self.workers:
             if any(task.batch == batch for task in worker.tasks):
                 self.timed_out.add(batch)
                 worker.process.kill()  # the sentinel reports it next: _lose_worker
                 return
+        if batch in self.redo:
+            self.redo.remove(batch)
+        indices = list(self.order.batch_indices(batch).tolist())
+        text = (
+            f"batch {batch} (sample indices {indices}) was not ready within timeout={self.config.timeout}s, "
+            "and no worker was making it"
+        )
+        self._fail(batch, FailureKind.WORKER_TIMEOUT, os.getpid(), text)
 
     # --- dispatch -----------------------------------------------------------------------
 
@@ -210,9 +246,44 @@ class Coordinator:
             task = Task(batch, indices, slot, self.segments.get(slot), self.size_hint)
             worker.tasks.append(task)
             try:
-                write_frame(worker.tasks_conn, encode(task))
+                worker.outbox.put(encode(task))
             except OSError:  # it just died: its sentinel reports it, and the task is redone with its others
                 pass
+
+    # --- writing without blocking -------------------------------------------------------
+
+    def _post(self, message: Any) -> None:
+        """Send ``message`` to the consumer on the results pipe, now or once it has room."""
+        try:
+            self.outbox.put(atomic_body(message, self.prefix))
+        except BrokenPipeError:
+            raise _ConsumerGone() from None
+
+    def _outboxes(self) -> list[Outbox]:
+        return [self.outbox, *(worker.outbox for worker in self.workers)]
+
+    def _watch_writable(self) -> None:
+        """Have the selector wake this loop when a pipe with queued frames gets room, and only then."""
+        for outbox in self._outboxes():
+            watched = outbox.fileno() in self.watched_writable
+            if outbox.pending and not watched:
+                self.selector.register(outbox.fileno(), selectors.EVENT_WRITE, outbox)
+                self.watched_writable.add(outbox.fileno())
+            elif watched and not outbox.pending:
+                self._unwatch_writable(outbox)
+
+    def _unwatch_writable(self, outbox: Outbox) -> None:
+        if outbox.fileno() in self.watched_writable:
+            self.watched_writable.discard(outbox.fileno())
+            self.selector.unregister(outbox.fileno())
+
+    def _flush(self, outbox: Outbox) -> None:
+        try:
+            outbox.flush()
+        except BrokenPipeError:
+            if outbox is self.outbox:
+                raise _ConsumerGone() from None
+            # a worker's pipe: the worker is dead, and its sentinel reports it
 
     # --- the consumer's messages --------------------------------------------------------
 
@@ -255,29 +326,59 @@ class Coordinator:
             return False
 
     def run(self) -> None:
-        """The event loop: dispatch, wait for the consumer or a worker's death, react; until stopped."""
+        """The event loop: dispatch, wait for the consumer, a worker's death or room in a pipe, react;
+        until the consumer says stop or is gone."""
+        try:
+            self._serve()
+        except _ConsumerGone:
+            self.consumer_gone = True
+
+    def _serve(self) -> None:
         for _ in range(self.config.workers):
             self._start_worker()
-        send(self.results, CoordinatorReady(os.getpid()), self.prefix)
+        self._post(CoordinatorReady(os.getpid()))
         next_parent_check = time.monotonic() + PARENT_CHECK_INTERVAL_S
         while True:
             self._dispatch()
+            self._watch_writable()
             for key, _ in self.selector.select(max(0.0, next_parent_check - time.monotonic())):
-                if key.data is None:
+                if key.data is _CONTROL:
                     if not self._from_consumer():
                         return
+                elif key.data is _CONSUMER_EXIT:
+                    raise _ConsumerGone()
+                elif isinstance(key.data, Outbox):
+                    self._flush(key.data)
                 elif key.data in self.workers:
                     self._lose_worker(key.data)
             if time.monotonic() >= next_parent_check:
                 if not self._consumer_alive():
-                    return
+                    raise _ConsumerGone()
                 next_parent_check = time.monotonic() + PARENT_CHECK_INTERVAL_S
 
+    def last_word(self, message: Any) -> None:
+        """Post ``message`` on the way out, waiting a moment for room (the consumer may read it)."""
+        try:
+            self._post(message)
+            self.outbox.flush_within(WORKER_JOIN_TIMEOUT_S)
+        except (_ConsumerGone, OSError):
+            pass
+
     def shutdown(self) -> None:
-        """Stop every worker (asking first, then killing); ``coordinator_main`` then unlinks every segment."""
+        """Stop every worker; ``coordinator_main`` then unlinks every segment.
+
+        A worker still making a batch is killed at once: nobody will take that batch, and it may
+        be stuck in user code. So is every worker when the consumer is gone. An idle worker is
+        asked (``Stop``, after its queued tasks are dropped) and killed if not gone within
+        ``WORKER_JOIN_TIMEOUT_S``.
+        """
         for worker in self.workers:
+            if self.consumer_gone or worker.tasks:
+                worker.process.kill()
+        for worker in self.workers:
+            worker.outbox.drop_queued()
             try:
-                write_frame(worker.tasks_conn, encode(Stop()))
+                worker.outbox.put(encode(Stop()))
             except OSError:
                 pass
         deadline = time.monotonic() + WORKER_JOIN_TIMEOUT_S
@@ -315,10 +416,14 @@ def coordinator_main(
         coordinator = Coordinator(control, results, config, prefix, start, consumer_pid)
         coordinator.run()
     except BaseException:
-        try:
-            send(results, CoordinatorFailed(traceback.format_exc()), prefix)
-        except OSError:
-            pass
+        failure = CoordinatorFailed(traceback.format_exc())
+        if coordinator is not None:
+            coordinator.last_word(failure)
+        else:
+            try:
+                send(results, failure, prefix)
+            except OSError:
+                pass
     finally:
         if coordinator is not None:
             coordinator.shutdown()

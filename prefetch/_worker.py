@@ -13,6 +13,13 @@ code) -- is packed into ``BatchFailed`` and raised in the consumer as itself, ex
 it. ``SystemExit`` is the one exception: ``sys.exit()`` in user code ends the worker process, like
 ``os._exit()``, and is handled as a worker death (the batch is redone up to ``retries`` times, then
 ``WorkerDiedError`` names the exit code).
+
+A worker reads its task pipe only between batches; the coordinator never waits for
+it to (its writes are queued in an ``Outbox``). The worker's own answers are plain
+atomic writes to the results pipe: one waits only while the consumer has not read
+``prefetch`` answers yet -- the backpressure -- and never past the engine's end,
+since the coordinator kills its workers when the consumer dies, and a worker dies
+with the coordinator (``PR_SET_PDEATHSIG``).
 """
 
 from __future__ import annotations
@@ -287,9 +294,12 @@ def worker_main(tasks: Any, results: Any, config: LoaderConfig, prefix: str, par
             if not poller.poll(PARENT_CHECK_INTERVAL_MS):
                 continue
             try:
-                queued.extend(inbox.read_available())
+                arrived = inbox.read_available()
             except (EOFError, OSError):
                 return
+            if any(isinstance(message, Stop) for message in arrived):
+                return  # shutting down: the tasks that came with it are wanted no more
+            queued.extend(arrived)
             continue
         message = queued.popleft()
         if isinstance(message, Stop):

@@ -15,7 +15,13 @@ batch, the sample index and the worker. Everything the engine itself reports is 
   * ``RemoteError`` -- user code raised an exception that could not be rebuilt in the
     consumer (unpicklable); its type name, text and traceback are kept.
 
+* ``ConcurrentIterationError`` -- a second thread iterated a loader while another did
+  (also a ``RuntimeError``).
 * ``CoordinatorDiedError`` -- the coordinator process died or failed.
+
+  * ``CoordinatorTimeoutError`` -- with ``timeout``, the coordinator did not act on a late
+    batch (it was stopped or stuck) and was killed (also a ``TimeoutError``).
+
 * ``ShmSpaceError`` -- the pre-flight check found too little room in ``/dev/shm`` for the
   loader's batches (also an ``OSError``).
 
@@ -38,8 +44,18 @@ class LoaderClosedError(PrefetchError, RuntimeError):
     """Raised when a closed loader is iterated or asked for its state."""
 
 
+class ConcurrentIterationError(PrefetchError, RuntimeError):
+    """Raised in a thread that iterates a loader while another thread iterates it: a loader is
+    iterated by one thread at a time (the other thread's iteration goes on undisturbed)."""
+
+
 class CoordinatorDiedError(PrefetchError):
     """Raised when the coordinator process died or failed; the loader cannot go on."""
+
+
+class CoordinatorTimeoutError(CoordinatorDiedError, TimeoutError):
+    """Raised when, with ``timeout``, the coordinator did not act on a late batch in time (it was
+    stopped or stuck); the consumer killed it and the loader cannot go on."""
 
 
 class ShmSpaceError(PrefetchError, OSError):

@@ -25,6 +25,7 @@ workers. ``docs/design.md`` tells the whole story, including shutdown.
 from __future__ import annotations
 
 import numbers
+import threading
 import weakref
 from collections.abc import Callable, Generator
 from dataclasses import replace
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._tuning import DEFAULT_WORKER_NICE
 from .config import LoaderConfig, make_config
-from .errors import LoaderClosedError
+from .errors import ConcurrentIterationError, LoaderClosedError
 from .stats import Stats, StatsRecorder
 
 if TYPE_CHECKING:
@@ -40,19 +41,40 @@ if TYPE_CHECKING:
 
 STATE_FORMAT = 1
 
+# How long close() waits for another thread that is starting an engine for this loader.
+CLOSE_WAIT_S = 10.0
+
 
 class _EngineSlot:
-    """The loader's running engine, in a holder its finalizer can reach without the loader."""
+    """The loader's running engine, in a holder its finalizer can reach without the loader.
+
+    Threads: ``install`` and ``take`` swap the engine under a lock, so exactly one caller
+    gets a running engine to close; ``ProcessEngine.close`` wakes and waits for a thread
+    blocked in it. ``thread`` is the thread that last took a batch through the owner.
+    """
 
     def __init__(self) -> None:
         self.engine: InlineEngine | ProcessEngine | None = None
         self.last: InlineEngine | ProcessEngine | None = None  # for stats() after it stopped
         self.owner: object | None = None  # the generator that started it
+        self.thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def install(self, engine: InlineEngine | ProcessEngine, owner: object) -> None:
+        with self._lock:
+            self.engine, self.owner, self.thread = engine, owner, threading.current_thread()
+
+    def take(self) -> InlineEngine | ProcessEngine | None:
+        """Remove the running engine (to close it); None if there is none."""
+        with self._lock:
+            engine, self.engine, self.owner = self.engine, None, None
+            if engine is not None:
+                self.last = engine
+            return engine
 
     def stop(self) -> None:
-        engine, self.engine, self.owner = self.engine, None, None
+        engine = self.take()
         if engine is not None:
-            self.last = engine
             engine.close()
 
 
@@ -123,6 +145,9 @@ class Loader:
         self._closed = False
         self._running = _EngineSlot()
         self._newest_iterator: object | None = None
+        # Held while a generator of this loader takes a batch: a second thread that tries
+        # meanwhile gets ConcurrentIterationError instead of a share of the engine.
+        self._turn = threading.Lock()
         self._finalizer = weakref.finalize(self, _EngineSlot.stop, self._running)
 
     # --- what the loader is -------------------------------------------------------------
@@ -186,34 +211,66 @@ class Loader:
     def _run(self, me: object, owns_loader: bool) -> Generator[Any, None, None]:
         """The generator behind ``iter(loader)``; it owns the engine while it runs.
 
-        A newer ``iter(loader)`` takes the engine over (this one then raises), and
-        ``load_state_dict`` stops it (this one then goes on from the new position).
+        A newer ``iter(loader)`` in the same thread takes the engine over (this one then
+        raises), and ``load_state_dict`` stops it (this one then goes on from the new
+        position). One from another thread, while this one owns the engine, raises
+        ``ConcurrentIterationError`` and leaves this one alone: a loader is iterated by one
+        thread at a time (one generator may still be resumed from different threads in turn).
         """
         total = self._order.num_batches
         try:
             while total is None or self._position < total:
-                self._check_open()
-                running = self._running
-                if running.owner is not me:
-                    if self._newest_iterator is not me:
-                        raise RuntimeError("this iterator was superseded by a newer iter(loader)")
-                    running.stop()
-                    running.engine = self._start_engine()
-                    running.owner = me
-                    total = self._order.num_batches
-                assert running.engine is not None
-                # No local name for the batch: a suspended generator would keep the user's last batch,
-                # and its slot and mapping, alive, even after close().
-                yield self._counted(running.engine.next_batch())
+                self._take_turn()
+                try:
+                    self._check_open()
+                    running = self._running
+                    if running.owner is not me:
+                        if self._newest_iterator is not me:
+                            raise RuntimeError("this iterator was superseded by a newer iter(loader)")
+                        if self._owned_by_another_live_thread():
+                            raise ConcurrentIterationError(
+                                "another thread is iterating this loader: a loader is iterated by one thread at "
+                                "a time (close that iteration first, give each thread its own Loader, or hand "
+                                "batches over with a queue)"
+                            )
+                        running.stop()
+                        running.install(self._start_engine(), me)
+                        if self._closed:  # close() ran in another thread meanwhile
+                            running.stop()
+                            self._check_open()
+                        total = self._order.num_batches
+                    assert running.engine is not None
+                    running.thread = threading.current_thread()
+                    made = [running.engine.next_batch()]
+                    self._position += 1
+                finally:
+                    self._turn.release()
+                # Popped as it is yielded: no local keeps the user's last batch (and its slot and
+                # mapping) alive while the generator is suspended, even after close().
+                yield made.pop()
         finally:
             if self._running.owner is me:
                 self._running.stop()
             if owns_loader:
                 self.close()
 
-    def _counted(self, batch: Any) -> Any:
-        self._position += 1
-        return batch
+    def _owned_by_another_live_thread(self) -> bool:
+        """Whether a generator that last ran in another thread, still alive, owns the engine."""
+        running = self._running
+        thread = running.thread
+        return (
+            running.owner is not None
+            and thread is not None
+            and thread is not threading.current_thread()
+            and thread.is_alive()
+        )
+
+    def _take_turn(self) -> None:
+        if not self._turn.acquire(blocking=False):
+            raise ConcurrentIterationError(
+                "another thread is taking a batch from this loader right now: a loader is iterated by one "
+                "thread at a time (give each thread its own Loader, or hand batches over with a queue)"
+            )
 
     def _start_engine(self) -> InlineEngine | ProcessEngine:
         # Imported here: multiprocess (and dill) cost more to import than all the rest.
@@ -259,10 +316,14 @@ class Loader:
             position = int(position)  # e.g. an np.int64 from a saved array
         if not isinstance(position, int) or position < 0 or (total is not None and position > total):
             raise ValueError(f"state position {position!r} is outside this loader's {total} batches")
-        self._running.stop()
-        self._config = replace(self._config, seed=int(state["seed"]))
-        self._order = self._config.order()
-        self._position = position
+        self._take_turn()
+        try:
+            self._running.stop()
+            self._config = replace(self._config, seed=int(state["seed"]))
+            self._order = self._config.order()
+            self._position = position
+        finally:
+            self._turn.release()
 
     # --- profiling and lifecycle --------------------------------------------------------
 
@@ -274,9 +335,18 @@ class Loader:
         return engine.stats()
 
     def close(self) -> None:
-        """Stop the workers and the coordinator and free all shared memory. Idempotent."""
+        """Stop the workers and the coordinator and free all shared memory. Idempotent.
+
+        Any thread may call it: a ``next()`` blocked in another thread raises ``LoaderClosedError``
+        at once, and everything is stopped and freed when ``close()`` returns. In a process forked
+        from the one that made the loader it frees nothing: the loader is the parent's.
+        """
         self._closed = True
-        self._running.stop()
+        engine = self._running.take()  # so no generator's own clean-up races this one
+        if engine is not None:
+            engine.close()
+        elif self._turn.locked() and self._turn.acquire(timeout=CLOSE_WAIT_S):
+            self._turn.release()  # another thread was starting an engine: it has stopped it again
 
     def __enter__(self) -> Loader:
         return self

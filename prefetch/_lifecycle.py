@@ -1,0 +1,120 @@
+"""The consumer's engines over their life: the registry closed at exit, forks, waking a blocked thread.
+
+* ``live_engines`` and ``close_all_engines``: every running ``ProcessEngine`` is stopped at
+  interpreter exit, by an ``atexit`` hook that runs before multiprocess's own (which would
+  otherwise wait forever for a coordinator nobody told to stop).
+* A child forked by user code forgets its parent's engines (``os.register_at_fork``): nothing at
+  the child's exit may touch the parent's coordinator, pipes or segments.
+* ``WakePipe``: how ``close()`` in one thread wakes a ``next()`` blocked in a selector in another.
+* ``wait_ended`` and ``sigint_ignored``: small process helpers of the consumer.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import signal
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import multiprocess
+import multiprocess.util
+import psutil
+
+live_engines: weakref.WeakSet[Any] = weakref.WeakSet()  # the ProcessEngines running in this process
+
+
+def close_all_engines() -> None:
+    """Stop every running engine (at interpreter exit, before multiprocess joins its children)."""
+    for engine in list(live_engines):
+        engine.close()
+
+
+# atexit runs hooks last-in, first-out: ours (registered after multiprocess was imported) runs first.
+atexit.register(close_all_engines)
+
+
+def _forget_engines_in_forked_child() -> None:
+    """In a forked child, the parent's engines are the parent's: forget them, so that nothing at this
+    process's exit touches them -- neither our atexit hook nor multiprocess's, which would try to
+    join the parent's coordinators (they are in its list of children, copied by the fork)."""
+    children = getattr(multiprocess.process, "_children", None)
+    for engine in list(live_engines):
+        if children is not None:
+            children.discard(engine.process)
+        engine.forget_in_forked_child()
+    live_engines.clear()
+
+
+os.register_at_fork(after_in_child=_forget_engines_in_forked_child)
+
+
+class WakePipe:
+    """A pipe that any thread writes to wake a thread waiting on ``fileno()`` in a selector.
+
+    ``wake`` sets ``woken`` first, so the waiting thread can tell why it woke. Once ``close``d it
+    writes nothing (the descriptor numbers may belong to something else by then).
+    """
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)
+        self._lock = threading.Lock()
+        self._closed = False
+        self.woken = False
+
+    def fileno(self) -> int:
+        return self._read
+
+    def wake(self) -> None:
+        with self._lock:
+            self.woken = True
+            if self._closed:
+                return
+            try:
+                os.write(self._write, b"!")
+            except OSError:  # woken already: the pipe is full
+                pass
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                os.close(self._read)
+                os.close(self._write)
+
+
+def _ended(process: psutil.Process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.Error:
+        return False
+
+
+def wait_ended(processes: list[psutil.Process], timeout_s: float) -> None:
+    """Wait up to ``timeout_s`` until every one of ``processes`` has ended. A zombie has: an orphaned
+    worker stays one until init reaps it, which can take a second (``psutil.wait_procs`` waits for that)."""
+    deadline = time.monotonic() + timeout_s
+    while not all(_ended(process) for process in processes) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def sigint_ignored() -> Iterator[None]:
+    """Ignore SIGINT while a child starts: a spawned interpreter inherits the disposition, so a
+    Ctrl-C during its start-up does not print a second traceback from the child. (Only the main
+    thread may change signal handlers; elsewhere this does nothing.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
