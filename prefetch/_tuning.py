@@ -152,8 +152,10 @@ class ThreadTuner:
         set_torch_threads(self.chosen)
 
     def restore(self) -> None:
-        """Give the framework back the user's setting (in the loop's thread, where it applies)."""
-        if torch_threads() not in (None, self.original):
+        """Give the framework back the user's setting. OpenMP settings are per thread, so this is done
+        only in the loop's own thread (the usual case: the loop ends, or closes its loader); a loader
+        closed from another thread leaves the loop's thread at the tuned setting."""
+        if threading.get_ident() == self.thread and torch_threads() not in (None, self.original):
             set_torch_threads(self.original)
 
 
