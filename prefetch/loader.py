@@ -39,6 +39,11 @@ if TYPE_CHECKING:
 
 STATE_FORMAT = 1
 
+# The generators ``iter(loader)`` and ``data_generator`` returned -> their loader, for ``Loader.of``. An
+# entry lives as long as its generator, and keeps the loader (which never refers to the generator) that
+# long: a running generator's frame holds it anyway, and a finished one's loader is closed and small.
+_loader_of: weakref.WeakKeyDictionary[Generator[Any, None, None], Loader] = weakref.WeakKeyDictionary()
+
 
 class _EngineSlot:
     """The loader's running engine, in a holder its finalizer can reach without the loader."""
@@ -46,12 +51,22 @@ class _EngineSlot:
     def __init__(self) -> None:
         self.engine: InlineEngine | ProcessEngine | None = None
         self.last: InlineEngine | ProcessEngine | None = None  # for stats() after it stopped
+        self.final: Stats | None = None  # the last engine's figures as it stopped (see ``stop``)
         self.owner: object | None = None  # the generator that started it
 
-    def stop(self) -> None:
+    def stop(self, keep_stats: bool = False) -> None:
+        """Stop the engine; with ``keep_stats``, first take its figures, so that ``stats()`` after the loop
+        still has the workers' CPU and memory (their processes are gone after this) and an elapsed time
+        that ends with the iteration, not whenever the user asks."""
         engine, self.engine, self.owner = self.engine, None, None
         if engine is not None:
             self.last = engine
+            self.final = None
+            if keep_stats:
+                try:
+                    self.final = engine.stats()
+                except Exception:  # figures are a courtesy: never let them stop a shutdown
+                    self.final = None
             engine.close()
 
 
@@ -177,7 +192,29 @@ class Loader:
     def _generate(self, owns_loader: bool) -> Generator[Any, None, None]:
         me = object()
         self._newest_iterator = me
-        return self._run(me, owns_loader)
+        generator = self._run(me, owns_loader)
+        _loader_of[generator] = self
+        return generator
+
+    @classmethod
+    def of(cls, source: Any) -> Loader:
+        """The ``Loader`` behind ``source``: ``source`` itself if it is one, or the loader whose
+        ``iter(loader)`` or ``prefetch.data_generator`` made the generator ``source`` (even once it is
+        exhausted or closed). For tools that get what the user passed to ``fit`` and want the figures
+        (``prefetch.keras.StallMonitor``): ``Loader.of(gen).stats()``. Raises ``TypeError`` otherwise.
+        """
+        if isinstance(source, cls):
+            return source
+        try:
+            loader = _loader_of.get(source)
+        except TypeError:  # not weakly referenceable (or not hashable): certainly not ours
+            loader = None
+        if loader is None:
+            raise TypeError(
+                "expected a prefetch.Loader, or a generator that iter(loader) or prefetch.data_generator returned; "
+                f"got {type(source).__name__}"
+            )
+        return loader
 
     def _run(self, me: object, owns_loader: bool) -> Generator[Any, None, None]:
         """The generator behind ``iter(loader)``; it owns the engine while it runs.
@@ -204,7 +241,7 @@ class Loader:
                 del batch  # else this frame would keep the user's last batch, and its slot, alive
         finally:
             if self._running.owner is me:
-                self._running.stop()
+                self._running.stop(keep_stats=True)
             if owns_loader:
                 self.close()
 
@@ -256,7 +293,10 @@ class Loader:
 
     def stats(self) -> Stats:
         """Figures of the current (or last) iteration: throughput, data stall, worker use, memory."""
-        engine = self._running.engine or self._running.last
+        running = self._running
+        if running.engine is None and running.final is not None:
+            return running.final  # the iteration ended: its figures as it stopped
+        engine = running.engine or running.last
         if engine is None:
             return StatsRecorder().snapshot([], None)
         return engine.stats()
@@ -264,7 +304,7 @@ class Loader:
     def close(self) -> None:
         """Stop the workers and the coordinator and free all shared memory. Idempotent."""
         self._closed = True
-        self._running.stop()
+        self._running.stop(keep_stats=True)
 
     def __enter__(self) -> Loader:
         return self
