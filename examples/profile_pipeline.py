@@ -1,7 +1,7 @@
 """Would more workers help? prefetch.profile measures your pipeline at several worker counts.
 
-Each count is measured three times, interleaved, and the recommendation is the fewest workers
-within the noise of the fastest, with its margin: run it twice and it says the same.
+Each count is measured three times, interleaved; the recommendation is the fewest workers within
+the noise of the fastest, with its margin (on a machine too busy to tell, it keeps the default and says so).
 
 Run: python examples/profile_pipeline.py
 """
@@ -40,7 +40,7 @@ def train_step(batch) -> None:
 
 def main() -> None:
     report = prefetch.profile(
-        make_loader, workers=[0, 1, 2, 4], batches=60, warmup=5, rounds=3, step=train_step, progress=False
+        make_loader, workers=[0, 1, 2, 4], batches=20, warmup=3, rounds=3, step=train_step, progress=False
     )
     print(report)
 

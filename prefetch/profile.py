@@ -7,17 +7,21 @@ memory and CPU, with a one-line recommendation.
 
 One measurement of a few seconds on a shared machine is noise: the same sweep run three
 times recommended three different worker counts. So every count is measured ``rounds``
-times, interleaved (the counts in order, then in reverse, ...) so that a machine that
-gets busier or quieter meanwhile weighs on every count alike, and the report gives each
-count's median with its range. The recommendation compares each count with the fastest
-round by round (both measured in the same round), takes the median of those ratios, and
-picks the fewest workers whose shortfall is within the noise: when two counts cannot be
-told apart, the one that costs less memory and fewer cores wins, every time.
+times, interleaved (the counts in order, then in reverse, ...), so that a quiet or a busy
+spell of the machine falls on every count alike. Other processes can only slow a round
+down, never speed it up, so a count's fastest round is the best estimate of what it can
+do (``timeit`` takes the minimum for the same reason); the table also shows the median
+and the range. The recommendation is the fewest workers whose best round is within the
+noise of the fastest count's (5 %, or how far that count's two best rounds differ, up to
+15 %): when two counts cannot be told apart, the one that costs fewer cores and less
+memory wins, every time. When the rounds of the fastest count differ widely, the report
+says the machine was busy, with its load average.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -28,11 +32,14 @@ from ._tuning import contention
 from .config import usable_cores
 from .loader import Loader
 
-# A worker count whose median shortfall against the fastest is within this share counts as "as fast"...
+# A worker count whose best round is within this share of the fastest count's best round counts as "as fast"...
 AS_FAST_SHARE = 0.95
-# ... or within the fastest count's own noise (half its range over the rounds, relative), up to this much:
-# beyond it the measurement is too noisy to excuse a slower choice.
+# ... or within the fastest count's own noise (how far its two best rounds differ), up to this much: beyond it
+# the measurement is too noisy to excuse a slower choice.
 MAX_NOISE_SHARE = 0.15
+# When the fastest count's slowest round is more than this share below its best, something else used the
+# CPU during the sweep: the report says so.
+NOISY_SPREAD = 0.30
 # Below this data-stall share, the training step, not the data, bounds the loop.
 STEP_BOUND_STALL = 0.10
 DEFAULT_ROUNDS = 3
@@ -65,11 +72,20 @@ class SweepRow:
         return max(self.rounds, default=self.samples_per_s)
 
     @property
+    def best_round(self) -> float:
+        """Samples/s of the fastest round: other processes only ever slow a round down."""
+        return self.samples_per_s_high
+
+    @property
     def noise(self) -> float:
-        """Half the range of the rounds, relative to the median: how far one round may be off."""
-        if not self.samples_per_s:
-            return 0.0
-        return (self.samples_per_s_high - self.samples_per_s_low) / 2 / self.samples_per_s
+        """How far the two fastest rounds differ, relative to the fastest: how reproducible ``best_round`` is."""
+        top = sorted(self.rounds, reverse=True)[:2]
+        return (top[0] - top[1]) / top[0] if len(top) == 2 and top[0] else 0.0
+
+    @property
+    def spread(self) -> float:
+        """How far the slowest round fell below the fastest, relative to it (0: all rounds alike)."""
+        return 1 - self.samples_per_s_low / self.samples_per_s_high if self.samples_per_s_high else 0.0
 
     @property
     def contention(self) -> str | None:
@@ -197,12 +213,8 @@ def _batch_len(batch: Any) -> int:
 
 
 def shortfall(row: SweepRow, best: SweepRow) -> float:
-    """How much slower ``row`` is than ``best``: the median over rounds of ``1 - row / best``, each round's
-    pair measured close together (so a machine that got busier between rounds weighs on both alike);
-    from the medians when the rows have no rounds to pair."""
-    if row.rounds and len(row.rounds) == len(best.rounds) and all(best.rounds):
-        return float(statistics.median(1 - mine / theirs for mine, theirs in zip(row.rounds, best.rounds)))
-    return 1 - row.samples_per_s / best.samples_per_s if best.samples_per_s else 0.0
+    """How much slower ``row`` is than ``best``, by their fastest rounds (``1 - row / best``)."""
+    return 1 - row.best_round / best.best_round if best.best_round else 0.0
 
 
 def _workers(n: int) -> str:
@@ -210,34 +222,77 @@ def _workers(n: int) -> str:
 
 
 def _rate(row: SweepRow, unit: str = " samples/s") -> str:
-    """``812 samples/s (range 790-830)``: the median and, measured more than once, the range of the rounds."""
+    """``830 samples/s (best of 3, range 790-830)``: the fastest round, and the range when measured more than once."""
     if len(row.rounds) > 1:
-        return f"{row.samples_per_s:.0f}{unit} (range {row.samples_per_s_low:.0f}-{row.samples_per_s_high:.0f})"
-    return f"{row.samples_per_s:.0f}{unit}"
+        low, high = row.samples_per_s_low, row.samples_per_s_high
+        return f"{row.best_round:.0f}{unit} (best of {len(row.rounds)}, range {low:.0f}-{high:.0f})"
+    return f"{row.best_round:.0f}{unit}"
 
 
-def choose(rows: list[SweepRow]) -> SweepRow:
-    """The fewest workers whose median shortfall against the fastest count is within the tolerance:
-    5 %, or the fastest count's own noise when that is larger (at most 15 %)."""
-    best = max(rows, key=lambda row: row.samples_per_s)
-    tolerance = _tolerance(best)
-    return min((row for row in rows if shortfall(row, best) <= tolerance), key=lambda row: row.workers)
+def _fastest(rows: list[SweepRow]) -> SweepRow:
+    return max(rows, key=lambda row: row.best_round)
 
 
 def _tolerance(best: SweepRow) -> float:
     return max(1 - AS_FAST_SHARE, min(MAX_NOISE_SHARE, best.noise))
 
 
+def choose(rows: list[SweepRow]) -> SweepRow:
+    """The fewest workers whose fastest round is within the tolerance of the fastest count's: 5 %, or
+    that count's own noise when larger (at most 15 %). When the sweep was too noisy to choose by (see
+    ``noisy``), the count nearest the default instead (one worker per usable core, or fewer): a busy
+    machine must not talk the user out of the default by chance."""
+    if noisy(rows) is not None:
+        return _nearest_default(rows)
+    best = _fastest(rows)
+    tolerance = _tolerance(best)
+    return min((row for row in rows if shortfall(row, best) <= tolerance), key=lambda row: row.workers)
+
+
+def _nearest_default(rows: list[SweepRow]) -> SweepRow:
+    cores = usable_cores()
+    at_most = [row for row in rows if row.workers <= cores]
+    if at_most:
+        return max(at_most, key=lambda row: row.workers)
+    return min(rows, key=lambda row: row.workers)
+
+
+def noisy(rows: list[SweepRow]) -> str | None:
+    """Why the sweep cannot choose by measurement, or None: when some count's slowest round fell more than
+    30 % below its fastest, other processes took the CPU for much of the sweep, and differences between
+    the counts are as likely to be theirs as the pipeline's."""
+    worst = max(rows, key=lambda row: row.spread)
+    if worst.spread <= NOISY_SPREAD:
+        return None
+    try:
+        load = f"load average {os.getloadavg()[0]:.1f} on {usable_cores()} cores"
+    except OSError:  # pragma: no cover - not available
+        load = f"{usable_cores()} cores"
+    return (
+        f"the rounds of {_workers(worst.workers)} ranged {worst.samples_per_s_low:.0f}-"
+        f"{worst.samples_per_s_high:.0f} samples/s ({load}): other processes used the CPU"
+    )
+
+
 def recommend(rows: list[SweepRow], stepped: bool) -> str:
     """One line: which worker count to use (``choose``), by what margin, and what bounds the loop."""
-    best = max(rows, key=lambda row: row.samples_per_s)
     choice = choose(rows)
+    why_not = noisy(rows)
+    if why_not is not None:
+        fastest = ", ".join(f"{_workers(row.workers)} {row.best_round:.0f}" for row in rows)
+        cores = usable_cores()
+        default = "the default" if choice.workers == cores else f"nearest the default of {cores}"
+        return (
+            f"{_workers(choice.workers)}, {default} (one per usable core): too noisy to choose by measurement -- "
+            f"{why_not}; fastest rounds, samples/s: {fastest}. Run it again on a quiet machine"
+        )
+    best = _fastest(rows)
     tolerance = _tolerance(best)
     words = [f"{_workers(choice.workers)}: {_rate(choice)}"]
     if choice is not best:
         words[0] += (
-            f", within {max(0.0, shortfall(choice, best)):.0%} of {_workers(best.workers)}' {_rate(best, '')}, "
-            f"inside the noise of {tolerance:.0%}: more workers gain nothing measurable"
+            f", within {max(0.0, shortfall(choice, best)):.0%} of {_workers(best.workers)}' "
+            f"{best.best_round:.0f}, inside the noise of {tolerance:.0%}: more workers gain nothing measurable"
         )
     elif choice.workers < max(row.workers for row in rows):
         words.append("more workers do not help")
