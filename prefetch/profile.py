@@ -109,7 +109,7 @@ class ProfileReport:
         waiting = "stall" if self.stepped else "waiting"
         lines = [
             f"{'workers':>7}  {'batches/s':>10}  {'samples/s':>10}  {'range':>13}  {'vs first':>8}  {waiting:>7}  "
-            f"{'busy':>5}  {'cpu':>9}  {'memory':>9}"
+            f"{'busy':>5}  {'cores l+w':>9}  {'memory':>9}"
         ]
         for row in self.rows:
             spread = f"{row.samples_per_s_low:.0f}-{row.samples_per_s_high:.0f}"
