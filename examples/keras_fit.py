@@ -1,4 +1,6 @@
-"""Keras `fit` fed by prefetch: the seed's generator call, now parallel, with the data stall in the logs.
+"""Keras `fit` fed by prefetch: the seed's generator call, now parallel, with the data stall and the CPU in the logs.
+
+`shuffle=False` in `fit`: prefetch shuffles; Keras' own `shuffle` applies to arrays and warns for a generator.
 
 Run: KERAS_BACKEND=torch python examples/keras_fit.py   (needs keras and torch)
 """
@@ -47,6 +49,8 @@ def main() -> None:
     print(f"loss: first epoch {losses[0]:.4f} -> last epoch {losses[-1]:.4f}")
     stalls = ", ".join(f"{s:.0%}" for s in history.history["data_stall"])
     print(f"data stall per epoch: {stalls}")
+    busy = ", ".join(f"{share:.0%}" for share in history.history["data_cpu_busy"])
+    print(f"cores busy (training process + workers) per epoch: {busy}")
 
 
 if __name__ == "__main__":

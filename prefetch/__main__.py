@@ -10,11 +10,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m prefetch", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("demo", help="the seed's example, then a CPU-heavy pipeline timed against the plain generator")
-    commands.add_parser("doctor", help="check /dev/shm space, the open-files limit and threads: what can go wrong")
+    commands.add_parser("doctor", help="check /dev/shm, open files, threads, cores: what can go wrong")
     sweep = commands.add_parser("profile", help="sweep worker counts on your pipeline: module:factory(workers=N)")
     sweep.add_argument("factory", help="module:function returning a prefetch.Loader for a `workers` keyword")
     sweep.add_argument("--workers", default="0,1,2,4", help="comma-separated worker counts (default 0,1,2,4)")
-    sweep.add_argument("--batches", type=int, default=50, help="batches timed per worker count (default 50)")
+    sweep.add_argument("--batches", type=int, default=50, help="batches timed per run (default 50)")
+    sweep.add_argument("--rounds", type=int, default=3, help="runs per worker count, interleaved (default 3)")
     args = parser.parse_args(argv)
     if args.command == "profile":
         import os
@@ -23,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
 
         sys.path.insert(0, os.getcwd())
         counts = [int(w) for w in args.workers.split(",") if w.strip()]
-        print(profile(load_factory(args.factory), workers=counts, batches=args.batches))
+        print(profile(load_factory(args.factory), workers=counts, batches=args.batches, rounds=args.rounds))
     if args.command == "doctor":
         from .doctor import doctor
 

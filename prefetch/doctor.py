@@ -13,6 +13,12 @@
 * **Threads before fork.** ``fork`` copies only the calling thread: a lock another thread holds
   at that moment (logging, a thread pool, a library's internals) stays locked forever in the
   child. The coordinator is forked from your process with ``start_method="fork"``.
+* **Sharing the cores with the training step.** The training step runs in your process on the
+  same cores as the workers: PyTorch's intra-op threads (``torch.get_num_threads()``, read only
+  when PyTorch is already imported; the doctor never imports it) plus the workers, against the
+  usable cores. More of them than cores is not an error -- workers step back (``worker_nice``) and
+  ``train_threads="auto"`` measures fewer training threads -- but it is where a loader can make
+  training slower, so the finding says what is in use and what to change.
 * **Large Python-object sources.** Workers are forked (from the coordinator), so they share the
   source's pages -- until they read the objects: reference counting writes to every object
   touched, and each worker ends up with its own copy of a list of Python objects
@@ -268,6 +274,78 @@ def _check_threads(config: LoaderConfig | None) -> Finding:
     )
 
 
+# The environment variables that size the training framework's thread pools (OpenMP, MKL, OpenBLAS).
+THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def framework_threads() -> int | None:
+    """PyTorch's intra-op threads in this process, or None when PyTorch is not imported (never imports it)."""
+    from ._tuning import torch_threads
+
+    return torch_threads()
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _check_cores(config: LoaderConfig | None) -> Finding:
+    from ._tuning import DEFAULT_WORKER_NICE
+    from .config import usable_cores
+
+    cores = usable_cores()
+    workers = config.workers if config is not None else cores
+    nice = config.worker_nice if config is not None else DEFAULT_WORKER_NICE
+    tuning = config.train_threads if config is not None else "auto"
+    loader = (
+        f"{'the loader' if config is not None else 'a default loader'}: {_count(workers, 'worker')}, "
+        f"worker_nice={nice}, train_threads={tuning!r}"
+    )
+    env = ", ".join(f"{name}={os.environ[name]}" for name in THREAD_ENV_VARS if name in os.environ)
+    env = env or f"{'/'.join(THREAD_ENV_VARS)} unset"
+    threads = framework_threads()
+    if threads is None:
+        return Finding(
+            "ok",
+            f"cores: {cores} usable; {loader}; PyTorch is not imported in this process, so the training step's "
+            f"threads are unknown ({env}): call prefetch.doctor(loader) in your training script, after importing "
+            "it, to check them",
+        )
+    # While the loader runs, an int train_threads is the step's thread count.
+    training = tuning if isinstance(tuning, int) else threads
+    what = f"cores: {cores} usable; PyTorch imported with {_count(threads, 'intra-op thread')} ({env}); {loader}"
+    if training + workers <= cores or workers == 0:
+        return Finding(
+            "ok", f"{what}: {_count(training, 'training thread')} + {_count(workers, 'worker')} fit the cores"
+        )
+    handled, change = [], []
+    if nice > 0:
+        handled.append(f"the workers run at nice +{nice}, so the training step goes first")
+    else:
+        change.append(f"keep the default worker_nice={DEFAULT_WORKER_NICE}, so the training step goes first")
+    if tuning == "auto" and threads > 1:
+        handled.append(
+            f"train_threads='auto' also times the step at {_count(threads // 2, 'thread')} and keeps the faster"
+        )
+    elif tuning is None and threads > 1:
+        change.append("train_threads='auto' (the default) times the step at fewer threads and keeps the faster")
+    fit = max(1, cores - workers)
+    yourself = (
+        f"torch.set_num_threads({fit}) (or train_threads={fit}), or workers={max(1, cores - training)}; "
+        "loader.stats() and StallMonitor show whether the loop then waits for data"
+    )
+    if change:
+        fix = "; ".join(change) + "; or decide yourself: " + yourself
+    else:
+        fix = "the defaults account for it (" + "; ".join(handled) + "); to decide yourself: " + yourself
+    return Finding(
+        "warn",
+        f"{what}: {_count(training, 'training thread')} + {_count(workers, 'worker')} > {cores} cores, the training "
+        "step and the workers compete for them",
+        fix,
+    )
+
+
 def _check_sources(config: LoaderConfig) -> Finding:
     large = large_object_sources(config)
     if not large or not workers_fork():
@@ -298,13 +376,10 @@ def doctor(loader: Loader | None = None) -> Report:
         _check_shm(config),
         _check_fds(config),
         _check_threads(config),
+        _check_cores(config),
     ]
     if config is not None:
         findings.append(_check_sources(config))
-    else:
-        from .config import usable_cores
-
-        findings.append(Finding("ok", f"cores usable by this process: {usable_cores()} (the default workers)"))
     return Report(findings)
 
 

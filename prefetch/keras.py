@@ -1,21 +1,29 @@
-"""Keras integration: ``StallMonitor``, a callback that reports the data stall of every epoch.
+"""Keras integration: ``StallMonitor``, a callback that reports the data stall and the CPU sharing of every epoch.
 
 ::
 
     from prefetch.keras import StallMonitor
 
     loader = prefetch.Loader(x_train, y_train, batch_size=32, transform=augment)
-    history = model.fit(iter(loader), steps_per_epoch=loader.steps_per_epoch, epochs=10,
+    history = model.fit(iter(loader), steps_per_epoch=loader.steps_per_epoch, epochs=10, shuffle=False,
                         callbacks=[StallMonitor(loader)])
     history.history["data_stall"]          # per epoch: share of wall time spent waiting for data
 
-At each epoch end it adds two entries to the epoch's logs, so they show in Keras'
+At each epoch end it adds three entries to the epoch's logs, so they show in Keras'
 progress bar and in ``History``:
 
 * ``data_stall``: the fraction of the epoch's wall time the training loop spent
   waiting inside ``next()`` for a batch. Near 0: the data keeps up; near 1: the model
   waits for data (more ``workers``, cheaper transforms).
 * ``data_samples_per_s``: samples the loader delivered per second of the epoch.
+* ``data_cpu_busy``: the CPU the training process (the step and its threads) and the
+  workers used together over the epoch, as a share of the cores this process may use.
+  Near 1 with a low stall: the step and the workers fill the machine between them.
+
+A low ``data_stall`` does not mean the loader costs nothing: the workers run on the
+cores the training step would otherwise use. When the epoch's figures say the two
+compete (``loader.stats().contention``), the callback warns once per ``fit`` with a
+``prefetch.PrefetchWarning`` that names the cores, the threads and what to change.
 
 Keras itself is imported only when ``StallMonitor`` is first used: ``import prefetch``
 and ``import prefetch.keras`` never import it.
@@ -23,47 +31,37 @@ and ``import prefetch.keras`` never import it.
 
 from __future__ import annotations
 
-import time
-from typing import Any
+import warnings
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .stats import Stats
 
 __all__ = ["StallMonitor"]  # noqa: F822 - made on first use by __getattr__ (it imports Keras)
 
 _class: type | None = None
 
 
-def _find_loader(source: Any) -> Any:
-    """The ``Loader`` behind ``source``: a Loader, or a generator from ``data_generator`` / ``iter(loader)``."""
-    from .loader import Loader
-
-    if isinstance(source, Loader):
-        return source
-    frame = getattr(source, "gi_frame", None)
-    owner = frame.f_locals.get("self") if frame is not None else None
-    if isinstance(owner, Loader):
-        return owner
-    raise TypeError(
-        "StallMonitor needs the prefetch.Loader that feeds fit (or the generator that prefetch.data_generator "
-        f"or iter(loader) returned, before it is exhausted); got {type(source).__name__}"
-    )
+def epoch_logs(window: Stats) -> dict[str, float]:
+    """The figures ``StallMonitor`` adds to an epoch's logs, from the loader's figures over that epoch."""
+    busy = (window.consumer_cpu + window.workers_cpu) / window.cores if window.cores else 0.0
+    return {
+        "data_stall": window.wait_fraction,
+        "data_samples_per_s": window.samples_per_s,
+        "data_cpu_busy": min(1.0, busy),
+    }
 
 
-class _Reading:
-    """Cumulative figures of the loader's running engine: seconds waited and samples delivered."""
+def competing(window: Stats) -> str | None:
+    """The sentence to warn with when the training step and the workers competed for the cores, else None.
 
-    def __init__(self, loader: Any):
-        running = loader._running
-        engine = running.engine or running.last
-        recorder = getattr(engine, "recorder", None)
-        self.engine = engine
-        self.wait_s = float(recorder.wait_s) if recorder is not None else 0.0
-        self.samples = int(recorder.samples) if recorder is not None else 0
-        self.at = time.perf_counter()
-
-    def since(self, start: _Reading) -> tuple[float, int, float]:
-        """Seconds waited, samples delivered and wall seconds from ``start`` to this reading."""
-        if self.engine is not start.engine:  # a new iteration started a new engine (its figures start at 0)
-            return self.wait_s, self.samples, self.at - start.at
-        return self.wait_s - start.wait_s, self.samples - start.samples, self.at - start.at
+    A loop that did no work between batches (``window.idle_loop``) waited by design, a loop that is
+    not short of cores has nothing to be told, and without workers (``workers=0``) there is nothing to
+    compete with: none of them warns."""
+    note = window.contention
+    if note is None or window.idle_loop or not window.worker_busy:
+        return None
+    return note
 
 
 def _stall_monitor_class() -> type:
@@ -75,31 +73,46 @@ def _stall_monitor_class() -> type:
     except ImportError as exc:
         raise ImportError("prefetch.keras.StallMonitor needs Keras: pip install keras") from exc
 
+    from .errors import PrefetchWarning
+    from .loader import Loader
+
     callback_base: Any = keras.callbacks.Callback
 
     class StallMonitor(callback_base):
-        """Adds ``data_stall`` and ``data_samples_per_s`` to the logs at every epoch end.
+        """Adds ``data_stall``, ``data_samples_per_s`` and ``data_cpu_busy`` to the logs at every epoch end.
 
         ``StallMonitor(loader)``: ``loader`` is the ``prefetch.Loader`` that feeds ``fit``
-        (or the generator ``prefetch.data_generator`` returned). ``data_stall`` is the
-        fraction of the epoch's wall time spent waiting for data.
+        (or the generator ``prefetch.data_generator`` or ``iter(loader)`` returned).
+        ``data_stall`` is the fraction of the epoch's wall time spent waiting for data;
+        ``data_cpu_busy`` the share of the usable cores the training process and the
+        workers used. Warns (``prefetch.PrefetchWarning``) once per ``fit`` when the
+        training step and the workers compete for the cores.
         """
 
         def __init__(self, loader: Any):
             super().__init__()
-            self.loader = _find_loader(loader)
-            self._start: _Reading | None = None
+            try:
+                self.loader = Loader.of(loader)
+            except TypeError as exc:
+                raise TypeError(f"StallMonitor needs the prefetch.Loader that feeds fit: {exc}") from None
+            self._start: Stats | None = None
+            self._warned = False
+
+        def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+            self._warned = False  # once per fit
 
         def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-            self._start = _Reading(self.loader)
+            self._start = self.loader.stats()
 
         def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
             if self._start is None or logs is None:
                 return
-            waited, samples, wall = _Reading(self.loader).since(self._start)
-            wall = max(wall, 1e-9)
-            logs["data_stall"] = min(1.0, max(0.0, waited / wall))
-            logs["data_samples_per_s"] = samples / wall
+            window = self.loader.stats().since(self._start)
+            logs.update(epoch_logs(window))
+            note = competing(window)
+            if note is not None and not self._warned:
+                self._warned = True
+                warnings.warn(f"epoch {epoch + 1}: {note}", PrefetchWarning, stacklevel=2)
 
     StallMonitor.__module__ = __name__
     _class = StallMonitor

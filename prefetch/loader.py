@@ -44,6 +44,19 @@ STATE_FORMAT = 1
 # How long close() waits for another thread that is starting an engine for this loader.
 CLOSE_WAIT_S = 10.0
 
+# The generators ``iter(loader)`` and ``data_generator`` returned -> their loader, for ``Loader.of``. An
+# entry lives as long as its generator, and keeps the loader (which never refers to the generator) that
+# long: a running generator's frame holds it anyway, and a finished one's loader is closed and small.
+_loader_of: weakref.WeakKeyDictionary[Generator[Any, None, None], Loader] = weakref.WeakKeyDictionary()
+
+
+def _final_stats(engine: InlineEngine | ProcessEngine) -> Stats | None:
+    """An engine's figures as it stops (a courtesy: never let them stop a shutdown)."""
+    try:
+        return engine.stats()
+    except Exception:
+        return None
+
 
 class _EngineSlot:
     """The loader's running engine, in a holder its finalizer can reach without the loader.
@@ -56,6 +69,7 @@ class _EngineSlot:
     def __init__(self) -> None:
         self.engine: InlineEngine | ProcessEngine | None = None
         self.last: InlineEngine | ProcessEngine | None = None  # for stats() after it stopped
+        self.final: Stats | None = None  # the last engine's figures as it stopped (see ``stop``)
         self.owner: object | None = None  # the generator that started it
         self.thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -72,9 +86,13 @@ class _EngineSlot:
                 self.last = engine
             return engine
 
-    def stop(self) -> None:
+    def stop(self, keep_stats: bool = False) -> None:
+        """Stop the engine; with ``keep_stats``, first take its figures, so that ``stats()`` after the loop
+        still has the workers' CPU and memory (their processes are gone after this) and an elapsed time
+        that ends with the iteration, not whenever the user asks."""
         engine = self.take()
         if engine is not None:
+            self.final = _final_stats(engine) if keep_stats else None
             engine.close()
 
 
@@ -206,7 +224,29 @@ class Loader:
     def _generate(self, owns_loader: bool) -> Generator[Any, None, None]:
         me = object()
         self._newest_iterator = me
-        return self._run(me, owns_loader)
+        generator = self._run(me, owns_loader)
+        _loader_of[generator] = self
+        return generator
+
+    @classmethod
+    def of(cls, source: Any) -> Loader:
+        """The ``Loader`` behind ``source``: ``source`` itself if it is one, or the loader whose
+        ``iter(loader)`` or ``prefetch.data_generator`` made the generator ``source`` (even once it is
+        exhausted or closed). For tools that get what the user passed to ``fit`` and want the figures
+        (``prefetch.keras.StallMonitor``): ``Loader.of(gen).stats()``. Raises ``TypeError`` otherwise.
+        """
+        if isinstance(source, cls):
+            return source
+        try:
+            loader = _loader_of.get(source)
+        except TypeError:  # not weakly referenceable (or not hashable): certainly not ours
+            loader = None
+        if loader is None:
+            raise TypeError(
+                "expected a prefetch.Loader, or a generator that iter(loader) or prefetch.data_generator returned; "
+                f"got {type(source).__name__}"
+            )
+        return loader
 
     def _run(self, me: object, owns_loader: bool) -> Generator[Any, None, None]:
         """The generator behind ``iter(loader)``; it owns the engine while it runs.
@@ -250,7 +290,7 @@ class Loader:
                 yield made.pop()
         finally:
             if self._running.owner is me:
-                self._running.stop()
+                self._running.stop(keep_stats=True)
             if owns_loader:
                 self.close()
 
@@ -329,7 +369,10 @@ class Loader:
 
     def stats(self) -> Stats:
         """Figures of the current (or last) iteration: throughput, data stall, worker use, memory."""
-        engine = self._running.engine or self._running.last
+        running = self._running
+        if running.engine is None and running.final is not None:
+            return running.final  # the iteration ended: its figures as it stopped
+        engine = running.engine or running.last
         if engine is None:
             return StatsRecorder().snapshot([], None)
         return engine.stats()
@@ -344,6 +387,7 @@ class Loader:
         self._closed = True
         engine = self._running.take()  # so no generator's own clean-up races this one
         if engine is not None:
+            self._running.final = _final_stats(engine)
             engine.close()
         elif self._turn.locked() and self._turn.acquire(timeout=CLOSE_WAIT_S):
             self._turn.release()  # another thread was starting an engine: it has stopped it again

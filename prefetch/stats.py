@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -54,6 +54,10 @@ class Stats:
     workers_cpu: float = 0.0
     consumer_threads: int = 0
     decisions: tuple[str, ...] = ()
+    # When these figures start (``time.time()``): the iteration's start for ``stats()``, so two snapshots
+    # with the same ``started_at`` belong to the same iteration and ``later.since(earlier)`` can subtract
+    # them; a window made by ``since`` starts where ``earlier`` ended.
+    started_at: float = 0.0
 
     @property
     def contention(self) -> str | None:
@@ -62,16 +66,69 @@ class Stats:
 
         return contention(self.cores, self.consumer_cpu, self.workers_cpu, self.wait_fraction, self.consumer_threads)
 
+    def since(self, earlier: Stats) -> Stats:
+        """The figures between ``earlier`` and this snapshot: an epoch's, a measurement window's.
+
+        Both must come from ``stats()`` of the same iteration (the same ``started_at``); if the loader
+        started a new iteration in between, its figures already start after ``earlier`` and this
+        snapshot is returned unchanged. Rates, shares and means are recomputed over the window from
+        the cumulative figures; ``max_fill``, ``memory``, ``cores``, ``consumer_threads`` and
+        ``decisions`` are this snapshot's.
+        """
+        if earlier.started_at != self.started_at or earlier.elapsed_s > self.elapsed_s:
+            return self
+        elapsed = max(self.elapsed_s - earlier.elapsed_s, 1e-9)
+        batches = self.batches - earlier.batches
+        samples = self.samples - earlier.samples
+
+        def share(now: float, before: float) -> float:  # of the window's wall time, from two shares
+            return min(1.0, max(0.0, (now * self.elapsed_s - before * earlier.elapsed_s) / elapsed))
+
+        def per_second(now: float, before: float) -> float:  # e.g. CPU seconds per wall second
+            return max(0.0, (now * self.elapsed_s - before * earlier.elapsed_s) / elapsed)
+
+        def mean(now: float, before: float) -> float:  # per batch delivered in the window
+            return max(0.0, (now * self.batches - before * earlier.batches) / batches) if batches else 0.0
+
+        return replace(
+            self,
+            batches=batches,
+            samples=samples,
+            elapsed_s=elapsed,
+            batches_per_s=batches / elapsed,
+            samples_per_s=samples / elapsed,
+            wait_fraction=share(self.wait_fraction, earlier.wait_fraction),
+            worker_busy={pid: share(busy, earlier.worker_busy.get(pid, 0.0)) for pid, busy in self.worker_busy.items()},
+            load_s=mean(self.load_s, earlier.load_s),
+            transform_s=mean(self.transform_s, earlier.transform_s),
+            collate_s=mean(self.collate_s, earlier.collate_s),
+            transfer_s=mean(self.transfer_s, earlier.transfer_s),
+            mean_fill=mean(self.mean_fill, earlier.mean_fill),
+            restarts=self.restarts - earlier.restarts,
+            consumer_cpu=per_second(self.consumer_cpu, earlier.consumer_cpu),
+            workers_cpu=per_second(self.workers_cpu, earlier.workers_cpu),
+            started_at=self.started_at + earlier.elapsed_s,
+        )
+
+    @property
+    def idle_loop(self) -> bool:
+        """True when the loop did (almost) no work between batches -- no training step -- so the time it
+        waited for data is the loader's full speed being measured, not a stall (as ``contention`` says)."""
+        from ._tuning import IDLE_CONSUMER_CORES, WAITING_SHARE
+
+        return self.cores > 0 and self.consumer_cpu < IDLE_CONSUMER_CORES and self.wait_fraction >= WAITING_SHARE
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def __str__(self) -> str:
         busy = ", ".join(f"{share:.0%}" for share in self.worker_busy.values()) or "-"
         memory = ", ".join(f"{role} {size / 2**20:.0f} MiB" for role, size in self.memory.items()) or "-"
+        waiting = " (no training step in the loop: not a stall, see the note)" if self.idle_loop else ""
         rows = [
             ("batches / samples", f"{self.batches} / {self.samples}"),
             ("throughput", f"{self.batches_per_s:.1f} batches/s, {self.samples_per_s:.0f} samples/s"),
-            ("waiting for data", f"{self.wait_fraction:.1%} of {self.elapsed_s:.2f} s"),
+            ("waiting for data", f"{self.wait_fraction:.1%} of {self.elapsed_s:.2f} s{waiting}"),
             ("worker busy", busy),
             (
                 "per batch",
@@ -117,6 +174,7 @@ class StatsRecorder:
         self.fill_max = 0
         self.restarts = 0
         self.cpu_started = time.process_time()  # this process's CPU, every thread of it
+        self.started_at = time.time()  # identifies the iteration (``Stats.since``)
 
     def delivered(self, samples: int, waited_s: float, fill: int, timings: Timings | None, pid: int | None) -> None:
         self.batches += 1
@@ -160,6 +218,7 @@ class StatsRecorder:
             workers_cpu=_cpu_seconds(worker_pids) / elapsed,
             consumer_threads=_thread_count(),
             decisions=decisions,
+            started_at=self.started_at,
         )
 
 

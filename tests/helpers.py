@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 
@@ -399,3 +400,32 @@ class RaiseLong:
         if int(sample[1]) == self.index:
             raise BadSample("x" * self.length)
         return sample
+
+
+def burn_cpu(seconds: float) -> None:
+    """Spend ``seconds`` of this thread's CPU time in numpy: a fixed amount of work however busy the
+    machine is (a sleep would leave the core to others; a fixed loop count would vary with the CPU)."""
+    import time
+
+    work = np.linspace(0.0, 1.0, 4096)
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        work = np.sqrt(work * work + 1e-3)
+
+
+def cpu_heavy(sample):
+    """A transform that costs 2 ms of CPU per sample (sample unchanged)."""
+    burn_cpu(0.002)
+    return sample
+
+
+@contextlib.contextmanager
+def one_core():
+    """Pin this process -- and the loader processes it starts, which inherit the mask -- to one core, so
+    that a loop and two workers are sure to fill it, whatever the machine's core count."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(before)})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)

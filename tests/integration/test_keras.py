@@ -127,3 +127,89 @@ def test_stall_monitor_rejects_what_is_not_a_loader(keras):
 
     with pytest.raises(TypeError, match=r"prefetch\.Loader"):
         StallMonitor(iter([1, 2, 3]))
+
+
+class BurnPerBatch:
+    """A Keras callback that makes the training step heavier: a fixed amount of CPU per batch, in the
+    training thread; it also times each epoch."""
+
+    def __init__(self, keras, seconds: float):
+        from helpers import burn_cpu
+
+        outer = self
+
+        class Callback(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                outer.started = time.perf_counter()
+
+            def on_train_batch_begin(self, batch, logs=None):
+                burn_cpu(seconds)
+
+            def on_epoch_end(self, epoch, logs=None):
+                outer.walls.append(time.perf_counter() - outer.started)
+
+        self.started = 0.0
+        self.walls: list[float] = []
+        self.callback = Callback()
+
+
+def _prefetch_warnings(caught) -> list[str]:
+    return [str(w.message) for w in caught if issubclass(w.category, prefetch.PrefetchWarning)]
+
+
+def test_stall_monitor_reports_cpu_busy_and_warns_once_when_the_step_and_the_workers_compete(keras, data):
+    import warnings
+
+    from helpers import cpu_heavy, one_core
+
+    from prefetch._tuning import CONTENTION_SHARE, WAITING_SHARE
+    from prefetch.keras import StallMonitor
+
+    x, y = data
+    steps, epochs, step_cpu = 8, 3, 0.03  # per batch: 30 ms of step, 32 x 2 ms of worker CPU
+    burner = BurnPerBatch(keras, step_cpu)
+    with warnings.catch_warnings(record=True) as caught, one_core():
+        warnings.simplefilter("always", prefetch.PrefetchWarning)
+        gen = prefetch.data_generator(BATCH, x, y, seed=4, workers=2, transform=cpu_heavy)
+        try:
+            history = tiny_model(keras).fit(
+                gen, steps_per_epoch=steps, epochs=epochs, shuffle=False, verbose=0,
+                callbacks=[burner.callback, StallMonitor(gen)],
+            )  # fmt: skip
+        finally:
+            gen.close()
+    busy, stalls = history.history["data_cpu_busy"], history.history["data_stall"]
+    assert len(busy) == epochs and all(0.0 <= share <= 1.0 for share in busy)
+    # CPU seconds, whatever else the machine runs: each epoch burned 8 x 30 ms in the step and
+    # 8 x 32 x 2 ms in the workers, on the one core the figures are a share of
+    for share, wall in zip(busy, burner.walls):
+        assert share * wall >= 0.8 * steps * (step_cpu + BATCH * 0.002), (busy, burner.walls)
+    said = _prefetch_warnings(caught)
+    competed = [b >= CONTENTION_SHARE and s < WAITING_SHARE for b, s in zip(busy, stalls)]
+    if not any(competed):
+        assert not [m for m in said if "workers compete for" in m]
+        pytest.skip(f"other processes took the core (busy {busy}): the step and the workers did not fill it")
+    compete = [m for m in said if "workers compete for" in m]
+    assert len(compete) == 1, said  # once per fit, not once per epoch
+    assert "the training step and the workers compete for 1 core" in compete[0]
+    assert compete[0].startswith(f"epoch {competed.index(True) + 1}: ")
+
+
+def test_stall_monitor_does_not_warn_without_workers_to_compete_with(keras, data):
+    import warnings
+
+    from helpers import one_core
+
+    from prefetch.keras import StallMonitor
+
+    x, y = data
+    burner = BurnPerBatch(keras, 0.02)  # the loop fills its core, but no worker shares it
+    with warnings.catch_warnings(record=True) as caught, one_core():
+        warnings.simplefilter("always", prefetch.PrefetchWarning)
+        with prefetch.Loader(x, y, batch_size=BATCH, seed=5, workers=0) as loader:
+            history = tiny_model(keras).fit(
+                iter(loader), steps_per_epoch=6, epochs=2, shuffle=False, verbose=0,
+                callbacks=[burner.callback, StallMonitor(loader)],
+            )  # fmt: skip
+    assert len(history.history["data_cpu_busy"]) == 2
+    assert not [m for m in _prefetch_warnings(caught) if "workers compete for" in m]
