@@ -44,7 +44,8 @@ TUNE_MIN_GAIN = 1.05
 # more batches than needed in the slower setting.
 TUNE_CLEAR_GAIN = 1.25
 # When consumer and workers together use at least this share of the usable cores while the loop
-# is not waiting for data, they compete for them.
+# is not waiting for data, they compete for them -- if the workers use any CPU at all.
+WORKERS_BUSY_CORES = 0.05
 CONTENTION_SHARE = 0.85
 # Below this many cores of the consumer's CPU, and waiting at least WAITING_SHARE of the time, the
 # loop does (almost) nothing between batches: there is no training step to starve.
@@ -174,12 +175,12 @@ def contention(
             "speed being measured, not a stall"
         )
     used = consumer_cpu + workers_cpu
-    if used < CONTENTION_SHARE * cores or wait_fraction >= WAITING_SHARE:
+    if used < CONTENTION_SHARE * cores or wait_fraction >= WAITING_SHARE or workers_cpu < WORKERS_BUSY_CORES:
         return None
     return (
-        f"the training step and the workers compete for {cores} cores: the loop's process used "
-        f"{consumer_cpu:.2f} cores with {consumer_threads} threads, the workers {workers_cpu:.2f}. Workers "
-        "step back (worker_nice) so the step goes first; if the loop still waits for data, fewer training "
+        f"the training step and the workers compete for {cores} core{'s' if cores > 1 else ''}: the loop's "
+        f"process used {consumer_cpu:.2f} cores with {consumer_threads} threads, the workers {workers_cpu:.2f}. "
+        "Workers step back (worker_nice) so the step goes first; if the loop still waits for data, fewer training "
         "threads (torch.set_num_threads, or train_threads) free cores for the workers, and if it does not, "
         "fewer workers save memory at no cost"
     )
