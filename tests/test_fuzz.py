@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import pytest
 from helpers import loader_processes, segments_of, wait_until
-from hypothesis import HealthCheck, event, given, reject, settings
+from hypothesis import HealthCheck, assume, event, given, reject, settings
 from hypothesis import strategies as st
 
 import prefetch
@@ -431,6 +431,14 @@ def take(iterator, expected: Any, superseded_ok: bool = False) -> tuple[Any, boo
     return batch, True
 
 
+def segment_bound(loader: prefetch.Loader, sources: int) -> int:
+    """The most ``/dev/shm`` names a running loader may have (design.md, "Backpressure"): its slot pool
+    (``2 * prefetch + credit_step + 1``), a spilled message per batch in flight, a copy of each source
+    (spawn, forkserver)."""
+    credit_step = max(1, (loader.prefetch - loader.workers) // 8)
+    return 2 * loader.prefetch + credit_step + 1 + loader.prefetch + sources
+
+
 def assert_released() -> None:
     """Every process and segment of this process's loaders is gone (a few seconds' grace)."""
     pid = os.getpid()
@@ -486,6 +494,7 @@ def consume(
                 continue
             position += 1
             assert loader.position == position
+            assert len(segments_of(os.getpid())) <= segment_bound(loader, len(sources)), segments_of(os.getpid())
             if step.write:
                 if shares_memory(batch, sources):
                     assert scenario.workers == 0, "a batch made by a worker shares memory with the source"
@@ -575,7 +584,20 @@ LONG = settings(
 )
 
 
+# Found by this fuzzer, in _shm.py (not fixed here): an array source of a structured dtype loses its
+# fields under spawn and forkserver (its dtype travels as dtype.str, '|V12').
+# ``test_structured_dtype_sources_under_spawn`` pins it; the fuzzer leaves such draws out.
+STRUCT_SPAWN_BUG = "structured array sources under spawn/forkserver"
+
+
+def known_bugs(scenario: Scenario) -> None:
+    """Reject, before running, a draw that would hit a bug found here and reported, not fixed."""
+    spawned = scenario.options.get("start_method") in ("spawn", "forkserver")
+    assume(not (spawned and scenario.data.dtype == "struct" and scenario.data.kind in ("array", "pair")))
+
+
 def check(scenario: Scenario) -> None:
+    known_bugs(scenario)
     event(f"workers={scenario.workers}")
     event(f"kind={scenario.data.kind}")
     event(f"ending={scenario.ending}")
@@ -677,3 +699,26 @@ def test_a_superseded_generator_refuses_to_go_on(workers):
         with pytest.raises(RuntimeError, match="superseded"):
             next(older)  # yields [2, 3] instead
         assert next(newer).tolist() == [2, 3]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.xfail(
+    strict=True,
+    reason="_shm.py (not fixed here): share_sources and _memmap_file keep a numpy source's dtype as "
+    "dtype.str, which is '|V12' for a structured dtype: under spawn/forkserver the fields are lost",
+)
+@pytest.mark.parametrize("as_memmap", [False, True], ids=["ndarray", "memmap"])
+def test_structured_dtype_sources_under_spawn(tmp_path, as_memmap):
+    data = np.zeros(4, dtype=STRUCT)
+    data["a"] = np.arange(4)
+    data["b"] = np.arange(4) / 2
+    if as_memmap:
+        mapped = np.memmap(tmp_path / "data.bin", dtype=STRUCT, mode="w+", shape=data.shape)
+        mapped[:] = data
+        mapped.flush()
+        data = mapped
+    options = {"batch_size": 2, "epochs": 1, "shuffle": False}
+    with prefetch.Loader(data, workers=1, start_method="spawn", **options) as loader:
+        batches = [canonical(batch) for batch in loader]
+    with prefetch.Loader(data, workers=0, **options) as loader:
+        assert batches == [canonical(batch) for batch in loader]  # the spawned one is of dtype |V12
