@@ -279,8 +279,6 @@ def scenarios(draw, *, large: bool) -> Scenario:
     last_batch = draw(st.sampled_from(LAST_BATCH_MODES))
     max_batch = shard if last_batch == "drop" else shard + 3
     epochs = draw(st.one_of(st.integers(1, 3), st.none())) if large else draw(st.integers(1, 3))
-    if epochs is None and last_batch == "drop":
-        last_batch = "short"
     transform = draw(st.sampled_from(TRANSFORMS))
     options = {
         "batch_size": draw(st.integers(1, max(1, min(max_batch, 400 if many else 20 if large else 8)))),
