@@ -670,7 +670,8 @@ def check(scenario: Scenario) -> None:
     event(f"ending={scenario.ending}")
     try:
         run(scenario)
-    except KnownBug:
+    except KnownBug as bug:
+        event(f"rejected: {bug}")
         reject()
 
 
