@@ -642,7 +642,7 @@ def check_resume(scenario: Scenario, position: int, state: dict, reference: list
 # --- the properties -------------------------------------------------------------------------------
 
 _HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
-FAST = settings(max_examples=40, deadline=None, derandomize=True, database=None, suppress_health_check=_HEALTH)
+FAST = settings(max_examples=60, deadline=None, derandomize=True, database=None, suppress_health_check=_HEALTH)
 LONG = settings(
     max_examples=int(os.environ.get("PREFETCH_FUZZ_EXAMPLES", "300")),
     deadline=None,
