@@ -544,7 +544,8 @@ def consume(
     if scenario.options["epochs"] is not None:
         assert len(loader) == len(reference) - 1 or reference[-1][0] == "raised"
     iterator = iter(loader)
-    position = 0  # batches taken
+    position = 0  # the stream position: batches taken, less any rewound
+    taken = 0  # batches taken in all
     alive = True  # whether the generator can still yield
     held: list[tuple[Any, Any]] = []  # (batch, what it must still hold at the end)
     states: list[tuple[int, dict]] = []
@@ -560,6 +561,7 @@ def consume(
             if not alive:
                 continue
             position += 1
+            taken += 1
             assert loader.position == position
             assert len(segments_of(os.getpid())) <= segment_bound(loader, len(sources)), segments_of(os.getpid())
             if step.write:
@@ -592,13 +594,14 @@ def consume(
             if alive and position < len(reference):
                 batch, went_on = take(old, reference[position], superseded_ok=True)
                 position += went_on
+                taken += went_on
                 del batch
             old.close()
             assert_released()
             alive = True
         elif step.kind == "stats":
-            stats = loader.stats()
-            assert 0 <= stats.batches <= position, stats
+            stats = loader.stats()  # of the current or last engine
+            assert 0 <= stats.batches <= taken, stats
             assert str(stats)
         else:
             loader.close()
