@@ -36,7 +36,9 @@ processes and segments are gone; a closed loader raises ``LoaderClosedError``.
 Every source is built afresh for every loader, so an in-place write that reaches a source can only
 change the run that made it. Draws that hit a bug being fixed elsewhere or found here and not
 fixed are rejected, each by a named check (``ZERO_BYTE_BUG``, ``ALIASING_BUG``,
-``STRUCT_SPAWN_BUG``, ``READONLY_SPAWN_BUG``), and each bug has its own minimal ``xfail`` test at the end of the module.
+``STRUCT_SPAWN_BUG``, ``READONLY_SPAWN_BUG``, ``BYTE_ORDER_SPAWN_BUG``), and each bug has its own
+minimal ``xfail`` test at the end of the module: when a fix lands, its test turns XPASS (strict,
+so it fails) -- remove the marker and the check together.
 The fast profile runs in the default suite; ``-m slow`` runs the long one (more examples, larger
 data, spawn and forkserver; ``PREFETCH_FUZZ_EXAMPLES`` sets its number of examples).
 """
@@ -660,10 +662,18 @@ LONG = settings(
 STRUCT_SPAWN_BUG = "structured array sources under spawn/forkserver"
 
 
+# Found by this fuzzer, in the pickling of sources for spawn and forkserver (not fixed here): a source
+# that is not an array is pickled with dill, which rebuilds arrays of non-native byte order (">i4") with
+# the native dtype. ``test_big_endian_arrays_in_a_pickled_source_keep_their_dtype`` pins it.
+BYTE_ORDER_SPAWN_BUG = "big-endian arrays in a dill-pickled source under spawn/forkserver"
+
+
 def known_bugs(scenario: Scenario) -> None:
     """Reject, before running, a draw that would hit a bug found here and reported, not fixed."""
     spawned = scenario.options.get("start_method") in ("spawn", "forkserver")
-    assume(not (spawned and scenario.data.dtype == "struct" and scenario.data.kind in ("array", "pair", "labelled")))
+    data = scenario.data
+    assume(not (spawned and data.dtype == "struct" and data.kind in ("array", "pair", "labelled")))  # STRUCT_SPAWN_BUG
+    assume(not (spawned and data.dtype.startswith(">") and data.kind in CLASS_KINDS))  # BYTE_ORDER_SPAWN_BUG
 
 
 def check(scenario: Scenario) -> None:
@@ -809,3 +819,20 @@ def test_yielded_arrays_are_writable_under_spawn(start_method):
     with prefetch.Loader(data, workers=1, start_method=start_method, **options) as loader:
         (row,) = next(iter(loader))
         assert row.flags.writeable
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.xfail(
+    strict=True,
+    reason="source pickling for spawn/forkserver (_consumer.py/_shm.py, not fixed here): a source that is "
+    "not an array is pickled with dill, and dill 0.4 rebuilds a non-native byte order array ('>i4') with "
+    "the native dtype ('<i4'): same values, another dtype than fork or workers=0",
+)
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+def test_big_endian_arrays_in_a_pickled_source_keep_their_dtype(start_method):
+    rows = [np.array([i], dtype=">i4") for i in range(4)]  # a list of arrays: pickled as it is
+    options = {"batch_size": 2, "epochs": 1, "shuffle": False}
+    with prefetch.Loader(rows, workers=1, start_method=start_method, **options) as loader:
+        batches = [canonical(batch) for batch in loader]
+    with prefetch.Loader(rows, workers=0, **options) as loader:
+        assert batches == [canonical(batch) for batch in loader]  # spawned: dtype <i4
