@@ -310,7 +310,9 @@ class BatchSpace:
 
 
 class _BatchPickler(pickle.Pickler):
-    """Pickles a batch with its arrays out of band; non-contiguous arrays are first made contiguous in the slot."""
+    """Pickles a batch with its arrays out of band. Non-contiguous arrays are first made contiguous in the
+    slot, and so are read-only ones (a view of a source shared read-only with spawned workers): pickle
+    would otherwise carry the read-only flag to the consumer, whose arrays must be writable."""
 
     def __init__(self, file: io.BytesIO, space: BatchSpace, buffers: list[pickle.PickleBuffer]):
         super().__init__(file, protocol=5, buffer_callback=buffers.append)
@@ -320,7 +322,7 @@ class _BatchPickler(pickle.Pickler):
         if (
             type(obj) is np.ndarray
             and not obj.dtype.hasobject
-            and not (obj.flags.c_contiguous or obj.flags.f_contiguous)
+            and (not (obj.flags.c_contiguous or obj.flags.f_contiguous) or not obj.flags.writeable)
         ):
             contiguous = self._space.alloc(obj.shape, obj.dtype)
             np.copyto(contiguous, obj)
@@ -499,7 +501,7 @@ class SharedArray:
     name: str
     size: int
     shape: tuple[int, ...]
-    dtype: str
+    dtype: np.dtype  # the dtype itself: its str form loses a structured dtype's fields
 
 
 @dataclass(frozen=True)
@@ -510,7 +512,7 @@ class MemmapFile:
     offset: int
     shape: tuple[int, ...]
     strides: tuple[int, ...]
-    dtype: str
+    dtype: np.dtype
 
 
 def _memmap_file(source: np.memmap) -> MemmapFile | None:
@@ -519,7 +521,7 @@ def _memmap_file(source: np.memmap) -> MemmapFile | None:
         return None
     start = source.offset - source.offset % mmap.ALLOCATIONGRANULARITY
     position = start + int(source.ctypes.data) - _address(mapped)
-    return MemmapFile(str(source.filename), position, source.shape, source.strides, source.dtype.str)
+    return MemmapFile(str(source.filename), position, source.shape, source.strides, source.dtype)
 
 
 def share_sources(sources: tuple[Any, ...], prefix: str) -> tuple[Any, ...]:
@@ -537,7 +539,7 @@ def share_sources(sources: tuple[Any, ...], prefix: str) -> tuple[Any, ...]:
             np.copyto(target, handle)
             del target
             mm.close()
-            handle = SharedArray(name, _align(size, PAGE_BYTES), handle.shape, handle.dtype.str)
+            handle = SharedArray(name, _align(size, PAGE_BYTES), handle.shape, handle.dtype)
         shared.append(handle)
     return tuple(shared)
 

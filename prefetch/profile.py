@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -185,6 +184,8 @@ def _measure(loader: Loader, batches: int, warmup: int, step: Callable[[Any], No
 
 def _row(workers: int, runs: list[_Round]) -> SweepRow:
     def median(name: str) -> float:
+        import statistics  # lazily: `import prefetch` stays fast (statistics pulls in decimal, fractions)
+
         return float(statistics.median(getattr(run, name) for run in runs))
 
     return SweepRow(

@@ -34,11 +34,10 @@ with the source; after ``close()``, the end of the stream or garbage collection 
 processes and segments are gone; a closed loader raises ``LoaderClosedError``.
 
 Every source is built afresh for every loader, so an in-place write that reaches a source can only
-change the run that made it. Draws that hit a bug being fixed elsewhere or found here and not
-fixed are rejected, each by a named check (``ZERO_BYTE_BUG``, ``ALIASING_BUG``,
-``STRUCT_SPAWN_BUG``, ``READONLY_SPAWN_BUG``, ``BYTE_ORDER_SPAWN_BUG``), and each bug has its own
-minimal ``xfail`` test at the end of the module: when a fix lands, its test turns XPASS (strict,
-so it fails) -- remove the marker and the check together.
+change the run that made it. Every bug the fuzzer found has its own
+minimal test at the end of the module. The one not fixed yet (``BYTE_ORDER_SPAWN_BUG``) is a strict
+``xfail`` whose draws are left out: when a fix lands, the test turns XPASS and fails -- remove the
+marker and the check together.
 The fast profile runs in the default suite; ``-m slow`` runs the long one (more examples, larger
 data, spawn and forkserver; ``PREFETCH_FUZZ_EXAMPLES`` sets its number of examples).
 """
@@ -60,6 +59,10 @@ from hypothesis import strategies as st
 
 import prefetch
 from prefetch.order import LAST_BATCH_MODES, Order
+
+# Drawn configurations include batches larger than the data or the shard on purpose: the warning that
+# says so is tested in test_bad_input.py.
+pytestmark = pytest.mark.filterwarnings("ignore::prefetch.PrefetchWarning")
 
 # --- data: what the sources hold ---------------------------------------------------------------
 
@@ -435,17 +438,8 @@ class KnownBug(Exception):
     """The draw hit a bug being fixed elsewhere, or found and reported: the example is rejected, not failed."""
 
 
-# Found by this fuzzer, in _shm.py (not fixed here): under spawn and forkserver an array source is
-# shared read-only, and a row of it that reaches the batch as it is (collate="list", a collate function
-# that keeps the samples) arrives as a read-only array. The fuzzer rejects a draw that is about to
-# write into one; ``test_yielded_arrays_are_writable_under_spawn`` pins it.
-READONLY_SPAWN_BUG = "a yielded array is read-only under spawn/forkserver"
-
-
 def writable_or_known_bug(array: np.ndarray, start_method: str | None) -> None:
-    if not array.flags.writeable and start_method in ("spawn", "forkserver"):
-        raise KnownBug(READONLY_SPAWN_BUG)
-    assert array.flags.writeable, "a yielded array is read-only"
+    assert array.flags.writeable, f"a yielded array is read-only (start method {start_method})"
 
 
 def write_into(value: Any, start_method: str | None = None) -> None:
@@ -468,18 +462,6 @@ def write_into(value: Any, start_method: str | None = None) -> None:
 # --- running a scenario ---------------------------------------------------------------------------
 
 
-# Issue 10, item 7: a batch whose arrays hold zero bytes fails in a worker ("cannot reserve 0.0 MiB
-# in /dev/shm"). Being fixed on another branch; ``test_zero_byte_samples_with_workers`` pins it.
-ZERO_BYTE_BUG = "cannot reserve 0.0 MiB"
-
-
-# Issue 10, item 6, being fixed on another branch: with workers=0 a batch may hold the source's own
-# arrays (collate="list", list samples under "auto", a collate function that returns the samples), so
-# an in-place write changes the data of later epochs. The fuzzer rejects a draw that is about to write
-# into such a batch; ``test_in_place_writes_with_workers_0_do_not_reach_the_source`` pins it.
-ALIASING_BUG = "a workers=0 batch shares memory with the source"
-
-
 def take(iterator, expected: Any, superseded_ok: bool = False) -> tuple[Any, bool]:
     """``next(iterator)`` checked against the reference; returns (batch or None, whether it went on).
     With ``superseded_ok`` the generator may refuse because a newer ``iter(loader)`` superseded it."""
@@ -491,8 +473,6 @@ def take(iterator, expected: Any, superseded_ok: bool = False) -> tuple[Any, boo
     except Exception as exc:
         if superseded_ok and isinstance(exc, RuntimeError) and "superseded" in str(exc):
             return None, False
-        if ZERO_BYTE_BUG in str(exc) and expected[0] != "raised":
-            raise KnownBug(ZERO_BYTE_BUG) from exc
         assert raised(exc) == expected, f"raised {exc!r}; expected {str(expected)[:200]}"
         return None, False
     assert expected != END, "a batch past the end of the stream"
@@ -567,9 +547,7 @@ def consume(
             assert loader.position == position
             assert len(segments_of(os.getpid())) <= segment_bound(loader, len(sources)), segments_of(os.getpid())
             if step.write:
-                if shares_memory(batch, sources):
-                    assert scenario.workers == 0, "a batch made by a worker shares memory with the source"
-                    raise KnownBug(ALIASING_BUG)
+                assert not shares_memory(batch, sources), "a batch shares memory with the source"
                 write_into(batch, scenario.options.get("start_method"))
             if step.hold:
                 held.append((batch, canonical(batch)))
@@ -656,12 +634,6 @@ LONG = settings(
 )
 
 
-# Found by this fuzzer, in _shm.py (not fixed here): an array source of a structured dtype loses its
-# fields under spawn and forkserver (its dtype travels as dtype.str, '|V12').
-# ``test_structured_dtype_sources_under_spawn`` pins it; the fuzzer leaves such draws out.
-STRUCT_SPAWN_BUG = "structured array sources under spawn/forkserver"
-
-
 # Found by this fuzzer, in the pickling of sources for spawn and forkserver (not fixed here): a source
 # that is not an array is pickled with dill, which rebuilds arrays of non-native byte order (">i4") with
 # the native dtype. ``test_big_endian_arrays_in_a_pickled_source_keep_their_dtype`` pins it.
@@ -672,7 +644,6 @@ def known_bugs(scenario: Scenario) -> None:
     """Reject, before running, a draw that would hit a bug found here and reported, not fixed."""
     spawned = scenario.options.get("start_method") in ("spawn", "forkserver")
     data = scenario.data
-    assume(not (spawned and data.dtype == "struct" and data.kind in ("array", "pair", "labelled")))  # STRUCT_SPAWN_BUG
     assume(not (spawned and data.dtype.startswith(">") and data.kind in CLASS_KINDS))  # BYTE_ORDER_SPAWN_BUG
 
 
@@ -719,11 +690,6 @@ def test_canonical_tells_dtype_shape_and_bytes_apart():
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 10 item 7, being fixed on another branch: zero-byte samples fail in a worker with "
-    "'cannot reserve 0.0 MiB in /dev/shm' (the fuzzer rejects such draws: ZERO_BYTE_BUG)",
-)
 @pytest.mark.parametrize("collate", ["auto", "list"])
 def test_zero_byte_samples_with_workers(collate):
     data = np.zeros((2, 0), np.uint8)
@@ -746,11 +712,6 @@ def _collate_function_source() -> tuple[Any, dict]:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 10 item 6, being fixed on another branch: with workers=0 the batch holds the source's "
-    "arrays, so an in-place write changes later epochs (the fuzzer rejects such draws: ALIASING_BUG)",
-)
 @pytest.mark.parametrize("make", [_array_source, _list_samples_source, _collate_function_source])
 def test_in_place_writes_with_workers_0_do_not_reach_the_source(make):
     def stream(workers: int) -> list[Any]:
@@ -766,28 +727,21 @@ def test_in_place_writes_with_workers_0_do_not_reach_the_source(make):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=True,
-    reason="loader.py (not fixed here): design.md says an older generator superseded by a newer "
-    "iter(loader) raises RuntimeError if resumed, but until the newer one is first resumed it goes on",
-)
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_superseded_generator_refuses_to_go_on(workers):
+    """design.md: a newer iter(loader) takes over when it takes its first batch; the older then refuses."""
     with prefetch.Loader(np.arange(8), batch_size=2, epochs=1, shuffle=False, workers=workers) as loader:
         older = iter(loader)
         assert next(older).tolist() == [0, 1]
         newer = iter(loader)
+        assert next(older).tolist() == [2, 3]  # the newer has taken nothing over yet
+        assert next(newer).tolist() == [4, 5]
         with pytest.raises(RuntimeError, match="superseded"):
-            next(older)  # yields [2, 3] instead
-        assert next(newer).tolist() == [2, 3]
+            next(older)
+        assert next(newer).tolist() == [6, 7]
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(
-    strict=True,
-    reason="_shm.py (not fixed here): share_sources and _memmap_file keep a numpy source's dtype as "
-    "dtype.str, which is '|V12' for a structured dtype: under spawn/forkserver the fields are lost",
-)
 @pytest.mark.parametrize("as_memmap", [False, True], ids=["ndarray", "memmap"])
 def test_structured_dtype_sources_under_spawn(tmp_path, as_memmap):
     data = np.zeros(4, dtype=STRUCT)
@@ -806,12 +760,6 @@ def test_structured_dtype_sources_under_spawn(tmp_path, as_memmap):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(
-    strict=True,
-    reason="_shm.py (not fixed here): under spawn/forkserver an array source is shared read-only, and a "
-    "sample that reaches the batch as it is (collate='list') is pickled as a read-only buffer: the "
-    "yielded array is read-only, while design.md promises writable arrays (and fork gives them)",
-)
 @pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
 def test_yielded_arrays_are_writable_under_spawn(start_method):
     data = np.arange(4).reshape(2, 2)
