@@ -16,7 +16,7 @@ import types
 import numpy as np
 import psutil
 import pytest
-from helpers import augment, fingerprint, loader_processes
+from helpers import Fault, augment, faulty_pipeline, fingerprint, loader_processes
 
 import prefetch
 from prefetch import _tuning
@@ -217,3 +217,24 @@ def test_workers_step_back_by_worker_nice(nice):
         assert {psutil.Process(pid).nice() for pid in workers} == {min(19, mine + nice)}
     decided = " ".join(stats.decisions)
     assert (f"nice +{nice}" in decided) is (nice > 0)
+
+
+@pytest.mark.timeout(60)
+def test_stream_unchanged_while_the_tuner_runs_and_a_worker_is_replaced(fake_torch, tmp_path):
+    """The pool changes mid-run (a worker is SIGKILLed and replaced) while the tuner switches threads."""
+    data = np.random.default_rng(5).random((96, 3)).astype(np.float32)
+
+    def digest(**options) -> str:
+        sources, pipeline = faulty_pipeline("transform", data, options.pop("fault"))
+        hasher = hashlib.sha256()
+        with prefetch.Loader(*sources, batch_size=4, epochs=2, seed=3, **pipeline, **options) as loader:
+            for batch in loader:
+                hasher.update(repr(fingerprint(batch)).encode())
+            restarts = loader.stats().restarts
+        return hasher.hexdigest(), restarts
+
+    reference, _ = digest(workers=0, fault=None)
+    tuned, restarts = digest(workers=2, fault=Fault(40, "sigkill", str(tmp_path / "killed")))
+    assert restarts == 1  # one worker died mid-run and was replaced
+    assert fake_torch.calls[:2] == [2, 1]  # while the tuner was switching the training threads
+    assert tuned == reference
