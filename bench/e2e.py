@@ -160,24 +160,11 @@ def make_torch_step(width: int = STEP_WIDTH) -> Any:
 
 
 def plain_generator(batch_size: int, data_x: Any, data_y: Any, transform: Any, shuffle: bool = True) -> Any:
-    """The seed's generator with the per-sample work inside its loop, as a user writes it."""
-    data_size = len(data_x)
-    index_list = [*range(data_size)]
-    if shuffle:
-        random.shuffle(index_list)
-    index = 0
-    while True:
-        batch_x, batch_y = [], []
-        for _ in range(batch_size):
-            if index >= data_size:
-                index = 0
-                if shuffle:
-                    random.shuffle(index_list)
-            x, y = transform((data_x[index_list[index]], data_y[index_list[index]]))
-            batch_x.append(x)
-            batch_y.append(y)
-            index += 1
-        yield np.stack(batch_x), np.asarray(batch_y)
+    """The seed's generator with the per-sample work inside its loop, as a user writes it (the demo's copy,
+    which ``workloads.plain_generator`` uses too)."""
+    from prefetch.demo import plain_data_generator
+
+    return plain_data_generator(batch_size, data_x, data_y, shuffle=shuffle, transform=transform)
 
 
 # --- one run, in this process --------------------------------------------------------------------------------
