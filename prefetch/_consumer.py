@@ -38,7 +38,7 @@ import psutil
 
 from . import _rng
 from ._channel import Outbox, PipeReader
-from ._coordinator import coordinator_main
+from ._coordinator import coordinator_main, ship_config
 from ._lifecycle import WakePipe, live_engines, sigint_ignored, wait_ended
 from ._protocol import (
     BatchFailed,
@@ -176,11 +176,12 @@ class ProcessEngine:
         ctx = multiprocess.get_context(config.start_method)
         if ctx.get_start_method() != "fork":
             config = replace(config, sources=share_sources(config.sources, self.prefix))
+        shipped = config if ctx.get_start_method() == "fork" else ship_config(config)
         control_in, self.control = ctx.Pipe(duplex=False)
         self.results, results_out = ctx.Pipe(duplex=False)
         self.process = ctx.Process(
             target=coordinator_main,
-            args=(control_in, results_out, config, self.prefix, start, os.getpid()),
+            args=(control_in, results_out, shipped, self.prefix, start, os.getpid()),
             name="prefetch-coordinator",
         )
         try:

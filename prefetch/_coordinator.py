@@ -403,15 +403,40 @@ def _import_before_forking(config: LoaderConfig) -> None:
             pass
 
 
+def ship_config(config: LoaderConfig) -> bytes:
+    """The configuration pickled for a coordinator that is spawned (not forked): with dill, so lambdas and
+    closures travel. Arrays and dtypes inside it (a list of arrays as a source, an array in a closure) go
+    through numpy's own protocol-5 reduction: dill's rebuilds an array of non-native byte order ('>i4')
+    with the native one."""
+    import io
+
+    import dill
+
+    class ConfigPickler(dill.Pickler):
+        def reducer_override(self, obj: Any) -> Any:
+            if type(obj) is np.ndarray or isinstance(obj, np.dtype):
+                return obj.__reduce_ex__(5)
+            return NotImplemented
+
+    buffer = io.BytesIO()
+    ConfigPickler(buffer, protocol=5).dump(config)
+    return buffer.getvalue()
+
+
 def coordinator_main(
-    control: Any, results: Any, config: LoaderConfig, prefix: str, start: int, consumer_pid: int
+    control: Any, results: Any, config: LoaderConfig | bytes, prefix: str, start: int, consumer_pid: int
 ) -> None:
-    """The coordinator process's entry point."""
+    """The coordinator process's entry point (``config`` as is when forked, from ``ship_config`` when spawned)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the consumer's to handle
     batch_scheduling()
-    _import_before_forking(config)
     coordinator = None
     try:
+        if isinstance(config, bytes):
+            import dill
+
+            config = dill.loads(config)
+        assert isinstance(config, LoaderConfig)
+        _import_before_forking(config)
         config = replace(config, sources=resolve_sources(config.sources))
         coordinator = Coordinator(control, results, config, prefix, start, consumer_pid)
         coordinator.run()

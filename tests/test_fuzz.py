@@ -35,9 +35,7 @@ processes and segments are gone; a closed loader raises ``LoaderClosedError``.
 
 Every source is built afresh for every loader, so an in-place write that reaches a source can only
 change the run that made it. Every bug the fuzzer found has its own
-minimal test at the end of the module. The one not fixed yet (``BYTE_ORDER_SPAWN_BUG``) is a strict
-``xfail`` whose draws are left out: when a fix lands, the test turns XPASS and fails -- remove the
-marker and the check together.
+minimal test at the end of the module (all fixed).
 The fast profile runs in the default suite; ``-m slow`` runs the long one (more examples, larger
 data, spawn and forkserver; ``PREFETCH_FUZZ_EXAMPLES`` sets its number of examples).
 """
@@ -54,7 +52,7 @@ from typing import Any
 import numpy as np
 import pytest
 from helpers import loader_processes, segments_of, wait_until
-from hypothesis import HealthCheck, assume, event, given, reject, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import prefetch
@@ -434,10 +432,6 @@ def shares_memory(batch: Any, arrays: list[np.ndarray]) -> bool:
     return any(np.may_share_memory(leaf, a) for leaf in array_leaves(batch) for a in arrays)
 
 
-class KnownBug(Exception):
-    """The draw hit a bug being fixed elsewhere, or found and reported: the example is rejected, not failed."""
-
-
 def writable_or_known_bug(array: np.ndarray, start_method: str | None) -> None:
     assert array.flags.writeable, f"a yielded array is read-only (start method {start_method})"
 
@@ -634,29 +628,11 @@ LONG = settings(
 )
 
 
-# Found by this fuzzer, in the pickling of sources for spawn and forkserver (not fixed here): a source
-# that is not an array is pickled with dill, which rebuilds arrays of non-native byte order (">i4") with
-# the native dtype. ``test_big_endian_arrays_in_a_pickled_source_keep_their_dtype`` pins it.
-BYTE_ORDER_SPAWN_BUG = "big-endian arrays in a dill-pickled source under spawn/forkserver"
-
-
-def known_bugs(scenario: Scenario) -> None:
-    """Reject, before running, a draw that would hit a bug found here and reported, not fixed."""
-    spawned = scenario.options.get("start_method") in ("spawn", "forkserver")
-    data = scenario.data
-    assume(not (spawned and data.dtype.startswith(">") and data.kind in CLASS_KINDS))  # BYTE_ORDER_SPAWN_BUG
-
-
 def check(scenario: Scenario) -> None:
-    known_bugs(scenario)
     event(f"workers={scenario.workers}")
     event(f"kind={scenario.data.kind}")
     event(f"ending={scenario.ending}")
-    try:
-        run(scenario)
-    except KnownBug as bug:
-        event(f"rejected: {bug}")
-        reject()
+    run(scenario)
 
 
 @pytest.mark.timeout(180)
@@ -756,7 +732,7 @@ def test_structured_dtype_sources_under_spawn(tmp_path, as_memmap):
     with prefetch.Loader(data, workers=1, start_method="spawn", **options) as loader:
         batches = [canonical(batch) for batch in loader]
     with prefetch.Loader(data, workers=0, **options) as loader:
-        assert batches == [canonical(batch) for batch in loader]  # the spawned one is of dtype |V12
+        assert batches == [canonical(batch) for batch in loader]  # it was of dtype |V12 when spawned
 
 
 @pytest.mark.timeout(120)
@@ -770,12 +746,6 @@ def test_yielded_arrays_are_writable_under_spawn(start_method):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(
-    strict=True,
-    reason="source pickling for spawn/forkserver (_consumer.py/_shm.py, not fixed here): a source that is "
-    "not an array is pickled with dill, and dill 0.4 rebuilds a non-native byte order array ('>i4') with "
-    "the native dtype ('<i4'): same values, another dtype than fork or workers=0",
-)
 @pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
 def test_big_endian_arrays_in_a_pickled_source_keep_their_dtype(start_method):
     rows = [np.array([i], dtype=">i4") for i in range(4)]  # a list of arrays: pickled as it is
@@ -783,4 +753,4 @@ def test_big_endian_arrays_in_a_pickled_source_keep_their_dtype(start_method):
     with prefetch.Loader(rows, workers=1, start_method=start_method, **options) as loader:
         batches = [canonical(batch) for batch in loader]
     with prefetch.Loader(rows, workers=0, **options) as loader:
-        assert batches == [canonical(batch) for batch in loader]  # spawned: dtype <i4
+        assert batches == [canonical(batch) for batch in loader]  # it was <i4 when spawned
