@@ -140,7 +140,8 @@ class Stats:
             ("memory", memory),
             (
                 "cpu",
-                f"loop {self.consumer_cpu:.2f} cores ({self.consumer_threads} threads), "
+                f"loop {self.consumer_cpu:.2f} cores ({self.consumer_threads} "
+                f"thread{'s' * (self.consumer_threads != 1)}), "
                 f"workers {self.workers_cpu:.2f} cores, of {self.cores} usable",
             ),
         ]
