@@ -376,10 +376,12 @@ def run_keras(system: str, threads: str = "default", **options: Any) -> dict[str
     )
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
     epoch_ends: list[float] = []
+    threads_at_epoch_end: list[int] = []  # the training thread's intra-op threads, as prefetch may tune them
 
     class Clock(keras.callbacks.Callback):
         def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
             epoch_ends.append(time.perf_counter())
+            threads_at_epoch_end.append(torch.get_num_threads())
 
     steps = KERAS_SAMPLES // KERAS_BATCH
     started = time.perf_counter()
@@ -403,7 +405,13 @@ def run_keras(system: str, threads: str = "default", **options: Any) -> dict[str
         close()
     total = time.perf_counter() - started
     epochs = [b - a for a, b in zip([started, *epoch_ends], epoch_ends)]
-    return {"s_per_epoch": total / KERAS_EPOCHS, "epoch_s": [round(e, 3) for e in epochs], "total_s": total, **info}
+    return {
+        "s_per_epoch": total / KERAS_EPOCHS,
+        "epoch_s": [round(e, 3) for e in epochs],
+        "total_s": total,
+        "threads": threads_at_epoch_end,
+        **info,
+    }
 
 
 # --- runs in fresh processes, interleaved --------------------------------------------------------------------

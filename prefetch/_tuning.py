@@ -33,16 +33,15 @@ from dataclasses import dataclass, field
 # plain generator; 10 beat 19 on both (19 starves the workers while the step's threads spin).
 DEFAULT_WORKER_NICE = 10
 # The tuner's schedule: batches before it measures anything (start-up, caches), batches per window,
-# and how many windows each candidate gets (alternated: a, b, a, b).
+# and how many windows each candidate gets (alternated: a, b, a, b, a, b). Each candidate is judged by
+# its fastest window: on a shared machine other processes only ever slow a window down, so the fastest
+# is the least disturbed (one slow window must not decide).
 TUNE_WARMUP_BATCHES = 4
-TUNE_WINDOW_BATCHES = 6
-TUNE_ROUNDS = 2
+TUNE_WINDOW_BATCHES = 4
+TUNE_ROUNDS = 3
 # The fewer threads are kept only if they make the loop at least this much faster: a noisy machine
 # must not talk the tuner into a change that is no real gain.
 TUNE_MIN_GAIN = 1.05
-# After one round, a difference this large either way is decided at once: the loop should not spend
-# more batches than needed in the slower setting.
-TUNE_CLEAR_GAIN = 1.25
 # When consumer and workers together use at least this share of the usable cores while the loop
 # is not waiting for data, they compete for them -- if the workers use any CPU at all.
 WORKERS_BUSY_CORES = 0.05
@@ -78,7 +77,8 @@ class ThreadTuner:
     ``tick()`` is called once per batch the loop asks for, in the loop's own thread (the thread
     whose OpenMP settings matter). It times windows of ``TUNE_WINDOW_BATCHES`` batches -- the whole
     cycle, training step and wait included, which is what the user gets -- for each candidate in
-    turn, then keeps the faster one. ``decision`` says what it decided and from which figures.
+    turn, then keeps the one whose fastest window was faster (the user's setting unless fewer threads win
+    by ``TUNE_MIN_GAIN``). ``decision`` says what it decided and from which figures.
     """
 
     original: int  # the framework's threads when the engine started (restored by ``restore``)
@@ -87,7 +87,7 @@ class ThreadTuner:
     batches: int = 0  # ticks so far
     window_started: float = 0.0
     window: int = 0  # index of the window being timed
-    seconds: dict[int, float] = field(default_factory=dict)  # threads -> total seconds timed
+    windows: dict[int, list[float]] = field(default_factory=dict)  # threads -> seconds of each of its windows
     chosen: int | None = None
     decision: str = ""
 
@@ -122,23 +122,16 @@ class ThreadTuner:
             return
         if self.window_started:  # a window just ended
             threads = self._current_candidate()
-            self.seconds[threads] = self.seconds.get(threads, 0.0) + now - self.window_started
+            self.windows.setdefault(threads, []).append(now - self.window_started)
             self.window += 1
-        if self.window == TUNE_ROUNDS * len(self.candidates) or self._clear_after_a_round():
+        if self.window == TUNE_ROUNDS * len(self.candidates):
             self._decide()
             return
         set_torch_threads(self._current_candidate())
         self.window_started = time.perf_counter()
 
-    def _clear_after_a_round(self) -> bool:
-        if self.window == 0 or self.window % len(self.candidates) or len(self.seconds) < 2:
-            return False
-        fastest, slowest = min(self.seconds.values()), max(self.seconds.values())
-        return slowest >= TUNE_CLEAR_GAIN * fastest
-
     def _decide(self) -> None:
-        batches = self.window // len(self.candidates) * TUNE_WINDOW_BATCHES  # per candidate
-        rates = {t: batches / s for t, s in self.seconds.items()}
+        rates = {t: TUNE_WINDOW_BATCHES / min(seconds) for t, seconds in self.windows.items()}
         best = max(rates, key=lambda t: rates[t])
         gain = rates[best] / rates[self.original]
         self.chosen = best if best != self.original and gain >= TUNE_MIN_GAIN else self.original
