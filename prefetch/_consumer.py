@@ -365,10 +365,10 @@ class ProcessEngine:
         # still bound to the loop variable while this one is fetched).
         if self.position - self.sent_position >= self.credit_step:
             self._flush()
-        if self.tuner is not None:
-            self.tuner.tick()
         fill = len(self.ready)
         self._drain()
+        if self.tuner is not None:
+            self.tuner.tick(len(self.ready))
         waited = self._wait_for(self.position) if self.position not in self.ready else 0.0
         message = self.ready.pop(self.position)
         self.position += 1

@@ -33,12 +33,11 @@ from dataclasses import dataclass, field
 # plain generator; 10 beat 19 on both (19 starves the workers while the step's threads spin).
 DEFAULT_WORKER_NICE = 10
 # The tuner's schedule: batches before it measures anything (start-up, caches), batches per window,
-# and how many windows each candidate gets (alternated: a, b, a, b, a, b). Each candidate is judged by
-# its fastest window: on a shared machine other processes only ever slow a window down, so the fastest
-# is the least disturbed (one slow window must not decide).
+# and how many windows each candidate gets (alternated: a, b, a, b), all of which count: a setting that
+# runs the step fast by starving the workers drains the buffer, and that only shows over time.
 TUNE_WARMUP_BATCHES = 4
-TUNE_WINDOW_BATCHES = 4
-TUNE_ROUNDS = 3
+TUNE_WINDOW_BATCHES = 6
+TUNE_ROUNDS = 2
 # The fewer threads are kept only if they make the loop at least this much faster: a noisy machine
 # must not talk the tuner into a change that is no real gain.
 TUNE_MIN_GAIN = 1.05
@@ -77,8 +76,12 @@ class ThreadTuner:
     ``tick()`` is called once per batch the loop asks for, in the loop's own thread (the thread
     whose OpenMP settings matter). It times windows of ``TUNE_WINDOW_BATCHES`` batches -- the whole
     cycle, training step and wait included, which is what the user gets -- for each candidate in
-    turn, then keeps the one whose fastest window was faster (the user's setting unless fewer threads win
-    by ``TUNE_MIN_GAIN``). ``decision`` says what it decided and from which figures.
+    turn, then keeps the faster (the user's setting unless fewer threads win by ``TUNE_MIN_GAIN``).
+
+    The rate it compares is what the loop can *sustain*: batches taken, less those the window drained
+    from the buffer of ready batches (``ready`` at each tick). A setting that speeds the step up by
+    starving the workers looks fast while the buffer lasts; counted this way, it does not.
+    ``decision`` says what it decided and from which figures.
     """
 
     original: int  # the framework's threads when the engine started (restored by ``restore``)
@@ -87,7 +90,9 @@ class ThreadTuner:
     batches: int = 0  # ticks so far
     window_started: float = 0.0
     window: int = 0  # index of the window being timed
-    windows: dict[int, list[float]] = field(default_factory=dict)  # threads -> seconds of each of its windows
+    window_ready: int = 0  # ready batches when the window began
+    seconds: dict[int, float] = field(default_factory=dict)  # threads -> seconds timed
+    sustained: dict[int, int] = field(default_factory=dict)  # threads -> batches taken less batches drained
     chosen: int | None = None
     decision: str = ""
 
@@ -109,8 +114,9 @@ class ThreadTuner:
     def _current_candidate(self) -> int:
         return self.candidates[self.window % len(self.candidates)]
 
-    def tick(self) -> None:
-        """One more batch asked for: move the measurement on (cheap once it has decided)."""
+    def tick(self, ready: int) -> None:
+        """One more batch asked for, with ``ready`` batches waiting in the buffer: move the measurement on
+        (cheap once it has decided)."""
         if self.chosen is not None or threading.get_ident() != self.thread:
             return
         self.batches += 1
@@ -122,16 +128,19 @@ class ThreadTuner:
             return
         if self.window_started:  # a window just ended
             threads = self._current_candidate()
-            self.windows.setdefault(threads, []).append(now - self.window_started)
+            self.seconds[threads] = self.seconds.get(threads, 0.0) + now - self.window_started
+            drained = max(0, self.window_ready - ready)
+            self.sustained[threads] = self.sustained.get(threads, 0) + TUNE_WINDOW_BATCHES - drained
             self.window += 1
         if self.window == TUNE_ROUNDS * len(self.candidates):
             self._decide()
             return
         set_torch_threads(self._current_candidate())
+        self.window_ready = ready
         self.window_started = time.perf_counter()
 
     def _decide(self) -> None:
-        rates = {t: TUNE_WINDOW_BATCHES / min(seconds) for t, seconds in self.windows.items()}
+        rates = {t: max(self.sustained[t], 1) / self.seconds[t] for t in self.seconds}
         best = max(rates, key=lambda t: rates[t])
         gain = rates[best] / rates[self.original]
         self.chosen = best if best != self.original and gain >= TUNE_MIN_GAIN else self.original
