@@ -40,9 +40,9 @@ JPEG_SIZE = (500, 400)  # width, height
 JPEG_QUALITY = 90
 JPEG_BATCH = 64
 CROP = 224
-# Warm-up: start-up, caches, and prefetch's measurement of the training threads (_tuning: 28 batches);
+# Warm-up: start-up, caches, and prefetch's measurement of the training threads (_tuning: 40 batches);
 # everyone gets the same. Then the timed batches: the steady state a long training run lives in.
-JPEG_WARMUP_BATCHES = 30
+JPEG_WARMUP_BATCHES = 45
 JPEG_TIMED_BATCHES = 20
 # The training step's work: channels of the small CNN, chosen so that one step takes ~150 ms alone at
 # torch's default threads on this 2-core machine, as in the measurements that opened the issue.

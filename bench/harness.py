@@ -59,7 +59,7 @@ SECTION_TEXT = {
         "batches of 64, consumed by a small torch CNN's SGD step at torch's default threads, at 1 thread, or by "
         "nothing (the loader alone). Each system's run is a fresh process; systems interleaved round after round. "
         "DataLoader: num_workers=2, persistent workers; prefetch: all defaults (2 workers here). Images/s over 20 "
-        "batches after 30 warm-up batches (which cover prefetch's measurement of the training threads); first "
+        "batches after 45 warm-up batches (which cover prefetch's measurement of the training threads); first "
         "batch = from constructing the loader to holding batch 0; loop / worker cores = CPU seconds per wall second "
         "of the training process and of its children.",
     ),

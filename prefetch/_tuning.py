@@ -33,11 +33,11 @@ from dataclasses import dataclass, field
 # plain generator; 10 beat 19 on both (19 starves the workers while the step's threads spin).
 DEFAULT_WORKER_NICE = 10
 # The tuner's schedule: batches before it measures anything (start-up, caches), batches per window,
-# and how many windows each candidate gets (alternated: a, b, a, b), all of which count: a setting that
+# and how many windows each candidate gets (alternated: a, b, a, b, a, b), all of which count: a setting that
 # runs the step fast by starving the workers drains the buffer, and that only shows over time.
 TUNE_WARMUP_BATCHES = 4
 TUNE_WINDOW_BATCHES = 6
-TUNE_ROUNDS = 2
+TUNE_ROUNDS = 3
 # The fewer threads are kept only if they make the loop at least this much faster: a noisy machine
 # must not talk the tuner into a change that is no real gain.
 TUNE_MIN_GAIN = 1.05
