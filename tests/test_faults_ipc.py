@@ -375,17 +375,24 @@ def test_a_thread_may_take_over_from_a_thread_that_has_ended():
     loader.close()
 
 
-@threads_before_fork
-@pytest.mark.timeout(30)
-def test_a_second_thread_meeting_a_next_in_progress_gets_the_same_error(tmp_path):
+def loader_whose_batch_2_hangs(tmp_path):
+    """A loader (2 workers, shuffle=False) whose batch 2 hangs in its transform, after batches 0 and 1 were
+    taken; the marker file appears once a worker is stuck in it."""
     marker = tmp_path / "hanging"
-    transform = FaultyTransform(Fault(9, "hang", str(marker)))  # batch 2 (shuffle=False) hangs
+    transform = FaultyTransform(Fault(9, "hang", str(marker)))  # sample 9 is in batch 2
     loader = prefetch.Loader(
         np.zeros((64, 1), np.float32), np.arange(64), batch_size=4, shuffle=False, workers=2, transform=transform
     )
     iterator = iter(loader)
     next(iterator)
     next(iterator)
+    return loader, iterator, marker
+
+
+@threads_before_fork
+@pytest.mark.timeout(30)
+def test_a_second_thread_meeting_a_next_in_progress_gets_the_same_error(tmp_path):
+    loader, iterator, marker = loader_whose_batch_2_hangs(tmp_path)
     outcome: dict[str, object] = {}
     blocked = threading.Thread(target=lambda: outcome.setdefault("first", first_error(iterator)))
     blocked.start()
@@ -401,14 +408,7 @@ def test_a_second_thread_meeting_a_next_in_progress_gets_the_same_error(tmp_path
 @threads_before_fork
 @pytest.mark.timeout(30)
 def test_close_from_another_thread_wakes_a_blocked_next_with_loader_closed(tmp_path):
-    marker = tmp_path / "hanging"
-    transform = FaultyTransform(Fault(9, "hang", str(marker)))  # batch 2 (shuffle=False) hangs
-    loader = prefetch.Loader(
-        np.zeros((64, 1), np.float32), np.arange(64), batch_size=4, shuffle=False, workers=2, transform=transform
-    )
-    iterator = iter(loader)
-    next(iterator)
-    next(iterator)
+    loader, iterator, marker = loader_whose_batch_2_hangs(tmp_path)
     pids = loader_processes()
     raised_at: dict[str, object] = {}
 
