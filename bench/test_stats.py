@@ -9,7 +9,7 @@ from itertools import islice
 from harness import Results
 from workloads import QUICK, WORKLOADS, open_stream
 
-from prefetch._protocol import Timings
+from prefetch.core.pipeline import Timings
 from prefetch.stats import StatsRecorder
 
 BATCHES = 500 if QUICK else 5000

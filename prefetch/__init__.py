@@ -12,9 +12,9 @@ Public API::
 See ``docs/design.md`` for how it works.
 """
 
-from ._rng import batch_rng
 from .background import background
 from .collate import collate_auto, collate_list
+from .core.rng import batch_rng
 from .doctor import doctor
 from .errors import (
     ConcurrentIterationError,

@@ -6,24 +6,18 @@
 * A child forked by user code forgets its parent's engines (``os.register_at_fork``): nothing at
   the child's exit may touch the parent's coordinator, pipes or segments.
 * ``WakePipe``: how ``close()`` in one thread wakes a ``next()`` blocked in a selector in another.
-* ``wait_ended`` and ``sigint_ignored``: small process helpers of the consumer.
 """
 
 from __future__ import annotations
 
 import atexit
-import contextlib
 import os
-import signal
 import threading
-import time
 import weakref
-from collections.abc import Iterator
 from typing import Any
 
 import multiprocess
 import multiprocess.util
-import psutil
 
 live_engines: weakref.WeakSet[Any] = weakref.WeakSet()  # the ProcessEngines running in this process
 
@@ -86,35 +80,3 @@ class WakePipe:
                 self._closed = True
                 os.close(self._read)
                 os.close(self._write)
-
-
-def _ended(process: psutil.Process) -> bool:
-    try:
-        return process.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-    except psutil.Error:
-        return False
-
-
-def wait_ended(processes: list[psutil.Process], timeout_s: float) -> None:
-    """Wait up to ``timeout_s`` until every one of ``processes`` has ended. A zombie has: an orphaned
-    worker stays one until init reaps it, which can take a second (``psutil.wait_procs`` waits for that)."""
-    deadline = time.monotonic() + timeout_s
-    while not all(_ended(process) for process in processes) and time.monotonic() < deadline:
-        time.sleep(0.01)
-
-
-@contextlib.contextmanager
-def sigint_ignored() -> Iterator[None]:
-    """Ignore SIGINT while a child starts: a spawned interpreter inherits the disposition, so a
-    Ctrl-C during its start-up does not print a second traceback from the child. (Only the main
-    thread may change signal handlers; elsewhere this does nothing.)"""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)

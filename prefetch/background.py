@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from .errors import Failure, WorkerDiedError, describe_exit
 
 if TYPE_CHECKING:
-    from ._shm import PrefixLock, SlotReader
+    from .processes.shm import PrefixLock, SlotReader
 
 __all__ = ["background"]
 
@@ -144,7 +144,7 @@ def _produce(
     source: Any, make: bool, depth: int, prefix: str, conn: Any, parent_pid: int, states: tuple[Any, Any]
 ) -> None:
     """The producer's life: take a free slot, make the next item into it, send it; until told to stop."""
-    from ._shm import SlotWriter, unlink_prefix
+    from .processes.shm import SlotWriter, unlink_prefix
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the consumer's to handle
     _die_with_parent()
@@ -188,7 +188,7 @@ class _Producer:
     def __init__(self, source: Any, make: bool, depth: int):
         import multiprocess
 
-        from ._shm import claim_prefix, remove_stale_segments
+        from .processes.shm import claim_prefix, remove_stale_segments
 
         remove_stale_segments()  # left by consumers that were killed (their producers clean up too)
 
@@ -290,7 +290,7 @@ def background(iterable: Iterable[Any] | Callable[[], Iterable[Any]], depth: int
 def _run(source: Any, make: bool, depth: int) -> Generator[Any, None, None]:
     producer: _Producer | None = None
     try:
-        from ._shm import SlotReader
+        from .processes.shm import SlotReader
 
         producer = _Producer(source, make, depth)
         reader = SlotReader()

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._tuning import DEFAULT_WORKER_NICE
+from .core.order import LAST_BATCH_MODES, Order
 from .errors import PrefetchWarning
-from .order import LAST_BATCH_MODES, Order
 
 COLLATE_MODES = ("auto", "list")
 # Default ready-or-in-flight batches per worker: one being made, one waiting, so a

@@ -106,7 +106,7 @@ def _mib(nbytes: float) -> str:
 
 
 def shm_dir() -> str:
-    from ._shm import SHM_DIR
+    from .processes.shm import SHM_DIR
 
     return SHM_DIR
 

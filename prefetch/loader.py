@@ -37,7 +37,7 @@ from .errors import ConcurrentIterationError, LoaderClosedError
 from .stats import Stats, StatsRecorder
 
 if TYPE_CHECKING:
-    from ._consumer import InlineEngine, ProcessEngine
+    from .consumer import InlineEngine, ProcessEngine
 
 STATE_FORMAT = 1
 
@@ -314,7 +314,7 @@ class Loader:
 
     def _start_engine(self) -> InlineEngine | ProcessEngine:
         # Imported here: multiprocess (and dill) cost more to import than all the rest.
-        from ._consumer import InlineEngine, ProcessEngine
+        from .consumer import InlineEngine, ProcessEngine
 
         if self._config.workers == 0:
             return InlineEngine(self._config, self._position)

@@ -13,11 +13,9 @@ import os
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from ._protocol import Timings
-
+from .core.pipeline import Timings
 
 USS_NOTE = (
     "(rss counts shared pages -- libraries, slots, sources -- in every process that maps them; uss_total "
@@ -170,7 +168,7 @@ class StatsRecorder:
         self.samples = 0
         self.wait_s = 0.0
         self.busy_s: dict[int, float] = defaultdict(float)
-        self.stage_s = [0.0, 0.0, 0.0, 0.0]
+        self.stage_s = Timings()  # summed over the batches delivered
         self.fill_sum = 0
         self.fill_max = 0
         self.restarts = 0
@@ -184,17 +182,15 @@ class StatsRecorder:
         self.fill_sum += fill
         self.fill_max = max(self.fill_max, fill)
         if timings is not None:
-            stages = (timings.load, timings.transform, timings.collate, timings.write)
-            for i, seconds in enumerate(stages):
-                self.stage_s[i] += seconds
+            self.stage_s = Timings(*(total + seconds for total, seconds in zip(self.stage_s, timings)))
             if pid is not None:
-                self.busy_s[pid] += sum(stages)
+                self.busy_s[pid] += sum(timings)
 
     def snapshot(self, worker_pids: list[int], coordinator_pid: int | None, decisions: tuple[str, ...] = ()) -> Stats:
         from .config import usable_cores
 
         elapsed = max(time.perf_counter() - self.started, 1e-9)
-        per_batch = [s / self.batches if self.batches else 0.0 for s in self.stage_s]
+        per_batch = Timings(*(total / self.batches if self.batches else 0.0 for total in self.stage_s))
         busy = {pid: min(1.0, self.busy_s.get(pid, 0.0) / elapsed) for pid in worker_pids}
         for pid, seconds in self.busy_s.items():  # workers that were replaced still count
             busy.setdefault(pid, min(1.0, seconds / elapsed))
@@ -206,10 +202,10 @@ class StatsRecorder:
             samples_per_s=self.samples / elapsed,
             wait_fraction=min(1.0, self.wait_s / elapsed),
             worker_busy=busy,
-            load_s=per_batch[0],
-            transform_s=per_batch[1],
-            collate_s=per_batch[2],
-            transfer_s=per_batch[3],
+            load_s=per_batch.load,
+            transform_s=per_batch.transform,
+            collate_s=per_batch.collate,
+            transfer_s=per_batch.transfer,
             mean_fill=self.fill_sum / self.batches if self.batches else 0.0,
             max_fill=self.fill_max,
             restarts=self.restarts,

@@ -8,7 +8,7 @@ import os
 import psutil
 import pytest
 
-from prefetch._shm import NAME_ROOT, SHM_DIR
+from prefetch.processes.shm import NAME_ROOT, SHM_DIR
 
 # multiprocess's own helpers live as long as the test session by design; they are not ours.
 _SESSION_HELPERS = ("resource_tracker", "forkserver")

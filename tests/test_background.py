@@ -17,8 +17,8 @@ from conftest import _segments
 from helpers import ALPHABET_X, ALPHABET_Y
 
 import prefetch
-from prefetch._shm import LOCK_NAME
 from prefetch.errors import RemoteTraceback
+from prefetch.processes.shm import LOCK_NAME
 
 # Poll interval and upper bound when waiting for the producer to reach a state it must reach.
 POLL_S = 0.005
@@ -196,7 +196,7 @@ def test_a_killed_consumer_leaves_no_producer_and_no_segment():
 
     import psutil
 
-    from prefetch._shm import NAME_ROOT, SHM_DIR
+    from prefetch.processes.shm import NAME_ROOT, SHM_DIR
 
     consumer = subprocess.Popen([sys.executable, "-c", KILLED_CONSUMER], stdout=subprocess.PIPE, text=True)
     try:

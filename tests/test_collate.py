@@ -7,9 +7,9 @@ from collections import namedtuple
 import numpy as np
 import pytest
 
-from prefetch._worker import make_batch
 from prefetch.collate import StreamingStack, collate_auto, collate_list
 from prefetch.config import make_config
+from prefetch.core.pipeline import make_batch
 
 
 def test_auto_stacks_arrays_numbers_and_recurses():

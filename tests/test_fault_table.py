@@ -42,8 +42,8 @@ from helpers import (
 from hostile import Database, HoldsGenerator, RaiseOnce, StrRaises, UserInterrupt
 
 import prefetch
-from prefetch._coordinator import Coordinator
-from prefetch.order import Order
+from prefetch.core.order import Order
+from prefetch.processes.coordinator import Coordinator
 
 START_METHODS = ("fork", "spawn")
 N = 24

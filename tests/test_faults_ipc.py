@@ -23,7 +23,7 @@ import pytest
 from helpers import Fault, FaultyTransform, alive, all_gone, loader_processes, segments_of, wait_until
 
 import prefetch
-from prefetch._channel import Outbox
+from prefetch.processes.channel import Outbox
 
 TIMEOUT_S = 2.0
 # A fault the engine must see "at once": the time from the fault to the user's error.

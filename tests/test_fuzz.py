@@ -56,7 +56,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import prefetch
-from prefetch.order import LAST_BATCH_MODES, Order
+from prefetch.core.order import LAST_BATCH_MODES, Order
 
 # Drawn configurations include batches larger than the data or the shard on purpose: the warning that
 # says so is tested in test_bad_input.py.

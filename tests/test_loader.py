@@ -10,7 +10,7 @@ import pytest
 from helpers import ALPHABET_X, ALPHABET_Y, as_list
 
 import prefetch
-from prefetch.order import Order
+from prefetch.core.order import Order
 
 
 def expected_alphabet(seed: int, batches: int, batch_size: int = 3) -> list:

@@ -1,4 +1,4 @@
-"""Property-based tests of ``prefetch.order``: which sample indices make up batch ``b``.
+"""Property-based tests of ``prefetch.core.order``: which sample indices make up batch ``b``.
 
 They check the rules of the module docstring:
 
@@ -24,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from prefetch.order import LAST_BATCH_MODES, Order, epoch_permutation
+from prefetch.core.order import LAST_BATCH_MODES, Order, epoch_permutation
 
 SEEDS = st.integers(min_value=0, max_value=2**63 - 1)
 MODES = st.sampled_from(LAST_BATCH_MODES)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import prefetch
-from prefetch._shm import NAME_ROOT, SHM_DIR
+from prefetch.processes.shm import NAME_ROOT, SHM_DIR
 
 # 4 MiB batches: what the issue measured (24 MiB and 8 descriptors stayed after close())
 ROWS = 64

@@ -8,7 +8,7 @@ import pytest
 from helpers import as_list
 
 import prefetch
-from prefetch._shm import SlotReader, SlotWriter, new_prefix, unlink_prefix
+from prefetch.processes.shm import SlotReader, SlotWriter, new_prefix, unlink_prefix
 
 DTYPES = ["float32", ">f4", "bool", "int8", "uint64", "complex64", "datetime64[ms]", "timedelta64[us]", "float16"]
 

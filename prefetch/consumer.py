@@ -36,11 +36,25 @@ from typing import Any
 import multiprocess
 import psutil
 
-from . import _rng
-from ._channel import Outbox, PipeReader
-from ._coordinator import coordinator_main, ship_config
-from ._lifecycle import WakePipe, live_engines, sigint_ignored, wait_ended
-from ._protocol import (
+from ._lifecycle import WakePipe, live_engines
+from ._tuning import ThreadTuner
+from .collate import SourceMemory
+from .config import LoaderConfig
+from .core import rng
+from .core.pipeline import BatchError, make_batch, uses_randomness
+from .errors import (
+    CoordinatorDiedError,
+    CoordinatorTimeoutError,
+    LoaderClosedError,
+    WorkerDiedError,
+    WorkerTimeoutError,
+    annotate,
+    describe_exit,
+)
+from .processes.channel import Outbox, PipeReader
+from .processes.coordinator import coordinator_main, ship_config
+from .processes.lifetime import COORDINATOR_JOIN_TIMEOUT_S, sigint_ignored, wait_ended
+from .processes.messages import (
     BatchFailed,
     BatchReady,
     Consumed,
@@ -54,28 +68,12 @@ from ._protocol import (
     WorkerLost,
     encode,
 )
-from ._shm import SlotReader, claim_prefix, remove_stale_segments, share_sources
-from ._tuning import ThreadTuner
-from ._worker import BatchError, _uses_randomness, make_batch
-from .collate import SourceMemory
-from .config import LoaderConfig
-from .errors import (
-    CoordinatorDiedError,
-    CoordinatorTimeoutError,
-    LoaderClosedError,
-    WorkerDiedError,
-    WorkerTimeoutError,
-    annotate,
-    describe_exit,
-)
+from .processes.shm import SlotReader, claim_prefix, remove_stale_segments, share_sources
+from .processes.worker import worker_main
 from .stats import Stats, StatsRecorder
 
 # How long the consumer waits in one go before checking the coordinator is alive.
 COORDINATOR_POLL_S = 0.5
-
-# How long the coordinator gets to stop its workers and exit before it is killed
-# (it gives its workers WORKER_JOIN_TIMEOUT_S = 1 s).
-COORDINATOR_JOIN_TIMEOUT_S = 3.0
 
 # With ``timeout``: how long the coordinator may take to act on a late batch (kill its worker
 # and fail it) before the consumer decides the coordinator itself is stuck or stopped.
@@ -121,7 +119,7 @@ class InlineEngine:
         self.order = config.order()
         self.position = start
         self.recorder = StatsRecorder()
-        self.randomness = _uses_randomness(config)
+        self.randomness = uses_randomness(config)
         self.source_memory = SourceMemory(config.sources)  # batches must not alias the sources
 
     def next_batch(self) -> Any:
@@ -130,7 +128,7 @@ class InlineEngine:
         started = time.perf_counter()
         try:
             if self.randomness:
-                with _rng.seeded_in_caller(self.config.seed, batch_number):
+                with rng.seeded_in_caller(self.config.seed, batch_number):
                     batch, _ = make_batch(self.config, indices, private=self.source_memory)
             else:
                 batch, _ = make_batch(self.config, indices, private=self.source_memory)
@@ -181,7 +179,7 @@ class ProcessEngine:
         self.results, results_out = ctx.Pipe(duplex=False)
         self.process = ctx.Process(
             target=coordinator_main,
-            args=(control_in, results_out, shipped, self.prefix, start, os.getpid()),
+            args=(control_in, results_out, shipped, self.prefix, start, os.getpid(), worker_main),
             name="prefetch-coordinator",
         )
         try:

@@ -31,10 +31,10 @@ from __future__ import annotations
 
 import os
 import selectors
-import signal
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -42,8 +42,11 @@ import multiprocess
 import numpy as np
 import psutil
 
-from ._channel import Outbox, PipeReader, atomic_body, send
-from ._protocol import (
+from ..config import LoaderConfig
+from ..errors import describe_exit
+from .channel import Outbox, PipeReader, atomic_body, send
+from .lifetime import WORKER_JOIN_TIMEOUT_S, batch_scheduling, ignore_sigint, join_or_kill
+from .messages import (
     BatchFailed,
     Consumed,
     CoordinatorFailed,
@@ -57,16 +60,11 @@ from ._protocol import (
     WorkerLost,
     encode,
 )
-from ._shm import resolve_sources, unlink_prefix
-from ._worker import batch_scheduling, worker_main
-from .config import LoaderConfig
-from .errors import describe_exit
+from .shm import resolve_sources, unlink_prefix
 
 # How often the coordinator checks that the consumer process is alive, where it cannot
 # wait on a pidfd of it (Linux before 5.3).
 PARENT_CHECK_INTERVAL_S = 0.25
-# How long stopping workers may take before they are killed.
-WORKER_JOIN_TIMEOUT_S = 1.0
 # Workers that die with nothing to do (a broken environment, not a poison batch)
 # are replaced this many times, then the coordinator gives up.
 IDLE_DEATHS_ALLOWED = 8
@@ -92,7 +90,17 @@ class _Worker:
 class Coordinator:
     """The coordinator's state and event loop (one per coordinator process)."""
 
-    def __init__(self, control: Any, results: Any, config: LoaderConfig, prefix: str, start: int, consumer_pid: int):
+    def __init__(
+        self,
+        control: Any,
+        results: Any,
+        config: LoaderConfig,
+        prefix: str,
+        start: int,
+        consumer_pid: int,
+        worker_main: Callable[..., None],
+    ):
+        self.worker_main = worker_main  # a worker process's entry point (``worker.worker_main``)
         self.control = control
         self.results = results
         self.config = config
@@ -132,7 +140,7 @@ class Coordinator:
     def _start_worker(self) -> None:
         tasks_out, tasks_in = self.ctx.Pipe(duplex=False)
         process = self.ctx.Process(
-            target=worker_main,
+            target=self.worker_main,
             args=(tasks_out, self.results, self.config, self.prefix, os.getpid()),
             daemon=True,
             name="prefetch-worker",
@@ -381,13 +389,7 @@ class Coordinator:
                 worker.outbox.put(encode(Stop()))
             except OSError:
                 pass
-        deadline = time.monotonic() + WORKER_JOIN_TIMEOUT_S
-        for worker in self.workers:
-            worker.process.join(max(0.0, deadline - time.monotonic()))
-        for worker in self.workers:
-            if worker.process.is_alive():
-                worker.process.kill()
-                worker.process.join(WORKER_JOIN_TIMEOUT_S)
+        join_or_kill([worker.process for worker in self.workers], WORKER_JOIN_TIMEOUT_S)
 
 
 def _import_before_forking(config: LoaderConfig) -> None:
@@ -424,10 +426,19 @@ def ship_config(config: LoaderConfig) -> bytes:
 
 
 def coordinator_main(
-    control: Any, results: Any, config: LoaderConfig | bytes, prefix: str, start: int, consumer_pid: int
+    control: Any,
+    results: Any,
+    config: LoaderConfig | bytes,
+    prefix: str,
+    start: int,
+    consumer_pid: int,
+    worker_main: Callable[..., None],
 ) -> None:
-    """The coordinator process's entry point (``config`` as is when forked, from ``ship_config`` when spawned)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the consumer's to handle
+    """The coordinator process's entry point (``config`` as is when forked, from ``ship_config`` when spawned).
+
+    ``worker_main`` is what each forked worker runs; the launcher passes it, so that the coordinator and
+    the worker, two roles side by side, never import each other."""
+    ignore_sigint()
     batch_scheduling()
     coordinator = None
     try:
@@ -438,7 +449,7 @@ def coordinator_main(
         assert isinstance(config, LoaderConfig)
         _import_before_forking(config)
         config = replace(config, sources=resolve_sources(config.sources))
-        coordinator = Coordinator(control, results, config, prefix, start, consumer_pid)
+        coordinator = Coordinator(control, results, config, prefix, start, consumer_pid, worker_main)
         coordinator.run()
     except BaseException:
         failure = CoordinatorFailed(traceback.format_exc())

@@ -23,7 +23,8 @@ import pickle
 from enum import IntEnum
 from typing import NamedTuple
 
-from .errors import Failure
+from ..core.pipeline import Timings
+from ..errors import Failure
 
 
 class SegmentRef(NamedTuple):
@@ -41,15 +42,6 @@ class Task(NamedTuple):
     slot: int
     segment: SegmentRef | None  # the slot's segment as last reported; None until one exists
     size_hint: int  # bytes of the largest slot so far: the size to create a new one with
-
-
-class Timings(NamedTuple):
-    """Seconds a worker spent on one batch, by stage."""
-
-    load: float
-    transform: float
-    collate: float
-    write: float
 
 
 class SlotArrays(NamedTuple):

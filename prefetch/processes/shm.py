@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from ._protocol import SegmentRef, SlotArrays
+from .messages import SegmentRef, SlotArrays
 
 SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 NAME_ROOT = "prefetch-"

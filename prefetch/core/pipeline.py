@@ -1,0 +1,183 @@
+"""The batch pipeline: load samples by index, transform, collate, ``batch_transform``.
+
+``make_batch`` is the whole per-batch work, written once and run by every executor (a worker
+process, a Ray actor) and by ``workers=0`` in the caller's process, so they all produce the same
+batches. It touches no process, pipe or shared memory: where the batch's arrays are stacked is the
+caller's ``alloc``. ``uses_randomness`` says whether the caller must seed the global generators
+before a batch (``rng``).
+
+Every exception user code raises while a batch is made -- any ``BaseException`` subclass,
+``KeyboardInterrupt`` included -- comes out as ``BatchError`` naming the stage and the sample, and is
+raised in the consumer as itself; it is never mistaken for a worker crash, so user code never runs
+twice because of it. ``SystemExit`` is the one exception: ``sys.exit()`` in user code ends a worker
+process, like ``os._exit()``, and is handled as a worker death.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from ..collate import Alloc, SourceMemory, StreamingStack, collate_auto, collate_list, private_alloc
+from ..config import LoaderConfig
+from ..errors import Failure
+
+
+class Timings(NamedTuple):
+    """Seconds spent on one batch, by stage: the one record from whoever makes a batch to ``Stats``.
+
+    ``transfer`` is the time to hand the made batch over (a worker: writing it into its slot).
+    """
+
+    load: float = 0.0
+    transform: float = 0.0
+    collate: float = 0.0
+    transfer: float = 0.0
+
+
+class BatchError(Exception):
+    """User code failed while making a batch; ``failure`` is the packed exception."""
+
+    def __init__(self, failure: Failure, original: BaseException):
+        super().__init__(failure.text)
+        self.failure = failure
+        self.original = original
+
+
+def _fast_path(config: LoaderConfig, sources: tuple[Any, ...]) -> bool:
+    """Whole-batch ``np.take`` is the same as per-sample loading and stacking for plain arrays."""
+    return (
+        config.transform is None
+        and config.collate == "auto"
+        and all(isinstance(s, np.ndarray) and not s.dtype.hasobject for s in sources)
+    )
+
+
+def _take(sources: tuple[Any, ...], indices: np.ndarray, alloc: Alloc) -> Any:
+    parts = []
+    for source in sources:
+        out = alloc((len(indices), *source.shape[1:]), source.dtype)
+        parts.append(np.take(source, indices, axis=0, out=out, mode="clip"))
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+def _collate_fn(config: LoaderConfig) -> Callable[[list[Any], Alloc], Any]:
+    if config.collate == "auto":
+        return collate_auto
+    if config.collate == "list":
+        return collate_list
+    user_collate = config.collate
+    assert callable(user_collate)
+    return lambda samples, alloc: user_collate(samples)
+
+
+def _transform_all(
+    config: LoaderConfig, samples: list[Any], indices: np.ndarray, alloc: Alloc
+) -> StreamingStack | None:
+    """Transform ``samples`` in place; with ``collate="auto"``, stack each into the batch as it
+    comes (``StreamingStack``) and return the stack, or None if the samples were kept instead."""
+    transform = config.transform
+    assert transform is not None
+    stack: StreamingStack | None = None
+    position = 0
+    try:
+        for position, sample in enumerate(samples):
+            sample = transform(sample)
+            if position == 0 and config.collate == "auto" and StreamingStack.accepts(sample):
+                stack = StreamingStack(sample, len(samples), alloc)
+            if stack is not None:
+                if stack.push(sample):
+                    samples[position] = None  # its memory is reused, still in cache, by the next sample
+                    continue
+                samples[:position] = stack.rows_as_samples()  # does not match: collate the usual way
+                stack = None
+            samples[position] = sample
+    except SystemExit:  # sys.exit() in user code ends the worker: see the module docstring
+        raise
+    except BaseException as exc:  # any user exception, KeyboardInterrupt too
+        where = f"transform of sample {int(indices[position])}"
+        raise BatchError(Failure.capture(exc, where), exc) from exc
+    return stack
+
+
+def make_batch(
+    config: LoaderConfig, indices: np.ndarray, alloc: Alloc = private_alloc, private: SourceMemory | None = None
+) -> tuple[Any, Timings]:
+    """Batch ``indices``: load each sample, transform it, collate, then ``batch_transform``.
+
+    The caller seeds the random generators first. User-code exceptions come out as
+    ``BatchError`` naming the stage and the sample index. With ``private`` (the calling
+    process, ``workers=0``) the parts of the batch that alias a source are copied, as a
+    worker's slot would (see ``SourceMemory``); the whole-batch ``np.take`` never aliases.
+    """
+    load_s = transform_s = collate_s = 0.0
+    sources = config.sources
+    safety = None
+    if private is not None:
+        safety = private.for_batch()
+        alloc = safety.alloc
+    start = time.perf_counter()
+    if _fast_path(config, sources):
+        batch = _take(sources, indices, alloc)
+        load_s = time.perf_counter() - start
+    else:
+        samples = []
+        index = -1
+        try:
+            if len(sources) == 1:
+                source = sources[0]
+                for index in indices.tolist():
+                    samples.append(source[index])
+            elif len(sources) == 2:  # (x, y): the common case, without a generator per sample
+                first, second = sources
+                for index in indices.tolist():
+                    samples.append((first[index], second[index]))
+            else:
+                for index in indices.tolist():
+                    samples.append(tuple(source[index] for source in sources))
+        except SystemExit:  # sys.exit() in user code ends the worker: see the module docstring
+            raise
+        except BaseException as exc:  # any user exception, KeyboardInterrupt too
+            raise BatchError(Failure.capture(exc, f"loading sample {index}"), exc) from exc
+        if safety is not None:
+            safety.add(samples)  # before a transform replaces them
+        load_s = time.perf_counter() - start
+        start = time.perf_counter()
+        stacked = None
+        if config.transform is not None:
+            stacked = _transform_all(config, samples, indices, alloc)
+            transform_s = time.perf_counter() - start
+            start = time.perf_counter()
+        if stacked is not None:
+            batch = stacked.result()
+        else:
+            try:
+                batch = _collate_fn(config)(samples, alloc)
+            except SystemExit:  # sys.exit() in user code ends the worker: see the module docstring
+                raise
+            except BaseException as exc:  # any user exception, KeyboardInterrupt too
+                raise BatchError(Failure.capture(exc, f"collate of samples {indices.tolist()}"), exc) from exc
+        collate_s = time.perf_counter() - start
+    if config.batch_transform is not None:
+        start = time.perf_counter()
+        try:
+            batch = config.batch_transform(batch)
+        except SystemExit:  # sys.exit() in user code ends the worker: see the module docstring
+            raise
+        except BaseException as exc:  # any user exception, KeyboardInterrupt too
+            raise BatchError(Failure.capture(exc, f"batch_transform of samples {indices.tolist()}"), exc) from exc
+        transform_s += time.perf_counter() - start
+    if safety is not None:
+        batch = safety.detach(batch)
+    return batch, Timings(load_s, transform_s, collate_s)
+
+
+def uses_randomness(config: LoaderConfig) -> bool:
+    """Whether user code runs while a batch is made (a transform, a collate function, or a
+    source class whose ``__getitem__`` may draw random numbers): then the global random
+    generators are seeded per batch. Plain lists, tuples and arrays need no seeding."""
+    plain = all(isinstance(s, (np.ndarray, list, tuple, range)) for s in config.sources)
+    return not plain or config.transform is not None or config.batch_transform is not None or callable(config.collate)

@@ -1,0 +1,1 @@
+"""The ``processes`` executor: a coordinator process, forked workers, shared-memory slots."""

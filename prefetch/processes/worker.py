@@ -1,0 +1,95 @@
+"""A worker process: take a ``Task``, make the batch into its slot, answer; until ``Stop``.
+
+The per-batch work is ``core.pipeline.make_batch``; this module is the loop around it in a
+worker process: take a ``Task`` from the coordinator, answer ``BatchReady`` or ``BatchFailed``
+on the shared results pipe, until ``Stop``, a closed pipe or the death of the coordinator.
+
+A worker reads its task pipe only between batches; the coordinator never waits for
+it to (its writes are queued in an ``Outbox``). The worker's own answers are plain
+atomic writes to the results pipe: one waits only while the consumer has not read
+``prefetch`` answers yet -- the backpressure -- and never past the engine's end,
+since the coordinator kills its workers when the consumer dies, and a worker dies
+with the coordinator (``PR_SET_PDEATHSIG``).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import time
+from collections import deque
+from typing import Any
+
+import numpy as np
+
+from ..config import LoaderConfig
+from ..core import rng
+from ..core.pipeline import BatchError, make_batch, uses_randomness
+from ..errors import Failure
+from .channel import PipeReader, send
+from .lifetime import WORKER_TIMER_SLACK_NS, die_with_parent, ignore_sigint, limit_threads, normal_scheduling
+from .messages import BatchFailed, BatchReady, FailureKind, Stop, Task
+from .shm import SlotWriter
+
+# How often an idle worker checks that its coordinator is still alive.
+PARENT_CHECK_INTERVAL_MS = 250
+
+
+def run_task(config: LoaderConfig, writer: SlotWriter, task: Task) -> BatchReady | BatchFailed:
+    """Make one batch into its slot and say how it went."""
+    if uses_randomness(config):
+        rng.seed_globals(config.seed, task.batch)
+    space = writer.space(task.slot, task.segment, task.size_hint)
+    indices = np.frombuffer(task.indices, np.int64)
+    try:
+        batch, timings = make_batch(config, indices, space.alloc)
+    except BatchError as error:
+        return BatchFailed(
+            task.batch, task.slot, tuple(indices.tolist()), os.getpid(), FailureKind.USER_CODE, error.failure
+        )
+    start = time.perf_counter()
+    try:
+        written = writer.write(task.slot, space, batch)
+    except Exception as exc:  # e.g. /dev/shm full, or an object that cannot be pickled
+        failure = Failure.capture(exc, f"writing the batch of samples {indices.tolist()} to shared memory")
+        return BatchFailed(task.batch, task.slot, tuple(indices.tolist()), os.getpid(), FailureKind.USER_CODE, failure)
+    timings = timings._replace(transfer=time.perf_counter() - start)
+    return BatchReady(
+        task.batch, task.slot, written.segment, written.payload, written.buffers, written.arrays, timings, os.getpid()
+    )
+
+
+def worker_main(tasks: Any, results: Any, config: LoaderConfig, prefix: str, parent_pid: int) -> None:
+    """A worker process's life: tasks in, results out, until told to stop or orphaned."""
+    ignore_sigint()
+    die_with_parent(timer_slack_ns=WORKER_TIMER_SLACK_NS)
+    normal_scheduling()  # the coordinator's policy is inherited: undo it
+    if config.worker_nice:
+        os.nice(config.worker_nice)  # the training step goes first (see _tuning)
+    if config.limit_threads:
+        limit_threads()
+    writer = SlotWriter(prefix)
+    inbox = PipeReader(tasks)
+    poller = select.poll()
+    poller.register(inbox.fileno(), select.POLLIN)
+    queued: deque[Any] = deque()
+    while os.getppid() == parent_pid:
+        if not queued:
+            if not poller.poll(PARENT_CHECK_INTERVAL_MS):
+                continue
+            try:
+                arrived = inbox.read_available()
+            except (EOFError, OSError):
+                return
+            if any(isinstance(message, Stop) for message in arrived):
+                return  # shutting down: the tasks that came with it are wanted no more
+            queued.extend(arrived)
+            continue
+        message = queued.popleft()
+        if isinstance(message, Stop):
+            return
+        assert isinstance(message, Task)
+        try:
+            send(results, run_task(config, writer, message), prefix)
+        except OSError:  # the consumer is gone
+            return
