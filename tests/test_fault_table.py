@@ -274,7 +274,7 @@ def test_a_worker_dead_but_not_yet_noticed_is_not_sent_a_task(tmp_path, monkeypa
 
     def from_consumer_then_lose_the_worker(self):
         carry_on = original(self)
-        if self.position >= 1 and not go.exists():
+        if self.schedule.position >= 1 and not go.exists():
             go.touch()  # the worker making batch 1 now kills itself
             import psutil
 

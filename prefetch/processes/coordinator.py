@@ -44,6 +44,7 @@ import psutil
 
 from ..config import LoaderConfig
 from ..errors import describe_exit
+from ..core.schedule import GiveUp, Schedule
 from .channel import Outbox, PipeReader, atomic_body, send
 from .lifetime import WORKER_JOIN_TIMEOUT_S, batch_scheduling, ignore_sigint, join_or_kill
 from .messages import (
@@ -106,15 +107,7 @@ class Coordinator:
         self.config = config
         self.prefix = prefix
         self.order = config.order()
-        self.total = self.order.num_batches
-        self.next_batch = start
-        self.position = start
-        self.redo: deque[int] = deque()
-        self.attempts: dict[int, int] = {}
-        self.timed_out: set[int] = set()
-        self.free_slots: list[int] = []
-        self.slot_count = 0
-        self.held = 0  # batches the user holds, as last reported
+        self.schedule = Schedule(self.order, start, config.prefetch, config.max_slots, config.retries)
         self.segments: dict[int, SegmentRef] = {}
         self.size_hint = 0
         self.idle_deaths = 0
@@ -160,7 +153,7 @@ class Coordinator:
         worker.outbox.close()
         worker.tasks_conn.close()
         pid, exitcode = worker.process.pid, worker.process.exitcode
-        outstanding = tuple((t.batch, t.slot) for t in worker.tasks if t.batch >= self.position)
+        outstanding = tuple((t.batch, t.slot) for t in worker.tasks if t.batch >= self.schedule.position)
         if not outstanding:
             self.idle_deaths += 1
             if self.idle_deaths > IDLE_DEATHS_ALLOWED:
@@ -171,31 +164,23 @@ class Coordinator:
         self._start_worker()
 
     def _on_lost(self, message: Lost) -> None:
-        """The consumer says which of a lost worker's batches never came: fail or redo them."""
-        self.free_slots.extend(slot for _, slot in message.tasks)
-        if not message.tasks:
+        """The consumer says which of a lost worker's batches never came: they are redone, or failed."""
+        verdict = self.schedule.lost(message.tasks)
+        if verdict is None:
             return
-        (head, _), rest = message.tasks[0], message.tasks[1:]
-        indices = list(self.order.batch_indices(head).tolist())
-        if head in self.timed_out:
-            self.timed_out.discard(head)
+        indices = list(self.order.batch_indices(verdict.batch).tolist())
+        if verdict.why is GiveUp.LATE:
             text = (
-                f"batch {head} (sample indices {indices}) was not ready within timeout={self.config.timeout}s; "
-                f"worker pid {message.pid}, which had it, was killed"
+                f"batch {verdict.batch} (sample indices {indices}) was not ready within "
+                f"timeout={self.config.timeout}s; worker pid {message.pid}, which had it, was killed"
             )
-            self._fail(head, FailureKind.WORKER_TIMEOUT, message.pid, text)
+            self._fail(verdict.batch, FailureKind.WORKER_TIMEOUT, message.pid, text)
         else:
-            self.attempts[head] = self.attempts.get(head, 0) + 1
-            if self.attempts[head] > self.config.retries:
-                text = (
-                    f"worker pid {message.pid} {describe_exit(message.exitcode)}, while making batch {head} "
-                    f"(sample indices {indices}); it killed {self.attempts[head]} worker(s), "
-                    f"retries={self.config.retries}"
-                )
-                self._fail(head, FailureKind.WORKER_DIED, message.pid, text)
-            else:
-                self.redo.append(head)
-        self.redo.extend(batch for batch, _ in rest)
+            text = (
+                f"worker pid {message.pid} {describe_exit(message.exitcode)}, while making batch {verdict.batch} "
+                f"(sample indices {indices}); it killed {verdict.attempts} worker(s), retries={self.config.retries}"
+            )
+            self._fail(verdict.batch, FailureKind.WORKER_DIED, message.pid, text)
 
     def _fail(self, batch: int, kind: FailureKind, pid: int, text: str) -> None:
         indices = tuple(self.order.batch_indices(batch).tolist())
@@ -206,11 +191,10 @@ class Coordinator:
         has it (it should not happen), it fails now, so the consumer never blames the coordinator."""
         for worker in self.workers:
             if any(task.batch == batch for task in worker.tasks):
-                self.timed_out.add(batch)
+                self.schedule.mark_late(batch)
                 worker.process.kill()  # the sentinel reports it next: _lose_worker
                 return
-        if batch in self.redo:
-            self.redo.remove(batch)
+        self.schedule.cancel(batch)
         indices = list(self.order.batch_indices(batch).tolist())
         text = (
             f"batch {batch} (sample indices {indices}) was not ready within timeout={self.config.timeout}s, "
@@ -220,35 +204,12 @@ class Coordinator:
 
     # --- dispatch -----------------------------------------------------------------------
 
-    def _take_slot(self) -> int | None:
-        if self.free_slots:
-            return self.free_slots.pop()
-        budget = min(self.config.max_slots, self.config.prefetch + self.held)
-        if self.slot_count < budget:
-            self.slot_count += 1
-            return self.slot_count - 1
-        return None
-
-    def _next_to_make(self) -> int | None:
-        if self.redo:
-            return self.redo[0]
-        in_window = self.next_batch < self.position + self.config.prefetch
-        if in_window and (self.total is None or self.next_batch < self.total):
-            return self.next_batch
-        return None
-
     def _dispatch(self) -> None:
         while self.workers:
-            batch = self._next_to_make()
-            if batch is None:
+            task = self.schedule.next_task()
+            if task is None:
                 return
-            slot = self._take_slot()
-            if slot is None:
-                return
-            if self.redo:
-                self.redo.popleft()
-            else:
-                self.next_batch += 1
+            batch, slot = task
             worker = min(self.workers, key=lambda w: len(w.tasks))
             indices = self.order.batch_indices(batch).astype(np.int64, copy=False).tobytes()
             task = Task(batch, indices, slot, self.segments.get(slot), self.size_hint)
@@ -296,16 +257,12 @@ class Coordinator:
     # --- the consumer's messages --------------------------------------------------------
 
     def _on_consumed(self, message: Consumed) -> None:
-        self.held = message.held
-        if message.position > self.position:
-            self.position = message.position
+        position = message.position
+        if self.schedule.consumed(position, (slot for slot, _ in message.released), message.held):
             for worker in self.workers:
-                if worker.tasks and worker.tasks[0].batch < self.position:
-                    worker.tasks = deque(t for t in worker.tasks if t.batch >= self.position)
-            for batch in [b for b in self.attempts if b < self.position]:
-                del self.attempts[batch]
+                if worker.tasks and worker.tasks[0].batch < position:
+                    worker.tasks = deque(t for t in worker.tasks if t.batch >= position)
         for slot, segment in message.released:
-            self.free_slots.append(slot)
             if segment is not None:
                 self.segments[slot] = segment
                 self.size_hint = max(self.size_hint, segment.size)

@@ -1,0 +1,130 @@
+"""What to make next: the credit window, the slot budget, redoing lost batches.
+
+``Schedule`` is plain state with no process, pipe or clock in it, so every rule of
+backpressure and recovery can be tested on its own. An executor asks it for the next
+task (``next_task``), tells it what the consumer took and gave back (``consumed``), and
+what a lost worker left undone (``lost``); it answers with batch numbers and slot numbers.
+The ``processes`` executor runs it in the coordinator; the ``ray`` executor in the consumer.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Sequence
+from enum import Enum
+from typing import NamedTuple
+
+from .order import Order
+
+
+class GiveUp(Enum):
+    """Why a batch will not be made again."""
+
+    DIED = "died"  # its worker died, and it has killed more workers than ``retries`` allows
+    LATE = "late"  # the consumer waited longer than ``timeout`` for it and its worker was stopped
+
+
+class Verdict(NamedTuple):
+    """A lost batch given up on: ``attempts`` workers died making it."""
+
+    batch: int
+    why: GiveUp
+    attempts: int
+
+
+class Schedule:
+    """The dispatch state of one engine, from batch ``start`` on.
+
+    Batch ``b`` is dispatched only while ``b < position + prefetch`` (the credit window), and
+    only with a slot to put it in. The pool grows lazily to ``prefetch`` slots plus one per
+    batch the user holds, never beyond ``max_slots``.
+    """
+
+    def __init__(self, order: Order, start: int, prefetch: int, max_slots: int, retries: int):
+        self.order = order  # batch number -> sample indices
+        self.total = order.num_batches  # batches in the stream; None when endless
+        self.prefetch = prefetch  # the window: batches ready or in flight beyond ``position``
+        self.max_slots = max_slots  # the pool's ceiling, whatever the user holds
+        self.retries = retries  # times a batch may be redone after its worker died
+        self.position = start  # batches the consumer has taken: everything below is done with
+        self.next_batch = start  # the first batch never dispatched
+        self.redo: deque[int] = deque()  # lost batches to make again, before any new one
+        self.attempts: dict[int, int] = {}  # batch -> workers that died making it
+        self.late: set[int] = set()  # batches whose worker was stopped for ``timeout``
+        self.free_slots: list[int] = []  # slots with nothing in them
+        self.slot_count = 0  # slots made so far, numbered 0 .. slot_count - 1
+        self.held = 0  # batches the user holds, as last reported (each keeps its slot)
+
+    def _next_batch(self) -> int | None:
+        if self.redo:
+            return self.redo[0]
+        in_window = self.next_batch < self.position + self.prefetch
+        if in_window and (self.total is None or self.next_batch < self.total):
+            return self.next_batch
+        return None
+
+    def _take_slot(self) -> int | None:
+        if self.free_slots:
+            return self.free_slots.pop()
+        if self.slot_count < min(self.max_slots, self.prefetch + self.held):
+            self.slot_count += 1
+            return self.slot_count - 1
+        return None
+
+    def next_task(self) -> tuple[int, int] | None:
+        """The next ``(batch, slot)`` to dispatch, or None: the window is full, no slot is free, or
+        the stream is done. Lost batches come first."""
+        batch = self._next_batch()
+        if batch is None:
+            return None
+        slot = self._take_slot()
+        if slot is None:
+            return None
+        if self.redo:
+            self.redo.popleft()
+        else:
+            self.next_batch += 1
+        return batch, slot
+
+    def consumed(self, position: int, released: Iterable[int], held: int) -> bool:
+        """The consumer took every batch below ``position``, gave ``released`` slots back and holds
+        ``held`` batches. True when the position moved (done batches can be forgotten)."""
+        self.held = held
+        self.free_slots.extend(released)
+        if position <= self.position:
+            return False
+        self.position = position
+        for batch in [b for b in self.attempts if b < position]:
+            del self.attempts[batch]
+        return True
+
+    def lost(self, tasks: Sequence[tuple[int, int]]) -> Verdict | None:
+        """A worker died; ``tasks`` are its ``(batch, slot)`` the consumer never received, in the order
+        it made them. Their slots are free again; all are redone, except the first -- the one it was
+        making -- when it was stopped for ``timeout`` or has now killed more than ``retries`` workers:
+        then it is given up on, and returned."""
+        self.free_slots.extend(slot for _, slot in tasks)
+        if not tasks:
+            return None
+        head, rest = tasks[0][0], [batch for batch, _ in tasks[1:]]
+        verdict = None
+        if head in self.late:
+            self.late.discard(head)
+            verdict = Verdict(head, GiveUp.LATE, self.attempts.get(head, 0))
+        else:
+            self.attempts[head] = self.attempts.get(head, 0) + 1
+            if self.attempts[head] > self.retries:
+                verdict = Verdict(head, GiveUp.DIED, self.attempts[head])
+            else:
+                self.redo.append(head)
+        self.redo.extend(rest)
+        return verdict
+
+    def mark_late(self, batch: int) -> None:
+        """The consumer gave up waiting for ``batch``; its worker is being stopped (see ``lost``)."""
+        self.late.add(batch)
+
+    def cancel(self, batch: int) -> None:
+        """``batch`` is answered otherwise (no worker had it when it was late): do not redo it."""
+        if batch in self.redo:
+            self.redo.remove(batch)
