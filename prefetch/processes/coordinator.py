@@ -43,8 +43,8 @@ import numpy as np
 import psutil
 
 from ..config import LoaderConfig
-from ..errors import describe_exit
 from ..core.schedule import GiveUp, Schedule
+from ..errors import describe_exit
 from .channel import Outbox, PipeReader, atomic_body, send
 from .lifetime import WORKER_JOIN_TIMEOUT_S, batch_scheduling, ignore_sigint, join_or_kill
 from .messages import (
