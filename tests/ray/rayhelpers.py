@@ -1,0 +1,107 @@
+"""What the Ray tests share: reference streams, digests, and checks that a loader left nothing behind."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from typing import Any
+
+import numpy as np
+import psutil
+
+import prefetch
+
+
+def digest(batch: Any) -> str:
+    """A SHA-256 of a batch's structure, dtypes, shapes and bytes."""
+    h = hashlib.sha256()
+
+    def feed(item: Any) -> None:
+        if isinstance(item, np.ndarray):
+            h.update(f"{item.dtype}{item.shape}".encode())
+            h.update(np.ascontiguousarray(item).tobytes())
+        elif isinstance(item, (tuple, list)):
+            h.update(f"{type(item).__name__}{len(item)}".encode())
+            for part in item:
+                feed(part)
+        elif isinstance(item, dict):
+            for key in sorted(item):
+                h.update(repr(key).encode())
+                feed(item[key])
+        else:
+            h.update(repr(item).encode())
+
+    feed(batch)
+    return h.hexdigest()
+
+
+def digests(batches: list[Any]) -> list[str]:
+    return [digest(batch) for batch in batches]
+
+
+def processes_stream(*sources: Any, **options: Any) -> list[Any]:
+    """The same loader's stream from the processes executor."""
+    options.setdefault("workers", 2)
+    options.setdefault("start_method", "forkserver")  # Ray runs threads in this process: no fork
+    with prefetch.Loader(*sources, **options) as loader:
+        return list(loader)
+
+
+class Boom(Exception):
+    """A user error of a class of its own."""
+
+
+def augment(sample: Any) -> Any:
+    """Draws from ``random``, ``np.random`` and ``prefetch.batch_rng()``."""
+    x, y = sample
+    noise = random.random() + np.random.rand() + prefetch.batch_rng().random()
+    return x * np.float32(noise), y
+
+
+def batch_noise(batch: Any) -> Any:
+    x, y = batch
+    return x + np.random.randint(0, 100), y
+
+
+def slow(seconds: float):
+    """A transform that takes ``seconds`` per sample (a closure: Ray pickles it by value)."""
+
+    def transform(sample: Any) -> Any:
+        time.sleep(seconds)
+        return sample
+
+    return transform
+
+
+def fail_at(index: int):
+    def transform(sample: Any) -> Any:
+        x, y = sample
+        if int(y) == index:
+            raise Boom(f"sample {index} is bad")
+        return sample
+
+    return transform
+
+
+def actors_gone(executor_workers: list[Any], timeout: float = 10.0) -> list[int]:
+    """The pids of ``executor_workers`` (``WorkerInfo``) still running after ``timeout``."""
+    processes = []
+    for info in executor_workers:
+        try:
+            processes.append(psutil.Process(info.pid))
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(processes, timeout=timeout)
+    return [p.pid for p in alive]
+
+
+def plasma_bytes() -> int:
+    """Bytes in the object store of the node this process runs on."""
+    import ray
+
+    summary = ray._private.internal_api.memory_summary(stats_only=True)
+    for line in summary.splitlines():
+        if line.startswith("Plasma memory usage"):
+            return int(float(line.split()[3]) * 2**20)
+    return 0
