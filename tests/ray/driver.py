@@ -28,6 +28,7 @@ class Driver:
         self.total = order_of(config).num_batches
         self.ready: dict[int, Made | Failed] = {}
         self.max_ready = 0  # the most results the reorder buffer held at once
+        self.makers: dict[int, int] = {}  # batch -> pid of the worker that made it
         self.wake = WakePipe()
         executor.start(config, start, self.wake)
 
@@ -51,6 +52,7 @@ class Driver:
         self.position += 1
         if isinstance(result, Failed):
             raise result.error
+        self.makers[batch] = result.worker
         return self.executor.open(result)
 
     def __iter__(self) -> Iterator[Any]:

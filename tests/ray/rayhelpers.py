@@ -96,12 +96,18 @@ def actors_gone(executor_workers: list[Any], timeout: float = 10.0) -> list[int]
     return [p.pid for p in alive]
 
 
-def plasma_bytes() -> int:
-    """Bytes in the object store of the node this process runs on."""
+def owned_objects() -> set[str]:
+    """The objects this process holds a reference to (Ray's reference table of this driver): an
+    object nobody references is unpinned and freed."""
     import ray
 
-    summary = ray._private.internal_api.memory_summary(stats_only=True)
-    for line in summary.splitlines():
-        if line.startswith("Plasma memory usage"):
-            return int(float(line.split()[3]) * 2**20)
-    return 0
+    counts = ray._private.worker.global_worker.core_worker.get_all_reference_counts()
+    return {object_id.hex() if hasattr(object_id, "hex") else str(object_id) for object_id in counts}
+
+
+def actor_states(actor_ids: list[str]) -> dict[str, str]:
+    """Ray's own record (the GCS actor table) of each actor's state: ALIVE, DEAD, ..."""
+    import ray
+
+    table = ray._private.state.actors()
+    return {actor_id: table.get(actor_id, {}).get("State", "unknown") for actor_id in actor_ids}
