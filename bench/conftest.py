@@ -35,6 +35,9 @@ RESULTS.numpy_imported_early = _NUMPY_IMPORTED_EARLY
 EXIT_GRACE_S = 10.0
 # Per-test limit, above the project's 60 s for tests: one full measurement (torch spawning) may take longer.
 BENCH_TIMEOUT_S = 120 if workloads.QUICK else 600
+# The report's file names in bench/results: a partial run (``BENCH_RESULTS_NAME=ray pytest bench/test_ray.py``)
+# writes its own instead of replacing the full suite's latest.md.
+RESULTS_NAME = os.environ.get("BENCH_RESULTS_NAME") or "latest"
 
 
 @pytest.fixture(scope="session")
@@ -79,9 +82,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if RESULTS.empty():
         return
     RESULTS_DIR.mkdir(exist_ok=True)
-    (RESULTS_DIR / "latest.md").write_text(harness.render_markdown(RESULTS))
-    (RESULTS_DIR / "latest.json").write_text(json.dumps(harness.render_json(RESULTS), indent=1, default=str) + "\n")
-    harness.render_plot(RESULTS, RESULTS_DIR / "throughput.png")
+    name = RESULTS_NAME
+    (RESULTS_DIR / f"{name}.md").write_text(harness.render_markdown(RESULTS))
+    (RESULTS_DIR / f"{name}.json").write_text(json.dumps(harness.render_json(RESULTS), indent=1, default=str) + "\n")
+    if name == "latest":
+        harness.render_plot(RESULTS, RESULTS_DIR / "throughput.png")
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
@@ -91,7 +96,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     terminalreporter.write_sep("=", "prefetch benchmark summary")
     for line in harness.render_markdown(RESULTS).splitlines():
         terminalreporter.write_line(line)
-    terminalreporter.write_line(f"(also in {RESULTS_DIR / 'latest.md'} and latest.json)")
+    terminalreporter.write_line(f"(also in {RESULTS_DIR / (RESULTS_NAME + '.md')} and {RESULTS_NAME}.json)")
 
 
 _PROGRESS: dict[str, Any] = {"done": 0, "total": 0, "started": None}

@@ -38,6 +38,8 @@ SYSTEM_LABELS = {
     "torch": "torch DataLoader",
     "torch-tensor": "torch DataLoader, tensor collate",
     "prefetch": "prefetch",
+    "ray": "prefetch, executor=ray",
+    "ray-view": "prefetch, executor=ray, copy=False (read-only views)",
 }
 SECTION_ORDER = (
     "e2e-jpeg",

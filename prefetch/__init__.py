@@ -8,6 +8,7 @@ Public API::
     prefetch.background(iterable, depth=2)  # a plain generator, run in one background process
     prefetch.batch_rng()        # per-batch numpy Generator for transforms
     prefetch.Stats              # what loader.stats() returns
+    prefetch.RayExecutor(address=None, actor_options=None)  # executor=: workers as Ray actors
 
 See ``docs/design.md`` for how it works.
 """
@@ -32,6 +33,7 @@ from .errors import (
 from .files import Files
 from .loader import Loader, data_generator
 from .profile import ProfileReport, profile
+from .ray_executor import RayExecutor  # imports no Ray: that happens when a loader starts on it
 from .stats import Stats
 
 __version__ = "0.1.0"
@@ -46,6 +48,7 @@ __all__ = [
     "PrefetchError",
     "PrefetchWarning",
     "ProfileReport",
+    "RayExecutor",
     "RemoteError",
     "ShmSpaceError",
     "Stats",

@@ -10,7 +10,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m prefetch", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("demo", help="the seed's example, then a CPU-heavy pipeline timed against the plain generator")
-    commands.add_parser("doctor", help="check /dev/shm, open files, threads, cores: what can go wrong")
+    check = commands.add_parser("doctor", help="check /dev/shm, open files, threads, cores: what can go wrong")
+    check.add_argument("--ray", action="store_true", help="also check a Ray setup for executor='ray'")
+    check.add_argument("--address", default=None, help="the Ray cluster to check (default: RAY_ADDRESS, or local)")
     sweep = commands.add_parser("profile", help="sweep worker counts on your pipeline: module:factory(workers=N)")
     sweep.add_argument("factory", help="module:function returning a prefetch.Loader for a `workers` keyword")
     sweep.add_argument("--workers", default="0,1,2,4", help="comma-separated worker counts (default 0,1,2,4)")
@@ -29,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
         from .doctor import doctor
 
         report = doctor()
+        if args.ray:
+            from ._ray_doctor import ray_findings
+
+            report.findings.extend(ray_findings(args.address))
         print(report)
         return 0 if report.ok else 1
     if args.command == "demo":
