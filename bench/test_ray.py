@@ -103,13 +103,13 @@ def test_latency(measure: Callable[..., Any], system: str, count: int) -> None:
         _processes(measure, "latency", count, ideal=ideal)
 
 
-@pytest.mark.parametrize(("system", "count"), [("plain", None), ("ray", 2)])
+@pytest.mark.parametrize(("system", "count"), [("plain", None), ("prefetch", 2), ("ray", 2)])
 def test_cpu(measure: Callable[..., Any], system: str, count: int | None) -> None:
-    """CPU-bound: 2 actors against the plain generator (2 cores)."""
+    """CPU-bound: 2 actors against the plain generator and 2 worker processes (2 cores)."""
     if system == "ray":
         _ray(measure, "cpu", 2)
     else:
-        _processes(measure, "cpu", None, system="plain")
+        _processes(measure, "cpu", count, system=system)
 
 
 @pytest.mark.parametrize(("system", "count"), [("prefetch", 1), ("prefetch", 2), ("ray", 1), ("ray", 2)])

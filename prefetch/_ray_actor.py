@@ -21,7 +21,9 @@ cloudpickle: lambdas and closures work.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import threading
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -31,6 +33,7 @@ from .config import LoaderConfig
 from .core import rng
 from .core.pipeline import BatchError, Timings, make_batch, uses_randomness
 from .errors import Failure
+from .processes.lifetime import _PR_SET_TIMERSLACK, WORKER_TIMER_SLACK_NS
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,13 @@ def memmap_spec(source: np.memmap) -> ByPath | None:
     start = source.__array_interface__["data"][0] - base.__array_interface__["data"][0]
     file_offset = source.offset - source.offset % _granularity() + start
     return ByPath(os.fspath(filename), source.dtype.str, tuple(source.shape), int(file_offset), order)
+
+
+def _set_timer_slack(nanoseconds: int) -> None:
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_TIMERSLACK, nanoseconds)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
 
 
 def _granularity() -> int:
@@ -146,6 +156,7 @@ class BatchMaker:
         self.config = replace(config, sources=unpack_sources(config.sources, arrays))
         self.randomness = uses_randomness(self.config)
         self.pid = os.getpid()
+        self.tight_thread: int | None = None  # the thread whose timer slack is set (see ``make``)
 
     def hello(self) -> tuple[int, str, str]:
         """``(pid, node id, node address)``: who this actor is, for ``Stats`` and failures."""
@@ -156,6 +167,11 @@ class BatchMaker:
 
     def make(self, batch: int, indices: np.ndarray) -> tuple[Any, Timings] | Fail:
         """Batch ``batch`` of samples ``indices``: the collated batch and its timings, or ``Fail``."""
+        if self.tight_thread != threading.get_ident():
+            # As a worker process does: a timed wait in a transform (a read with a timeout, a sleep)
+            # wakes on time. Per thread, so set where the calls run (Ray's main thread here).
+            self.tight_thread = threading.get_ident()
+            _set_timer_slack(WORKER_TIMER_SLACK_NS)
         if self.randomness:
             rng.seed_globals(self.config.seed, batch)
         try:

@@ -173,6 +173,11 @@ class RayExecutor:
         if run is not None:
             run.stop()
 
+    def forget(self) -> None:
+        """In a child forked from the owner: drop this copy's state and touch no actor (they are the
+        parent's; Ray's connection is not usable in a forked child anyway)."""
+        self._run = None
+
     def _need_run(self) -> _Run:
         if self._run is None:
             raise RuntimeError("the Ray executor is not started (or was stopped)")
