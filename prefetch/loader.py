@@ -37,7 +37,7 @@ from .errors import ConcurrentIterationError, LoaderClosedError
 from .stats import Stats, StatsRecorder
 
 if TYPE_CHECKING:
-    from .consumer import InlineEngine, ProcessEngine
+    from .consumer import Engine, InlineEngine
 
 STATE_FORMAT = 1
 
@@ -50,7 +50,7 @@ CLOSE_WAIT_S = 10.0
 _loader_of: weakref.WeakKeyDictionary[Generator[Any, None, None], Loader] = weakref.WeakKeyDictionary()
 
 
-def _final_stats(engine: InlineEngine | ProcessEngine) -> Stats | None:
+def _final_stats(engine: InlineEngine | Engine) -> Stats | None:
     """An engine's figures as it stops (a courtesy: never let them stop a shutdown)."""
     try:
         return engine.stats()
@@ -62,23 +62,23 @@ class _EngineSlot:
     """The loader's running engine, in a holder its finalizer can reach without the loader.
 
     Threads: ``install`` and ``take`` swap the engine under a lock, so exactly one caller
-    gets a running engine to close; ``ProcessEngine.close`` wakes and waits for a thread
+    gets a running engine to close; ``Engine.close`` wakes and waits for a thread
     blocked in it. ``thread`` is the thread that last took a batch through the owner.
     """
 
     def __init__(self) -> None:
-        self.engine: InlineEngine | ProcessEngine | None = None
-        self.last: InlineEngine | ProcessEngine | None = None  # for stats() after it stopped
+        self.engine: InlineEngine | Engine | None = None
+        self.last: InlineEngine | Engine | None = None  # for stats() after it stopped
         self.final: Stats | None = None  # the last engine's figures as it stopped (see ``stop``)
         self.owner: object | None = None  # the generator that started it
         self.thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def install(self, engine: InlineEngine | ProcessEngine, owner: object) -> None:
+    def install(self, engine: InlineEngine | Engine, owner: object) -> None:
         with self._lock:
             self.engine, self.owner, self.thread = engine, owner, threading.current_thread()
 
-    def take(self) -> InlineEngine | ProcessEngine | None:
+    def take(self) -> InlineEngine | Engine | None:
         """Remove the running engine (to close it); None if there is none."""
         with self._lock:
             engine, self.engine, self.owner = self.engine, None, None
@@ -312,9 +312,9 @@ class Loader:
                 "thread at a time (give each thread its own Loader, or hand batches over with a queue)"
             )
 
-    def _start_engine(self) -> InlineEngine | ProcessEngine:
+    def _start_engine(self) -> InlineEngine | Engine:
         # Imported here: multiprocess (and dill) cost more to import than all the rest.
-        from .consumer import InlineEngine, ProcessEngine
+        from .consumer import Engine, InlineEngine
 
         if self._config.workers == 0:
             return InlineEngine(self._config, self._position)
@@ -324,7 +324,9 @@ class Loader:
         check_main_guarded(self._config)  # spawn/forkserver from an unguarded script: say so, start nothing
 
         preflight(self._config)  # fails fast on a full /dev/shm; warns about threads before fork, ...
-        return ProcessEngine(self._config, self._position)
+        from .processes.executor import ProcessExecutor
+
+        return Engine(self._config, self._position, ProcessExecutor())
 
     # --- state --------------------------------------------------------------------------
 

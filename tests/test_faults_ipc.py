@@ -145,7 +145,7 @@ def test_a_stopped_coordinator_gives_an_error_within_timeout_on_the_consumers_cl
     next(iterator)
     engine = loader._running.engine
     assert engine is not None
-    coordinator = engine.process.pid
+    coordinator = engine.helper_pid()
     os.kill(coordinator, signal.SIGSTOP)
     try:
         exc, waited = first_error(iterator)
@@ -241,7 +241,7 @@ def test_a_coordinator_killed_between_batches_is_coordinator_died_not_a_broken_p
     pids = loader_processes()
     engine = loader._running.engine
     assert engine is not None
-    coordinator = engine.process.pid
+    coordinator = engine.helper_pid()
     os.kill(coordinator, signal.SIGKILL)
     wait_until(lambda: not any(alive(pid) for pid in pids), timeout_s=5.0)
     exc, waited = first_error(iterator)

@@ -162,7 +162,7 @@ def test_a_killed_coordinator_is_a_clear_error_promptly():
     loader, gen, pids = running_loader(prefetch=2)
     engine = loader._running.engine
     assert engine is not None
-    coordinator = engine.process.pid
+    coordinator = engine.helper_pid()
     assert coordinator in pids
     os.kill(coordinator, signal.SIGKILL)
     killed = time.monotonic()

@@ -36,7 +36,7 @@ def _roundtrip(slot_io, make_batch, lease: bool):
     space = writer.space(0, None, 1 << 16)
     batch = make_batch(space)
     written = writer.write(0, space, batch)
-    out, held = reader.read(0, written.segment, written.payload, written.buffers, written.arrays, lease)
+    out, held = reader.read(0, written, lease)
     return written, out, held
 
 
