@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._tuning import DEFAULT_WORKER_NICE
 from .config import LoaderConfig, make_config
-from .errors import ConcurrentIterationError, LoaderClosedError
+from .errors import ConcurrentIterationError, IteratorSupersededError, LoaderClosedError
 from .stats import Stats, StatsRecorder
 
 if TYPE_CHECKING:
@@ -266,7 +266,10 @@ class Loader:
                     running = self._running
                     if running.owner is not me:
                         if self._newest_iterator is not me:
-                            raise RuntimeError("this iterator was superseded by a newer iter(loader)")
+                            raise IteratorSupersededError(
+                                "this iterator was superseded by a newer iter(loader) of the same loader: "
+                                "iterate the newest one (or give each loop its own Loader)"
+                            )
                         if self._owned_by_another_live_thread():
                             raise ConcurrentIterationError(
                                 "another thread is iterating this loader: a loader is iterated by one thread at "
