@@ -116,7 +116,7 @@ class InlineEngine:
 
     def __init__(self, config: LoaderConfig, start: int):
         self.config = config
-        self.order = config.order()
+        self.order = config.order
         self.position = start
         self.recorder = StatsRecorder()
         self.randomness = uses_randomness(config)
@@ -150,7 +150,7 @@ class ProcessEngine:
 
     def __init__(self, config: LoaderConfig, start: int):
         self.config = config
-        self.order = config.order()
+        self.order = config.order
         self.position = start
         self.sent_position = start
         self.credit_step = config.credit_step

@@ -205,8 +205,8 @@ def _check_shm(config: LoaderConfig | None) -> Finding:
     one = batch_bytes(config)
     if one is None:
         return Finding("ok", f"{path}: {_mib(free)} free (batch size unknown: the sources are not numpy arrays)")
-    need = config.prefetch * one + _spawn_copy_bytes(config)
-    most = config.max_slots * one + _spawn_copy_bytes(config)
+    slots, copies = config.shm_bytes_needed(one), _spawn_copy_bytes(config)
+    need, most = slots.window + copies, slots.most + copies
     sized = f"prefetch={config.prefetch} batches of ~{_mib(one)}"
     if free < need:
         level = "error" if exact_batch_size(config) else "warn"
@@ -370,7 +370,7 @@ def doctor(loader: Loader | None = None) -> Report:
     import platform
     import sys
 
-    config = loader._config if loader is not None else None
+    config = loader.config if loader is not None else None
     findings = [
         Finding("ok", f"python {sys.version.split()[0]} on {platform.system()} {platform.machine()}"),
         _check_shm(config),

@@ -105,7 +105,7 @@ class Coordinator:
         self.results = results
         self.config = config
         self.prefix = prefix
-        self.order = config.order()
+        self.order = config.order
         self.total = self.order.num_batches
         self.next_batch = start
         self.position = start
