@@ -285,7 +285,7 @@ class Loader:
         if self._config.workers == 0:
             return InlineEngine(self._config, self._position)
         from ._checks import check_main_guarded
-        from .doctor import preflight
+        from .preflight import preflight
 
         check_main_guarded(self._config)  # spawn/forkserver from an unguarded script: say so, start nothing
 

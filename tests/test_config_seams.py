@@ -1,10 +1,13 @@
 """The configuration and the public seams around it: one option list, one validated ``LoaderConfig``
-holding its ``order`` and its memory bound, ``Loader.config``."""
+holding its ``order`` and its memory bound, ``Loader.config``, and the modules that must not import
+each other."""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import pickle
+from pathlib import Path
 
 import dill
 import numpy as np
@@ -15,6 +18,7 @@ from prefetch.config import DEFAULTS, GeneratorOptions, LoaderConfig, LoaderOpti
 
 X = np.arange(40, dtype=np.float32).reshape(20, 2)
 Y = np.arange(20)
+PACKAGE = Path(prefetch.__file__).parent
 
 
 def test_the_option_list_is_written_once_and_everything_agrees_with_it():
@@ -107,3 +111,20 @@ def test_a_superseded_iterator_raises_a_prefetch_error():
     with pytest.raises(prefetch.IteratorSupersededError, match="superseded") as info:
         next(old)
     assert isinstance(info.value, prefetch.PrefetchError) and isinstance(info.value, RuntimeError)
+
+
+def _imports(module: str) -> set[str]:
+    """The package modules ``prefetch/<module>.py`` imports, anywhere in the file (``TYPE_CHECKING`` too)."""
+    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            found.add(node.module or "")
+    return found
+
+
+def test_loader_and_doctor_do_not_import_each_other():
+    assert "loader" not in _imports("doctor")
+    assert "doctor" not in _imports("loader")
+    assert "preflight" in _imports("doctor") and "preflight" in _imports("loader")
+    assert not {"loader", "doctor"} & _imports("preflight")

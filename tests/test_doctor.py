@@ -14,7 +14,8 @@ import pytest
 from helpers import loader_processes
 
 import prefetch
-from prefetch.doctor import LARGE_OBJECT_SOURCE_ITEMS, Finding, Report, preflight, shm_space
+from prefetch.doctor import Report
+from prefetch.preflight import LARGE_OBJECT_SOURCE_ITEMS, Finding, preflight, shm_space
 
 DATA = np.zeros((64, 16), np.float32)
 
