@@ -41,7 +41,7 @@ class InlineEngine:
 
     def __init__(self, config: LoaderConfig, start: int):
         self.config = config
-        self.order = config.order()
+        self.order = config.order
         self.position = start
         self.recorder = StatsRecorder()
         self.randomness = uses_randomness(config)
@@ -76,7 +76,7 @@ class Engine:
     def __init__(self, config: LoaderConfig, start: int, executor: Executor):
         self.config = config
         self.executor = executor
-        self.order = config.order()
+        self.order = config.order
         self.reorder: ReorderBuffer[Result] = ReorderBuffer(start)
         self.recorder = StatsRecorder()
         self.closed = False

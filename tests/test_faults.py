@@ -20,7 +20,7 @@ def batches(**options) -> list:
 
 
 def sample_batch_number(index: int) -> int:
-    order = prefetch.Loader(X, Y, batch_size=4, epochs=1, seed=8, workers=0)._order
+    order = prefetch.Loader(X, Y, batch_size=4, epochs=1, seed=8, workers=0).config.order
     return next(b for b in range(order.num_batches) if index in order.batch_indices(b))
 
 

@@ -476,10 +476,9 @@ def take(iterator, expected: Any, superseded_ok: bool = False) -> tuple[Any, boo
 
 def segment_bound(loader: prefetch.Loader, sources: int) -> int:
     """The most ``/dev/shm`` names a running loader may have (design.md, "Backpressure"): its slot pool
-    (``2 * prefetch + credit_step + 1``), a spilled message per batch in flight, a copy of each source
+    (``config.max_slots``), a spilled message per batch in flight, a copy of each source
     (spawn, forkserver)."""
-    credit_step = max(1, (loader.prefetch - loader.workers) // 8)
-    return 2 * loader.prefetch + credit_step + 1 + loader.prefetch + sources
+    return loader.config.max_slots + loader.prefetch + sources
 
 
 def assert_released() -> None:

@@ -105,7 +105,7 @@ class Coordinator:
         self.results = results
         self.config = config
         self.prefix = prefix
-        self.order = config.order()
+        self.order = config.order
         self.schedule = Schedule(self.order, start, config.prefetch, config.max_slots, config.retries)
         self.segments: dict[int, SegmentRef] = {}
         self.size_hint = 0
