@@ -13,8 +13,7 @@ from itertools import islice
 
 import numpy as np
 import pytest
-from conftest import _segments
-from helpers import ALPHABET_X, ALPHABET_Y
+from helpers import ALPHABET_X, ALPHABET_Y, segments_of
 
 import prefetch
 from prefetch.errors import RemoteTraceback
@@ -25,6 +24,11 @@ POLL_S = 0.005
 DEADLINE_S = 10.0
 # `prefetch.background` is the function; the module behind it:
 background_module = importlib.import_module("prefetch.background")
+
+
+def _segments() -> set[str]:
+    """This process's loaders' segments."""
+    return set(segments_of(os.getpid()))
 
 
 def _data_segments() -> set[str]:
