@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 
 import psutil
 import pytest
+from helpers import FakeTorch
 
 from prefetch.processes.shm import NAME_ROOT, SHM_DIR
 
@@ -87,3 +89,11 @@ def no_leaks():
     assert not leaked, f"shared-memory segments left in {SHM_DIR}: {sorted(leaked)}"
     assert not mapped, f"segments still mapped in this process: {sorted(mapped)}"
     assert not descriptors, f"descriptors to segments still open in this process: {sorted(descriptors)}"
+
+
+@pytest.fixture
+def fake_torch(monkeypatch):
+    """A ``FakeTorch`` with 2 intra-op threads standing in for ``torch`` in ``sys.modules`` during the test."""
+    torch = FakeTorch(threads=2)
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    return torch

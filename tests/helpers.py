@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import types
 
 import numpy as np
 
@@ -400,6 +401,22 @@ class RaiseLong:
         if int(sample[1]) == self.index:
             raise BadSample("x" * self.length)
         return sample
+
+
+class FakeTorch(types.ModuleType):
+    """Stands in for ``torch`` in ``sys.modules``: intra-op threads, and every change made to them."""
+
+    def __init__(self, threads: int):
+        super().__init__("torch")
+        self.threads = threads
+        self.calls: list[int] = []
+
+    def get_num_threads(self) -> int:
+        return self.threads
+
+    def set_num_threads(self, threads: int) -> None:
+        self.calls.append(threads)
+        self.threads = threads
 
 
 def burn_cpu(seconds: float) -> None:
