@@ -22,7 +22,6 @@ def keep(sample):
 
 @pytest.mark.parametrize("collate", ["auto", "list"])
 @pytest.mark.parametrize("transform", [None, keep], ids=["plain", "transform"])
-@pytest.mark.parametrize("start_method", ["fork", "spawn"])
 def test_zero_byte_samples_give_the_same_stream_with_workers(collate, transform, start_method):
     empty = np.zeros((N, 3, 0), dtype=np.float32)
     labels = np.arange(N)

@@ -45,7 +45,6 @@ import prefetch
 from prefetch.core.order import Order
 from prefetch.processes.coordinator import Coordinator
 
-START_METHODS = ("fork", "spawn")
 N = 24
 BATCH_SIZE = 4
 SEED = 8
@@ -102,7 +101,6 @@ def notes(exc: BaseException) -> str:
     return "\n".join(getattr(exc, "__notes__", []))
 
 
-@pytest.mark.parametrize("start_method", START_METHODS)
 @pytest.mark.parametrize("stage", STAGES)
 def test_raise_keeps_the_type_and_names_the_sample(stage, start_method):
     inline, _ = first_error(stage, Fault(BAD, "raise"), workers=0)
@@ -119,7 +117,6 @@ def test_raise_keeps_the_type_and_names_the_sample(stage, start_method):
     assert notes(inline).split(", in ")[0] == notes(remote).split(", in ")[0]
 
 
-@pytest.mark.parametrize("start_method", START_METHODS)
 @pytest.mark.parametrize("stage", STAGES)
 def test_unpicklable_exception_arrives_as_a_readable_remote_error(stage, start_method):
     exc, _ = first_error(stage, Fault(BAD, "unpicklable"), workers=WORKERS, start_method=start_method)
@@ -130,7 +127,6 @@ def test_unpicklable_exception_arrives_as_a_readable_remote_error(stage, start_m
     assert re.search(where_pattern(stage), notes(exc)), notes(exc)
 
 
-@pytest.mark.parametrize("start_method", START_METHODS)
 def test_an_exception_whose_class_cannot_be_rebuilt_arrives_as_a_remote_error(start_method):
     sources, options = faulty_pipeline("transform", DATA, None)
     options["transform"] = RaiseUnrebuildable(BAD)
@@ -147,7 +143,6 @@ def test_an_exception_whose_class_cannot_be_rebuilt_arrives_as_a_remote_error(st
     assert "NeedsTwoArguments" in str(exc.__cause__) and "in __call__" in str(exc.__cause__)
 
 
-@pytest.mark.parametrize("start_method", START_METHODS)
 @pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize("death", list(DEATHS))
 def test_a_death_once_is_recovered_byte_identically(tmp_path, death, stage, start_method):
@@ -158,7 +153,6 @@ def test_a_death_once_is_recovered_byte_identically(tmp_path, death, stage, star
     assert got == expected
 
 
-@pytest.mark.parametrize("start_method", START_METHODS)
 @pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize("death", list(DEATHS))
 def test_a_poison_sample_raises_worker_died_naming_pid_batch_and_cause(death, stage, start_method):
@@ -178,7 +172,6 @@ def test_a_poison_sample_raises_worker_died_naming_pid_batch_and_cause(death, st
     assert waited < DEATH_REPORT_S
 
 
-@pytest.mark.parametrize("start_method", START_METHODS)
 @pytest.mark.parametrize("stage", STAGES)
 def test_a_hung_worker_times_out_and_is_killed(stage, start_method):
     exc, waited = first_error(stage, Fault(BAD, "hang"), workers=WORKERS, start_method=start_method, timeout=TIMEOUT_S)
@@ -189,7 +182,6 @@ def test_a_hung_worker_times_out_and_is_killed(stage, start_method):
     assert exc.pid is not None and not alive(exc.pid)  # killed (and reaped) before the error was raised
 
 
-@pytest.mark.parametrize("start_method", START_METHODS)
 def test_workers_killed_from_outside_are_replaced_and_the_output_is_unchanged(start_method):
     """What the OOM killer does: SIGKILL to a worker at any moment, here three times during a run."""
     sources, options = faulty_pipeline("transform", DATA, None)
@@ -343,7 +335,7 @@ def main():
 """
 
 
-@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+@pytest.mark.start_methods("spawn", "forkserver")
 @pytest.mark.parametrize("guarded", [False, True], ids=["unguarded", "guarded"])
 def test_a_spawn_script_without_a_main_guard_is_told_what_to_change(tmp_path, start_method, guarded):
     import subprocess
@@ -367,7 +359,7 @@ def test_a_spawn_script_without_a_main_guard_is_told_what_to_change(tmp_path, st
     assert took < FAULT_REPORT_S + 1.0  # one interpreter start-up with numpy, and no coordinator at all
 
 
-@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+@pytest.mark.start_methods("spawn", "forkserver")
 @pytest.mark.parametrize(
     ("where", "make"),
     [

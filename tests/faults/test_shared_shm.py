@@ -132,7 +132,6 @@ def play(tmp_path, mode: str, start_method: str) -> dict:
 
 
 @needs_unshare
-@pytest.mark.parametrize("start_method", ["fork", "spawn"])
 def test_a_loader_in_another_pid_namespace_keeps_its_segments_during_a_sweep(tmp_path, start_method):
     report = play(tmp_path, "live", start_method)
     pid = report["pid"]
