@@ -79,35 +79,6 @@ class Unpicklable(Exception):
         raise TypeError("not picklable")
 
 
-def fail_at(index: int, kind: str, marker: str | None = None):
-    """A transform that misbehaves on one sample: raise, die, hang or raise something unpicklable.
-
-    With ``marker``, it misbehaves only while the marker file does not exist and creates
-    it first -- so the fault happens once and a retry succeeds.
-    """
-
-    def transform(sample):
-        x, y = sample
-        if int(y) == index and (marker is None or not os.path.exists(marker)):
-            if marker is not None:
-                open(marker, "w").close()
-            if kind == "raise":
-                raise KeyError(f"bad sample {index}")
-            if kind == "unpicklable":
-                raise Unpicklable("cannot travel", lambda: None)
-            if kind == "sigkill":
-                os.kill(os.getpid(), 9)
-            if kind == "exit":
-                os._exit(3)
-            if kind == "hang":
-                import time
-
-                time.sleep(3600)
-        return x, y
-
-    return transform
-
-
 class RandomCropSource:
     """A PyTorch-style dataset whose ``__getitem__`` itself draws random numbers."""
 

@@ -59,10 +59,15 @@ DEATH_REPORT_S = 3.0
 
 def run(stage: str, fault: Fault | None, **options) -> list:
     """Every batch of one epoch, as byte fingerprints."""
+    return run_counting_restarts(stage, fault, **options)[0]
+
+
+def run_counting_restarts(stage: str, fault: Fault | None, **options) -> tuple[list, int]:
+    """Every batch of one epoch, as byte fingerprints, and how many workers were replaced meanwhile."""
     sources, stage_options = faulty_pipeline(stage, DATA, fault)
     options = {"batch_size": BATCH_SIZE, "epochs": 1, "seed": SEED, **stage_options, **options}
     with prefetch.Loader(*sources, **options) as loader:
-        return [fingerprint(batch) for batch in loader]
+        return [fingerprint(batch) for batch in loader], loader.stats().restarts
 
 
 def bad_batch() -> int:
@@ -148,8 +153,9 @@ def test_an_exception_whose_class_cannot_be_rebuilt_arrives_as_a_remote_error(st
 def test_a_death_once_is_recovered_byte_identically(tmp_path, death, stage, start_method):
     expected = run(stage, None, workers=0)
     marker = str(tmp_path / "struck")
-    got = run(stage, Fault(BAD, death, marker), workers=WORKERS, start_method=start_method)
+    got, restarts = run_counting_restarts(stage, Fault(BAD, death, marker), workers=WORKERS, start_method=start_method)
     assert (tmp_path / "struck").exists()  # the fault did happen
+    assert restarts == 1  # one worker died, one replaced it
     assert got == expected
 
 
