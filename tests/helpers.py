@@ -272,17 +272,32 @@ def segments_of(pid: int) -> list[str]:
     return sorted(name for name in os.listdir(SHM_DIR) if name.startswith(f"{NAME_ROOT}{pid}-"))
 
 
-def wait_until(condition, timeout_s: float, interval_s: float = 0.02) -> float:
-    """Poll ``condition()`` until it is true; return the seconds it took, or raise AssertionError at the deadline."""
+def wait_until(condition, timeout_s: float = 10.0, interval_s: float = 0.02, what: str | None = None) -> float:
+    """Poll ``condition()`` until it is true and return the seconds it took; at the deadline, fail the test
+    with an AssertionError naming ``what`` (default: the condition's docstring, else its source line).
+
+    Use it instead of a fixed sleep before an assertion: a sleep long enough on a busy machine is slow
+    everywhere else, and one short enough for an idle machine flakes on a busy one."""
     import time
 
     started = time.monotonic()
     deadline = started + timeout_s
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"still not true after {timeout_s} s: {getattr(condition, '__doc__', condition)}")
+            raise AssertionError(f"still not true after {timeout_s} s: {what or _describe(condition)}")
         time.sleep(interval_s)
     return time.monotonic() - started
+
+
+def _describe(condition) -> str:
+    if getattr(condition, "__doc__", None):
+        return condition.__doc__
+    try:
+        import inspect
+
+        return inspect.getsource(condition).strip()
+    except (OSError, TypeError):
+        return repr(condition)
 
 
 def all_gone(pids, consumer_pid: int | None = None):

@@ -38,6 +38,7 @@ from helpers import (
     alive,
     faulty_pipeline,
     fingerprint,
+    wait_until,
 )
 from hostile import Database, HoldsGenerator, RaiseOnce, StrRaises, UserInterrupt
 
@@ -274,12 +275,8 @@ def test_a_worker_dead_but_not_yet_noticed_is_not_sent_a_task(tmp_path, monkeypa
         carry_on = original(self)
         if self.position >= 1 and not go.exists():
             go.touch()  # the worker making batch 1 now kills itself
-            import psutil
-
             pid = self.workers[0].process.pid
-            deadline = time.monotonic() + 10
-            while psutil.Process(pid).status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
-                time.sleep(0.01)
+            wait_until(lambda: not alive(pid), timeout_s=10, interval_s=0.01)
         return carry_on
 
     monkeypatch.setattr(Coordinator, "_from_consumer", from_consumer_then_lose_the_worker)
