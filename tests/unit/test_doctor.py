@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import resource
-import subprocess
-import sys
-import threading
 import time
 import warnings
 
@@ -36,14 +33,6 @@ def test_doctor_reports_the_environment():
     text = str(report)
     assert text.startswith("prefetch doctor") and "/dev/shm" in text and "open files" in text
     assert any("thread" in f.what for f in report.findings)
-
-
-def test_python_m_prefetch_doctor_prints_the_report():
-    done = subprocess.run(
-        [sys.executable, "-m", "prefetch", "doctor"], capture_output=True, text=True, timeout=60, cwd="/"
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("prefetch doctor") and "/dev/shm" in done.stdout
 
 
 def test_too_little_shm_for_prefetch_batches_fails_at_start_with_the_fix():
@@ -82,27 +71,6 @@ def test_room_for_the_window_but_not_for_held_batches_warns():
     with pytest.warns(prefetch.PrefetchWarning, match="keeps batches alive"):
         preflight(loader.config)
     loader.close()
-
-
-def test_threads_running_before_fork_warn_and_suggest_forkserver():
-    stop = threading.Event()
-    thread = threading.Thread(target=stop.wait, name="user-thread")
-    thread.start()
-    try:
-        with (
-            pytest.warns(prefetch.PrefetchWarning, match="user-thread") as record,
-            prefetch.Loader(DATA, batch_size=4, workers=1, start_method="fork") as loader,
-        ):
-            next(iter(loader))
-        assert any("forkserver" in message for message in prefetch_warnings(record))
-        with warnings.catch_warnings(record=True) as record:
-            warnings.simplefilter("always")
-            with prefetch.Loader(DATA, batch_size=4, workers=1, start_method="forkserver") as loader:
-                next(iter(loader))
-        assert not [m for m in prefetch_warnings(record) if "user-thread" in m]
-    finally:
-        stop.set()
-        thread.join()
 
 
 def test_a_large_list_source_warns_about_copy_on_read():

@@ -735,7 +735,7 @@ def test_structured_dtype_sources_under_spawn(tmp_path, as_memmap):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+@pytest.mark.start_methods("spawn", "forkserver")
 def test_yielded_arrays_are_writable_under_spawn(start_method):
     data = np.arange(4).reshape(2, 2)
     options = {"batch_size": 1, "epochs": 1, "shuffle": False, "collate": "list"}
@@ -745,7 +745,7 @@ def test_yielded_arrays_are_writable_under_spawn(start_method):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+@pytest.mark.start_methods("spawn", "forkserver")
 def test_big_endian_arrays_in_a_pickled_source_keep_their_dtype(start_method):
     rows = [np.array([i], dtype=">i4") for i in range(4)]  # a list of arrays: pickled as it is
     options = {"batch_size": 2, "epochs": 1, "shuffle": False}

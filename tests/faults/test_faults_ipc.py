@@ -195,7 +195,6 @@ if __name__ == "__main__":
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("start_method", ["fork", "spawn"])
 def test_a_killed_consumer_is_noticed_within_a_second_while_a_worker_hangs(tmp_path, start_method):
     script = tmp_path / "consumer.py"
     script.write_text(textwrap.dedent(KILLED_CONSUMER_SCRIPT))
