@@ -24,6 +24,7 @@ workers. ``docs/design.md`` tells the whole story, including shutdown.
 
 from __future__ import annotations
 
+import copy
 import numbers
 import threading
 import weakref
@@ -37,6 +38,7 @@ from .stats import Stats, StatsRecorder
 
 if TYPE_CHECKING:
     from .consumer import Engine, InlineEngine
+    from .executor import Executor
 
 STATE_FORMAT = 1
 
@@ -284,15 +286,25 @@ class Loader:
 
         if self._config.workers == 0:
             return InlineEngine(self._config, self._position)
-        from ._checks import check_main_guarded
-        from .preflight import preflight
+        return Engine(self._config, self._position, self._executor())
 
-        check_main_guarded(self._config)  # spawn/forkserver from an unguarded script: say so, start nothing
+    def _executor(self) -> Executor:
+        """A fresh executor for an engine, as ``executor=`` says: an executor object is a template,
+        copied for each engine, so that every iteration starts from its options alone."""
+        choice = self._config.executor
+        if choice == "processes":
+            from ._checks import check_main_guarded
+            from .preflight import preflight
+            from .processes.executor import ProcessExecutor
 
-        preflight(self._config)  # fails fast on a full /dev/shm; warns about threads before fork, ...
-        from .processes.executor import ProcessExecutor
+            check_main_guarded(self._config)  # spawn/forkserver from an unguarded script: say so, start nothing
+            preflight(self._config)  # fails fast on a full /dev/shm; warns about threads before fork, ...
+            return ProcessExecutor()
+        if choice == "ray":
+            from .ray_executor import RayExecutor
 
-        return Engine(self._config, self._position, ProcessExecutor())
+            return RayExecutor()
+        return copy.copy(choice)
 
     # --- state --------------------------------------------------------------------------
 
