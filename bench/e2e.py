@@ -300,9 +300,10 @@ def run_jpeg(system: str, step: str, workers: int = 2, **options: Any) -> dict[s
         elapsed = time.perf_counter() - t0
         cpu_after = _cpu_seconds(pids)
         sched_after = scheduler_figures(pids)
-        loader = getattr(getattr(batches, "gi_frame", None), "f_locals", {}).get("self")
-        if system == "prefetch" and loader is not None:
-            info["stats"] = str(loader.stats())
+        if system == "prefetch":
+            import prefetch
+
+            info["stats"] = str(prefetch.Loader.of(batches).stats())
     finally:
         close()
     cores = {str(pid): round((cpu_after[pid] - cpu_before.get(pid, 0.0)) / elapsed, 3) for pid in cpu_after}
@@ -398,9 +399,8 @@ def run_keras(system: str, threads: str = "default", **options: Any) -> dict[str
     info: dict[str, Any] = {}
     try:
         model.fit(gen, steps_per_epoch=steps, epochs=KERAS_EPOCHS, verbose=0, callbacks=[Clock()])
-        loader = getattr(getattr(gen, "gi_frame", None), "f_locals", {}).get("self")
-        if loader is not None:
-            info["decisions"] = list(loader.stats().decisions)
+        if system != "plain":
+            info["decisions"] = list(prefetch.Loader.of(gen).stats().decisions)
     finally:
         close()
     total = time.perf_counter() - started

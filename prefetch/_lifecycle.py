@@ -1,6 +1,6 @@
 """The consumer's engines over their life: the registry closed at exit, forks, waking a blocked thread.
 
-* ``live_engines`` and ``close_all_engines``: every running ``ProcessEngine`` is stopped at
+* ``live_engines`` and ``close_all_engines``: every running ``consumer.Engine`` is stopped at
   interpreter exit, by an ``atexit`` hook that runs before multiprocess's own (which would
   otherwise wait forever for a coordinator nobody told to stop).
 * A child forked by user code forgets its parent's engines (``os.register_at_fork``): nothing at
@@ -16,10 +16,9 @@ import threading
 import weakref
 from typing import Any
 
-import multiprocess
-import multiprocess.util
+import multiprocess.util  # noqa: F401 - its atexit hook must be registered before ours (below)
 
-live_engines: weakref.WeakSet[Any] = weakref.WeakSet()  # the ProcessEngines running in this process
+live_engines: weakref.WeakSet[Any] = weakref.WeakSet()  # the engines running in this process
 
 
 def close_all_engines() -> None:
@@ -36,10 +35,7 @@ def _forget_engines_in_forked_child() -> None:
     """In a forked child, the parent's engines are the parent's: forget them, so that nothing at this
     process's exit touches them -- neither our atexit hook nor multiprocess's, which would try to
     join the parent's coordinators (they are in its list of children, copied by the fork)."""
-    children = getattr(multiprocess.process, "_children", None)
     for engine in list(live_engines):
-        if children is not None:
-            children.discard(engine.process)
         engine.forget_in_forked_child()
     live_engines.clear()
 

@@ -71,12 +71,10 @@ JOIN_TIMEOUT_S = 2.0
 
 
 class Item(NamedTuple):
-    """Producer -> consumer: the next item is in ``slot`` (arrays) and ``payload`` (the rest)."""
+    """Producer -> consumer: the next item is in ``slot``, laid out as ``layout`` says."""
 
     slot: int
-    segment: Any  # _protocol.SegmentRef | None
-    payload: bytes | None
-    buffers: tuple[tuple[int, int], ...]
+    layout: Any  # processes.messages.SlotLayout
 
 
 class End(NamedTuple):
@@ -169,7 +167,7 @@ def _produce(
                 conn.send(End())
                 return
             written = writer.write(slot, writer.space(slot, None, 0), item)
-            conn.send(Item(slot, written.segment, written.payload, written.buffers))
+            conn.send(Item(slot, written))
     except Exception as exc:
         with contextlib.suppress(OSError):
             conn.send(Failed(Failure.capture(exc, "the background iterable")))
@@ -225,7 +223,7 @@ class _Producer:
             return False, None
         if isinstance(message, Failed):
             raise message.failure.to_exception(self.items, (), self.process.pid)
-        item, _ = reader.read(message.slot, message.segment, message.payload, message.buffers, None, lease=False)
+        item, _ = reader.read(message.slot, message.layout, lease=False)
         with contextlib.suppress(OSError):  # a producer that died meanwhile is noticed at the next wait
             self.conn.send(Credit(message.slot))
         self.items += 1

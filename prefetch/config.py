@@ -12,15 +12,18 @@ import numbers
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from functools import cached_property
+from types import MappingProxyType
+from typing import Any, NamedTuple, TypedDict, Unpack
 
 from ._tuning import DEFAULT_WORKER_NICE
 from .core.order import LAST_BATCH_MODES, Order
 from .errors import PrefetchWarning
 
 COLLATE_MODES = ("auto", "list")
+EXECUTORS = ("processes", "ray")
 # Default ready-or-in-flight batches per worker: one being made, one waiting, so a
 # worker never idles between batches.
 PREFETCH_PER_WORKER = 2
@@ -41,9 +44,76 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+class GeneratorOptions(TypedDict, total=False):
+    """The options ``data_generator`` takes by keyword: all of ``Loader``'s but its positional
+    ``batch_size`` and ``shuffle``. What each means: ``docs/api.md``; defaults: ``DEFAULTS``."""
+
+    seed: int | None
+    epochs: int | None
+    last_batch: str
+    rank: int
+    world_size: int
+    transform: Callable[[Any], Any] | None
+    batch_transform: Callable[[Any], Any] | None
+    collate: str | Callable[[list[Any]], Any]
+    workers: int | None
+    prefetch: int | None
+    start_method: str | None
+    timeout: float | None
+    retries: int
+    limit_threads: bool
+    worker_nice: int
+    train_threads: str | int | None
+    executor: Any
+
+
+class LoaderOptions(GeneratorOptions, total=False):
+    """Every option of ``Loader``, by name: the one list of them (``Loader(*sources, **options)``)."""
+
+    batch_size: int
+    shuffle: bool
+
+
+# Each option's default, as the user may leave it out; ``make_config`` validates what it becomes.
+DEFAULTS: Mapping[str, Any] = MappingProxyType(
+    {
+        "batch_size": 32,
+        "shuffle": True,
+        "seed": None,  # drawn at construction
+        "epochs": None,  # endless
+        "last_batch": "wrap",
+        "rank": 0,
+        "world_size": 1,
+        "transform": None,
+        "batch_transform": None,
+        "collate": "auto",
+        "workers": None,  # the usable cores
+        "prefetch": None,  # per worker, see PREFETCH_PER_WORKER
+        "start_method": None,  # the platform's default
+        "timeout": None,
+        "retries": 1,
+        "limit_threads": True,
+        "worker_nice": DEFAULT_WORKER_NICE,
+        "train_threads": "auto",
+        "executor": "processes",
+    }
+)
+
+
+class ShmNeed(NamedTuple):
+    """Bytes of ``/dev/shm`` the slots of a loader take, for batches of a given size."""
+
+    window: int  # ``prefetch`` batches: what any loop needs
+    most: int  # ``max_slots`` batches: a loop that keeps batches alive may need that many
+
+
 @dataclass(frozen=True)
 class LoaderConfig:
-    """Everything that defines a loader's stream and how it is made."""
+    """Everything that defines a loader's stream and how it is made; ``make_config`` builds it.
+
+    Derived from the fields, each in one place: ``order`` (the batch plan, made once and held) and
+    the memory bound (``credit_step``, ``max_slots``, ``shm_bytes_needed``).
+    """
 
     sources: tuple[Any, ...]
     batch_size: int
@@ -64,6 +134,31 @@ class LoaderConfig:
     limit_threads: bool = True
     worker_nice: int = DEFAULT_WORKER_NICE  # how far workers step back from the training step (os.nice)
     train_threads: str | int | None = "auto"  # the training framework's intra-op threads (see _tuning)
+    executor: Any = "processes"  # what runs the batches: "processes", "ray", or an executor object
+
+    @cached_property
+    def order(self) -> Order:
+        """The batch plan (``order.batch_indices(b)``, ``num_batches``, ``steps_per_epoch``): made once,
+        when first asked for, and kept. ``dataclasses.replace`` gives a configuration that makes its own.
+        It is left out of the pickled state (its epoch cache can be large) and made again on arrival:
+        on its way to a spawned coordinator the sources are placeholders, resolved there first."""
+        return Order(
+            n=self.n,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            shuffle=self.shuffle,
+            epochs=self.epochs,
+            last_batch=self.last_batch,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("order", None)
+        return state
+
+    # --- the memory bound: every figure derived from ``prefetch`` is here ------------------------
 
     @property
     def credit_step(self) -> int:
@@ -79,21 +174,14 @@ class LoaderConfig:
         reported."""
         return 2 * self.prefetch + self.credit_step + 1
 
+    def shm_bytes_needed(self, batch_bytes: int) -> ShmNeed:
+        """``/dev/shm`` the slots take with batches of ``batch_bytes``: ``prefetch`` of them for
+        any loop, ``max_slots`` for one that keeps batches alive."""
+        return ShmNeed(window=self.prefetch * batch_bytes, most=self.max_slots * batch_bytes)
+
     @property
     def n(self) -> int:
         return len(self.sources[0])
-
-    def order(self) -> Order:
-        return Order(
-            n=self.n,
-            batch_size=self.batch_size,
-            seed=self.seed,
-            shuffle=self.shuffle,
-            epochs=self.epochs,
-            last_batch=self.last_batch,
-            rank=self.rank,
-            world_size=self.world_size,
-        )
 
     def fingerprint(self) -> dict[str, Any]:
         """The fields a saved position is only valid for (``load_state_dict`` compares them)."""
@@ -182,108 +270,187 @@ def _check_sources(sources: tuple[Any, ...]) -> None:
         raise ValueError(f"all sources must have the same length (sample i is source[i] of each); got {shown}")
 
 
-def make_config(
-    sources: tuple[Any, ...],
-    *,
-    batch_size: Any,
-    shuffle: Any = True,
-    seed: Any = None,
-    epochs: Any = None,
-    last_batch: Any = "wrap",
-    rank: Any = 0,
-    world_size: Any = 1,
-    transform: Any = None,
-    batch_transform: Any = None,
-    collate: Any = "auto",
-    workers: Any = None,
-    prefetch: Any = None,
-    start_method: Any = None,
-    timeout: Any = None,
-    retries: Any = 1,
-    limit_threads: Any = True,
-    worker_nice: Any = DEFAULT_WORKER_NICE,
-    train_threads: Any = "auto",
-) -> LoaderConfig:
-    """Validate the user's arguments and return the loader's configuration."""
-    _check_sources(sources)
-    n = len(sources[0])
-    batch_size = _need_int("batch_size", batch_size, 1, ">= 1")
-    if not isinstance(shuffle, bool):
-        raise TypeError(f"shuffle must be True or False; got {shuffle!r} ({type(shuffle).__name__})")
+def _need_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False; got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _reject_unknown(options: Mapping[str, Any]) -> None:
+    """``TypeError`` for an option ``Loader`` does not have, as Python words it for a keyword argument."""
+    import difflib
+
+    for name in options:
+        if name not in DEFAULTS:
+            close = difflib.get_close_matches(name, DEFAULTS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise TypeError(f"Loader() got an unexpected keyword argument {name!r}{hint}")
+
+
+# --- one check per option (in the order they are checked) ---------------------------------------
+
+
+def _check_seed(seed: Any) -> int:
     if seed is None:
         import secrets
 
         seed = secrets.randbits(63)
-    seed = _need_int("seed", seed, 0, ">= 0 (or None to draw one)")
-    if epochs is not None:
-        epochs = _need_int("epochs", epochs, 1, ">= 1 (or None for an endless stream)")
+    return _need_int("seed", seed, 0, ">= 0 (or None to draw one)")
+
+
+def _check_epochs(epochs: Any) -> int | None:
+    if epochs is None:
+        return None
+    return _need_int("epochs", epochs, 1, ">= 1 (or None for an endless stream)")
+
+
+def _check_last_batch(last_batch: Any) -> str:
     if last_batch not in LAST_BATCH_MODES:
         raise ValueError(f"last_batch must be one of {', '.join(map(repr, LAST_BATCH_MODES))}; got {last_batch!r}")
+    return str(last_batch)
+
+
+def _check_world_size(world_size: Any, n: int) -> int:
     world_size = _need_int("world_size", world_size, 1, ">= 1")
     if world_size > n:
         raise ValueError(
             f"world_size={world_size} is larger than the data ({n} samples): some ranks would get none; "
             f"world_size must be between 1 and {n}"
         )
+    return world_size
+
+
+def _check_rank(rank: Any, world_size: int) -> int:
     rank = _need_int("rank", rank, 0, f"in [0, world_size={world_size})")
     if rank >= world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}); got {rank}")
-    if last_batch == "drop" and batch_size > n // world_size:
+    return rank
+
+
+def _check_batch_fits_shard(stream: dict[str, Any], n: int) -> None:
+    """A batch larger than the rank's shard: an error when no batch would come, else a warning."""
+    batch_size, world_size, last_batch = stream["batch_size"], stream["world_size"], stream["last_batch"]
+    shard = n // world_size
+    if batch_size <= shard:
+        return
+    if last_batch == "drop":
         raise ValueError(
-            f"last_batch='drop' with batch_size={batch_size} larger than the {n // world_size} samples of "
+            f"last_batch='drop' with batch_size={batch_size} larger than the {shard} samples of "
             "this rank's shard would never yield a batch; use a smaller batch_size or last_batch='short'/'wrap'"
         )
-    if batch_size > n // world_size:
-        _warn_batch_larger_than_shard(
-            batch_size, n // world_size, world_size, rank, last_batch=last_batch, epochs=epochs
-        )
-    transform = _need_callable("transform", transform)
-    batch_transform = _need_callable("batch_transform", batch_transform)
+    _warn_batch_larger_than_shard(
+        batch_size, shard, world_size, stream["rank"], last_batch=last_batch, epochs=stream["epochs"]
+    )
+
+
+def _check_collate(collate: Any) -> str | Callable[[list[Any]], Any]:
     if not callable(collate) and collate not in COLLATE_MODES:
         raise ValueError(f"collate must be 'auto', 'list' or a callable; got {collate!r}")
-    workers = usable_cores() if workers is None else _need_int("workers", workers, 0, ">= 0 (0 runs in-process)")
+    return collate
+
+
+def _check_workers(workers: Any) -> int:
+    return usable_cores() if workers is None else _need_int("workers", workers, 0, ">= 0 (0 runs in-process)")
+
+
+def _check_prefetch(prefetch: Any, workers: int) -> int:
     if prefetch is None:
         per_worker = SMALL_POOL_PREFETCH_PER_WORKER if workers < SMALL_POOL_WORKERS else PREFETCH_PER_WORKER
         prefetch = per_worker * max(workers, 1)
-    prefetch = _need_int("prefetch", prefetch, 1, ">= 1 (batches ready or in flight)")
+    return _need_int("prefetch", prefetch, 1, ">= 1 (batches ready or in flight)")
+
+
+def _check_start_method(start_method: Any) -> str | None:
     if start_method is not None and start_method not in _start_methods():
         accepted = ", ".join(map(repr, _start_methods()))
         raise ValueError(f"start_method must be None or one of {accepted} on this platform; got {start_method!r}")
-    if timeout is not None:
-        if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
-            raise TypeError(
-                f"timeout must be a number of seconds > 0 or None; got {timeout!r} ({type(timeout).__name__})"
-            )
-        seconds = float(timeout)
-        if not (math.isfinite(seconds) and seconds > 0):
-            raise ValueError(f"timeout must be a finite number of seconds > 0 or None; got {timeout!r}")
-        timeout = seconds
-    retries = _need_int("retries", retries, 0, ">= 0 (times a batch is redone after its worker died)")
-    if not isinstance(limit_threads, bool):
-        raise TypeError(f"limit_threads must be True or False; got {limit_threads!r}")
+    return start_method
+
+
+def _check_timeout(timeout: Any) -> float | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise TypeError(f"timeout must be a number of seconds > 0 or None; got {timeout!r} ({type(timeout).__name__})")
+    seconds = float(timeout)
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"timeout must be a finite number of seconds > 0 or None; got {timeout!r}")
+    return seconds
+
+
+def _check_worker_nice(worker_nice: Any) -> int:
     worker_nice = _need_int("worker_nice", worker_nice, 0, "in [0, 19] (0: workers as urgent as the training loop)")
     if worker_nice > 19:
         raise ValueError(f"worker_nice must be an int in [0, 19]; got {worker_nice}")
-    if train_threads != "auto" and train_threads is not None:
-        train_threads = _need_int("train_threads", train_threads, 1, ">= 1, 'auto' or None")
+    return worker_nice
+
+
+def _check_train_threads(train_threads: Any) -> str | int | None:
+    if train_threads == "auto" or train_threads is None:
+        return train_threads
+    return _need_int("train_threads", train_threads, 1, ">= 1, 'auto' or None")
+
+
+def _check_executor(executor: Any) -> Any:
+    """A name (``"processes"``, ``"ray"``) or an executor object, kept as given."""
+    accepted = f"one of {', '.join(map(repr, EXECUTORS))} or an executor object"
+    if isinstance(executor, str):
+        if executor not in EXECUTORS:
+            raise ValueError(f"executor must be {accepted}; got {executor!r}")
+    elif executor is None or isinstance(executor, (bool, numbers.Number)):
+        raise TypeError(f"executor must be {accepted}; got {executor!r} ({type(executor).__name__})")
+    return executor
+
+
+# --- the groups, and make_config ------------------------------------------------------------------
+
+
+def _check_stream(options: Mapping[str, Any], n: int) -> dict[str, Any]:
+    """The options that fix which samples make up each batch."""
+    stream: dict[str, Any] = {"batch_size": _need_int("batch_size", options["batch_size"], 1, ">= 1")}
+    stream["shuffle"] = _need_bool("shuffle", options["shuffle"])
+    stream["seed"] = _check_seed(options["seed"])
+    stream["epochs"] = _check_epochs(options["epochs"])
+    stream["last_batch"] = _check_last_batch(options["last_batch"])
+    stream["world_size"] = _check_world_size(options["world_size"], n)
+    stream["rank"] = _check_rank(options["rank"], stream["world_size"])
+    _check_batch_fits_shard(stream, n)
+    return stream
+
+
+def _check_user_code(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The user's functions that make a batch out of samples."""
+    return {
+        "transform": _need_callable("transform", options["transform"]),
+        "batch_transform": _need_callable("batch_transform", options["batch_transform"]),
+        "collate": _check_collate(options["collate"]),
+    }
+
+
+def _check_running(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The options of how batches are made: processes, depth, time limits, CPU sharing."""
+    running: dict[str, Any] = {"workers": _check_workers(options["workers"])}
+    running["prefetch"] = _check_prefetch(options["prefetch"], running["workers"])
+    running["start_method"] = _check_start_method(options["start_method"])
+    running["timeout"] = _check_timeout(options["timeout"])
+    running["retries"] = _need_int(
+        "retries", options["retries"], 0, ">= 0 (times a batch is redone after its worker died)"
+    )
+    running["limit_threads"] = _need_bool("limit_threads", options["limit_threads"])
+    running["worker_nice"] = _check_worker_nice(options["worker_nice"])
+    running["train_threads"] = _check_train_threads(options["train_threads"])
+    running["executor"] = _check_executor(options["executor"])
+    return running
+
+
+def make_config(sources: tuple[Any, ...], **options: Unpack[LoaderOptions]) -> LoaderConfig:
+    """Validate the user's sources and options (any of ``LoaderOptions``; ``DEFAULTS`` for the
+    rest) and return the loader's configuration. A bad value raises ``TypeError`` or ``ValueError``
+    naming the option; an unknown option raises ``TypeError`` naming it."""
+    _reject_unknown(options)
+    _check_sources(sources)
+    given = {**DEFAULTS, **options}
+    n = len(sources[0])
     return LoaderConfig(
-        sources=tuple(sources),
-        batch_size=batch_size,
-        shuffle=shuffle,
-        seed=seed,
-        epochs=epochs,
-        last_batch=last_batch,
-        rank=rank,
-        world_size=world_size,
-        transform=transform,
-        batch_transform=batch_transform,
-        collate=collate,
-        workers=workers,
-        prefetch=prefetch,
-        start_method=start_method,
-        timeout=timeout,
-        retries=retries,
-        limit_threads=limit_threads,
-        worker_nice=worker_nice,
-        train_threads=train_threads,
+        sources=tuple(sources), **_check_stream(given, n), **_check_user_code(given), **_check_running(given)
     )

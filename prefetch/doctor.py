@@ -1,67 +1,30 @@
-"""The pre-flight check: will this machine (and this loader) run well, before a batch is made?
+"""``prefetch.doctor()``: will this machine (and this loader) run well, before a batch is made?
 
 ``prefetch.doctor()`` (or ``python -m prefetch doctor``) reports on the environment;
-``prefetch.doctor(loader)`` also on that loader's configuration. Each finding is ``ok``,
-``warn`` or ``error`` with what was found and how to fix it:
+``prefetch.doctor(loader)`` also on that loader's configuration (``loader.config``). Each
+finding is ``ok``, ``warn`` or ``error`` with what was found and how to fix it. The checks of
+``/dev/shm`` space, the open-files limit, threads before fork and large Python-object sources
+are the pre-flight checks (``prefetch.preflight``, which a loader also runs when it starts its
+processes); this module adds the python version and one more:
 
-* **/dev/shm space.** Batches live in shared-memory segments there: a loader needs about
-  ``prefetch`` batches' worth (and up to ``LoaderConfig.max_slots`` when the user keeps batches
-  alive). Docker gives containers 64 MB by default; too little space is a ``SIGBUS`` or
-  ``ENOSPC`` later, so it is better to fail at once with the fix (``--shm-size``).
-* **Open-files limit.** The engine's pipes, and each slot a process maps, against
-  ``RLIMIT_NOFILE``.
-* **Threads before fork.** ``fork`` copies only the calling thread: a lock another thread holds
-  at that moment (logging, a thread pool, a library's internals) stays locked forever in the
-  child. The coordinator is forked from your process with ``start_method="fork"``.
 * **Sharing the cores with the training step.** The training step runs in your process on the
   same cores as the workers: PyTorch's intra-op threads (``torch.get_num_threads()``, read only
   when PyTorch is already imported; the doctor never imports it) plus the workers, against the
   usable cores. More of them than cores is not an error -- workers step back (``worker_nice``) and
   ``train_threads="auto"`` measures fewer training threads -- but it is where a loader can make
   training slower, so the finding says what is in use and what to change.
-* **Large Python-object sources.** Workers are forked (from the coordinator), so they share the
-  source's pages -- until they read the objects: reference counting writes to every object
-  touched, and each worker ends up with its own copy of a list of Python objects
-  (copy-on-read). A numpy array has one buffer and no per-item objects: it stays shared.
-
-``preflight(config)`` is the cheap part that runs automatically whenever a loader starts its
-processes (``Loader._start_engine``): it raises ``ShmSpaceError`` when ``/dev/shm`` cannot hold
-``prefetch`` batches of the sources' (known) size, and warns (``PrefetchWarning``) about the
-rest. It makes a few system calls and no allocation: well under a millisecond.
 """
 
 from __future__ import annotations
 
 import os
-import threading
-import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from .errors import PrefetchWarning, ShmSpaceError
+from .preflight import Finding, check_fds, check_shm, check_sources, check_threads
 
 if TYPE_CHECKING:
     from .config import LoaderConfig
-    from .loader import Loader
-
-# A list or tuple source longer than this, under fork, warns about copy-on-read growth.
-LARGE_OBJECT_SOURCE_ITEMS = 100_000
-# Below this much /dev/shm in all (Docker's default is 64 MB), warn even without a loader.
-SMALL_SHM_BYTES = 1 << 30
-# Descriptors a process of the engine holds besides slots and per-worker pipes
-# (its own pipes, epoll, spill files in flight, the interpreter's).
-BASE_FDS = 16
-# Warn when the engine's estimated descriptors exceed this share of the soft limit.
-FD_SHARE_WARN = 0.5
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One result of the check: ``level`` is ``"ok"``, ``"warn"`` or ``"error"``."""
-
-    level: str
-    what: str
-    fix: str = ""
 
 
 @dataclass
@@ -96,182 +59,6 @@ class Report:
         )
         lines.append(f"  {verdict}")
         return "\n".join(lines)
-
-
-# --- estimates ----------------------------------------------------------------------------------
-
-
-def _mib(nbytes: float) -> str:
-    return f"{nbytes / 2**20:,.1f} MiB"
-
-
-def shm_dir() -> str:
-    from .processes.shm import SHM_DIR
-
-    return SHM_DIR
-
-
-def shm_space(path: str | None = None) -> tuple[int, int]:
-    """``(free, total)`` bytes of the shared-memory file system."""
-    stat = os.statvfs(path or shm_dir())
-    return stat.f_bavail * stat.f_frsize, stat.f_blocks * stat.f_frsize
-
-
-def batch_bytes(config: LoaderConfig) -> int | None:
-    """Bytes of one batch, from the numpy sources' sample sizes; None when no source is an array.
-
-    Sources that are not arrays are left out, so this is a lower bound of the raw batch (a
-    ``transform`` may change the size, see ``exact_batch_size``)."""
-    import numpy as np
-
-    total = 0
-    known = False
-    for source in config.sources:
-        if isinstance(source, np.ndarray) and not source.dtype.hasobject and source.ndim >= 1:
-            total += source.itemsize * int(np.prod(source.shape[1:], dtype=np.int64)) * config.batch_size
-            known = True
-    return total if known else None
-
-
-def exact_batch_size(config: LoaderConfig) -> bool:
-    """Whether ``batch_bytes`` is the batch as delivered: no user code can change its size."""
-    return config.transform is None and config.batch_transform is None and not callable(config.collate)
-
-
-def effective_start_method(config: LoaderConfig | None = None) -> str:
-    """How the coordinator is started: the loader's ``start_method``, or the platform default."""
-    if config is not None and config.start_method is not None:
-        return config.start_method
-    import multiprocess  # the engine's own multiprocessing; imported by then anyway
-
-    return str(multiprocess.get_context().get_start_method())
-
-
-def workers_fork() -> bool:
-    """Workers are forked from the coordinator wherever fork exists, whatever the start method."""
-    import multiprocess
-
-    return "fork" in multiprocess.get_all_start_methods()
-
-
-def engine_fds(config: LoaderConfig) -> int:
-    """A conservative estimate of the descriptors the busiest process of the engine holds: every slot
-    it may map (counted as if each kept a descriptor), a task pipe and a sentinel per worker (the
-    coordinator; forked workers inherit them), and a fixed base."""
-    return config.max_slots + 2 * config.workers + BASE_FDS
-
-
-def nofile_limit() -> int | None:
-    try:
-        import resource
-    except ImportError:  # pragma: no cover - not POSIX
-        return None
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return None if soft == resource.RLIM_INFINITY else int(soft)
-
-
-def large_object_sources(config: LoaderConfig) -> list[tuple[int, int]]:
-    """``(position, length)`` of list/tuple sources long enough for copy-on-read growth to matter."""
-    return [
-        (position, len(source))
-        for position, source in enumerate(config.sources)
-        if isinstance(source, (list, tuple)) and len(source) > LARGE_OBJECT_SOURCE_ITEMS
-    ]
-
-
-def other_threads() -> list[str]:
-    me = threading.current_thread()
-    return [t.name for t in threading.enumerate() if t is not me]
-
-
-# --- the checks -----------------------------------------------------------------------------------
-
-
-def _check_shm(config: LoaderConfig | None) -> Finding:
-    path = shm_dir()
-    try:
-        free, total = shm_space(path)
-    except OSError as exc:
-        return Finding("warn", f"{path}: cannot read its free space ({exc})", "make sure it is mounted")
-    docker = "Docker: docker run --shm-size=2g (Compose: shm_size: 2g); Kubernetes: an emptyDir with medium: Memory"
-    if config is None:
-        if total < SMALL_SHM_BYTES:
-            return Finding(
-                "warn",
-                f"{path} is small: {_mib(total)} in all, {_mib(free)} free (Docker's default is 64 MB)",
-                f"give it more room: {docker}",
-            )
-        return Finding("ok", f"{path}: {_mib(free)} free of {_mib(total)}")
-    one = batch_bytes(config)
-    if one is None:
-        return Finding("ok", f"{path}: {_mib(free)} free (batch size unknown: the sources are not numpy arrays)")
-    need = config.prefetch * one + _spawn_copy_bytes(config)
-    most = config.max_slots * one + _spawn_copy_bytes(config)
-    sized = f"prefetch={config.prefetch} batches of ~{_mib(one)}"
-    if free < need:
-        level = "error" if exact_batch_size(config) else "warn"
-        return Finding(
-            level,
-            f"{path} has {_mib(free)} free, but {sized} need {_mib(need)}",
-            f"free space in {path}, lower prefetch or batch_size, or give it more room ({docker})",
-        )
-    if free < most:
-        return Finding(
-            "warn",
-            f"{path} has {_mib(free)} free: enough for {sized} ({_mib(need)}), not for the {config.max_slots} slots "
-            f"({_mib(most)}) a loop that keeps batches alive may use",
-            f"give it more room ({docker}), or lower prefetch",
-        )
-    return Finding("ok", f"{path}: {_mib(free)} free, {sized} need {_mib(need)}")
-
-
-def _spawn_copy_bytes(config: LoaderConfig) -> int:
-    """Numpy sources are copied into one segment each when the coordinator is not forked."""
-    import numpy as np
-
-    if effective_start_method(config) == "fork":
-        return 0
-    return sum(
-        s.nbytes
-        for s in config.sources
-        if isinstance(s, np.ndarray) and not isinstance(s, np.memmap) and not s.dtype.hasobject
-    )
-
-
-def _check_fds(config: LoaderConfig | None) -> Finding:
-    limit = nofile_limit()
-    if limit is None:
-        return Finding("ok", "open files: no limit")
-    if config is None:
-        if limit < 1024:
-            return Finding("warn", f"open files: the soft limit is {limit}", "raise it: ulimit -n 4096")
-        return Finding("ok", f"open files: soft limit {limit}")
-    need = engine_fds(config)
-    if need > FD_SHARE_WARN * limit:
-        return Finding(
-            "warn",
-            f"open files: the engine may hold ~{need} descriptors per process (workers={config.workers}, "
-            f"{config.max_slots} slots), more than half the soft limit of {limit}",
-            f"raise the limit (ulimit -n {max(4 * need, 4096)}), or lower workers / prefetch",
-        )
-    return Finding("ok", f"open files: ~{need} of the soft limit {limit}")
-
-
-def _check_threads(config: LoaderConfig | None) -> Finding:
-    threads = other_threads()
-    method = effective_start_method(config)
-    if not threads:
-        return Finding("ok", f"threads: none besides this one (coordinator start method: {method})")
-    names = ", ".join(repr(name) for name in threads[:5]) + (", ..." if len(threads) > 5 else "")
-    running = f"{len(threads)} more thread{'s' if len(threads) > 1 else ''} running in this process ({names})"
-    if method != "fork":
-        return Finding("ok", f"{running}; start method {method!r} does not fork them")
-    return Finding(
-        "warn",
-        f"{running} before fork: a lock one of them holds when the coordinator is forked stays locked "
-        "in it, which can hang it",
-        'pass start_method="forkserver" (or "spawn"), or create the loader before starting threads',
-    )
 
 
 # The environment variables that size the training framework's thread pools (OpenMP, MKL, OpenBLAS).
@@ -346,21 +133,10 @@ def _check_cores(config: LoaderConfig | None) -> Finding:
     )
 
 
-def _check_sources(config: LoaderConfig) -> Finding:
-    large = large_object_sources(config)
-    if not large or not workers_fork():
-        return Finding("ok", "sources: no large list or tuple of Python objects")
-    shown = ", ".join(f"source {i} ({type(config.sources[i]).__name__} of {n:,})" for i, n in large)
-    return Finding(
-        "warn",
-        f"sources: {shown} of Python objects: forked workers copy the pages of every object they read "
-        "(reference counts are writes), so memory grows by up to a copy of the data per worker",
-        "pass a numpy array instead (np.asarray(items), or np.stack for arrays), or a np.memmap of a file",
-    )
-
-
-def doctor(loader: Loader | None = None) -> Report:
+def doctor(loader: Any = None) -> Report:
     """Check the environment (and ``loader``'s configuration, if given); ``print()`` the report.
+
+    ``loader`` is a ``prefetch.Loader`` (anything with its ``config``).
 
     Example::
 
@@ -370,43 +146,14 @@ def doctor(loader: Loader | None = None) -> Report:
     import platform
     import sys
 
-    config = loader._config if loader is not None else None
+    config: LoaderConfig | None = loader.config if loader is not None else None
     findings = [
         Finding("ok", f"python {sys.version.split()[0]} on {platform.system()} {platform.machine()}"),
-        _check_shm(config),
-        _check_fds(config),
-        _check_threads(config),
+        check_shm(config),
+        check_fds(config),
+        check_threads(config),
         _check_cores(config),
     ]
     if config is not None:
-        findings.append(_check_sources(config))
+        findings.append(check_sources(config))
     return Report(findings)
-
-
-# --- the automatic check ----------------------------------------------------------------------------
-
-
-def preflight(config: LoaderConfig, stacklevel: int = 4) -> None:
-    """The cheap check run whenever a loader starts its processes (see the module docstring).
-
-    Raises ``ShmSpaceError`` when ``/dev/shm`` cannot hold ``prefetch`` batches of a size known
-    exactly; warns with ``PrefetchWarning`` otherwise. ``stacklevel`` points the warning at the
-    user's ``for`` loop (``preflight`` <- ``Loader._start_engine`` <- the generator <- the loop)."""
-    if config.workers == 0:
-        return
-    findings: list[Finding] = []
-    if batch_bytes(config) is not None:
-        findings.append(_check_shm(config))
-    limit = nofile_limit()
-    if limit is not None and engine_fds(config) > FD_SHARE_WARN * limit:
-        findings.append(_check_fds(config))
-    if threading.active_count() > 1:
-        findings.append(_check_threads(config))
-    if large_object_sources(config):
-        findings.append(_check_sources(config))
-    for finding in findings:
-        if finding.level == "error":
-            raise ShmSpaceError(f"{finding.what}; {finding.fix}")
-    for finding in findings:
-        if finding.level == "warn":
-            warnings.warn(f"{finding.what}; {finding.fix}", PrefetchWarning, stacklevel=stacklevel)

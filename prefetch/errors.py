@@ -17,6 +17,8 @@ batch, the sample index and the worker. Everything the engine itself reports is 
 
 * ``ConcurrentIterationError`` -- a second thread iterated a loader while another did
   (also a ``RuntimeError``).
+* ``IteratorSupersededError`` -- an older ``iter(loader)`` was resumed after a newer one of the
+  same loader took over (also a ``RuntimeError``).
 * ``CoordinatorDiedError`` -- the coordinator process died or failed.
 
   * ``CoordinatorTimeoutError`` -- with ``timeout``, the coordinator did not act on a late
@@ -47,6 +49,11 @@ class LoaderClosedError(PrefetchError, RuntimeError):
 class ConcurrentIterationError(PrefetchError, RuntimeError):
     """Raised in a thread that iterates a loader while another thread iterates it: a loader is
     iterated by one thread at a time (the other thread's iteration goes on undisturbed)."""
+
+
+class IteratorSupersededError(PrefetchError, RuntimeError):
+    """Raised by an ``iter(loader)`` generator resumed after a newer ``iter(loader)`` of the same
+    loader took the engine over: only the newest iterates (it continues from ``loader.position``)."""
 
 
 class CoordinatorDiedError(PrefetchError):

@@ -15,7 +15,8 @@ The conversation, from the engine's side::
     executor.late(batch)                  `timeout` passed for `batch`: stop whoever makes it
     executor.open(made)      -> batch     the user's batch, from a result the engine kept
     executor.drop(made)                   a result nobody will open (a duplicate of a redone batch)
-    executor.stop()                       end everything; idempotent
+    executor.stop()                       end everything
+    executor.forget()                     in a forked child: let go of our copies, touch nothing
 
 Rules every executor keeps (``docs/design.md`` says why):
 
@@ -75,6 +76,11 @@ class Executor(Protocol):
         """Whether the workers are up: ``timeout`` clocks run only from then on."""
         ...
 
+    @property
+    def restarts(self) -> int:
+        """Workers lost and replaced so far."""
+        ...
+
     def start(self, config: LoaderConfig, start: int, wake: WakePipe) -> None: ...
 
     def advance(self, position: int) -> None: ...
@@ -91,6 +97,11 @@ class Executor(Protocol):
 
     def helper_pid(self) -> int | None:
         """A process of the executor's that is not a worker (the coordinator), for ``Stats.memory``."""
+        ...
+
+    def forget(self) -> None:
+        """In a child forked from the owner (user code called ``os.fork()``): let go of this
+        process's copies of what the executor holds, and touch nothing the parent still uses."""
         ...
 
     def stop(self) -> None: ...

@@ -24,20 +24,21 @@ workers. ``docs/design.md`` tells the whole story, including shutdown.
 
 from __future__ import annotations
 
+import copy
 import numbers
 import threading
 import weakref
-from collections.abc import Callable, Generator
+from collections.abc import Generator
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Unpack
 
-from ._tuning import DEFAULT_WORKER_NICE
-from .config import LoaderConfig, make_config
-from .errors import ConcurrentIterationError, LoaderClosedError
+from .config import GeneratorOptions, LoaderConfig, LoaderOptions, make_config
+from .errors import ConcurrentIterationError, IteratorSupersededError, LoaderClosedError
 from .stats import Stats, StatsRecorder
 
 if TYPE_CHECKING:
-    from .consumer import InlineEngine, ProcessEngine
+    from .consumer import Engine, InlineEngine
+    from .executor import Executor
 
 STATE_FORMAT = 1
 
@@ -50,7 +51,7 @@ CLOSE_WAIT_S = 10.0
 _loader_of: weakref.WeakKeyDictionary[Generator[Any, None, None], Loader] = weakref.WeakKeyDictionary()
 
 
-def _final_stats(engine: InlineEngine | ProcessEngine) -> Stats | None:
+def _final_stats(engine: InlineEngine | Engine) -> Stats | None:
     """An engine's figures as it stops (a courtesy: never let them stop a shutdown)."""
     try:
         return engine.stats()
@@ -62,23 +63,23 @@ class _EngineSlot:
     """The loader's running engine, in a holder its finalizer can reach without the loader.
 
     Threads: ``install`` and ``take`` swap the engine under a lock, so exactly one caller
-    gets a running engine to close; ``ProcessEngine.close`` wakes and waits for a thread
+    gets a running engine to close; ``Engine.close`` wakes and waits for a thread
     blocked in it. ``thread`` is the thread that last took a batch through the owner.
     """
 
     def __init__(self) -> None:
-        self.engine: InlineEngine | ProcessEngine | None = None
-        self.last: InlineEngine | ProcessEngine | None = None  # for stats() after it stopped
+        self.engine: InlineEngine | Engine | None = None
+        self.last: InlineEngine | Engine | None = None  # for stats() after it stopped
         self.final: Stats | None = None  # the last engine's figures as it stopped (see ``stop``)
         self.owner: object | None = None  # the generator that started it
         self.thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def install(self, engine: InlineEngine | ProcessEngine, owner: object) -> None:
+    def install(self, engine: InlineEngine | Engine, owner: object) -> None:
         with self._lock:
             self.engine, self.owner, self.thread = engine, owner, threading.current_thread()
 
-    def take(self) -> InlineEngine | ProcessEngine | None:
+    def take(self) -> InlineEngine | Engine | None:
         """Remove the running engine (to close it); None if there is none."""
         with self._lock:
             engine, self.engine, self.owner = self.engine, None, None
@@ -112,53 +113,11 @@ class Loader:
                 train_step(x, y)
     """
 
-    def __init__(
-        self,
-        *sources: Any,
-        batch_size: int = 32,
-        shuffle: bool = True,
-        seed: int | None = None,
-        epochs: int | None = None,
-        last_batch: str = "wrap",
-        rank: int = 0,
-        world_size: int = 1,
-        transform: Callable[[Any], Any] | None = None,
-        batch_transform: Callable[[Any], Any] | None = None,
-        collate: str | Callable[[list[Any]], Any] = "auto",
-        workers: int | None = None,
-        prefetch: int | None = None,
-        start_method: str | None = None,
-        timeout: float | None = None,
-        retries: int = 1,
-        limit_threads: bool = True,
-        worker_nice: int = DEFAULT_WORKER_NICE,
-        train_threads: str | int | None = "auto",
-    ):
-        self._config: LoaderConfig = make_config(
-            sources,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            seed=seed,
-            epochs=epochs,
-            last_batch=last_batch,
-            rank=rank,
-            world_size=world_size,
-            transform=transform,
-            batch_transform=batch_transform,
-            collate=collate,
-            workers=workers,
-            prefetch=prefetch,
-            start_method=start_method,
-            timeout=timeout,
-            retries=retries,
-            limit_threads=limit_threads,
-            worker_nice=worker_nice,
-            train_threads=train_threads,
-        )
+    def __init__(self, *sources: Any, **options: Unpack[LoaderOptions]):
+        self._config: LoaderConfig = make_config(sources, **options)
         from ._checks import check_picklable
 
         check_picklable(self._config)  # spawn/forkserver: what the coordinator cannot receive fails here
-        self._order = self._config.order()
         self._position = 0
         self._closed = False
         self._running = _EngineSlot()
@@ -169,6 +128,12 @@ class Loader:
         self._finalizer = weakref.finalize(self, _EngineSlot.stop, self._running)
 
     # --- what the loader is -------------------------------------------------------------
+
+    @property
+    def config(self) -> LoaderConfig:
+        """The validated configuration (frozen): every option as the loader uses it, ``config.order``
+        (which samples make up each batch) and the memory bound (``config.max_slots``)."""
+        return self._config
 
     @property
     def seed(self) -> int:
@@ -190,7 +155,7 @@ class Loader:
     @property
     def steps_per_epoch(self) -> int:
         """Batches per epoch of this rank's shard: ``ceil(shard / batch_size)`` (``drop``: ``floor``)."""
-        return self._order.steps_per_epoch
+        return self._config.order.steps_per_epoch
 
     @property
     def position(self) -> int:
@@ -198,7 +163,7 @@ class Loader:
         return self._position
 
     def __len__(self) -> int:
-        total = self._order.num_batches
+        total = self._config.order.num_batches
         if total is None:
             raise TypeError("an endless Loader (epochs=None) has no len(); use steps_per_epoch, or pass epochs=N")
         return total
@@ -257,7 +222,7 @@ class Loader:
         ``ConcurrentIterationError`` and leaves this one alone: a loader is iterated by one
         thread at a time (one generator may still be resumed from different threads in turn).
         """
-        total = self._order.num_batches
+        total = self._config.order.num_batches
         try:
             while total is None or self._position < total:
                 self._take_turn()
@@ -266,7 +231,10 @@ class Loader:
                     running = self._running
                     if running.owner is not me:
                         if self._newest_iterator is not me:
-                            raise RuntimeError("this iterator was superseded by a newer iter(loader)")
+                            raise IteratorSupersededError(
+                                "this iterator was superseded by a newer iter(loader) of the same loader: "
+                                "iterate the newest one (or give each loop its own Loader)"
+                            )
                         if self._owned_by_another_live_thread():
                             raise ConcurrentIterationError(
                                 "another thread is iterating this loader: a loader is iterated by one thread at "
@@ -278,7 +246,7 @@ class Loader:
                         if self._closed:  # close() ran in another thread meanwhile
                             running.stop()
                             self._check_open()
-                        total = self._order.num_batches
+                        total = self._config.order.num_batches
                     assert running.engine is not None
                     running.thread = threading.current_thread()
                     made = [running.engine.next_batch()]
@@ -312,19 +280,31 @@ class Loader:
                 "thread at a time (give each thread its own Loader, or hand batches over with a queue)"
             )
 
-    def _start_engine(self) -> InlineEngine | ProcessEngine:
+    def _start_engine(self) -> InlineEngine | Engine:
         # Imported here: multiprocess (and dill) cost more to import than all the rest.
-        from .consumer import InlineEngine, ProcessEngine
+        from .consumer import Engine, InlineEngine
 
         if self._config.workers == 0:
             return InlineEngine(self._config, self._position)
-        from ._checks import check_main_guarded
-        from .doctor import preflight
+        return Engine(self._config, self._position, self._executor())
 
-        check_main_guarded(self._config)  # spawn/forkserver from an unguarded script: say so, start nothing
+    def _executor(self) -> Executor:
+        """A fresh executor for an engine, as ``executor=`` says: an executor object is a template,
+        copied for each engine, so that every iteration starts from its options alone."""
+        choice = self._config.executor
+        if choice == "processes":
+            from ._checks import check_main_guarded
+            from .preflight import preflight
+            from .processes.executor import ProcessExecutor
 
-        preflight(self._config)  # fails fast on a full /dev/shm; warns about threads before fork, ...
-        return ProcessEngine(self._config, self._position)
+            check_main_guarded(self._config)  # spawn/forkserver from an unguarded script: say so, start nothing
+            preflight(self._config)  # fails fast on a full /dev/shm; warns about threads before fork, ...
+            return ProcessExecutor()
+        if choice == "ray":
+            from .ray_executor import RayExecutor
+
+            return RayExecutor()
+        return copy.copy(choice)
 
     # --- state --------------------------------------------------------------------------
 
@@ -351,7 +331,7 @@ class Loader:
                     "resume with the same configuration"
                 )
         position = state["position"]
-        total = self._order.num_batches
+        total = self._config.order.num_batches
         if isinstance(position, numbers.Integral) and not isinstance(position, bool):
             position = int(position)  # e.g. an np.int64 from a saved array
         if not isinstance(position, int) or position < 0 or (total is not None and position > total):
@@ -359,8 +339,7 @@ class Loader:
         self._take_turn()
         try:
             self._running.stop()
-            self._config = replace(self._config, seed=int(state["seed"]))
-            self._order = self._config.order()
+            self._config = replace(self._config, seed=int(state["seed"]))  # and its order
             self._position = position
         finally:
             self._turn.release()
@@ -400,7 +379,7 @@ class Loader:
 
 
 def data_generator(
-    batch_size: int, data_x: Any, data_y: Any, shuffle: bool = True, **options: Any
+    batch_size: int, data_x: Any, data_y: Any, shuffle: bool = True, **options: Unpack[GeneratorOptions]
 ) -> Generator[tuple[Any, Any], None, None]:
     """The seed's ``data_generator``, in parallel: an endless generator of ``(batch_x, batch_y)``.
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 
+import multiprocess
 import psutil
 import pytest
+from helpers import FakeTorch
 
 from prefetch.processes.shm import NAME_ROOT, SHM_DIR
 
@@ -14,6 +17,10 @@ from prefetch.processes.shm import NAME_ROOT, SHM_DIR
 _SESSION_HELPERS = ("resource_tracker", "forkserver")
 # How long processes of a closed loader may take to disappear.
 EXIT_GRACE_S = 5.0
+# The start methods a test taking the `start_method` fixture runs under, unless it says otherwise with
+# @pytest.mark.start_methods(...): one that copies the parent and one that pickles everything (forkserver
+# pickles like spawn; the tests that must also see it ask for it). Those the platform lacks are left out.
+DEFAULT_START_METHODS = ("fork", "spawn")
 
 
 def _children() -> list[psutil.Process]:
@@ -63,6 +70,28 @@ def pytest_configure(config):
     )
 
 
+def pytest_generate_tests(metafunc):
+    """Parametrize the `start_method` fixture: the marker's methods (default: DEFAULT_START_METHODS) that
+    this platform has, in that order, each a test case named after it."""
+    if "start_method" not in metafunc.fixturenames:
+        return
+    for parametrize in metafunc.definition.iter_markers("parametrize"):
+        names = parametrize.args[0]
+        if "start_method" in ([name.strip() for name in names.split(",")] if isinstance(names, str) else names):
+            return  # the test pairs start methods with other arguments itself (with workers=0, say)
+    marker = metafunc.definition.get_closest_marker("start_methods")
+    wanted = marker.args if marker else DEFAULT_START_METHODS
+    available = multiprocess.get_all_start_methods()
+    methods = [method for method in wanted if method in available]
+    metafunc.parametrize("start_method", methods, indirect=True, ids=methods)
+
+
+@pytest.fixture
+def start_method(request) -> str:
+    """The multiprocess start method to run the loader with (see pytest_generate_tests)."""
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def no_leaks():
     """Fail a test that leaves a child process, a new /dev/shm segment, or a mapping of or a
@@ -87,3 +116,11 @@ def no_leaks():
     assert not leaked, f"shared-memory segments left in {SHM_DIR}: {sorted(leaked)}"
     assert not mapped, f"segments still mapped in this process: {sorted(mapped)}"
     assert not descriptors, f"descriptors to segments still open in this process: {sorted(descriptors)}"
+
+
+@pytest.fixture
+def fake_torch(monkeypatch):
+    """A ``FakeTorch`` with 2 intra-op threads standing in for ``torch`` in ``sys.modules`` during the test."""
+    torch = FakeTorch(threads=2)
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    return torch

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import types
 
 import numpy as np
 
@@ -76,35 +77,6 @@ class Unpicklable(Exception):
 
     def __reduce__(self):
         raise TypeError("not picklable")
-
-
-def fail_at(index: int, kind: str, marker: str | None = None):
-    """A transform that misbehaves on one sample: raise, die, hang or raise something unpicklable.
-
-    With ``marker``, it misbehaves only while the marker file does not exist and creates
-    it first -- so the fault happens once and a retry succeeds.
-    """
-
-    def transform(sample):
-        x, y = sample
-        if int(y) == index and (marker is None or not os.path.exists(marker)):
-            if marker is not None:
-                open(marker, "w").close()
-            if kind == "raise":
-                raise KeyError(f"bad sample {index}")
-            if kind == "unpicklable":
-                raise Unpicklable("cannot travel", lambda: None)
-            if kind == "sigkill":
-                os.kill(os.getpid(), 9)
-            if kind == "exit":
-                os._exit(3)
-            if kind == "hang":
-                import time
-
-                time.sleep(3600)
-        return x, y
-
-    return transform
 
 
 class RandomCropSource:
@@ -300,17 +272,32 @@ def segments_of(pid: int) -> list[str]:
     return sorted(name for name in os.listdir(SHM_DIR) if name.startswith(f"{NAME_ROOT}{pid}-"))
 
 
-def wait_until(condition, timeout_s: float, interval_s: float = 0.02) -> float:
-    """Poll ``condition()`` until it is true; return the seconds it took, or raise AssertionError at the deadline."""
+def wait_until(condition, timeout_s: float = 10.0, interval_s: float = 0.02, what: str | None = None) -> float:
+    """Poll ``condition()`` until it is true and return the seconds it took; at the deadline, fail the test
+    with an AssertionError naming ``what`` (default: the condition's docstring, else its source line).
+
+    Use it instead of a fixed sleep before an assertion: a sleep long enough on a busy machine is slow
+    everywhere else, and one short enough for an idle machine flakes on a busy one."""
     import time
 
     started = time.monotonic()
     deadline = started + timeout_s
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"still not true after {timeout_s} s: {getattr(condition, '__doc__', condition)}")
+            raise AssertionError(f"still not true after {timeout_s} s: {what or _describe(condition)}")
         time.sleep(interval_s)
     return time.monotonic() - started
+
+
+def _describe(condition) -> str:
+    if getattr(condition, "__doc__", None):
+        return condition.__doc__
+    try:
+        import inspect
+
+        return inspect.getsource(condition).strip()
+    except (OSError, TypeError):
+        return repr(condition)
 
 
 def all_gone(pids, consumer_pid: int | None = None):
@@ -400,6 +387,22 @@ class RaiseLong:
         if int(sample[1]) == self.index:
             raise BadSample("x" * self.length)
         return sample
+
+
+class FakeTorch(types.ModuleType):
+    """Stands in for ``torch`` in ``sys.modules``: intra-op threads, and every change made to them."""
+
+    def __init__(self, threads: int):
+        super().__init__("torch")
+        self.threads = threads
+        self.calls: list[int] = []
+
+    def get_num_threads(self) -> int:
+        return self.threads
+
+    def set_num_threads(self, threads: int) -> None:
+        self.calls.append(threads)
+        self.threads = threads
 
 
 def burn_cpu(seconds: float) -> None:

@@ -92,14 +92,6 @@ class Order:
             self._cache[epoch] = shard
         return shard
 
-    def batch_epoch(self, b: int) -> int:
-        """The epoch batch ``b`` starts in."""
-        if self.last_batch == "wrap":
-            return (b * self.batch_size) // self.shard_size
-        if self.steps_per_epoch == 0:
-            raise IndexError("a 'drop' stream whose batch_size exceeds the shard has no batches")
-        return b // self.steps_per_epoch
-
     def batch_length(self, b: int) -> int:
         """How many samples batch ``b`` has (without computing them)."""
         if self.last_batch == "wrap":

@@ -48,11 +48,10 @@ from ..errors import describe_exit
 from .channel import Outbox, PipeReader, atomic_body, send
 from .lifetime import WORKER_JOIN_TIMEOUT_S, batch_scheduling, ignore_sigint, join_or_kill
 from .messages import (
-    BatchFailed,
+    BatchAbandoned,
     Consumed,
     CoordinatorFailed,
     CoordinatorReady,
-    FailureKind,
     Lost,
     SegmentRef,
     Stop,
@@ -106,7 +105,7 @@ class Coordinator:
         self.results = results
         self.config = config
         self.prefix = prefix
-        self.order = config.order()
+        self.order = config.order
         self.schedule = Schedule(self.order, start, config.prefetch, config.max_slots, config.retries)
         self.segments: dict[int, SegmentRef] = {}
         self.size_hint = 0
@@ -174,17 +173,17 @@ class Coordinator:
                 f"batch {verdict.batch} (sample indices {indices}) was not ready within "
                 f"timeout={self.config.timeout}s; worker pid {message.pid}, which had it, was killed"
             )
-            self._fail(verdict.batch, FailureKind.WORKER_TIMEOUT, message.pid, text)
+            self._fail(verdict.batch, GiveUp.LATE, message.pid, text)
         else:
             text = (
                 f"worker pid {message.pid} {describe_exit(message.exitcode)}, while making batch {verdict.batch} "
                 f"(sample indices {indices}); it killed {verdict.attempts} worker(s), retries={self.config.retries}"
             )
-            self._fail(verdict.batch, FailureKind.WORKER_DIED, message.pid, text)
+            self._fail(verdict.batch, GiveUp.DIED, message.pid, text)
 
-    def _fail(self, batch: int, kind: FailureKind, pid: int, text: str) -> None:
+    def _fail(self, batch: int, why: GiveUp, pid: int, text: str) -> None:
         indices = tuple(self.order.batch_indices(batch).tolist())
-        self._post(BatchFailed(batch, -1, indices, pid, kind, None, text))
+        self._post(BatchAbandoned(batch, indices, pid, why, text))
 
     def _on_timed_out(self, batch: int) -> None:
         """Kill the worker making the late ``batch``. The consumer waits for an answer: if no worker
@@ -200,16 +199,16 @@ class Coordinator:
             f"batch {batch} (sample indices {indices}) was not ready within timeout={self.config.timeout}s, "
             "and no worker was making it"
         )
-        self._fail(batch, FailureKind.WORKER_TIMEOUT, os.getpid(), text)
+        self._fail(batch, GiveUp.LATE, os.getpid(), text)
 
     # --- dispatch -----------------------------------------------------------------------
 
     def _dispatch(self) -> None:
         while self.workers:
-            task = self.schedule.next_task()
-            if task is None:
+            next_task = self.schedule.next_task()
+            if next_task is None:
                 return
-            batch, slot = task
+            batch, slot = next_task
             worker = min(self.workers, key=lambda w: len(w.tasks))
             indices = self.order.batch_indices(batch).astype(np.int64, copy=False).tobytes()
             task = Task(batch, indices, slot, self.segments.get(slot), self.size_hint)

@@ -7,7 +7,7 @@ a message: it is in a shared-memory slot (``_shm``). The pipes, and who writes w
     control  consumer -> coordinator      Consumed, Lost, TimedOut, Stop
     tasks    coordinator -> one worker    Task, Stop
     results  workers -> consumer          BatchReady, BatchFailed
-             coordinator -> consumer      CoordinatorReady, WorkerLost, BatchFailed, CoordinatorFailed
+             coordinator -> consumer      CoordinatorReady, WorkerLost, BatchAbandoned, CoordinatorFailed
 
 The results pipe has many writers and one reader. Each message goes in one
 ``write`` of at most ``PIPE_BUF`` bytes, which POSIX makes atomic (``_channel``), so
@@ -20,10 +20,10 @@ which of its batches never came.
 from __future__ import annotations
 
 import pickle
-from enum import IntEnum
 from typing import NamedTuple
 
 from ..core.pipeline import Timings
+from ..core.schedule import GiveUp
 from ..errors import Failure
 
 
@@ -54,52 +54,53 @@ class SlotArrays(NamedTuple):
     arrays: tuple[tuple[int, str, tuple[int, ...]], ...]
 
 
-class BatchReady(NamedTuple):
-    """Worker -> consumer: batch ``batch`` is in slot ``slot``.
+class SlotLayout(NamedTuple):
+    """Where a batch sits in its slot: the one record of a batch's layout, from the writer (a worker,
+    ``background``'s producer) to the reader.
 
-    Either ``arrays`` describes it (``SlotArrays``), or ``payload`` is the batch
-    pickled with protocol 5, its array buffers out of band, and ``buffers`` gives each
-    buffer's ``(offset, nbytes)`` in ``segment``. A large payload is itself stored in
-    the segment: then ``payload`` is None and the last entry of ``buffers`` locates
-    it. ``segment`` is None when nothing was written to the slot (no arrays, small
-    payload).
+    Either ``arrays`` describes it (``SlotArrays``), or ``payload`` is the batch pickled with
+    protocol 5, its array buffers out of band, and ``buffers`` gives each buffer's
+    ``(offset, nbytes)`` in ``segment``. A large payload is itself stored in the segment: then
+    ``payload`` is None and the last entry of ``buffers`` locates it. ``segment`` is None when
+    nothing was written to the slot (no arrays, small payload).
     """
 
-    batch: int
-    slot: int
     segment: SegmentRef | None
     payload: bytes | None
     buffers: tuple[tuple[int, int], ...]
-    arrays: SlotArrays | None
+    arrays: SlotArrays | None = None
+
+
+class BatchReady(NamedTuple):
+    """Worker -> consumer: batch ``batch`` is in slot ``slot``, laid out as ``layout`` says."""
+
+    batch: int
+    slot: int
+    layout: SlotLayout
     timings: Timings
     pid: int
 
 
-class FailureKind(IntEnum):
-    """Why a batch could not be made."""
-
-    USER_CODE = 1
-    """User code raised; ``BatchFailed.failure`` holds the exception."""
-    WORKER_DIED = 2
-    """The worker died making it, more often than ``retries`` allows."""
-    WORKER_TIMEOUT = 3
-    """The consumer waited longer than ``timeout`` for it; its worker was killed."""
-
-
 class BatchFailed(NamedTuple):
-    """Worker or coordinator -> consumer: batch ``batch`` cannot be made, and why.
-
-    ``slot`` is the slot the worker had (the consumer gives it back), or -1 when the
-    coordinator already took it back.
-    """
+    """Worker -> consumer: user code raised while batch ``batch`` was made (``failure`` holds it);
+    slot ``slot`` has nothing in it."""
 
     batch: int
     slot: int
     indices: tuple[int, ...]
+    pid: int
+    failure: Failure
+
+
+class BatchAbandoned(NamedTuple):
+    """Coordinator -> consumer: batch ``batch`` will not be made (``why``); ``message`` is the text of
+    the consumer's error. Its slot is the coordinator's again already."""
+
+    batch: int
+    indices: tuple[int, ...]
     pid: int | None
-    kind: FailureKind
-    failure: Failure | None = None  # USER_CODE only
-    message: str = ""  # WORKER_DIED / WORKER_TIMEOUT: the text of the consumer's error
+    why: GiveUp
+    message: str
 
 
 class WorkerLost(NamedTuple):
@@ -167,6 +168,7 @@ Message = (
     Task
     | BatchReady
     | BatchFailed
+    | BatchAbandoned
     | WorkerLost
     | CoordinatorReady
     | CoordinatorFailed

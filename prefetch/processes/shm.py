@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from .messages import SegmentRef, SlotArrays
+from .messages import SegmentRef, SlotArrays, SlotLayout
 
 SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 NAME_ROOT = "prefetch-"
@@ -330,14 +330,6 @@ class _BatchPickler(pickle.Pickler):
         return NotImplemented
 
 
-@dataclass(frozen=True)
-class WrittenBatch:
-    segment: SegmentRef | None
-    payload: bytes | None
-    buffers: tuple[tuple[int, int], ...]
-    arrays: SlotArrays | None = None
-
-
 class SlotWriter:
     """A worker's writer into slots; keeps each slot's segment mapped between batches."""
 
@@ -376,12 +368,12 @@ class SlotWriter:
         self._maps[slot] = mapping
         return mapping
 
-    def write(self, slot: int, space: BatchSpace, batch: Any) -> WrittenBatch:
+    def write(self, slot: int, space: BatchSpace, batch: Any) -> SlotLayout:
         """Put ``batch`` in the slot: arrays out of band (growing the slot if needed), the rest pickled."""
         arrays = space.describe(batch)
         if arrays is not None:  # already in the slot: nothing to write
             assert space.mapping is not None
-            return WrittenBatch(space.mapping.ref, None, (), arrays)
+            return SlotLayout(space.mapping.ref, None, (), arrays)
         buffers: list[pickle.PickleBuffer] = []
         file = io.BytesIO()
         _BatchPickler(file, space, buffers).dump(batch)
@@ -390,7 +382,7 @@ class SlotWriter:
         if len(payload) > INLINE_PAYLOAD_MAX_BYTES:
             raws.append(memoryview(payload))
         if not raws:
-            return WrittenBatch(None, payload, ())
+            return SlotLayout(None, payload, ())
         placed: list[tuple[int, int]] = []
         for raw in raws:
             nbytes = raw.nbytes
@@ -406,9 +398,9 @@ class SlotWriter:
             placed.append((offset, nbytes))
         assert space.mapping is not None
         inline = None if len(raws) > len(buffers) else payload
-        return WrittenBatch(space.mapping.ref, inline, tuple(placed))
+        return SlotLayout(space.mapping.ref, inline, tuple(placed))
 
-    def _write_grown(self, slot: int, space: BatchSpace, payload: bytes, raws: list[memoryview]) -> WrittenBatch:
+    def _write_grown(self, slot: int, space: BatchSpace, payload: bytes, raws: list[memoryview]) -> SlotLayout:
         needed = sum(_align(raw.nbytes) for raw in raws)
         old = space.mapping
         size = needed if old is None else max(needed, old.ref.size + old.ref.size // 4)
@@ -420,7 +412,7 @@ class SlotWriter:
             placed.append((offset, nbytes))
             offset = _align(offset + nbytes)
         inline = None if len(payload) > INLINE_PAYLOAD_MAX_BYTES else payload
-        return WrittenBatch(mapping.ref, inline, tuple(placed))
+        return SlotLayout(mapping.ref, inline, tuple(placed))
 
 
 # --- the consumer side --------------------------------------------------------------------
@@ -447,17 +439,10 @@ class SlotReader:
             except BufferError:  # a batch the user holds views it: unmapped when that batch is dropped
                 pass
 
-    def read(
-        self,
-        slot: int,
-        segment: SegmentRef | None,
-        payload: bytes | None,
-        buffers: tuple[tuple[int, int], ...],
-        arrays: SlotArrays | None,
-        lease: bool,
-    ) -> tuple[Any, np.ndarray | None]:
+    def read(self, slot: int, layout: SlotLayout, lease: bool) -> tuple[Any, np.ndarray | None]:
         """Rebuild a batch. With ``lease`` its arrays view the slot, and the returned lease
         array is their common base; without, they are copies and the slot is free at once."""
+        segment, payload, buffers, arrays = layout
         if segment is None:
             assert payload is not None
             return pickle.loads(payload), None

@@ -28,7 +28,7 @@ from ..core.pipeline import BatchError, make_batch, uses_randomness
 from ..errors import Failure
 from .channel import PipeReader, send
 from .lifetime import WORKER_TIMER_SLACK_NS, die_with_parent, ignore_sigint, limit_threads, normal_scheduling
-from .messages import BatchFailed, BatchReady, FailureKind, Stop, Task
+from .messages import BatchFailed, BatchReady, Stop, Task
 from .shm import SlotWriter
 
 # How often an idle worker checks that its coordinator is still alive.
@@ -44,19 +44,15 @@ def run_task(config: LoaderConfig, writer: SlotWriter, task: Task) -> BatchReady
     try:
         batch, timings = make_batch(config, indices, space.alloc)
     except BatchError as error:
-        return BatchFailed(
-            task.batch, task.slot, tuple(indices.tolist()), os.getpid(), FailureKind.USER_CODE, error.failure
-        )
+        return BatchFailed(task.batch, task.slot, tuple(indices.tolist()), os.getpid(), error.failure)
     start = time.perf_counter()
     try:
         written = writer.write(task.slot, space, batch)
     except Exception as exc:  # e.g. /dev/shm full, or an object that cannot be pickled
         failure = Failure.capture(exc, f"writing the batch of samples {indices.tolist()} to shared memory")
-        return BatchFailed(task.batch, task.slot, tuple(indices.tolist()), os.getpid(), FailureKind.USER_CODE, failure)
+        return BatchFailed(task.batch, task.slot, tuple(indices.tolist()), os.getpid(), failure)
     timings = timings._replace(transfer=time.perf_counter() - start)
-    return BatchReady(
-        task.batch, task.slot, written.segment, written.payload, written.buffers, written.arrays, timings, os.getpid()
-    )
+    return BatchReady(task.batch, task.slot, written, timings, os.getpid())
 
 
 def worker_main(tasks: Any, results: Any, config: LoaderConfig, prefix: str, parent_pid: int) -> None:

@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import CountingSource
+from helpers import CountingSource, wait_until
 
 import prefetch
 from prefetch.processes.shm import LOCK_NAME, SHM_DIR
@@ -77,12 +77,14 @@ def test_shared_memory_holds_prefetch_batches_plus_the_one_the_loop_still_binds(
         batches = iter(loader)
         batch = None
         peak = 0
-        for _ in range(60):
+        # a plain `for` loop still binds the previous batch while the next is fetched: one slot more
+        expected = depth if drop_each_batch else depth + 1
+        for step in range(60):
             if drop_each_batch:
                 batch = None  # the user keeps nothing while asking for the next batch
             batch = next(batches)
-            time.sleep(0.005)  # a training step: the workers fill the window meanwhile
+            if step >= 1:  # a training step as long as the workers need to fill the window, however busy the machine
+                wait_until(lambda: _slots_in_use() >= expected, timeout_s=10)
             peak = max(peak, _slots_in_use())
         del batch
-    # a plain `for` loop still binds the previous batch while the next is fetched: one slot more
-    assert peak == (depth if drop_each_batch else depth + 1)
+    assert peak == expected

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import pytest
 
 import prefetch
 from prefetch.processes.shm import NAME_ROOT, SHM_DIR
@@ -40,7 +39,6 @@ def segment_descriptors() -> int:
     return count
 
 
-@pytest.mark.parametrize("start_method", ["fork", "spawn"])
 def test_close_unmaps_everything_while_the_loader_lives_on(start_method):
     kept = []
     for _ in range(3):

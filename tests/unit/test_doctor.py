@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import resource
-import subprocess
-import sys
-import threading
 import time
 import warnings
 
@@ -14,7 +11,8 @@ import pytest
 from helpers import loader_processes
 
 import prefetch
-from prefetch.doctor import LARGE_OBJECT_SOURCE_ITEMS, Finding, Report, preflight, shm_space
+from prefetch.doctor import Report
+from prefetch.preflight import LARGE_OBJECT_SOURCE_ITEMS, Finding, preflight, shm_space
 
 DATA = np.zeros((64, 16), np.float32)
 
@@ -37,14 +35,6 @@ def test_doctor_reports_the_environment():
     assert any("thread" in f.what for f in report.findings)
 
 
-def test_python_m_prefetch_doctor_prints_the_report():
-    done = subprocess.run(
-        [sys.executable, "-m", "prefetch", "doctor"], capture_output=True, text=True, timeout=60, cwd="/"
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("prefetch doctor") and "/dev/shm" in done.stdout
-
-
 def test_too_little_shm_for_prefetch_batches_fails_at_start_with_the_fix():
     free, _ = shm_space()
     source = huge_source(free // 2 + 1)  # two samples are more than /dev/shm holds
@@ -65,7 +55,7 @@ def test_a_transform_makes_the_size_a_guess_so_little_shm_only_warns(monkeypatch
     source = huge_source(free // 2 + 1)
     loader = prefetch.Loader(source, batch_size=2, prefetch=1, workers=1, transform=lambda s: s[:8])
     with pytest.warns(prefetch.PrefetchWarning, match="/dev/shm"):
-        preflight(loader._config)
+        preflight(loader.config)
     assert prefetch.doctor(loader).ok
     loader.close()
 
@@ -73,46 +63,25 @@ def test_a_transform_makes_the_size_a_guess_so_little_shm_only_warns(monkeypatch
 def test_room_for_the_window_but_not_for_held_batches_warns():
     free, _ = shm_space()
     depth = 4
-    max_slots = prefetch.Loader(DATA, batch_size=1, prefetch=depth, workers=1)._config.max_slots
+    max_slots = prefetch.Loader(DATA, batch_size=1, prefetch=depth, workers=1).config.max_slots
     # one sample (= one batch) so large that `depth` fit and `max_slots` do not
     source = huge_source(free // (depth + 1))
     loader = prefetch.Loader(source, batch_size=1, prefetch=depth, workers=1)
-    assert loader._config.max_slots == max_slots > depth + 1
+    assert loader.config.max_slots == max_slots > depth + 1
     with pytest.warns(prefetch.PrefetchWarning, match="keeps batches alive"):
-        preflight(loader._config)
+        preflight(loader.config)
     loader.close()
-
-
-def test_threads_running_before_fork_warn_and_suggest_forkserver():
-    stop = threading.Event()
-    thread = threading.Thread(target=stop.wait, name="user-thread")
-    thread.start()
-    try:
-        with (
-            pytest.warns(prefetch.PrefetchWarning, match="user-thread") as record,
-            prefetch.Loader(DATA, batch_size=4, workers=1, start_method="fork") as loader,
-        ):
-            next(iter(loader))
-        assert any("forkserver" in message for message in prefetch_warnings(record))
-        with warnings.catch_warnings(record=True) as record:
-            warnings.simplefilter("always")
-            with prefetch.Loader(DATA, batch_size=4, workers=1, start_method="forkserver") as loader:
-                next(iter(loader))
-        assert not [m for m in prefetch_warnings(record) if "user-thread" in m]
-    finally:
-        stop.set()
-        thread.join()
 
 
 def test_a_large_list_source_warns_about_copy_on_read():
     items = list(range(LARGE_OBJECT_SOURCE_ITEMS + 1))
     with pytest.warns(prefetch.PrefetchWarning, match="numpy array") as record:
-        preflight(prefetch.Loader(items, batch_size=4, workers=1)._config)
+        preflight(prefetch.Loader(items, batch_size=4, workers=1).config)
     assert any("source 0 (list of 100,001)" in message for message in prefetch_warnings(record))
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        preflight(prefetch.Loader(np.asarray(items), batch_size=4, workers=1)._config)
-        preflight(prefetch.Loader(items[:1000], batch_size=4, workers=1)._config)
+        preflight(prefetch.Loader(np.asarray(items), batch_size=4, workers=1).config)
+        preflight(prefetch.Loader(items[:1000], batch_size=4, workers=1).config)
     assert not [m for m in prefetch_warnings(record) if "numpy array" in m]
 
 
@@ -124,7 +93,7 @@ def test_a_low_open_files_limit_warns():
     try:
         report = prefetch.doctor(loader)
         with pytest.warns(prefetch.PrefetchWarning, match="open files"):
-            preflight(loader._config)
+            preflight(loader.config)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     (finding,) = [f for f in report.findings if "open files" in f.what]
@@ -133,7 +102,7 @@ def test_a_low_open_files_limit_warns():
 
 
 def test_the_automatic_check_is_cheap():
-    config = prefetch.Loader(DATA, batch_size=4, workers=2)._config
+    config = prefetch.Loader(DATA, batch_size=4, workers=2).config
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         preflight(config)  # imports done
@@ -147,7 +116,7 @@ def test_the_automatic_check_is_cheap():
 
 def test_workers_0_needs_no_check():
     free, _ = shm_space()
-    config = prefetch.Loader(huge_source(free // 2 + 1), batch_size=2, prefetch=1, workers=0)._config
+    config = prefetch.Loader(huge_source(free // 2 + 1), batch_size=2, prefetch=1, workers=0).config
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         preflight(config)  # nothing goes through /dev/shm

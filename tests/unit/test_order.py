@@ -11,7 +11,7 @@ They check the rules of the module docstring:
 * resuming at any batch, or asking for batches in any order, gives the same batches as one
   uninterrupted walk (the per-``Order`` epoch cache never changes a result);
 * ``IndexError`` outside a finite stream, endless streams far out, batches that straddle an
-  epoch boundary, ``batch_epoch``;
+  epoch boundary;
 * small hand-checked plans.
 """
 
@@ -439,8 +439,6 @@ def test_wrap_batches_straddle_epoch_boundaries(n, seed, data, epochs, shuffle):
     i = m * e - 1 - b * bs  # where position m*e - 1 sits in the batch
     assert batch[i] == order.epoch_shard(e - 1).tolist()[-1]
     assert batch[i + 1] == order.epoch_shard(e).tolist()[0]
-    assert order.batch_epoch(b) < e
-    assert order.batch_epoch(b + 1) >= e
 
 
 @pytest.mark.parametrize("mode", LAST_BATCH_MODES)
@@ -455,46 +453,7 @@ def test_hand_checked_endless_boundary(mode):
     assert order.num_batches is None
 
 
-# --- 7: batch_epoch -------------------------------------------------------------------------------
-
-
-@FAST
-@given(config=configs(epochs=st.integers(1, 5)))
-def test_batch_epoch_is_the_epoch_of_the_first_index(config):
-    order = Order(**config)
-    plan = model_plan(config["last_batch"], order.shard_size, config["batch_size"], config["epochs"])
-    previous = 0
-    position = 0  # wrap: where the batch starts in the stream of concatenated epochs
-    for b, (epoch, offset, _) in enumerate(plan):
-        got = order.batch_epoch(b)
-        assert got == epoch
-        assert got >= previous
-        previous = got
-        first = int(order.batch_indices(b)[0])
-        assert first == int(order.epoch_shard(got)[offset])
-        assert first in order.epoch_shard(got).tolist()
-        if config["last_batch"] == "wrap":
-            assert got == position // order.shard_size
-            position += len(order.batch_indices(b))
-
-
-@FAST
-@given(config=configs(epochs=st.none(), big_batches=False), b=st.integers(0, 10**6))
-def test_batch_epoch_on_endless_streams(config, b):
-    order = Order(**config)
-    m, bs = order.shard_size, config["batch_size"]
-    epoch = order.batch_epoch(b)
-    first = int(order.batch_indices(b)[0])
-    if config["last_batch"] == "wrap":
-        assert epoch == (b * bs) // m
-        assert first == int(order.epoch_shard(epoch)[(b * bs) % m])
-    else:
-        assert epoch == b // order.steps_per_epoch
-        offset = (b % order.steps_per_epoch) * bs
-        assert first == int(order.epoch_shard(epoch)[offset])
-
-
-# --- 8: hand-checked plans ------------------------------------------------------------------------
+# --- 7: hand-checked plans ------------------------------------------------------------------------
 
 HAND_CHECKED = {
     # n=5, batch_size=2, shuffle off, 2 epochs: each epoch is [0, 1, 2, 3, 4].
@@ -512,12 +471,6 @@ def test_hand_checked_n5_bs2_two_epochs(mode):
     assert all_batches(order) == expected
     with pytest.raises(IndexError):
         order.batch_indices(len(expected))
-    epochs_of_batches = {
-        "wrap": [0, 0, 0, 1, 1],
-        "short": [0, 0, 0, 1, 1, 1],
-        "drop": [0, 0, 1, 1],
-    }[mode]
-    assert [order.batch_epoch(b) for b in range(len(expected))] == epochs_of_batches
 
 
 @pytest.mark.parametrize(
@@ -555,8 +508,6 @@ def test_endless_drop_with_no_full_batch():
     endless = Order(n=5, batch_size=7, seed=9, shuffle=False, epochs=None, last_batch="drop")
     with pytest.raises(IndexError):
         endless.batch_indices(0)
-    with pytest.raises(IndexError):
-        endless.batch_epoch(0)
 
 
 @given(

@@ -476,10 +476,9 @@ def take(iterator, expected: Any, superseded_ok: bool = False) -> tuple[Any, boo
 
 def segment_bound(loader: prefetch.Loader, sources: int) -> int:
     """The most ``/dev/shm`` names a running loader may have (design.md, "Backpressure"): its slot pool
-    (``2 * prefetch + credit_step + 1``), a spilled message per batch in flight, a copy of each source
+    (``config.max_slots``), a spilled message per batch in flight, a copy of each source
     (spawn, forkserver)."""
-    credit_step = max(1, (loader.prefetch - loader.workers) // 8)
-    return 2 * loader.prefetch + credit_step + 1 + loader.prefetch + sources
+    return loader.config.max_slots + loader.prefetch + sources
 
 
 def assert_released() -> None:
@@ -736,7 +735,7 @@ def test_structured_dtype_sources_under_spawn(tmp_path, as_memmap):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+@pytest.mark.start_methods("spawn", "forkserver")
 def test_yielded_arrays_are_writable_under_spawn(start_method):
     data = np.arange(4).reshape(2, 2)
     options = {"batch_size": 1, "epochs": 1, "shuffle": False, "collate": "list"}
@@ -746,7 +745,7 @@ def test_yielded_arrays_are_writable_under_spawn(start_method):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+@pytest.mark.start_methods("spawn", "forkserver")
 def test_big_endian_arrays_in_a_pickled_source_keep_their_dtype(start_method):
     rows = [np.array([i], dtype=">i4") for i in range(4)]  # a list of arrays: pickled as it is
     options = {"batch_size": 2, "epochs": 1, "shuffle": False}

@@ -1,5 +1,5 @@
-"""Unusual but valid input (issue 10): zero-byte samples, numpy integers as options, and a
-batch_size larger than the data, which works but warns once saying what happens."""
+"""Unusual but valid input (issue 10): numpy integers as options, and a batch_size larger than the
+data, which works but warns once saying what happens (zero-byte samples: tests/engine/test_bad_input_workers.py)."""
 
 from __future__ import annotations
 
@@ -7,32 +7,10 @@ import warnings
 
 import numpy as np
 import pytest
-from helpers import fingerprint
 
 import prefetch
 
 N = 20
-
-
-def stream(*sources, **options) -> list:
-    with prefetch.Loader(*sources, batch_size=4, epochs=2, seed=5, **options) as loader:
-        return [fingerprint(batch) for batch in loader]
-
-
-def keep(sample):
-    return sample
-
-
-@pytest.mark.parametrize("collate", ["auto", "list"])
-@pytest.mark.parametrize("transform", [None, keep], ids=["plain", "transform"])
-@pytest.mark.parametrize("start_method", ["fork", "spawn"])
-def test_zero_byte_samples_give_the_same_stream_with_workers(collate, transform, start_method):
-    empty = np.zeros((N, 3, 0), dtype=np.float32)
-    labels = np.arange(N)
-    expected = stream(empty, labels, collate=collate, transform=transform, workers=0)
-    got = stream(empty, labels, collate=collate, transform=transform, workers=2, start_method=start_method)
-    assert got == expected
-    assert len(got) == 2 * N // 4
 
 
 INT_OPTIONS = {"batch_size": 4, "seed": 3, "epochs": 2, "rank": 1, "world_size": 2, "workers": 0, "prefetch": 3}

@@ -26,7 +26,7 @@ def _rss_file_bytes(processes: list[psutil.Process]) -> int:
     return total
 
 
-@pytest.mark.parametrize("start_method", ["fork", "spawn", "forkserver"])
+@pytest.mark.start_methods("fork", "spawn", "forkserver")
 def test_a_memmap_larger_than_memory_is_never_loaded(tmp_path, start_method):
     rows = FILE_BYTES // ROW_BYTES
     big = np.lib.format.open_memmap(tmp_path / "big.npy", mode="w+", dtype=np.uint8, shape=(rows, ROW_BYTES))

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 # Each example is meant to finish in well under this; pytest's own limit is above it.
 EXAMPLE_TIMEOUT_S = 45
 

@@ -42,7 +42,7 @@ def test_same_batches_for_any_workers_and_prefetch(reference, workers, prefetch_
     assert_same(stream(workers=workers, prefetch=prefetch_depth), reference)
 
 
-@pytest.mark.parametrize("start_method", ["fork", "spawn", "forkserver"])
+@pytest.mark.start_methods("fork", "spawn", "forkserver")
 def test_same_batches_for_every_start_method(reference, start_method):
     assert_same(stream(workers=2, start_method=start_method), reference)
 

@@ -38,6 +38,7 @@ from helpers import (
     alive,
     faulty_pipeline,
     fingerprint,
+    wait_until,
 )
 from hostile import Database, HoldsGenerator, RaiseOnce, StrRaises, UserInterrupt
 
@@ -45,7 +46,6 @@ import prefetch
 from prefetch.core.order import Order
 from prefetch.processes.coordinator import Coordinator
 
-START_METHODS = ("fork", "spawn")
 N = 24
 BATCH_SIZE = 4
 SEED = 8
@@ -60,10 +60,15 @@ DEATH_REPORT_S = 3.0
 
 def run(stage: str, fault: Fault | None, **options) -> list:
     """Every batch of one epoch, as byte fingerprints."""
+    return run_counting_restarts(stage, fault, **options)[0]
+
+
+def run_counting_restarts(stage: str, fault: Fault | None, **options) -> tuple[list, int]:
+    """Every batch of one epoch, as byte fingerprints, and how many workers were replaced meanwhile."""
     sources, stage_options = faulty_pipeline(stage, DATA, fault)
     options = {"batch_size": BATCH_SIZE, "epochs": 1, "seed": SEED, **stage_options, **options}
     with prefetch.Loader(*sources, **options) as loader:
-        return [fingerprint(batch) for batch in loader]
+        return [fingerprint(batch) for batch in loader], loader.stats().restarts
 
 
 def bad_batch() -> int:
@@ -102,7 +107,6 @@ def notes(exc: BaseException) -> str:
     return "\n".join(getattr(exc, "__notes__", []))
 
 
-@pytest.mark.parametrize("start_method", START_METHODS)
 @pytest.mark.parametrize("stage", STAGES)
 def test_raise_keeps_the_type_and_names_the_sample(stage, start_method):
     inline, _ = first_error(stage, Fault(BAD, "raise"), workers=0)
@@ -119,7 +123,6 @@ def test_raise_keeps_the_type_and_names_the_sample(stage, start_method):
     assert notes(inline).split(", in ")[0] == notes(remote).split(", in ")[0]
 
 
-@pytest.mark.parametrize("start_method", START_METHODS)
 @pytest.mark.parametrize("stage", STAGES)
 def test_unpicklable_exception_arrives_as_a_readable_remote_error(stage, start_method):
     exc, _ = first_error(stage, Fault(BAD, "unpicklable"), workers=WORKERS, start_method=start_method)
@@ -130,7 +133,6 @@ def test_unpicklable_exception_arrives_as_a_readable_remote_error(stage, start_m
     assert re.search(where_pattern(stage), notes(exc)), notes(exc)
 
 
-@pytest.mark.parametrize("start_method", START_METHODS)
 def test_an_exception_whose_class_cannot_be_rebuilt_arrives_as_a_remote_error(start_method):
     sources, options = faulty_pipeline("transform", DATA, None)
     options["transform"] = RaiseUnrebuildable(BAD)
@@ -147,18 +149,17 @@ def test_an_exception_whose_class_cannot_be_rebuilt_arrives_as_a_remote_error(st
     assert "NeedsTwoArguments" in str(exc.__cause__) and "in __call__" in str(exc.__cause__)
 
 
-@pytest.mark.parametrize("start_method", START_METHODS)
 @pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize("death", list(DEATHS))
 def test_a_death_once_is_recovered_byte_identically(tmp_path, death, stage, start_method):
     expected = run(stage, None, workers=0)
     marker = str(tmp_path / "struck")
-    got = run(stage, Fault(BAD, death, marker), workers=WORKERS, start_method=start_method)
+    got, restarts = run_counting_restarts(stage, Fault(BAD, death, marker), workers=WORKERS, start_method=start_method)
     assert (tmp_path / "struck").exists()  # the fault did happen
+    assert restarts == 1  # one worker died, one replaced it
     assert got == expected
 
 
-@pytest.mark.parametrize("start_method", START_METHODS)
 @pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize("death", list(DEATHS))
 def test_a_poison_sample_raises_worker_died_naming_pid_batch_and_cause(death, stage, start_method):
@@ -178,7 +179,6 @@ def test_a_poison_sample_raises_worker_died_naming_pid_batch_and_cause(death, st
     assert waited < DEATH_REPORT_S
 
 
-@pytest.mark.parametrize("start_method", START_METHODS)
 @pytest.mark.parametrize("stage", STAGES)
 def test_a_hung_worker_times_out_and_is_killed(stage, start_method):
     exc, waited = first_error(stage, Fault(BAD, "hang"), workers=WORKERS, start_method=start_method, timeout=TIMEOUT_S)
@@ -189,7 +189,6 @@ def test_a_hung_worker_times_out_and_is_killed(stage, start_method):
     assert exc.pid is not None and not alive(exc.pid)  # killed (and reaped) before the error was raised
 
 
-@pytest.mark.parametrize("start_method", START_METHODS)
 def test_workers_killed_from_outside_are_replaced_and_the_output_is_unchanged(start_method):
     """What the OOM killer does: SIGKILL to a worker at any moment, here three times during a run."""
     sources, options = faulty_pipeline("transform", DATA, None)
@@ -276,12 +275,8 @@ def test_a_worker_dead_but_not_yet_noticed_is_not_sent_a_task(tmp_path, monkeypa
         carry_on = original(self)
         if self.schedule.position >= 1 and not go.exists():
             go.touch()  # the worker making batch 1 now kills itself
-            import psutil
-
             pid = self.workers[0].process.pid
-            deadline = time.monotonic() + 10
-            while psutil.Process(pid).status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
-                time.sleep(0.01)
+            wait_until(lambda: not alive(pid), timeout_s=10, interval_s=0.01)
         return carry_on
 
     monkeypatch.setattr(Coordinator, "_from_consumer", from_consumer_then_lose_the_worker)
@@ -343,7 +338,7 @@ def main():
 """
 
 
-@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+@pytest.mark.start_methods("spawn", "forkserver")
 @pytest.mark.parametrize("guarded", [False, True], ids=["unguarded", "guarded"])
 def test_a_spawn_script_without_a_main_guard_is_told_what_to_change(tmp_path, start_method, guarded):
     import subprocess
@@ -367,7 +362,7 @@ def test_a_spawn_script_without_a_main_guard_is_told_what_to_change(tmp_path, st
     assert took < FAULT_REPORT_S + 1.0  # one interpreter start-up with numpy, and no coordinator at all
 
 
-@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+@pytest.mark.start_methods("spawn", "forkserver")
 @pytest.mark.parametrize(
     ("where", "make"),
     [

@@ -97,7 +97,6 @@ def arrays_of_every_layout(i):
     }
 
 
-@pytest.mark.parametrize("start_method", ["fork", "spawn"])
 def test_awkward_samples_work_the_same_with_workers(start_method):
     def run(**options):
         source = Samples(arrays_of_every_layout)

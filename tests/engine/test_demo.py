@@ -11,7 +11,7 @@ from pathlib import Path
 import prefetch
 from prefetch import demo
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def quick_start() -> str:

@@ -95,7 +95,6 @@ def test_soak():
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("start_method", ["fork", "spawn"])
 def test_soak_long(start_method):
     soak(100_000, start_method=start_method, every=5000, warmup=5000)
 
@@ -143,6 +142,6 @@ def test_churn_200_loaders():
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize(("workers", "start_method"), [(2, "fork"), (2, "spawn"), (2, "forkserver")])
-def test_churn_long(workers, start_method):
-    churn(200, workers=workers, start_method=start_method)
+@pytest.mark.start_methods("fork", "spawn", "forkserver")
+def test_churn_long(start_method):
+    churn(200, workers=2, start_method=start_method)

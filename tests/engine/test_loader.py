@@ -136,7 +136,7 @@ def test_a_newer_iterator_supersedes_the_older():
         new = iter(loader)
         assert (
             next(new).tolist()
-            == prefetch.Loader(np.arange(40), batch_size=2, workers=0, seed=0)._order.batch_indices(1).tolist()
+            == prefetch.Loader(np.arange(40), batch_size=2, workers=0, seed=0).config.order.batch_indices(1).tolist()
         )
         with pytest.raises(RuntimeError, match="superseded"):
             next(old)

@@ -16,7 +16,7 @@ def run(*sources, **options) -> list:
         return [as_list(batch) for batch in loader]
 
 
-@pytest.mark.parametrize("start_method", ["spawn", "forkserver", "fork"])
+@pytest.mark.start_methods("spawn", "forkserver", "fork")
 def test_memmap_source_is_reopened_not_copied(tmp_path, start_method):
     path = tmp_path / "data.npy"
     np.save(path, np.arange(300 * 4, dtype=np.float32).reshape(300, 4))

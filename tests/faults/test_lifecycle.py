@@ -162,7 +162,7 @@ def test_a_killed_coordinator_is_a_clear_error_promptly():
     loader, gen, pids = running_loader(prefetch=2)
     engine = loader._running.engine
     assert engine is not None
-    coordinator = engine.process.pid
+    coordinator = engine.helper_pid()
     assert coordinator in pids
     os.kill(coordinator, signal.SIGKILL)
     killed = time.monotonic()
@@ -222,7 +222,6 @@ def start_consumer(tmp_path, start_method: str) -> tuple[subprocess.Popen, list[
     return process, pids
 
 
-@pytest.mark.parametrize("start_method", ["fork", "spawn"])
 def test_parent_killed_leaves_no_process_and_no_segment(tmp_path, start_method):
     process, pids = start_consumer(tmp_path, start_method)
     try:
@@ -238,7 +237,6 @@ def test_parent_killed_leaves_no_process_and_no_segment(tmp_path, start_method):
         process.communicate(timeout=SUBPROCESS_TIMEOUT_S)
 
 
-@pytest.mark.parametrize("start_method", ["fork", "spawn"])
 @pytest.mark.parametrize("to", ["process group", "consumer"])
 def test_ctrl_c_ends_the_program_promptly_without_worker_tracebacks(tmp_path, start_method, to):
     """A terminal's Ctrl-C sends SIGINT to the whole foreground process group; ``kill -INT`` to one process."""
@@ -300,10 +298,7 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.parametrize(
-    "start_method",
-    ["spawn", "forkserver"],
-)
+@pytest.mark.start_methods("spawn", "forkserver")
 def test_ctrl_c_while_the_coordinator_starts_prints_no_traceback_from_it(tmp_path, start_method):
     script = tmp_path / "starting.py"
     script.write_text(textwrap.dedent(STARTING_CONSUMER_SCRIPT))

@@ -7,14 +7,12 @@ import importlib
 import os
 import random
 import signal
-import time
 import types
 from itertools import islice
 
 import numpy as np
 import pytest
-from conftest import _segments
-from helpers import ALPHABET_X, ALPHABET_Y
+from helpers import ALPHABET_X, ALPHABET_Y, all_gone, segments_of, wait_until
 
 import prefetch
 from prefetch.errors import RemoteTraceback
@@ -25,6 +23,11 @@ POLL_S = 0.005
 DEADLINE_S = 10.0
 # `prefetch.background` is the function; the module behind it:
 background_module = importlib.import_module("prefetch.background")
+
+
+def _segments() -> set[str]:
+    """This process's loaders' segments."""
+    return set(segments_of(os.getpid()))
 
 
 def _data_segments() -> set[str]:
@@ -119,9 +122,7 @@ def test_backpressure_keeps_at_most_depth_items_ahead(tmp_path, depth):
     for consumed in range(1, 8):
         assert next(gen)[0] == consumed - 1
         assert _produced(path) <= consumed + depth
-    deadline = time.monotonic() + DEADLINE_S
-    while _produced(path) < 7 + depth and time.monotonic() < deadline:
-        time.sleep(POLL_S)
+    wait_until(lambda: _produced(path) >= 7 + depth, DEADLINE_S, POLL_S)
     assert _produced(path) == 7 + depth  # it does work ahead, up to the bound
     gen.close()
     assert _produced(path) == 7 + depth
@@ -194,8 +195,6 @@ def test_a_killed_consumer_leaves_no_producer_and_no_segment():
     import subprocess
     import sys
 
-    import psutil
-
     from prefetch.processes.shm import NAME_ROOT, SHM_DIR
 
     consumer = subprocess.Popen([sys.executable, "-c", KILLED_CONSUMER], stdout=subprocess.PIPE, text=True)
@@ -208,19 +207,7 @@ def test_a_killed_consumer_leaves_no_producer_and_no_segment():
         consumer.wait()
         consumer.stdout.close()
 
-    def producer_alive() -> bool:
-        try:
-            return psutil.Process(producer_pid).status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
-
-    deadline = time.monotonic() + DEADLINE_S
-    while time.monotonic() < deadline and (
-        producer_alive() or any(name.startswith(prefix) for name in os.listdir(SHM_DIR))
-    ):
-        time.sleep(POLL_S)
-    assert not producer_alive(), "the producer outlived its consumer"
-    assert not [name for name in os.listdir(SHM_DIR) if name.startswith(prefix)]
+    wait_until(all_gone([producer_pid], consumer_pid), DEADLINE_S, POLL_S)  # the producer did not outlive it
 
 
 def test_a_never_started_generator_starts_no_process():

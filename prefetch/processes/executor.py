@@ -1,0 +1,333 @@
+"""The ``processes`` executor: the consumer's end of a coordinator process and its workers.
+
+It starts the coordinator (``coordinator.coordinator_main``, which forks the workers,
+``worker.worker_main``: the two roles never import each other, this launcher wires them),
+reads ``BatchReady``/``BatchFailed``/``BatchAbandoned`` from the shared results pipe and
+turns them into the engine's ``Made``/``Failed`` (``executor.py``), and returns credits and
+free slots in ``Consumed`` messages.
+
+Each opened batch's arrays view its shared-memory slot through a per-batch *lease*
+(``core.reorder.Leases``); when the user drops the batch the slot goes back with the next
+``Consumed``. If the user keeps ``prefetch`` leased batches alive, further batches are
+copied out of their slot instead, so holding batches never starves the pool.
+
+Writes to the coordinator go through an ``Outbox`` (never blocking); a write that finds
+it gone is ``CoordinatorDiedError``. After ``late(b)`` the coordinator must act within
+``COORDINATOR_ANSWER_S`` (each ``WorkerLost`` shows it at work and extends that), or it is
+killed and ``wait`` raises ``CoordinatorTimeoutError``.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import time
+from dataclasses import replace
+from typing import Any
+
+import multiprocess
+import psutil
+
+from .._lifecycle import WakePipe
+from ..config import LoaderConfig
+from ..core.reorder import Leases
+from ..core.schedule import GiveUp
+from ..errors import CoordinatorDiedError, CoordinatorTimeoutError, WorkerDiedError, WorkerTimeoutError, describe_exit
+from ..executor import Failed, Made, Result, WorkerInfo
+from .channel import Outbox, PipeReader
+from .coordinator import coordinator_main, ship_config
+from .lifetime import COORDINATOR_JOIN_TIMEOUT_S, join_or_kill, sigint_ignored, wait_ended
+from .messages import (
+    BatchAbandoned,
+    BatchFailed,
+    BatchReady,
+    Consumed,
+    CoordinatorFailed,
+    CoordinatorReady,
+    Lost,
+    SegmentRef,
+    Stop,
+    TimedOut,
+    WorkerLost,
+    encode,
+)
+from .shm import SlotReader, claim_prefix, remove_stale_segments, share_sources
+from .worker import worker_main
+
+# With ``timeout``: how long the coordinator may take to act on a late batch (kill its worker
+# and fail it) before the consumer decides the coordinator itself is stuck or stopped.
+COORDINATOR_ANSWER_S = 0.5
+
+# What a selector key's data says the ready descriptor is.
+_RESULTS, _COORDINATOR_EXIT, _WAKE, _CONTROL_WRITABLE = "results", "coordinator exit", "wake", "control writable"
+
+
+class ProcessExecutor:
+    """Batches made by worker processes under a coordinator, delivered through shared memory."""
+
+    def __init__(self) -> None:
+        self.coordinator_ready = False  # until it says its workers are started (``started``)
+        self.coordinator_acts = 0  # messages from the coordinator itself: it is alive and acting
+        self.answer_by: float | None = None  # after ``late``: when the coordinator must have acted
+        self.acts_seen = 0  # ``coordinator_acts`` when ``answer_by`` was last set
+        self.late_batch = -1
+        self.restarts = 0  # workers lost and replaced
+
+    # --- starting -----------------------------------------------------------------------
+
+    def start(self, config: LoaderConfig, start: int, wake: WakePipe) -> None:
+        self.config = config
+        self.position = start  # the batch the consumer wants next
+        self.sent_position = start  # the position the coordinator was last told
+        self.delivered: set[int] = set()  # batches passed on, at or beyond ``position``
+        self.reader = SlotReader()
+        self.leases = Leases()
+        self.released = self.leases.released
+        self.reported_segments: dict[int, SegmentRef] = {}  # each slot's segment as last told
+        remove_stale_segments()
+        self.prefix_lock = claim_prefix()  # held until stop(): marks this loader's segments as alive
+        self.prefix = self.prefix_lock.prefix
+        try:
+            self._start_coordinator(config, start)
+        except BaseException:
+            self.prefix_lock.release()
+            raise
+        self.reader_pipe = PipeReader(self.results)
+        self.control_out = Outbox(self.control)
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.reader_pipe.fileno(), selectors.EVENT_READ, _RESULTS)
+        self.selector.register(self.process.sentinel, selectors.EVENT_READ, _COORDINATOR_EXIT)
+        self.selector.register(wake.fileno(), selectors.EVENT_READ, _WAKE)
+        self.watching_control = False
+
+    def _start_coordinator(self, config: LoaderConfig, start: int) -> None:
+        ctx = multiprocess.get_context(config.start_method)
+        forked = ctx.get_start_method() == "fork"
+        if not forked:
+            config = replace(config, sources=share_sources(config.sources, self.prefix))
+        control_in, self.control = ctx.Pipe(duplex=False)
+        self.results, results_out = ctx.Pipe(duplex=False)
+        self.process = ctx.Process(
+            target=coordinator_main,
+            args=(
+                control_in,
+                results_out,
+                config if forked else ship_config(config),
+                self.prefix,
+                start,
+                os.getpid(),
+                worker_main,
+            ),
+            name="prefetch-coordinator",
+        )
+        try:
+            with sigint_ignored():  # a Ctrl-C while it boots is the consumer's alone
+                self.process.start()
+        finally:
+            control_in.close()
+            results_out.close()
+
+    @property
+    def started(self) -> bool:
+        return self.coordinator_ready
+
+    # --- talking to the coordinator -----------------------------------------------------
+
+    def _tell(self, message: Consumed | Lost | TimedOut) -> None:
+        """Send ``message`` now or as soon as the pipe has room; never block, never a raw EPIPE."""
+        try:
+            self.control_out.put(encode(message))
+        except OSError:  # nobody reads the control pipe any more: the coordinator is gone
+            self._coordinator_died()
+        self._watch_control()
+
+    def _watch_control(self) -> None:
+        """Have ``wait`` wake when the control pipe has room, while messages wait for it."""
+        if self.control_out.pending != self.watching_control:
+            self.watching_control = self.control_out.pending
+            if self.watching_control:
+                self.selector.register(self.control_out.fileno(), selectors.EVENT_WRITE, _CONTROL_WRITABLE)
+            else:
+                self.selector.unregister(self.control_out.fileno())
+
+    def _flush_control(self) -> None:
+        try:
+            self.control_out.flush()
+        except OSError:
+            self._coordinator_died()
+        self._watch_control()
+
+    def advance(self, position: int) -> None:
+        """Credits and released slots go back every ``credit_step`` batches the consumer takes."""
+        if position > self.position:
+            self.position = position
+            self.delivered = {batch for batch in self.delivered if batch >= position}
+        if self.position - self.sent_position >= self.config.credit_step:
+            self._report()
+
+    def _report(self) -> None:
+        """Return credits and released slots to the coordinator."""
+        if self.position == self.sent_position and not self.released:
+            return
+        released = []
+        while self.released:
+            slot, segment = self.released.popleft()
+            if segment is not None:
+                if self.reported_segments.get(slot) == segment:
+                    segment = None  # the coordinator has it already: a shorter message
+                else:
+                    self.reported_segments[slot] = segment
+            released.append((slot, segment))
+        self._tell(Consumed(self.position, tuple(released), len(self.leases)))
+        self.sent_position = self.position
+
+    # --- results ------------------------------------------------------------------------
+
+    def wait(self, seconds: float) -> list[Result]:
+        """What arrived within ``seconds`` (0: only what is there already)."""
+        coordinator_exited = False
+        if seconds > 0:
+            if self.answer_by is not None:
+                seconds = max(0.0, min(seconds, self.answer_by - time.perf_counter()))
+            for key, _ in self.selector.select(seconds):
+                if key.data is _CONTROL_WRITABLE:
+                    self._flush_control()
+                elif key.data is _COORDINATOR_EXIT:
+                    coordinator_exited = True
+        results = self._drain()
+        if not results and coordinator_exited:
+            self._coordinator_died()
+        if self.answer_by is not None:
+            self._check_answer()
+        return results
+
+    def _drain(self) -> list[Result]:
+        try:
+            messages = self.reader_pipe.read_available()
+        except (EOFError, OSError):
+            self._coordinator_died()
+        results = []
+        for message in messages:
+            result = self._result(message)
+            if result is not None:
+                results.append(result)
+                self.delivered.add(result.batch)
+        return results
+
+    def _result(self, message: Any) -> Result | None:
+        if isinstance(message, BatchReady):
+            return Made(message.batch, message.timings, message.pid, message)
+        if isinstance(message, BatchFailed):
+            self.released.append((message.slot, None))  # nothing in it
+            error = message.failure.to_exception(message.batch, message.indices, message.pid)
+            return Failed(message.batch, error)
+        if isinstance(message, BatchAbandoned):
+            self.coordinator_acts += 1
+            kind = WorkerTimeoutError if message.why is GiveUp.LATE else WorkerDiedError
+            error = kind(message.message, batch=message.batch, indices=message.indices, pid=message.pid)
+            return Failed(message.batch, error)
+        if isinstance(message, WorkerLost):
+            self.coordinator_acts += 1
+            self.restarts += 1
+            missing = tuple((b, s) for b, s in message.tasks if b >= self.position and b not in self.delivered)
+            self._tell(Lost(message.pid, message.exitcode, missing))
+        elif isinstance(message, CoordinatorReady):
+            self.coordinator_ready = True
+        elif isinstance(message, CoordinatorFailed):
+            raise CoordinatorDiedError("the coordinator process failed:\n" + message.traceback)
+        return None
+
+    def open(self, made: Made) -> Any:
+        ready: BatchReady = made.where
+        lease_ok = len(self.leases) < self.config.prefetch
+        batch, lease = self.reader.read(ready.slot, ready.layout, lease_ok)
+        if lease is not None:
+            self.leases.add(lease, ready.slot, ready.layout.segment)
+        else:  # copied out, or nothing was in the slot: free at once
+            self.released.append((ready.slot, ready.layout.segment))
+        return batch
+
+    def drop(self, made: Made) -> None:
+        ready: BatchReady = made.where
+        self.released.append((ready.slot, ready.layout.segment))
+
+    # --- a late batch, a dead or stuck coordinator --------------------------------------
+
+    def late(self, batch: int) -> None:
+        self._tell(TimedOut(batch))
+        self.late_batch = batch
+        self.acts_seen, self.answer_by = self.coordinator_acts, time.perf_counter() + COORDINATOR_ANSWER_S
+
+    def _check_answer(self) -> None:
+        assert self.answer_by is not None
+        if self.late_batch not in self.delivered and self.late_batch >= self.position:
+            if self.coordinator_acts != self.acts_seen:  # at work on it (a worker was lost): give it time
+                self.acts_seen, self.answer_by = self.coordinator_acts, time.perf_counter() + COORDINATOR_ANSWER_S
+            elif time.perf_counter() >= self.answer_by:
+                self._coordinator_unresponsive(self.late_batch)
+        else:
+            self.answer_by = None
+
+    def _coordinator_died(self) -> None:
+        self.process.join(COORDINATOR_JOIN_TIMEOUT_S)
+        raise CoordinatorDiedError(
+            f"the coordinator process (pid {self.process.pid}) {describe_exit(self.process.exitcode)}; "
+            "the loader cannot go on"
+        )
+
+    def _coordinator_unresponsive(self, batch: int) -> None:
+        """The coordinator did not act on a late batch: kill it (and so its workers) and say so."""
+        pid = self.process.pid
+        try:
+            state = psutil.Process(pid).status()
+        except psutil.Error:
+            state = "gone"
+        workers = self._worker_processes()
+        self.process.kill()
+        self.process.join(COORDINATOR_JOIN_TIMEOUT_S)
+        wait_ended(workers, COORDINATOR_JOIN_TIMEOUT_S)  # they die with it (PR_SET_PDEATHSIG)
+        raise CoordinatorTimeoutError(
+            f"batch {batch} was not ready within timeout={self.config.timeout}s, and the coordinator process "
+            f"(pid {pid}, state: {state}) did not act on it within {COORDINATOR_ANSWER_S}s; it was killed "
+            "and the loader cannot go on (a stopped process: SIGSTOP, Ctrl-Z or a debugger)"
+        )
+
+    # --- figures and the end ------------------------------------------------------------
+
+    def _worker_processes(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.process.pid).children()
+        except psutil.Error:
+            return []
+
+    def workers(self) -> list[WorkerInfo]:
+        return [WorkerInfo(process.pid) for process in self._worker_processes()]
+
+    def helper_pid(self) -> int | None:
+        return self.process.pid
+
+    def forget(self) -> None:
+        """In a child forked from the owner: close only this process's copy of the prefix lock's
+        descriptor, and take the parent's coordinator off multiprocess's list of this process's
+        children (copied by the fork; its exit would try to join it)."""
+        children = getattr(multiprocess.process, "_children", None)
+        if children is not None:
+            children.discard(self.process)
+        self.prefix_lock.release()
+
+    def stop(self) -> None:
+        """``Stop`` to the coordinator (it stops its workers and unlinks the segments); after
+        ``COORDINATOR_JOIN_TIMEOUT_S`` it is killed, its workers die with it, and the segments
+        are unlinked here: mappings the user's batches still view go when those batches do."""
+        try:
+            self.control_out.put(encode(Stop()))
+        except OSError:  # the coordinator is gone already
+            pass
+        workers = self._worker_processes()
+        join_or_kill([self.process], COORDINATOR_JOIN_TIMEOUT_S)
+        wait_ended(workers, COORDINATOR_JOIN_TIMEOUT_S)  # they die with their parent
+        self.selector.close()
+        self.control.close()
+        self.results.close()
+        self.reader.close()  # unmapped now, or when the user drops the last batch still held
+        self.prefix_lock.release()  # every segment, then the lock file
