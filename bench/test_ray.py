@@ -20,20 +20,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from workloads import LATENCY_S, WORKLOADS, Stream, open_stream
+from workloads import LATENCY_S, WORKLOADS, open_stream, prefetch_stream
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before Ray starts: loopback only
 _ROOT = Path(__file__).resolve().parent.parent
 # Actors are processes Ray starts: they import prefetch from this checkout, as this process does.
 os.environ["PYTHONPATH"] = os.pathsep.join([str(_ROOT), str(_ROOT / "bench"), os.environ.get("PYTHONPATH", "")])
-sys.path.insert(0, str(_ROOT / "tests" / "ray"))  # the stand-in engine, until Loader takes executor=
 
 LOCAL_RAY = {"num_cpus": 2, "object_store_memory": 2**30, "include_dashboard": False}
 
@@ -60,25 +57,14 @@ def no_leftovers() -> Iterator[None]:
     yield
 
 
-@contextmanager
-def ray_stream(workload: str, actors: int, copy: bool = True) -> Iterator[Stream]:
-    """The workload's endless shuffled stream from ``actors`` Ray actors."""
-    from driver import Driver
-
-    from prefetch.config import make_config
-    from prefetch.ray_executor import RayExecutor
+def ray_stream(workload: str, actors: int, copy: bool = True) -> Any:
+    """The workload's endless shuffled stream from ``actors`` Ray actors: ``prefetch.Loader(executor=...)``."""
+    import prefetch
 
     spec = WORKLOADS[workload]
     x, y = spec.data()
-    config = make_config((x, y), batch_size=spec.batch_size, shuffle=True, seed=0, workers=actors,
-                         transform=spec.transform)  # fmt: skip
-    driver = Driver(config, RayExecutor(copy=copy))
-    batches = iter(driver)
-    try:
-        yield Stream(batches, info=lambda: {"prefetch": config.prefetch, "max_ready": driver.max_ready})
-    finally:
-        batches.close()
-        driver.close()
+    executor = prefetch.RayExecutor(copy=copy)
+    return prefetch_stream(x, y, spec.transform, spec.batch_size, actors, executor=executor)
 
 
 def _processes(measure: Callable[..., Any], workload: str, workers: int | None, system: str = "prefetch", **extra: Any):

@@ -36,28 +36,28 @@ def digest(batches) -> str:
 
 
 def main() -> None:
+    x = np.random.default_rng(0).random((N, 16)).astype(np.float32)  # put in the object store once
+    y = np.arange(N)
+    options = {"batch_size": BATCH, "epochs": EPOCHS, "seed": 7, "transform": augment}
+    with prefetch.Loader(x, y, workers=2, **options) as loader:  # worker processes, for comparison
+        on_processes = digest(loader)
+
     import ray
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a local instance on loopback only
     ray.init(num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=False, log_to_driver=False)
-    x = np.random.default_rng(0).random((N, 16)).astype(np.float32)  # put in the object store once
-    y = np.arange(N)
-    options = {"batch_size": BATCH, "epochs": EPOCHS, "seed": 7, "transform": augment}
     try:
         executor = prefetch.RayExecutor(actor_options={"num_cpus": 0.25})  # 8 actors on 2 CPUs: they mostly wait
         started = time.perf_counter()
         with prefetch.Loader(x, y, workers=8, executor=executor, **options) as loader:
-            on_ray = list(loader)
+            on_ray = digest(loader)
             stats = loader.stats()
         seconds = time.perf_counter() - started
-        nodes = sorted({node for node in stats.worker_nodes.values()})
-        print(f"ray: {len(on_ray)} batches in {seconds:.1f} s from {len(stats.worker_busy)} actors on {len(nodes)} node(s)")
     finally:
         ray.shutdown()
-    with prefetch.Loader(x, y, workers=2, **options) as loader:
-        on_processes = list(loader)
-    same = digest(on_ray) == digest(on_processes)
-    print(f"ray stream == processes stream: {'OK' if same else 'DIFFERENT'}")
+    nodes = len(set(stats.worker_nodes.values()))
+    print(f"ray: {stats.batches} batches in {seconds:.1f} s from {len(stats.worker_nodes)} actors on {nodes} node(s)")
+    print(f"ray stream == processes stream: {'OK' if on_ray == on_processes else 'DIFFERENT'}")
 
 
 if __name__ == "__main__":

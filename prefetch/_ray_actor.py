@@ -24,8 +24,8 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
-from dataclasses import dataclass, fields, replace
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 import numpy as np
 
@@ -51,11 +51,11 @@ class ByPath:
     dtype: str
     shape: tuple[int, ...]
     offset: int
-    order: str
+    order: Literal["C", "F"]
 
     def open(self) -> np.memmap:
-        return np.memmap(self.filename, dtype=np.dtype(self.dtype), mode="r", offset=self.offset, shape=self.shape,
-                         order=self.order)  # fmt: skip
+        dtype = np.dtype(self.dtype)
+        return np.memmap(self.filename, dtype=dtype, mode="r", offset=self.offset, shape=self.shape, order=self.order)
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,7 @@ def memmap_spec(source: np.memmap) -> ByPath | None:
     mapping = getattr(source, "_mmap", None)
     if not filename or mapping is None:
         return None
+    order: Literal["C", "F"]
     if source.flags.c_contiguous:
         order = "C"
     elif source.flags.f_contiguous:
@@ -102,10 +103,7 @@ def _granularity() -> int:
 def ship_config(config: LoaderConfig) -> LoaderConfig:
     """The configuration an actor receives: the executor option stripped (an executor instance
     holds actor handles and must not travel to its own actors)."""
-    names = {f.name for f in fields(config)}
-    if "executor" in names:
-        return replace(config, executor="ray")  # type: ignore[call-arg]
-    return config
+    return replace(config, executor="ray")
 
 
 def pack_sources(sources: tuple[Any, ...], put: Any) -> tuple[tuple[Any, ...], list[Any]]:

@@ -158,7 +158,8 @@ class Engine:
         return batch
 
     def worker_pids(self) -> list[int]:
-        return [worker.pid for worker in self.executor.workers()]
+        """The workers on this machine (whose processes can be looked up here)."""
+        return [worker.pid for worker in self.executor.workers() if worker.here]
 
     def helper_pid(self) -> int | None:
         return self.executor.helper_pid()
@@ -174,7 +175,8 @@ class Engine:
 
     def stats(self) -> Stats:
         self.recorder.restarts = self.executor.restarts
-        return self.recorder.snapshot(self.worker_pids(), self.helper_pid(), self.decisions())
+        nodes = {worker.pid: worker.node for worker in self.executor.workers() if worker.node is not None}
+        return self.recorder.snapshot(self.worker_pids(), self.helper_pid(), self.decisions(), nodes)
 
     def forget_in_forked_child(self) -> None:
         """In a child forked from the owner: let go of this process's copies only (see ``_lifecycle``)."""

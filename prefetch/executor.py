@@ -62,10 +62,12 @@ Result = Made | Failed
 
 
 class WorkerInfo(NamedTuple):
-    """One worker as ``Stats`` shows it: its pid and, off this machine, its node."""
+    """One worker as ``Stats`` shows it: its pid, its node (executors that have nodes: Ray's node id),
+    and whether it runs on this machine (only then can its pid be looked up here, for CPU and memory)."""
 
     pid: int
     node: str | None = None
+    here: bool = True
 
 
 class Executor(Protocol):

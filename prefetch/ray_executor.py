@@ -60,12 +60,6 @@ DEFAULT_ACTOR_OPTIONS: dict[str, Any] = {"scheduling_strategy": "SPREAD"}
 FORCED_ACTOR_OPTIONS: dict[str, Any] = {"max_restarts": 0, "max_task_retries": 0}
 
 
-def order_of(config: LoaderConfig) -> Order:
-    """``config.order``, a method today and an attribute after the architecture change: either works."""
-    order = config.order
-    return order() if callable(order) else order  # type: ignore[no-any-return]
-
-
 def writable(batch: Any) -> Any:
     """``batch`` with every read-only array replaced by a writable copy (tuples, lists, dicts walked)."""
     if isinstance(batch, np.ndarray):
@@ -163,7 +157,8 @@ class RayExecutor:
     def workers(self) -> list[WorkerInfo]:
         if self._run is None:
             return []
-        return [WorkerInfo(a.pid, a.node) for a in self._run.actors if a.pid is not None]
+        here = self._run.local_node
+        return [WorkerInfo(a.pid, a.node, a.node == here) for a in self._run.actors if a.pid is not None]
 
     def helper_pid(self) -> int | None:
         return None  # no process besides the actors: the schedule runs in the consumer
@@ -194,20 +189,20 @@ class _Run:
         self.owner = owner
         self.config = config
         self.wake = wake
-        self.order = order_of(config)
+        self.order: Order = config.order
         self.schedule = Schedule(self.order, start, config.prefetch, config.max_slots, config.retries)
         self.released: list[int] = []
         self.answers: list[Result] = []  # results decided without an actor (a late batch nobody had)
         self.local_node = ray.get_runtime_context().get_node_id()
         sources, self.array_refs = pack_sources(config.sources, ray.put)
-        self.config_ref = ray.put(ship_config(_with_sources(config, sources)))
+        self.config_ref: Any = ray.put(ship_config(_with_sources(config, sources)))
         self.actor_class = ray.remote(BatchMaker).options(**owner.actor_options)
         self.actors: list[_Actor] = [self._spawn() for _ in range(max(1, config.workers))]
         self.all_started = False
 
     def _spawn(self) -> _Actor:
         handle = self.actor_class.remote(self.config_ref, *self.array_refs)
-        return _Actor(handle, handle.hello.remote(), time.monotonic())
+        return _Actor(handle, handle.hello.remote(), time.monotonic())  # type: ignore[attr-defined]
 
     # --- dispatch -----------------------------------------------------------------------
 

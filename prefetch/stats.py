@@ -52,6 +52,9 @@ class Stats:
     workers_cpu: float = 0.0
     consumer_threads: int = 0
     decisions: tuple[str, ...] = ()
+    # pid -> the node each worker runs on, for executors with nodes (Ray: the node id); empty otherwise.
+    # Memory and CPU figures cover the workers on this machine only.
+    worker_nodes: dict[int, str] = field(default_factory=dict)
     # When these figures start (``time.time()``): the iteration's start for ``stats()``, so two snapshots
     # with the same ``started_at`` belong to the same iteration and ``later.since(earlier)`` can subtract
     # them; a window made by ``since`` starts where ``earlier`` ended.
@@ -143,6 +146,11 @@ class Stats:
                 f"workers {self.workers_cpu:.2f} cores, of {self.cores} usable",
             ),
         ]
+        if self.worker_nodes:
+            per_node: dict[str, int] = {}
+            for node in self.worker_nodes.values():
+                per_node[node] = per_node.get(node, 0) + 1
+            rows.append(("worker nodes", ", ".join(f"{node[:12]}: {n}" for node, n in sorted(per_node.items()))))
         rows += [("decided", decision) for decision in self.decisions]
         note = self.contention
         if note is not None:
@@ -186,12 +194,21 @@ class StatsRecorder:
             if pid is not None:
                 self.busy_s[pid] += sum(timings)
 
-    def snapshot(self, worker_pids: list[int], coordinator_pid: int | None, decisions: tuple[str, ...] = ()) -> Stats:
+    def snapshot(
+        self,
+        worker_pids: list[int],
+        coordinator_pid: int | None,
+        decisions: tuple[str, ...] = (),
+        nodes: dict[int, str] | None = None,
+    ) -> Stats:
+        """The figures now. ``worker_pids`` are the workers on this machine (memory, CPU); ``nodes`` maps
+        every worker that has a node to it, on this machine or not (all count in ``worker_busy``)."""
         from .config import usable_cores
 
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         per_batch = Timings(*(total / self.batches if self.batches else 0.0 for total in self.stage_s))
-        busy = {pid: min(1.0, self.busy_s.get(pid, 0.0) / elapsed) for pid in worker_pids}
+        nodes = dict(nodes or {})
+        busy = {pid: min(1.0, self.busy_s.get(pid, 0.0) / elapsed) for pid in [*worker_pids, *nodes]}
         for pid, seconds in self.busy_s.items():  # workers that were replaced still count
             busy.setdefault(pid, min(1.0, seconds / elapsed))
         return Stats(
@@ -215,6 +232,7 @@ class StatsRecorder:
             workers_cpu=_cpu_seconds(worker_pids) / elapsed,
             consumer_threads=_thread_count(),
             decisions=decisions,
+            worker_nodes=nodes,
             started_at=self.started_at,
         )
 

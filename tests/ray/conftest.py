@@ -20,7 +20,9 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 _HERE = Path(__file__).resolve().parent
 _ROOT = _HERE.parent.parent
 _PATHS = [str(_ROOT), str(_HERE), str(_HERE.parent)]
-os.environ["PYTHONPATH"] = os.pathsep.join(_PATHS + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    _PATHS + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+)
 for _path in reversed(_PATHS):
     if _path not in sys.path:
         sys.path.insert(0, _path)

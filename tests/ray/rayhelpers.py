@@ -8,7 +8,6 @@ import time
 from typing import Any
 
 import numpy as np
-import psutil
 
 import prefetch
 
@@ -76,24 +75,11 @@ def slow(seconds: float):
 
 def fail_at(index: int):
     def transform(sample: Any) -> Any:
-        x, y = sample
-        if int(y) == index:
+        if int(sample[1]) == index:
             raise Boom(f"sample {index} is bad")
         return sample
 
     return transform
-
-
-def actors_gone(executor_workers: list[Any], timeout: float = 10.0) -> list[int]:
-    """The pids of ``executor_workers`` (``WorkerInfo``) still running after ``timeout``."""
-    processes = []
-    for info in executor_workers:
-        try:
-            processes.append(psutil.Process(info.pid))
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(processes, timeout=timeout)
-    return [p.pid for p in alive]
 
 
 def owned_objects() -> set[str]:
@@ -105,9 +91,9 @@ def owned_objects() -> set[str]:
     return {object_id.hex() if hasattr(object_id, "hex") else str(object_id) for object_id in counts}
 
 
-def actor_states(actor_ids: list[str]) -> dict[str, str]:
-    """Ray's own record (the GCS actor table) of each actor's state: ALIVE, DEAD, ..."""
+def alive_actors() -> list[str]:
+    """The loader actors (``BatchMaker``) Ray's own actor table (the GCS) lists as alive."""
     import ray
 
-    table = ray._private.state.actors()
-    return {actor_id: table.get(actor_id, {}).get("State", "unknown") for actor_id in actor_ids}
+    table = ray._private.state.actors().values()
+    return [a["ActorID"] for a in table if a.get("ActorClassName", "").endswith("BatchMaker") and a["State"] == "ALIVE"]

@@ -9,12 +9,10 @@ import time
 
 import numpy as np
 import pytest
-from driver import Driver, config, take
-from rayhelpers import Boom, actor_states, actors_gone, digests, fail_at, owned_objects, processes_stream, slow
+from helpers import CountingSource
+from rayhelpers import Boom, alive_actors, digests, fail_at, owned_objects, processes_stream, slow
 
 import prefetch
-from helpers import CountingSource
-from prefetch.ray_executor import RayExecutor
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
 
@@ -25,11 +23,9 @@ DATA_Y = np.arange(400)
 def test_prefetch_bounds_work_done_ahead_of_a_slow_consumer(local_ray, tmp_path):
     source = CountingSource(400, str(tmp_path / "count"))
     batch_size, depth = 4, 4
-    cfg = config(source, batch_size=batch_size, workers=3, prefetch=depth, epochs=1, seed=0)
-    driver = Driver(cfg, RayExecutor())
-    consumed = 0
-    try:
-        for _ in driver:
+    with prefetch.Loader(source, batch_size=batch_size, workers=3, prefetch=depth, epochs=1, executor="ray") as loader:
+        consumed = 0
+        for _ in loader:
             consumed += 1
             time.sleep(0.05)  # a slow training step: the actors must not run ahead
             assert source.loaded() <= (consumed + depth) * batch_size
@@ -37,24 +33,21 @@ def test_prefetch_bounds_work_done_ahead_of_a_slow_consumer(local_ray, tmp_path)
                 break
         time.sleep(0.5)  # time to fill up to the bound, and no further
         assert source.loaded() <= (consumed + depth) * batch_size
-        assert driver.max_ready <= depth
-    finally:
-        driver.close()
+        assert loader.stats().max_fill <= depth
 
 
 def test_an_actor_killed_mid_run_is_replaced_and_the_stream_is_unchanged(local_ray):
     options = {"batch_size": 8, "epochs": 1, "seed": 7, "transform": slow(0.005)}
     expected = digests(processes_stream(DATA_X, DATA_Y, **options))
-    executor = RayExecutor()
-    driver = Driver(config(DATA_X, DATA_Y, workers=2, retries=1, **options), executor)
-    got = []
-    for batch in driver:
-        got.append(batch)
-        if len(got) == 10:
-            victim = executor.workers()[0].pid
-            os.kill(victim, signal.SIGKILL)  # the actor's process, mid-batch
-    assert executor.restarts == 1
-    assert victim not in [info.pid for info in executor.workers()]
+    with prefetch.Loader(DATA_X, DATA_Y, workers=2, retries=1, executor="ray", **options) as loader:
+        got = []
+        for batch in loader:
+            got.append(batch)
+            if len(got) == 10:
+                victim = next(iter(loader.stats().worker_nodes))
+                os.kill(victim, signal.SIGKILL)  # the actor's process, mid-batch
+        stats = loader.stats()
+    assert stats.restarts == 1
     assert digests(got) == expected
 
 
@@ -74,21 +67,20 @@ class KillOnce:
 
 
 def test_a_batch_that_kills_its_actor_past_retries_raises_worker_died(local_ray):
-    cfg = config(KillOnce(64, 21), batch_size=8, shuffle=False, epochs=1, workers=2, retries=1)
-    driver = Driver(cfg, RayExecutor())
     got = []
-    with pytest.raises(prefetch.WorkerDiedError) as caught:
-        for batch in driver:
+    options = {"batch_size": 8, "shuffle": False, "epochs": 1, "workers": 2, "retries": 1, "executor": "ray"}
+    with prefetch.Loader(KillOnce(64, 21), **options) as loader, pytest.raises(prefetch.WorkerDiedError) as caught:
+        for batch in loader:
             got.append(batch)
-    driver.close()
     assert len(got) == 2 and caught.value.batch == 2
     assert 21 in caught.value.indices and "retries=1" in str(caught.value)
 
 
 def test_user_errors_keep_their_type_with_sample_and_batch(local_ray):
-    cfg = config(DATA_X, DATA_Y, batch_size=10, shuffle=False, epochs=1, workers=2, transform=fail_at(37))
-    with pytest.raises(Boom, match="sample 37 is bad") as caught:
-        take(Driver(cfg, RayExecutor()))
+    options = {"batch_size": 10, "shuffle": False, "epochs": 1, "workers": 2, "executor": "ray"}
+    with prefetch.Loader(DATA_X, DATA_Y, transform=fail_at(37), **options) as loader, pytest.raises(Boom) as caught:
+        list(loader)
+    assert str(caught.value) == "sample 37 is bad"
     notes = " ".join(getattr(caught.value, "__notes__", []))
     assert "sample 37" in notes and "batch 3" in notes
 
@@ -102,49 +94,68 @@ def test_lambdas_closures_memmaps_and_files_travel(local_ray, tmp_path):
     for i in range(120):
         files.append(str(tmp_path / f"{i}.npy"))
         np.save(files[-1], np.full(2, i, dtype=np.int64))
-    view = np.memmap(path, dtype=np.float32, mode="r", shape=(120, 3))[10:130]  # a region: offset 10 rows
+    view = np.memmap(path, dtype=np.float32, mode="r", shape=(120, 3))[10:110]  # a region: 10 rows in
     scale = np.float32(3)
     options = {"batch_size": 16, "epochs": 1, "seed": 3, "transform": lambda s: (s[0] * scale, s[1], s[2])}
-    sources = (view[:100], prefetch.Files(files[:100]), list(range(100)))
+    sources = (view, prefetch.Files(files[:100]), list(range(100)))
     expected = digests(processes_stream(*sources, **options))
-    got = take(Driver(config(*sources, workers=2, **options), RayExecutor()))
-    assert digests(got) == expected
+    with prefetch.Loader(*sources, workers=2, executor="ray", **options) as loader:
+        assert digests(list(loader)) == expected
+
+
+def stuck_at_sample_20(sample):
+    if int(sample[1]) == 20:
+        time.sleep(60)
+    return sample
 
 
 def test_timeout_kills_the_actor_and_raises_worker_timeout(local_ray):
-    def stuck_at_batch_2(sample):
-        if int(sample[1]) == 20:
-            time.sleep(60)
-        return sample
-
-    cfg = config(DATA_X, DATA_Y, batch_size=10, shuffle=False, epochs=1, workers=2, timeout=2.0,
-                 transform=stuck_at_batch_2)  # fmt: skip
-    executor = RayExecutor()
-    driver = Driver(cfg, executor)
     started = time.monotonic()
-    with pytest.raises(prefetch.WorkerTimeoutError) as caught:
-        for _ in driver:
-            pass
+    options = {"batch_size": 10, "shuffle": False, "epochs": 1, "workers": 2, "timeout": 2.0, "executor": "ray"}
+    loader = prefetch.Loader(DATA_X, DATA_Y, transform=stuck_at_sample_20, **options)
+    with loader, pytest.raises(prefetch.WorkerTimeoutError) as caught:
+        list(loader)
     assert caught.value.batch == 2 and time.monotonic() - started < 20
-    driver.close()
+    assert alive_actors() == []
+
+
+def _leaves_nothing(stop) -> None:
+    """Start a loader over a 4 MiB source, take 5 batches, end it with ``stop``: no actor of it stays
+    alive, and no object of it (source, configuration, batches) stays referenced from here."""
+    before = owned_objects()
+    big = np.zeros((64, 256, 256), dtype=np.uint8)
+    loader = prefetch.Loader(big, batch_size=8, workers=3, seed=0, executor="ray")
+    stop(loader)
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while alive_actors() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert alive_actors() == []
+    assert owned_objects() - before == set()
 
 
 def test_close_mid_stream_leaves_no_actor_and_no_object(local_ray):
-    before = owned_objects()
-    big = np.zeros((64, 256, 256), dtype=np.uint8)  # 4 MiB source, put in the store once
-    executor = RayExecutor()
-    driver = Driver(config(big, batch_size=8, workers=3, seed=0), executor)
-    for _ in range(5):
-        driver.next_batch()
-    workers = executor.workers()
-    actor_ids = [actor.handle._actor_id.hex() for actor in executor._run.actors]
-    assert len(workers) == 3
-    assert len(owned_objects() - before) >= 2  # the source and the configuration, at least
-    driver.close()
-    assert actors_gone(workers) == []
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and "ALIVE" in actor_states(actor_ids).values():
-        time.sleep(0.1)
-    assert set(actor_states(actor_ids).values()) == {"DEAD"}
-    gc.collect()
-    assert owned_objects() - before == set()
+    def close(loader):
+        batches = iter(loader)
+        for _ in range(5):
+            next(batches)
+        assert len(loader.stats().worker_nodes) == 3
+        assert len(alive_actors()) == 3
+        loader.close()
+
+    _leaves_nothing(close)
+
+
+def test_a_dropped_generator_or_an_exception_leaves_no_actor(local_ray):
+    def drop(loader):
+        batches = iter(loader)
+        next(batches)
+        del batches
+
+    def fail(loader):
+        with pytest.raises(ZeroDivisionError), loader:
+            for _ in loader:
+                1 / 0  # noqa: B018
+
+    _leaves_nothing(drop)
+    _leaves_nothing(fail)

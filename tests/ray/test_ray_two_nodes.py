@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from driver import Driver, config, take
 from rayhelpers import augment, digests, processes_stream
 
-from prefetch.ray_executor import RayExecutor
+import prefetch
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 
@@ -37,12 +36,11 @@ def test_actors_on_both_nodes_make_the_same_stream(two_nodes):
     expected = digests(processes_stream(DATA_X, DATA_Y, **OPTIONS))
     nodes = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
     assert len(nodes) == 2
-    executor = RayExecutor(actor_options={"scheduling_strategy": "SPREAD", "num_cpus": 1})
-    driver = Driver(config(DATA_X, DATA_Y, workers=4, **OPTIONS), executor)
-    got = [driver.next_batch()]
-    node_of = {info.pid: info.node for info in executor.workers()}
-    got.extend(driver)
-    assert set(node_of.values()) == nodes  # two actors on each node
-    per_node = {node: sum(node_of[pid] == node for pid in driver.makers.values()) for node in nodes}
-    assert all(count >= 5 for count in per_node.values()), per_node  # both nodes made batches
+    executor = prefetch.RayExecutor(actor_options={"scheduling_strategy": "SPREAD", "num_cpus": 1})
+    with prefetch.Loader(DATA_X, DATA_Y, workers=4, executor=executor, **OPTIONS) as loader:
+        got = list(loader)
+        stats = loader.stats()
+    assert set(stats.worker_nodes.values()) == nodes  # two actors on each node
+    made = {node: sum(stats.worker_busy[pid] for pid, at in stats.worker_nodes.items() if at == node) for node in nodes}
+    assert all(busy > 0 for busy in made.values()), made  # both nodes made batches
     assert digests(got) == expected
