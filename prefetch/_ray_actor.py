@@ -163,8 +163,10 @@ class BatchMaker:
         context = ray.get_runtime_context()
         return self.pid, context.get_node_id(), ray.util.get_node_ip_address()
 
-    def make(self, batch: int, indices: np.ndarray) -> tuple[Any, Timings] | Fail:
-        """Batch ``batch`` of samples ``indices``: the collated batch and its timings, or ``Fail``."""
+    def make(self, batch: int, packed: bytes) -> tuple[Any, Timings] | Fail:
+        """Batch ``batch`` of the samples ``packed`` (int64 indices): the collated batch and its timings,
+        or ``Fail``."""
+        indices = np.frombuffer(packed, dtype=np.int64)
         if self.tight_thread != threading.get_ident():
             # As a worker process does: a timed wait in a transform (a read with a timeout, a sleep)
             # wakes on time. Per thread, so set where the calls run (Ray's main thread here).

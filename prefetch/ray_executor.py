@@ -218,7 +218,7 @@ class _Run:
                 return
             batch, slot = task
             actor = min(candidates, key=lambda a: len(a.queue))
-            indices = self.order.batch_indices(batch)
+            indices = self.order.batch_indices(batch).tobytes()  # bytes: the cheapest argument for Ray to pack
             actor.queue.append(_Task(batch, slot, actor.handle.make.remote(batch, indices)))
 
     def advance(self, position: int) -> None:
@@ -237,40 +237,55 @@ class _Run:
         return refs
 
     def wait(self, seconds: float) -> list[Result]:
-        """Results in completion order, waiting up to ``seconds`` for the first; [] when woken."""
+        """Results in completion order, waiting up to ``seconds`` for the first; [] when woken.
+
+        One non-blocking ``ray.wait`` first (with calls queued, something is often ready), then a
+        blocking one in slices of ``WAIT_SLICE_S``, so a wake is seen promptly."""
         deadline = time.monotonic() + seconds
         while True:
             self.dispatch()
             results, self.answers = self.answers, []
             refs = self._watched()
-            left = max(0.0, min(WAIT_SLICE_S, deadline - time.monotonic()))
             if refs:
-                ready, _ = self.ray.wait(refs, num_returns=1, timeout=0 if results else left)
+                ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=0)
+                if not ready and not results:
+                    left = max(0.0, min(WAIT_SLICE_S, deadline - time.monotonic()))
+                    ready, _ = self.ray.wait(refs, num_returns=1, timeout=left)
                 if ready:
-                    results.extend(self._collect(refs))
+                    results.extend(self._collect(set(ready)))
             elif not results:
-                time.sleep(left)
+                time.sleep(max(0.0, min(WAIT_SLICE_S, deadline - time.monotonic())))
             self._check_start()
             if results or self.wake.woken or time.monotonic() >= deadline:
                 self.dispatch()
                 return results
 
-    def _collect(self, refs: list[Any]) -> list[Result]:
-        """Every answer ready now: actors that said hello, batches made, actors lost. An actor answers
+    def _collect(self, done: set[Any]) -> list[Result]:
+        """The answers among ``done``: actors that said hello, batches made, actors lost. An actor answers
         in order, so only the front of its queue can be ready -- unless it died: then all are."""
-        ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=0)
-        done = set(ready)
         results: list[Result] = []
+        values = self._fetch(done)
         for actor in list(self.actors):
             if actor.hello is not None and actor.hello in done:
                 self._hello(actor)
             while actor.queue and actor.queue[0].ref in done:
-                result = self._answer(actor)
+                result = self._answer(actor, values)
                 if result is _LOST:
                     results.extend(self._lose(actor))
                     break
                 results.append(result)
         return results
+
+    def _fetch(self, done: set[Any]) -> dict[Any, Any]:
+        """The values of the ready batch calls, in one ``ray.get`` (cheaper than one each); {} when one of
+        them is an error: ``_answer`` then gets them one by one and sees which."""
+        refs = [task.ref for actor in self.actors for task in actor.queue if task.ref in done]
+        if len(refs) < 2:
+            return {}
+        try:
+            return dict(zip(refs, self.ray.get(refs)))
+        except self.ray.exceptions.RayError:
+            return {}
 
     def _hello(self, actor: _Actor) -> None:
         try:
@@ -280,11 +295,11 @@ class _Run:
                 raise PrefetchError(f"a Ray actor of the loader could not start: {_first_line(error)}") from error
         actor.hello = None
 
-    def _answer(self, actor: _Actor) -> Any:
+    def _answer(self, actor: _Actor, values: dict[Any, Any]) -> Any:
         """The front call of ``actor`` has answered: a ``Made``, a ``Failed``, or ``_LOST``."""
         task = actor.queue[0]
         try:
-            value = self.ray.get(task.ref)
+            value = values.pop(task.ref) if task.ref in values else self.ray.get(task.ref)
         except self.ray.exceptions.RayTaskError as error:  # not user code (that is ``Fail``): a bug of ours
             actor.queue.popleft()
             self.released.append(task.slot)

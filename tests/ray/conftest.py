@@ -84,6 +84,9 @@ class RayInstances:
             if os.path.islink(latest) and os.path.realpath(latest) == os.path.realpath(path):
                 os.unlink(latest)
             shutil.rmtree(path, ignore_errors=True)
+        latest = "/tmp/ray/session_latest"
+        if os.path.islink(latest) and not os.path.exists(latest):  # it pointed at a session removed here
+            os.unlink(latest)
 
 
 @pytest.fixture(scope="session")
