@@ -159,3 +159,23 @@ def test_a_dropped_generator_or_an_exception_leaves_no_actor(local_ray):
 
     _leaves_nothing(drop)
     _leaves_nothing(fail)
+
+
+def test_close_from_another_thread_wakes_a_blocked_next(local_ray):
+    import threading
+
+    loader = prefetch.Loader(DATA_X, DATA_Y, batch_size=10, shuffle=False, workers=2, executor="ray",
+                             transform=stuck_at_sample_20)  # fmt: skip
+    batches = iter(loader)
+    next(batches), next(batches)  # batch 2 holds sample 20: the next next() blocks
+    closer = threading.Timer(1.0, loader.close)
+    closer.start()
+    started = time.monotonic()
+    with pytest.raises(prefetch.LoaderClosedError):
+        next(batches)
+    closer.join()
+    assert time.monotonic() - started < 10
+    deadline = time.monotonic() + 10
+    while alive_actors() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert alive_actors() == []

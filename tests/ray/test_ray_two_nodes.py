@@ -44,3 +44,31 @@ def test_actors_on_both_nodes_make_the_same_stream(two_nodes):
     made = {node: sum(stats.worker_busy[pid] for pid, at in stats.worker_nodes.items() if at == node) for node in nodes}
     assert all(busy > 0 for busy in made.values()), made  # both nodes made batches
     assert digests(got) == expected
+
+
+def test_a_node_lost_mid_run_has_its_batches_redone_elsewhere(two_nodes):
+    import ray
+
+    options = {**OPTIONS, "transform": slow_augment}
+    expected = digests(processes_stream(DATA_X, DATA_Y, **options))
+    head = ray.get_runtime_context().get_node_id()
+    second = next(node for node in two_nodes.worker_nodes)
+    executor = prefetch.RayExecutor(actor_options={"scheduling_strategy": "SPREAD"})
+    with prefetch.Loader(DATA_X, DATA_Y, workers=4, retries=2, executor=executor, **options) as loader:
+        got = []
+        for batch in loader:
+            got.append(batch)
+            if len(got) == 8:
+                assert len(set(loader.stats().worker_nodes.values())) == 2
+                two_nodes.remove_node(second)  # its raylet, object store and actors go at once
+        stats = loader.stats()
+    assert stats.restarts >= 1
+    assert set(stats.worker_nodes.values()) == {head}  # the replacements are on the node that is left
+    assert digests(got) == expected
+
+
+def slow_augment(sample):
+    import time
+
+    time.sleep(0.004)
+    return augment(sample)
