@@ -32,9 +32,10 @@ from collections.abc import Generator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Unpack
 
-from .config import GeneratorOptions, LoaderConfig, LoaderOptions, make_config
+from .config import GeneratorOptions, LoaderConfig, LoaderOptions
 from .errors import ConcurrentIterationError, IteratorSupersededError, LoaderClosedError
 from .stats import Stats, StatsRecorder
+from .validation import make_config
 
 if TYPE_CHECKING:
     from .consumer import Engine, InlineEngine
