@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import LoaderConfig
+from .core.config import LoaderConfig
 
 # How much of a pickled option or source the construction check writes before it trusts the
 # rest: an unpicklable part usually fails at once (a generator, a connection, a lock), and the

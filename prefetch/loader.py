@@ -32,7 +32,7 @@ from collections.abc import Generator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Unpack
 
-from .config import GeneratorOptions, LoaderConfig, LoaderOptions
+from .core.config import GeneratorOptions, LoaderConfig, LoaderOptions
 from .errors import ConcurrentIterationError, IteratorSupersededError, LoaderClosedError
 from .stats import Stats, StatsRecorder
 from .validation import make_config

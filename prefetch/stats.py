@@ -187,7 +187,7 @@ class StatsRecorder:
                 self.busy_s[pid] += sum(timings)
 
     def snapshot(self, worker_pids: list[int], coordinator_pid: int | None, decisions: tuple[str, ...] = ()) -> Stats:
-        from .config import usable_cores
+        from .core.config import usable_cores
 
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         per_batch = Timings(*(total / self.batches if self.batches else 0.0 for total in self.stage_s))

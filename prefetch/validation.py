@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Unpack
 
-from .config import (
+from .core.config import (
     COLLATE_MODES,
     DEFAULTS,
     EXECUTORS,

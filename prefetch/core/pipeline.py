@@ -23,8 +23,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..collate import Alloc, SourceMemory, StreamingStack, collate_auto, collate_list, private_alloc
-from ..config import LoaderConfig
 from ..errors import Failure
+from .config import LoaderConfig
 
 
 class Timings(NamedTuple):

@@ -42,7 +42,7 @@ import multiprocess
 import numpy as np
 import psutil
 
-from ..config import LoaderConfig
+from ..core.config import LoaderConfig
 from ..core.schedule import GiveUp, Schedule
 from ..errors import describe_exit
 from .channel import Outbox, PipeReader, atomic_body, send

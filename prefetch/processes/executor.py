@@ -29,7 +29,7 @@ import multiprocess
 import psutil
 
 from .._lifecycle import WakePipe
-from ..config import LoaderConfig
+from ..core.config import LoaderConfig
 from ..core.reorder import Leases
 from ..core.schedule import GiveUp
 from ..errors import CoordinatorDiedError, CoordinatorTimeoutError, WorkerDiedError, WorkerTimeoutError, describe_exit

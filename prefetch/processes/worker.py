@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from ..config import LoaderConfig
 from ..core import rng
+from ..core.config import LoaderConfig
 from ..core.pipeline import BatchError, make_batch, uses_randomness
 from ..errors import Failure
 from .channel import PipeReader, send

@@ -14,8 +14,8 @@ from functools import cached_property
 from types import MappingProxyType
 from typing import Any, NamedTuple, TypedDict
 
-from ._tuning import DEFAULT_WORKER_NICE
-from .core.order import Order
+from .._tuning import DEFAULT_WORKER_NICE
+from .order import Order
 
 COLLATE_MODES = ("auto", "list")
 EXECUTORS = ("processes", "ray")
