@@ -137,6 +137,12 @@ class Loader:
         return self._config
 
     @property
+    def engine(self) -> Engine | InlineEngine | None:
+        """The running engine (None when no iteration runs): its ``stats()``, ``worker_pids()`` and
+        ``helper_pid()`` (the coordinator), for monitoring and for tests that inject faults."""
+        return self._running.engine
+
+    @property
     def seed(self) -> int:
         """The seed of the order and of the transforms' randomness (drawn when ``seed=None``)."""
         return self._config.seed

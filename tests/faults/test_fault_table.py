@@ -200,7 +200,7 @@ def test_workers_killed_from_outside_are_replaced_and_the_output_is_unchanged(st
         for number, batch in enumerate(loader):
             got.append(fingerprint(batch))
             if number in (1, 7, 15):
-                engine = loader._running.engine
+                engine = loader.engine
                 assert engine is not None
                 os.kill(engine.worker_pids()[0], signal.SIGKILL)
         assert loader.stats().restarts >= 1
