@@ -20,7 +20,7 @@ How it works::
 
 At most ``depth`` items are made ahead (a slot is taken *before* ``next`` runs),
 so memory stays bounded however slow the loop is. Items come in the iterable's
-order. Arrays cross through shared memory (``_shm.SlotWriter`` / ``SlotReader``),
+order. Arrays cross through shared memory (``processes.slots.SlotWriter`` / ``SlotReader``),
 never pickled; the consumer copies them out of the slot (one ``memcpy``), so an
 item the user holds never changes. An exception in the iterable is re-raised in
 the consumer with its own type and the producer's traceback as ``__cause__``.
@@ -57,7 +57,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from .errors import Failure, WorkerDiedError, describe_exit
 
 if TYPE_CHECKING:
-    from .processes.shm import PrefixLock, SlotReader
+    from .processes.segments import PrefixLock
+    from .processes.slots import SlotReader
 
 __all__ = ["background"]
 
@@ -142,7 +143,8 @@ def _produce(
     source: Any, make: bool, depth: int, prefix: str, conn: Any, parent_pid: int, states: tuple[Any, Any]
 ) -> None:
     """The producer's life: take a free slot, make the next item into it, send it; until told to stop."""
-    from .processes.shm import SlotWriter, unlink_prefix
+    from .processes.segments import unlink_prefix
+    from .processes.slots import SlotWriter
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the consumer's to handle
     _die_with_parent()
@@ -186,12 +188,12 @@ class _Producer:
     def __init__(self, source: Any, make: bool, depth: int):
         import multiprocess
 
-        from .processes.shm import claim_prefix, remove_stale_segments
+        from .processes.segments import claim_prefix, remove_stale_segments
 
         remove_stale_segments()  # left by consumers that were killed (their producers clean up too)
 
         context = multiprocess.get_context("fork" if _fork_available() else "spawn")
-        prefix_lock = claim_prefix()  # marks the segments as alive until _stop (see _shm.PrefixLock)
+        prefix_lock = claim_prefix()  # marks the segments as alive until _stop (see segments.PrefixLock)
         self.prefix = prefix_lock.prefix
         self.conn, child_conn = context.Pipe(duplex=True)
         self.process = context.Process(
@@ -288,7 +290,7 @@ def background(iterable: Iterable[Any] | Callable[[], Iterable[Any]], depth: int
 def _run(source: Any, make: bool, depth: int) -> Generator[Any, None, None]:
     producer: _Producer | None = None
     try:
-        from .processes.shm import SlotReader
+        from .processes.slots import SlotReader
 
         producer = _Producer(source, make, depth)
         reader = SlotReader()

@@ -2,7 +2,7 @@
 
 Every message is a small typed ``NamedTuple`` (immutable, and the cheapest typed
 record to pickle: the hot path sends a few per batch). Array data never travels in
-a message: it is in a shared-memory slot (``_shm``). The pipes, and who writes what::
+a message: it is in a shared-memory slot (``slots``). The pipes, and who writes what::
 
     control  consumer -> coordinator      Consumed, Lost, TimedOut, Stop
     tasks    coordinator -> one worker    Task, Stop
@@ -10,7 +10,7 @@ a message: it is in a shared-memory slot (``_shm``). The pipes, and who writes w
              coordinator -> consumer      CoordinatorReady, WorkerLost, BatchAbandoned, CoordinatorFailed
 
 The results pipe has many writers and one reader. Each message goes in one
-``write`` of at most ``PIPE_BUF`` bytes, which POSIX makes atomic (``_channel``), so
+``write`` of at most ``PIPE_BUF`` bytes, which POSIX makes atomic (``channel``), so
 messages never interleave and a dying worker leaves no half message. The pipe is
 FIFO: a ``WorkerLost`` notice, written after the coordinator saw the death, arrives
 after everything the dead worker managed to send, so the consumer knows exactly

@@ -29,7 +29,7 @@ from ..errors import Failure
 from .channel import PipeReader, send
 from .lifetime import WORKER_TIMER_SLACK_NS, die_with_parent, ignore_sigint, limit_threads, normal_scheduling
 from .messages import BatchFailed, BatchReady, Stop, Task
-from .shm import SlotWriter
+from .slots import SlotWriter
 
 # How often an idle worker checks that its coordinator is still alive.
 PARENT_CHECK_INTERVAL_MS = 250
