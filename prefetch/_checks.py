@@ -7,8 +7,9 @@ user's own call:
 
 * ``check_picklable`` (at construction): every option or source that will be pickled must
   pickle. Numpy sources are not pickled (they are shared through a segment, see
-  ``_shm.share_sources``), so they are not tested; everything else is pickled into a sink that
-  stops after ``PICKLE_PROBE_BYTES``, so a large list source costs at most that much work.
+  ``processes.sources.share_sources``), so they are not tested; everything else is pickled
+  into a sink that stops after ``PICKLE_PROBE_BYTES``, so a large list source costs at most
+  that much work.
 * ``check_main_guarded`` (when the engine starts): the code that starts the loader must not run
   at the top level of the ``__main__`` script outside ``if __name__ == "__main__":``, or the
   child would run it again while it boots (multiprocessing's "bootstrapping phase" error).

@@ -65,7 +65,7 @@ def _mib(nbytes: float) -> str:
 
 
 def shm_dir() -> str:
-    from .processes.shm import SHM_DIR
+    from .processes.segments import SHM_DIR
 
     return SHM_DIR
 

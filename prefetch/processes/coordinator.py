@@ -60,7 +60,8 @@ from .messages import (
     WorkerLost,
     encode,
 )
-from .shm import resolve_sources, unlink_prefix
+from .segments import unlink_prefix
+from .sources import resolve_sources
 
 # How often the coordinator checks that the consumer process is alive, where it cannot
 # wait on a pidfd of it (Linux before 5.3).

@@ -51,7 +51,9 @@ from .messages import (
     WorkerLost,
     encode,
 )
-from .shm import SlotReader, claim_prefix, remove_stale_segments, share_sources
+from .segments import claim_prefix, remove_stale_segments
+from .slots import SlotReader
+from .sources import share_sources
 from .worker import worker_main
 
 # With ``timeout``: how long the coordinator may take to act on a late batch (kill its worker
