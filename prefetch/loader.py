@@ -1,25 +1,16 @@
 """``Loader`` and ``data_generator``: what the user iterates.
 
-The data path, end to end::
+The data path, top down::
 
-    consumer (your process)          coordinator process              worker processes
-    -----------------------          -------------------              ----------------
-    Loader / generator               order.Order: batch b -> indices
-      next() wants batch p   --Consumed(p, released slots)-->
-                                     window: b < p + prefetch
-                                     free slot s        --Task(b, indices, s)-->
-                                                                      load, transform,
-                                                                      collate into slot s,
-                                                                      batch_transform
-                                     <--BatchReady(b, s, layout)--
-      reorder buffer {b: msg} <--relayed as is--
-      yield arrays viewing slot s
-      (slot s released when the user drops the batch)
+    Loader / its generator        the API: options, position, state_dict, threads
+      -> consumer.Engine          reorder buffer, timeout clock, close from any thread, Stats
+        -> an Executor            where batches are made (executor.py, the seam):
+             processes/           a coordinator process, forked workers, shared-memory slots
+             ray_executor.py      Ray actors, the object store
+               -> core/           process-free: order, per-batch seeding, make_batch, schedule
 
-Only index batches and small typed messages (``_protocol``) cross the pipes; array
-bytes are written once, by a worker, into shared memory (``_shm``). The consumer
-yields strictly by batch number, so the stream is the same for any number of
-workers. ``docs/design.md`` tells the whole story, including shutdown.
+The loader yields strictly by batch number, so the stream is the same for any number of
+workers and any executor. ``docs/design.md`` tells the whole story, including shutdown.
 """
 
 from __future__ import annotations

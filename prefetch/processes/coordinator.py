@@ -44,9 +44,16 @@ import psutil
 
 from ..core.config import LoaderConfig
 from ..core.schedule import GiveUp, Schedule
-from ..errors import describe_exit
+from ..errors import WorkersKeepDyingError, describe_exit
 from .channel import Outbox, PipeReader, atomic_body, send
-from .lifetime import WORKER_JOIN_TIMEOUT_S, batch_scheduling, ignore_sigint, join_or_kill
+from .lifetime import (
+    PARENT_CHECK_INTERVAL_S,
+    WORKER_JOIN_TIMEOUT_S,
+    batch_scheduling,
+    ignore_sigint,
+    import_before_forking,
+    join_or_kill,
+)
 from .messages import (
     BatchAbandoned,
     Consumed,
@@ -63,9 +70,6 @@ from .messages import (
 from .segments import unlink_prefix
 from .sources import resolve_sources
 
-# How often the coordinator checks that the consumer process is alive, where it cannot
-# wait on a pidfd of it (Linux before 5.3).
-PARENT_CHECK_INTERVAL_S = 0.25
 # Workers that die with nothing to do (a broken environment, not a poison batch)
 # are replaced this many times, then the coordinator gives up.
 IDLE_DEATHS_ALLOWED = 8
@@ -157,8 +161,10 @@ class Coordinator:
         if not outstanding:
             self.idle_deaths += 1
             if self.idle_deaths > IDLE_DEATHS_ALLOWED:
-                raise RuntimeError(
-                    f"workers keep dying before doing any work (last: pid {pid} {describe_exit(exitcode)})"
+                raise WorkersKeepDyingError(
+                    f"workers keep dying before doing any work (last: pid {pid} {describe_exit(exitcode)})",
+                    pid=pid,
+                    exitcode=exitcode,
                 )
         self._post(WorkerLost(pid, exitcode, outstanding))
         self._start_worker()
@@ -349,39 +355,6 @@ class Coordinator:
         join_or_kill([worker.process for worker in self.workers], WORKER_JOIN_TIMEOUT_S)
 
 
-def _import_before_forking(config: LoaderConfig) -> None:
-    """Import what every worker needs once, here, so that the forked workers inherit it: numpy
-    imports ``numpy.random`` lazily (13 ms here, on the path to the first batch otherwise twice:
-    the coordinator's first dispatch, then each worker's first seeding)."""
-    import numpy.random  # noqa: F401
-
-    if config.limit_threads:
-        try:
-            import threadpoolctl  # noqa: F401
-        except ImportError:  # pragma: no cover - a dependency
-            pass
-
-
-def ship_config(config: LoaderConfig) -> bytes:
-    """The configuration pickled for a coordinator that is spawned (not forked): with dill, so lambdas and
-    closures travel. Arrays and dtypes inside it (a list of arrays as a source, an array in a closure) go
-    through numpy's own protocol-5 reduction: dill's rebuilds an array of non-native byte order ('>i4')
-    with the native one."""
-    import io
-
-    import dill
-
-    class ConfigPickler(dill.Pickler):
-        def reducer_override(self, obj: Any) -> Any:
-            if type(obj) is np.ndarray or isinstance(obj, np.dtype):
-                return obj.__reduce_ex__(5)
-            return NotImplemented
-
-    buffer = io.BytesIO()
-    ConfigPickler(buffer, protocol=5).dump(config)
-    return buffer.getvalue()
-
-
 def coordinator_main(
     control: Any,
     results: Any,
@@ -404,7 +377,7 @@ def coordinator_main(
 
             config = dill.loads(config)
         assert isinstance(config, LoaderConfig)
-        _import_before_forking(config)
+        import_before_forking(config.limit_threads)
         config = replace(config, sources=resolve_sources(config.sources))
         coordinator = Coordinator(control, results, config, prefix, start, consumer_pid, worker_main)
         coordinator.run()

@@ -35,7 +35,7 @@ from ..core.schedule import GiveUp
 from ..errors import CoordinatorDiedError, CoordinatorTimeoutError, WorkerDiedError, WorkerTimeoutError, describe_exit
 from ..executor import Failed, Made, Result, WorkerInfo
 from .channel import Outbox, PipeReader
-from .coordinator import coordinator_main, ship_config
+from .coordinator import coordinator_main
 from .lifetime import COORDINATOR_JOIN_TIMEOUT_S, join_or_kill, sigint_ignored, wait_ended
 from .messages import (
     BatchAbandoned,
@@ -53,7 +53,7 @@ from .messages import (
 )
 from .segments import claim_prefix, remove_stale_segments
 from .slots import SlotReader
-from .sources import share_sources
+from .sources import share_sources, ship_config
 from .worker import worker_main
 
 # With ``timeout``: how long the coordinator may take to act on a late batch (kill its worker

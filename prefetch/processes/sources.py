@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ..core.config import LoaderConfig
 from .messages import SegmentRef
 from .segments import PAGE_BYTES, align, buffer_address, create_segment, open_segment, unlink_segment
 
@@ -94,3 +95,23 @@ def resolve_sources(sources: tuple[Any, ...]) -> tuple[Any, ...]:
             )
         resolved.append(source)
     return tuple(resolved)
+
+
+def ship_config(config: LoaderConfig) -> bytes:
+    """The configuration pickled for a coordinator that is spawned (not forked): with dill, so lambdas and
+    closures travel. Arrays and dtypes inside it (a list of arrays as a source, an array in a closure) go
+    through numpy's own protocol-5 reduction: dill's rebuilds an array of non-native byte order ('>i4')
+    with the native one."""
+    import io
+
+    import dill
+
+    class ConfigPickler(dill.Pickler):
+        def reducer_override(self, obj: Any) -> Any:
+            if type(obj) is np.ndarray or isinstance(obj, np.dtype):
+                return obj.__reduce_ex__(5)
+            return NotImplemented
+
+    buffer = io.BytesIO()
+    ConfigPickler(buffer, protocol=5).dump(config)
+    return buffer.getvalue()
