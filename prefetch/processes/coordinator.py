@@ -45,6 +45,7 @@ import psutil
 from ..core.config import LoaderConfig
 from ..core.schedule import GiveUp, Schedule
 from ..errors import WorkersKeepDyingError, describe_exit
+from . import messages
 from .channel import Outbox, PipeReader, atomic_body, send
 from .lifetime import (
     PARENT_CHECK_INTERVAL_S,
@@ -53,19 +54,6 @@ from .lifetime import (
     ignore_sigint,
     import_before_forking,
     join_or_kill,
-)
-from .messages import (
-    BatchAbandoned,
-    Consumed,
-    CoordinatorFailed,
-    CoordinatorReady,
-    Lost,
-    SegmentRef,
-    Stop,
-    Task,
-    TimedOut,
-    WorkerLost,
-    encode,
 )
 from .segments import unlink_prefix
 from .sources import resolve_sources
@@ -89,7 +77,7 @@ class _Worker:
     process: Any
     tasks_conn: Any
     outbox: Outbox  # tasks on their way into tasks_conn
-    tasks: deque[Task] = field(default_factory=deque)  # outstanding, in the order it makes them
+    tasks: deque[messages.Task] = field(default_factory=deque)  # outstanding, in the order it makes them
 
 
 class Coordinator:
@@ -112,7 +100,7 @@ class Coordinator:
         self.prefix = prefix
         self.order = config.order
         self.schedule = Schedule(self.order, start, config.prefetch, config.max_slots, config.retries)
-        self.segments: dict[int, SegmentRef] = {}
+        self.segments: dict[int, messages.SegmentRef] = {}
         self.size_hint = 0
         self.idle_deaths = 0
         self.workers: list[_Worker] = []
@@ -166,10 +154,10 @@ class Coordinator:
                     pid=pid,
                     exitcode=exitcode,
                 )
-        self._post(WorkerLost(pid, exitcode, outstanding))
+        self._post(messages.WorkerLost(pid, exitcode, outstanding))
         self._start_worker()
 
-    def _on_lost(self, message: Lost) -> None:
+    def _on_lost(self, message: messages.Lost) -> None:
         """The consumer says which of a lost worker's batches never came: they are redone, or failed."""
         verdict = self.schedule.lost(message.tasks)
         if verdict is None:
@@ -190,7 +178,7 @@ class Coordinator:
 
     def _fail(self, batch: int, why: GiveUp, pid: int, text: str) -> None:
         indices = tuple(self.order.batch_indices(batch).tolist())
-        self._post(BatchAbandoned(batch, indices, pid, why, text))
+        self._post(messages.BatchAbandoned(batch, indices, pid, why, text))
 
     def _on_timed_out(self, batch: int) -> None:
         """Kill the worker making the late ``batch``. The consumer waits for an answer: if no worker
@@ -218,10 +206,10 @@ class Coordinator:
             batch, slot = next_task
             worker = min(self.workers, key=lambda w: len(w.tasks))
             indices = self.order.batch_indices(batch).astype(np.int64, copy=False).tobytes()
-            task = Task(batch, indices, slot, self.segments.get(slot), self.size_hint)
+            task = messages.Task(batch, indices, slot, self.segments.get(slot), self.size_hint)
             worker.tasks.append(task)
             try:
-                worker.outbox.put(encode(task))
+                worker.outbox.put(messages.encode(task))
             except OSError:  # it just died: its sentinel reports it, and the task is redone with its others
                 pass
 
@@ -262,7 +250,7 @@ class Coordinator:
 
     # --- the consumer's messages --------------------------------------------------------
 
-    def _on_consumed(self, message: Consumed) -> None:
+    def _on_consumed(self, message: messages.Consumed) -> None:
         position = message.position
         if self.schedule.consumed(position, (slot for slot, _ in message.released), message.held):
             for worker in self.workers:
@@ -276,15 +264,15 @@ class Coordinator:
     def _from_consumer(self) -> bool:
         """Read all the consumer's messages; False when it asks to stop or is gone."""
         try:
-            messages = self.control_pipe.read_available()
+            arrived = self.control_pipe.read_available()
         except (EOFError, OSError):
             return False
-        for message in messages:
-            if isinstance(message, Consumed):
+        for message in arrived:
+            if isinstance(message, messages.Consumed):
                 self._on_consumed(message)
-            elif isinstance(message, Lost):
+            elif isinstance(message, messages.Lost):
                 self._on_lost(message)
-            elif isinstance(message, TimedOut):
+            elif isinstance(message, messages.TimedOut):
                 self._on_timed_out(message.batch)
             else:
                 return False  # Stop
@@ -307,7 +295,7 @@ class Coordinator:
     def _serve(self) -> None:
         for _ in range(self.config.workers):
             self._start_worker()
-        self._post(CoordinatorReady(os.getpid()))
+        self._post(messages.CoordinatorReady(os.getpid()))
         next_parent_check = time.monotonic() + PARENT_CHECK_INTERVAL_S
         while True:
             self._dispatch()
@@ -349,7 +337,7 @@ class Coordinator:
         for worker in self.workers:
             worker.outbox.drop_queued()
             try:
-                worker.outbox.put(encode(Stop()))
+                worker.outbox.put(messages.encode(messages.Stop()))
             except OSError:
                 pass
         join_or_kill([worker.process for worker in self.workers], WORKER_JOIN_TIMEOUT_S)
@@ -382,7 +370,7 @@ def coordinator_main(
         coordinator = Coordinator(control, results, config, prefix, start, consumer_pid, worker_main)
         coordinator.run()
     except BaseException:
-        failure = CoordinatorFailed(traceback.format_exc())
+        failure = messages.CoordinatorFailed(traceback.format_exc())
         if coordinator is not None:
             coordinator.last_word(failure)
         else:
