@@ -68,8 +68,10 @@ def test_stacked_arrays_travel_without_pickle_and_keep_dtype_shape_and_container
 
 
 def written_view(slot_io, written) -> np.ndarray:
+    """The whole of the reader's mapping of slot 0, as a leased read hands it out."""
     _, reader = slot_io
-    return np.frombuffer(reader._maps[0][1], np.uint8)
+    _, whole = reader.read(0, written, True)
+    return whole
 
 
 @pytest.mark.parametrize(
