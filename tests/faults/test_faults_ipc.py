@@ -20,7 +20,7 @@ import time
 import multiprocess
 import numpy as np
 import pytest
-from helpers import Fault, FaultyTransform, alive, all_gone, loader_processes, segments_of, wait_until
+from helpers import Fault, FaultyTransform, alive, all_gone, loader_processes, run_script, segments_of, wait_until
 
 import prefetch
 from prefetch.processes.channel import Outbox
@@ -196,16 +196,8 @@ if __name__ == "__main__":
 
 @pytest.mark.timeout(60)
 def test_a_killed_consumer_is_noticed_within_a_second_while_a_worker_hangs(tmp_path, start_method):
-    script = tmp_path / "consumer.py"
-    script.write_text(textwrap.dedent(KILLED_CONSUMER_SCRIPT))
     hanging = tmp_path / "hanging"
-    process = subprocess.Popen(
-        [sys.executable, str(script), start_method, str(hanging)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    process = run_script(tmp_path, "consumer.py", KILLED_CONSUMER_SCRIPT, start_method, str(hanging))
     pids: list[int] = []
     try:
         line = process.stdout.readline()  # type: ignore[union-attr]
