@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from .core.config import LoaderConfig
+from .errors import MainGuardError
 
 # How much of a pickled option or source the construction check writes before it trusts the
 # rest: an unpicklable part usually fails at once (a generator, a connection, a lock), and the
@@ -179,7 +180,7 @@ def check_main_guarded(config: LoaderConfig) -> None:
     if where is None and not booting:
         return
     script = f"{where[0]} (line {where[1]})" if where else "the __main__ script"
-    raise RuntimeError(
+    raise MainGuardError(
         f"this loader uses start_method={method!r}: its coordinator is a new Python process that imports "
         f"your script {script} again, and the code that starts the loader is not under "
         '`if __name__ == "__main__":`, so the new process would start a loader of its own while it boots. '

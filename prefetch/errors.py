@@ -57,6 +57,17 @@ class ConcurrentIterationError(PrefetchError, RuntimeError):
     iterated by one thread at a time (the other thread's iteration goes on undisturbed)."""
 
 
+class MainGuardError(PrefetchError, RuntimeError):
+    """Raised when a loader that starts its processes by spawn or forkserver is started from the top
+    level of the ``__main__`` script, outside ``if __name__ == "__main__":`` (the child would run the
+    script again); the message says where to add the guard."""
+
+
+class OutsideBatchError(PrefetchError, RuntimeError):
+    """Raised by ``prefetch.batch_rng()`` called while no batch is being made (it exists only inside a
+    transform, a collate function or a source's ``__getitem__``, run for a batch)."""
+
+
 class IteratorSupersededError(PrefetchError, RuntimeError):
     """Raised by an ``iter(loader)`` generator resumed after a newer ``iter(loader)`` of the same
     loader took the engine over: only the newest iterates (it continues from ``loader.position``)."""
