@@ -161,9 +161,9 @@ class ProcessExecutor:
 
     def advance(self, position: int) -> None:
         """Credits and released slots go back every ``credit_step`` batches the consumer takes."""
-        if position > self.position:
-            self.position = position
-            self.delivered = {batch for batch in self.delivered if batch >= position}
+        for taken in range(self.position, position):
+            self.delivered.discard(taken)
+        self.position = max(self.position, position)
         if self.position - self.sent_position >= self.config.credit_step:
             self._report()
 
@@ -213,7 +213,8 @@ class ProcessExecutor:
             result = self._result(message)
             if result is not None:
                 results.append(result)
-                self.delivered.add(result.batch)
+                if result.batch >= self.position:
+                    self.delivered.add(result.batch)
         return results
 
     def _result(self, message: Any) -> Result | None:
