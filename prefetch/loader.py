@@ -293,11 +293,11 @@ class Loader:
         if choice == "processes":
             from ._checks import check_main_guarded
             from .preflight import preflight
-            from .processes.executor import ProcessExecutor
+            from .processes import process_executor
 
             check_main_guarded(self._config)  # spawn/forkserver from an unguarded script: say so, start nothing
             preflight(self._config)  # fails fast on a full /dev/shm; warns about threads before fork, ...
-            return ProcessExecutor()
+            return process_executor()
         if choice == "ray":
             from .ray_executor import RayExecutor
 
