@@ -7,8 +7,9 @@ user's own call:
 
 * ``check_picklable`` (at construction): every option or source that will be pickled must
   pickle. Numpy sources are not pickled (they are shared through a segment, see
-  ``_shm.share_sources``), so they are not tested; everything else is pickled into a sink that
-  stops after ``PICKLE_PROBE_BYTES``, so a large list source costs at most that much work.
+  ``processes.sources.share_sources``), so they are not tested; everything else is pickled
+  into a sink that stops after ``PICKLE_PROBE_BYTES``, so a large list source costs at most
+  that much work.
 * ``check_main_guarded`` (when the engine starts): the code that starts the loader must not run
   at the top level of the ``__main__`` script outside ``if __name__ == "__main__":``, or the
   child would run it again while it boots (multiprocessing's "bootstrapping phase" error).
@@ -24,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from .config import LoaderConfig
+from .core.config import LoaderConfig
+from .errors import MainGuardError
 
 # How much of a pickled option or source the construction check writes before it trusts the
 # rest: an unpicklable part usually fails at once (a generator, a connection, a lock), and the
@@ -178,7 +180,7 @@ def check_main_guarded(config: LoaderConfig) -> None:
     if where is None and not booting:
         return
     script = f"{where[0]} (line {where[1]})" if where else "the __main__ script"
-    raise RuntimeError(
+    raise MainGuardError(
         f"this loader uses start_method={method!r}: its coordinator is a new Python process that imports "
         f"your script {script} again, and the code that starts the loader is not under "
         '`if __name__ == "__main__":`, so the new process would start a loader of its own while it boots. '

@@ -29,11 +29,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .config import LoaderConfig
+from .core.config import LoaderConfig
 from .core import rng
 from .core.pipeline import BatchError, Timings, make_batch, uses_randomness
 from .errors import Failure
-from .processes.lifetime import _PR_SET_TIMERSLACK, WORKER_TIMER_SLACK_NS
 
 
 @dataclass(frozen=True)
@@ -85,6 +84,24 @@ def memmap_spec(source: np.memmap) -> ByPath | None:
     start = source.__array_interface__["data"][0] - base.__array_interface__["data"][0]
     file_offset = source.offset - source.offset % _granularity() + start
     return ByPath(os.fspath(filename), source.dtype.str, tuple(source.shape), int(file_offset), order)
+
+
+# As worker processes (``processes/lifetime.py``; executors do not import each other): timed waits in a
+# transform wake within 1 us, and one BLAS/OpenMP thread per actor.
+_PR_SET_TIMERSLACK = 29
+WORKER_TIMER_SLACK_NS = 1000
+_THREAD_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
+                    "NUMEXPR_NUM_THREADS")  # fmt: skip
+
+
+def _one_blas_thread() -> None:
+    for name in _THREAD_ENV_VARS:
+        os.environ[name] = "1"
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - a dependency
+        return
+    threadpool_limits(1)
 
 
 def _set_timer_slack(nanoseconds: int) -> None:
@@ -145,10 +162,8 @@ class BatchMaker:
     """
 
     def __init__(self, config: LoaderConfig, *arrays: Any):
-        from .processes.lifetime import limit_threads
-
         if config.limit_threads:
-            limit_threads()
+            _one_blas_thread()
         if config.worker_nice:
             os.nice(config.worker_nice)  # as a worker process: the training step goes first
         self.config = replace(config, sources=unpack_sources(config.sources, arrays))

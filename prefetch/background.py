@@ -6,38 +6,47 @@ another process while the training loop works on the previous items::
     gen = prefetch.background(data_generator(32, x_train, y_train), depth=2)
     model.fit(gen, steps_per_epoch=len(x_train) // 32, epochs=10)
 
+It runs on the engine's parts, not beside them: the messages are ``processes.messages``'s,
+they travel as ``processes.channel`` frames, items cross in ``processes.slots`` slots under a
+``processes.segments`` prefix, and the producer lives and ends by ``processes.lifetime``.
 How it works::
 
     consumer (your process)                       producer process (forked)
     -----------------------                       -------------------------
     background(...) generator                     holds `depth` slots (credits)
-                                                  waits for a free slot, then next(iterable)
+                                                  takes a free slot, then next(iterable),
                                                   writes the item's arrays into the slot
-       <------------- Item(slot, written) ------  (shared memory), pickles the rest
+       <--------- ItemReady(slot, layout) ------  (shared memory), pickles the rest
     copies the arrays out of the slot
-    ------------- Credit(slot) ------------->     the slot is free again
-       <------------- End() / Failed(failure) --  exhausted / the iterable raised
+    ----------- SlotFree(slot) ------------->     the slot is free again
+       <------ Exhausted() / ItemFailed(...) --   exhausted / the iterable raised
+    ----------- Stop() --------------------->     (closing) stop between two items
+
+Two one-way pipes carry them (``items`` and ``credits``): the producer writes each message
+in one atomic write (``channel.send``, spilling a large one, e.g. a long traceback, to a
+file), the consumer reads with a ``PipeReader`` and answers through an ``Outbox``, so
+neither ever waits for the other to read.
 
 At most ``depth`` items are made ahead (a slot is taken *before* ``next`` runs),
 so memory stays bounded however slow the loop is. Items come in the iterable's
-order. Arrays cross through shared memory (``_shm.SlotWriter`` / ``SlotReader``),
-never pickled; the consumer copies them out of the slot (one ``memcpy``), so an
-item the user holds never changes. An exception in the iterable is re-raised in
-the consumer with its own type and the producer's traceback as ``__cause__``.
+order. Arrays cross through shared memory (``SlotWriter`` / ``SlotReader``), never
+pickled; the consumer copies them out of the slot (one ``memcpy``), so an item the
+user holds never changes. An exception in the iterable is re-raised in the consumer
+with its own type and the producer's traceback as ``__cause__``.
 
 The producer is forked, so a generator *object* (which cannot be pickled) is
 inherited as it is, with the module state it sees; it continues from the consumer's
 ``random`` and ``np.random`` states at the first ``next()``, so a generator seeded
 with ``random.seed(...)`` yields the same items as when run inline (the consumer's
-own states do not advance meanwhile). Where fork does not
-exist, pass a zero-argument function that returns the iterable instead; it is
-pickled (with dill) to a spawned process.
+own states do not advance meanwhile). Where fork does not exist, pass a zero-argument
+function that returns the iterable instead; it is pickled (with dill) to a spawned
+process (a generator object there is ``ForkUnavailableError``).
 
 Segments are named ``prefetch-<consumer pid>-<token>-...`` like a Loader's (see
 ``docs/design.md``, *Shutdown*): closing, exhausting or dropping the generator, an
-exception, or interpreter exit stop the process and unlink them; a producer whose
-consumer died exits by itself and unlinks them (``PR_SET_PDEATHSIG`` sends it SIGTERM,
-and it polls its parent while it waits).
+exception, or interpreter exit stop the process (``Stop``, then ``join_or_kill``) and
+unlink them; a producer whose consumer died exits by itself and unlinks them
+(``die_with_parent`` sends it SIGTERM, and it polls its parent while it waits).
 
 Use ``Loader`` instead when one process is not enough: it runs many workers,
 deterministically, and yields arrays without any copy.
@@ -48,53 +57,23 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import select
 import signal
 import sys
 import weakref
+from collections import deque
 from collections.abc import Callable, Generator, Iterable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
-from .errors import Failure, WorkerDiedError, describe_exit
+from .errors import Failure, ForkUnavailableError, WorkerDiedError, describe_exit
 
-if TYPE_CHECKING:
-    from .processes.shm import PrefixLock, SlotReader
+if TYPE_CHECKING:  # the processes modules are imported when a producer starts, not with prefetch
+    from .processes.channel import Outbox
+    from .processes.messages import Message
+    from .processes.segments import PrefixLock
+    from .processes.slots import SlotReader
 
 __all__ = ["background"]
-
-# How often a waiting side rechecks that the other side is still alive.
-POLL_S = 0.25
-# How long a producer told to stop may take to exit before it is killed.
-JOIN_TIMEOUT_S = 2.0
-
-
-# --- messages -----------------------------------------------------------------------------
-
-
-class Item(NamedTuple):
-    """Producer -> consumer: the next item is in ``slot``, laid out as ``layout`` says."""
-
-    slot: int
-    layout: Any  # processes.messages.SlotLayout
-
-
-class End(NamedTuple):
-    """Producer -> consumer: the iterable is exhausted."""
-
-
-class Failed(NamedTuple):
-    """Producer -> consumer: the iterable raised; ``failure`` packs the exception and its traceback."""
-
-    failure: Failure
-
-
-class Credit(NamedTuple):
-    """Consumer -> producer: ``slot`` was read and may be written again."""
-
-    slot: int
-
-
-class Stop(NamedTuple):
-    """Consumer -> producer: stop now."""
 
 
 # --- the producer process -----------------------------------------------------------------
@@ -108,17 +87,6 @@ def _fork_available() -> bool:
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)  # unwinds through the iterable to _produce's cleanup
-
-
-def _die_with_parent() -> None:
-    """Ask Linux for SIGTERM when the consumer dies; it becomes SystemExit, so the segments get unlinked."""
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # pragma: no cover - not Linux: the parent poll still works
-        pass
 
 
 def _random_states() -> tuple[Any, Any]:
@@ -138,39 +106,80 @@ def _adopt_random_states(states: tuple[Any, Any]) -> None:
         numpy.random.set_state(numpy_state)
 
 
+class _Credits:
+    """The producer's free slots: ``depth`` at first, and one more with each ``SlotFree``."""
+
+    def __init__(self, conn: Any, depth: int, parent_pid: int):
+        from .processes.channel import PipeReader
+
+        self.inbox = PipeReader(conn)
+        self.poller = select.poll()
+        self.poller.register(self.inbox.fileno(), select.POLLIN)
+        self.free = list(range(depth))
+        self.parent_pid = parent_pid
+        self.stopped = False  # told to stop, or the consumer is gone
+
+    def take(self) -> int | None:
+        """A free slot, waiting for one while there is none; None once the producer is to stop."""
+        from .processes.lifetime import PARENT_CHECK_INTERVAL_S
+
+        self._read()  # every time: a Stop is seen between items, and credits never pile up in the pipe
+        while not self.free and not self.stopped:
+            if self.poller.poll(round(PARENT_CHECK_INTERVAL_S * 1000)):
+                self._read()
+            elif os.getppid() != self.parent_pid:
+                self.stopped = True  # orphaned: the consumer died
+        return None if self.stopped else self.free.pop()
+
+    def _read(self) -> None:
+        from .processes.messages import SlotFree, Stop
+
+        try:
+            arrived = self.inbox.read_available()
+        except (EOFError, OSError):  # the consumer's end is closed
+            arrived, self.stopped = [], True
+        for message in arrived:
+            if isinstance(message, SlotFree):
+                self.free.append(message.slot)
+            elif isinstance(message, Stop):
+                self.stopped = True
+
+
 def _produce(
-    source: Any, make: bool, depth: int, prefix: str, conn: Any, parent_pid: int, states: tuple[Any, Any]
+    source: Any,
+    make: bool,
+    depth: int,
+    prefix: str,
+    items: Any,
+    credits: Any,
+    parent_pid: int,
+    states: tuple[Any, Any],
 ) -> None:
     """The producer's life: take a free slot, make the next item into it, send it; until told to stop."""
-    from .processes.shm import SlotWriter, unlink_prefix
+    from .processes.channel import send
+    from .processes.lifetime import die_with_parent, ignore_sigint
+    from .processes.messages import Exhausted, ItemFailed, ItemReady
+    from .processes.segments import unlink_prefix
+    from .processes.slots import SlotWriter
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the consumer's to handle
-    _die_with_parent()
+    ignore_sigint()
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # a SIGTERM unwinds to `finally`: the segments get unlinked
+    die_with_parent(signal.SIGTERM)
     _adopt_random_states(states)
     writer = SlotWriter(prefix)
-    free = list(range(depth))
+    free = _Credits(credits, depth, parent_pid)
     try:
         iterator = iter(source() if make else source)
-        while True:
-            while not free:
-                if conn.poll(POLL_S):
-                    message = conn.recv()
-                    if isinstance(message, Stop):
-                        return
-                    free.append(message.slot)
-                elif os.getppid() != parent_pid:
-                    return  # orphaned: the consumer died
-            slot = free.pop()
+        while (slot := free.take()) is not None:
             try:
                 item = next(iterator)
             except StopIteration:
-                conn.send(End())
+                send(items, Exhausted(), prefix)
                 return
-            written = writer.write(slot, writer.space(slot, None, 0), item)
-            conn.send(Item(slot, written))
+            send(items, ItemReady(slot, writer.write(slot, writer.space(slot, None, 0), item)), prefix)
     except Exception as exc:
         with contextlib.suppress(OSError):
-            conn.send(Failed(Failure.capture(exc, "the background iterable")))
+            send(items, ItemFailed(Failure.capture(exc, "the background iterable")), prefix)
     finally:
         # The consumer unlinks the segments when it stops us; if it is gone, nobody else will.
         if os.getppid() != parent_pid:
@@ -186,51 +195,86 @@ class _Producer:
     def __init__(self, source: Any, make: bool, depth: int):
         import multiprocess
 
-        from .processes.shm import claim_prefix, remove_stale_segments
+        from .processes.channel import Outbox, PipeReader
+        from .processes.lifetime import sigint_ignored
+        from .processes.segments import claim_prefix, remove_stale_segments
 
         remove_stale_segments()  # left by consumers that were killed (their producers clean up too)
 
         context = multiprocess.get_context("fork" if _fork_available() else "spawn")
-        prefix_lock = claim_prefix()  # marks the segments as alive until _stop (see _shm.PrefixLock)
+        prefix_lock = claim_prefix()  # marks the segments as alive until _stop (see segments.PrefixLock)
         self.prefix = prefix_lock.prefix
-        self.conn, child_conn = context.Pipe(duplex=True)
+        items_in, items_out = context.Pipe(duplex=False)
+        credits_in, credits_out = context.Pipe(duplex=False)
         self.process = context.Process(
             target=_produce,
-            args=(source, make, depth, self.prefix, child_conn, os.getpid(), _random_states()),
+            args=(source, make, depth, self.prefix, items_out, credits_in, os.getpid(), _random_states()),
             name="prefetch-background",
             daemon=True,
         )
-        self.process.start()
-        child_conn.close()
+        try:
+            with sigint_ignored():  # a Ctrl-C while a spawned producer boots is the consumer's alone
+                self.process.start()
+        finally:
+            items_out.close()
+            credits_in.close()
+        self.inbox = PipeReader(items_in)  # owns items_in
+        self.credits = Outbox(credits_out)  # writes through credits_out, which _stop closes
+        self.poller = select.poll()
+        self.poller.register(self.inbox.fileno(), select.POLLIN)
+        self.poller.register(self.process.sentinel, select.POLLIN)
+        self.watching_credits = False  # whether the poller waits for room in the credits pipe
+        self.arrived: deque[Message] = deque()
         self.items = 0
-        self._stop = weakref.finalize(self, _stop, self.process, self.conn, prefix_lock)
+        self._stop = weakref.finalize(self, _stop, self.process, self.credits, (items_in, credits_out), prefix_lock)
 
     def next_item(self, reader: SlotReader) -> tuple[bool, Any]:
         """``(True, item)``, or ``(False, None)`` once the iterable is exhausted."""
-        from multiprocess.connection import wait
+        from .processes.messages import Exhausted, ItemFailed, ItemReady, SlotFree, encode
 
-        while True:
-            ready = wait([self.conn, self.process.sentinel], timeout=POLL_S)
-            if self.conn in ready or self.conn.poll():
-                try:
-                    message = self.conn.recv()
-                except (EOFError, OSError):  # the pipe closed under us: the process is gone
-                    raise self._died() from None
-                break
-            if ready:  # the sentinel, with nothing left to read
-                raise self._died()
-        if isinstance(message, End):
+        message = self._next_message()
+        if isinstance(message, Exhausted):
             return False, None
-        if isinstance(message, Failed):
+        if isinstance(message, ItemFailed):
             raise message.failure.to_exception(self.items, (), self.process.pid)
+        assert isinstance(message, ItemReady)
         item, _ = reader.read(message.slot, message.layout, lease=False)
         with contextlib.suppress(OSError):  # a producer that died meanwhile is noticed at the next wait
-            self.conn.send(Credit(message.slot))
+            self.credits.put(encode(SlotFree(message.slot)))
+        self._watch_credits()
         self.items += 1
         return True, item
 
+    def _next_message(self) -> Message:
+        """The producer's next message, waiting for it; ``WorkerDiedError`` if it ended without one."""
+        while not self.arrived:
+            ready = {fd for fd, _ in self.poller.poll()}
+            if self.credits.fileno() in ready:
+                with contextlib.suppress(OSError):
+                    self.credits.flush()
+                self._watch_credits()
+            if ready - {self.credits.fileno()}:
+                try:
+                    self.arrived.extend(self.inbox.read_available())
+                except (EOFError, OSError):  # every writer is gone: the process is
+                    raise self._died() from None
+                if not self.arrived and self.process.sentinel in ready:  # it ended with nothing left to read
+                    raise self._died()
+        return self.arrived.popleft()
+
+    def _watch_credits(self) -> None:
+        """Have ``_next_message`` wake when the credits pipe has room, while frames wait for it."""
+        if self.credits.pending != self.watching_credits:
+            self.watching_credits = self.credits.pending
+            if self.watching_credits:
+                self.poller.register(self.credits.fileno(), select.POLLOUT)
+            else:
+                self.poller.unregister(self.credits.fileno())
+
     def _died(self) -> WorkerDiedError:
-        self.process.join(JOIN_TIMEOUT_S)
+        from .processes.lifetime import PRODUCER_JOIN_TIMEOUT_S
+
+        self.process.join(PRODUCER_JOIN_TIMEOUT_S)
         return WorkerDiedError(
             f"the background process (pid {self.process.pid}) {describe_exit(self.process.exitcode)}, "
             f"while making item {self.items}",
@@ -242,16 +286,18 @@ class _Producer:
         self._stop()
 
 
-def _stop(process: Any, conn: Any, prefix_lock: PrefixLock) -> None:
+def _stop(process: Any, credits: Outbox, conns: tuple[Any, ...], prefix_lock: PrefixLock) -> None:
     """Tell the producer to stop, escalate to kill, then unlink every segment it made, and the lock."""
+    from .processes.lifetime import PRODUCER_JOIN_TIMEOUT_S, join_or_kill
+    from .processes.messages import Stop, encode
+
     with contextlib.suppress(OSError, ValueError):
-        conn.send(Stop())
-    process.join(JOIN_TIMEOUT_S)
-    if process.is_alive():
-        process.kill()
-        process.join(JOIN_TIMEOUT_S)
-    with contextlib.suppress(OSError):
-        conn.close()
+        credits.put(encode(Stop()))
+    join_or_kill([process], PRODUCER_JOIN_TIMEOUT_S)
+    credits.close()
+    for conn in conns:
+        with contextlib.suppress(OSError):
+            conn.close()
     prefix_lock.release()
 
 
@@ -277,7 +323,7 @@ def background(iterable: Iterable[Any] | Callable[[], Iterable[Any]], depth: int
             f"got {type(iterable).__name__}"
         )
     if not make and not _fork_available():
-        raise RuntimeError(
+        raise ForkUnavailableError(
             "prefetch.background needs the fork start method to run a generator object (it cannot be pickled), "
             "and fork is not available here; pass a zero-argument function that returns the iterable instead, "
             "e.g. background(lambda: data_generator(32, x, y))"
@@ -288,7 +334,7 @@ def background(iterable: Iterable[Any] | Callable[[], Iterable[Any]], depth: int
 def _run(source: Any, make: bool, depth: int) -> Generator[Any, None, None]:
     producer: _Producer | None = None
     try:
-        from .processes.shm import SlotReader
+        from .processes.slots import SlotReader
 
         producer = _Producer(source, make, depth)
         reader = SlotReader()

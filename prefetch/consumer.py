@@ -21,8 +21,8 @@ from typing import Any
 from ._lifecycle import WakePipe, live_engines
 from ._tuning import ThreadTuner
 from .collate import SourceMemory
-from .config import LoaderConfig
 from .core import rng
+from .core.config import LoaderConfig
 from .core.pipeline import BatchError, make_batch, uses_randomness
 from .core.reorder import ReorderBuffer
 from .errors import LoaderClosedError, annotate

@@ -11,7 +11,7 @@ import numpy as np
 
 import prefetch
 
-from .config import usable_cores
+from .core.config import usable_cores
 
 
 def plain_data_generator(

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from .preflight import Finding, check_fds, check_shm, check_sources, check_threads
 
 if TYPE_CHECKING:
-    from .config import LoaderConfig
+    from .core.config import LoaderConfig
 
 
 @dataclass
@@ -78,7 +78,7 @@ def _count(n: int, word: str) -> str:
 
 def _check_cores(config: LoaderConfig | None) -> Finding:
     from ._tuning import DEFAULT_WORKER_NICE
-    from .config import usable_cores
+    from .core.config import usable_cores
 
     cores = usable_cores()
     workers = config.workers if config is not None else cores

@@ -24,6 +24,12 @@ batch, the sample index and the worker. Everything the engine itself reports is 
   * ``CoordinatorTimeoutError`` -- with ``timeout``, the coordinator did not act on a late
     batch (it was stopped or stuck) and was killed (also a ``TimeoutError``).
 
+* ``WorkersKeepDyingError`` -- raised *in the coordinator* when freshly started workers keep
+  dying before they make anything (also a ``RuntimeError``); the coordinator fails with it,
+  so the consumer sees a ``CoordinatorDiedError`` whose text carries it.
+* ``ForkUnavailableError`` -- ``background()`` was given a generator object where the fork
+  start method does not exist (also a ``RuntimeError``).
+
 * ``ShmSpaceError`` -- the pre-flight check found too little room in ``/dev/shm`` for the
   loader's batches (also an ``OSError``).
 
@@ -51,6 +57,17 @@ class ConcurrentIterationError(PrefetchError, RuntimeError):
     iterated by one thread at a time (the other thread's iteration goes on undisturbed)."""
 
 
+class MainGuardError(PrefetchError, RuntimeError):
+    """Raised when a loader that starts its processes by spawn or forkserver is started from the top
+    level of the ``__main__`` script, outside ``if __name__ == "__main__":`` (the child would run the
+    script again); the message says where to add the guard."""
+
+
+class OutsideBatchError(PrefetchError, RuntimeError):
+    """Raised by ``prefetch.batch_rng()`` called while no batch is being made (it exists only inside a
+    transform, a collate function or a source's ``__getitem__``, run for a batch)."""
+
+
 class IteratorSupersededError(PrefetchError, RuntimeError):
     """Raised by an ``iter(loader)`` generator resumed after a newer ``iter(loader)`` of the same
     loader took the engine over: only the newest iterates (it continues from ``loader.position``)."""
@@ -63,6 +80,23 @@ class CoordinatorDiedError(PrefetchError):
 class CoordinatorTimeoutError(CoordinatorDiedError, TimeoutError):
     """Raised when, with ``timeout``, the coordinator did not act on a late batch in time (it was
     stopped or stuck); the consumer killed it and the loader cannot go on."""
+
+
+class WorkersKeepDyingError(PrefetchError, RuntimeError):
+    """Raised in the coordinator when workers die one after another before doing any work (a broken
+    environment, an OOM killer on a tight limit): it gives up rather than restart them forever.
+    Not a ``WorkerDiedError``: no batch is to blame. It reaches the consumer inside the
+    ``CoordinatorDiedError`` of the failed coordinator."""
+
+    def __init__(self, message: str, *, pid: int | None = None, exitcode: int | None = None):
+        super().__init__(message)
+        self.pid = pid  # the last worker that died
+        self.exitcode = exitcode  # and how it ended (a negative signal number, or an exit code)
+
+
+class ForkUnavailableError(PrefetchError, RuntimeError):
+    """Raised by ``background()`` when given a generator object (which cannot be pickled) where the
+    fork start method does not exist; pass a zero-argument function that returns the iterable."""
 
 
 class ShmSpaceError(PrefetchError, OSError):

@@ -39,7 +39,7 @@ from .core.pipeline import Timings
 
 if TYPE_CHECKING:
     from ._lifecycle import WakePipe
-    from .config import LoaderConfig
+    from .core.config import LoaderConfig
 
 
 class Made(NamedTuple):

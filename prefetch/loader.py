@@ -1,25 +1,16 @@
 """``Loader`` and ``data_generator``: what the user iterates.
 
-The data path, end to end::
+The data path, top down::
 
-    consumer (your process)          coordinator process              worker processes
-    -----------------------          -------------------              ----------------
-    Loader / generator               order.Order: batch b -> indices
-      next() wants batch p   --Consumed(p, released slots)-->
-                                     window: b < p + prefetch
-                                     free slot s        --Task(b, indices, s)-->
-                                                                      load, transform,
-                                                                      collate into slot s,
-                                                                      batch_transform
-                                     <--BatchReady(b, s, layout)--
-      reorder buffer {b: msg} <--relayed as is--
-      yield arrays viewing slot s
-      (slot s released when the user drops the batch)
+    Loader / its generator        the API: options, position, state_dict, threads
+      -> consumer.Engine          reorder buffer, timeout clock, close from any thread, Stats
+        -> an Executor            where batches are made (executor.py, the seam):
+             processes/           a coordinator process, forked workers, shared-memory slots
+             ray_executor.py      Ray actors, the object store
+               -> core/           process-free: order, per-batch seeding, make_batch, schedule
 
-Only index batches and small typed messages (``_protocol``) cross the pipes; array
-bytes are written once, by a worker, into shared memory (``_shm``). The consumer
-yields strictly by batch number, so the stream is the same for any number of
-workers. ``docs/design.md`` tells the whole story, including shutdown.
+The loader yields strictly by batch number, so the stream is the same for any number of
+workers and any executor. ``docs/design.md`` tells the whole story, including shutdown.
 """
 
 from __future__ import annotations
@@ -32,9 +23,10 @@ from collections.abc import Generator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Unpack
 
-from .config import GeneratorOptions, LoaderConfig, LoaderOptions, make_config
+from .core.config import GeneratorOptions, LoaderConfig, LoaderOptions
 from .errors import ConcurrentIterationError, IteratorSupersededError, LoaderClosedError
 from .stats import Stats, StatsRecorder
+from .validation import make_config
 
 if TYPE_CHECKING:
     from .consumer import Engine, InlineEngine
@@ -134,6 +126,12 @@ class Loader:
         """The validated configuration (frozen): every option as the loader uses it, ``config.order``
         (which samples make up each batch) and the memory bound (``config.max_slots``)."""
         return self._config
+
+    @property
+    def engine(self) -> Engine | InlineEngine | None:
+        """The running engine (None when no iteration runs): its ``stats()``, ``worker_pids()`` and
+        ``helper_pid()`` (the coordinator), for monitoring and for tests that inject faults."""
+        return self._running.engine
 
     @property
     def seed(self) -> int:
@@ -295,11 +293,11 @@ class Loader:
         if choice == "processes":
             from ._checks import check_main_guarded
             from .preflight import preflight
-            from .processes.executor import ProcessExecutor
+            from .processes import process_executor
 
             check_main_guarded(self._config)  # spawn/forkserver from an unguarded script: say so, start nothing
             preflight(self._config)  # fails fast on a full /dev/shm; warns about threads before fork, ...
-            return ProcessExecutor()
+            return process_executor()
         if choice == "ray":
             from .ray_executor import RayExecutor
 

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 from .errors import PrefetchWarning, ShmSpaceError
 
 if TYPE_CHECKING:
-    from .config import LoaderConfig
+    from .core.config import LoaderConfig
 
 # A list or tuple source longer than this, under fork, warns about copy-on-read growth.
 LARGE_OBJECT_SOURCE_ITEMS = 100_000
@@ -65,7 +65,7 @@ def _mib(nbytes: float) -> str:
 
 
 def shm_dir() -> str:
-    from .processes.shm import SHM_DIR
+    from .processes.segments import SHM_DIR
 
     return SHM_DIR
 

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
 from ._tuning import contention
-from .config import usable_cores
+from .core.config import usable_cores
 from .loader import Loader
 
 # A worker count whose best round is within this share of the fastest count's best round counts as "as fast"...

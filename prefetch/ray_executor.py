@@ -45,7 +45,7 @@ from .executor import Failed, Made, Result, WorkerInfo
 
 if TYPE_CHECKING:
     from ._lifecycle import WakePipe
-    from .config import LoaderConfig
+    from .core.config import LoaderConfig
     from .core.order import Order
 
 # ``wait`` looks at the wake pipe (``close()`` from another thread) at least this often.

@@ -203,7 +203,7 @@ class StatsRecorder:
     ) -> Stats:
         """The figures now. ``worker_pids`` are the workers on this machine (memory, CPU); ``nodes`` maps
         every worker that has a node to it, on this machine or not (all count in ``worker_busy``)."""
-        from .config import usable_cores
+        from .core.config import usable_cores
 
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         per_batch = Timings(*(total / self.batches if self.batches else 0.0 for total in self.stage_s))

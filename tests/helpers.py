@@ -5,6 +5,9 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import subprocess
+import sys
+import textwrap
 import types
 
 import numpy as np
@@ -267,7 +270,7 @@ def alive(pid: int) -> bool:
 
 def segments_of(pid: int) -> list[str]:
     """The /dev/shm segments of the loaders whose consumer is process ``pid``."""
-    from prefetch.processes.shm import NAME_ROOT, SHM_DIR
+    from prefetch.processes.segments import NAME_ROOT, SHM_DIR
 
     return sorted(name for name in os.listdir(SHM_DIR) if name.startswith(f"{NAME_ROOT}{pid}-"))
 
@@ -432,3 +435,18 @@ def one_core():
         yield
     finally:
         os.sched_setaffinity(0, before)
+
+
+def run_script(tmp_path, name: str, source: str, *args: str) -> subprocess.Popen:
+    """Write ``source`` (dedented) to ``tmp_path/name`` and run it with this interpreter, in a session of
+    its own (like a program started from a shell), its output piped as text: for faults that need a
+    consumer process of their own to kill or interrupt."""
+    script = tmp_path / name
+    script.write_text(textwrap.dedent(source))
+    return subprocess.Popen(
+        [sys.executable, str(script), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )

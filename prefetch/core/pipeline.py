@@ -16,14 +16,15 @@ process, like ``os._exit()``, and is handled as a worker death.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from ..collate import Alloc, SourceMemory, StreamingStack, collate_auto, collate_list, private_alloc
-from ..config import LoaderConfig
 from ..errors import Failure
+from .config import LoaderConfig
 
 
 class Timings(NamedTuple):
@@ -83,7 +84,7 @@ def _transform_all(
     assert transform is not None
     stack: StreamingStack | None = None
     position = 0
-    try:
+    with _user_code(lambda: f"transform of sample {int(indices[position])}"):
         for position, sample in enumerate(samples):
             sample = transform(sample)
             if position == 0 and config.collate == "auto" and StreamingStack.accepts(sample):
@@ -95,12 +96,38 @@ def _transform_all(
                 samples[:position] = stack.rows_as_samples()  # does not match: collate the usual way
                 stack = None
             samples[position] = sample
-    except SystemExit:  # sys.exit() in user code ends the worker: see the module docstring
+    return stack
+
+
+@contextmanager
+def _user_code(where: Callable[[], str]) -> Iterator[None]:
+    """Run user code: what it raises comes out as ``BatchError`` naming ``where()`` (computed only
+    then). ``SystemExit`` passes: ``sys.exit()`` in user code ends a worker (module docstring)."""
+    try:
+        yield
+    except SystemExit:
         raise
     except BaseException as exc:  # any user exception, KeyboardInterrupt too
-        where = f"transform of sample {int(indices[position])}"
-        raise BatchError(Failure.capture(exc, where), exc) from exc
-    return stack
+        raise BatchError(Failure.capture(exc, where()), exc) from exc
+
+
+def _load(sources: tuple[Any, ...], indices: np.ndarray) -> list[Any]:
+    """One sample per index: ``source[i]``, or ``(s1[i], s2[i], ...)`` with several sources."""
+    samples: list[Any] = []
+    index = -1
+    with _user_code(lambda: f"loading sample {index}"):
+        if len(sources) == 1:
+            source = sources[0]
+            for index in indices.tolist():
+                samples.append(source[index])
+        elif len(sources) == 2:  # (x, y): the common case, without a generator per sample
+            first, second = sources
+            for index in indices.tolist():
+                samples.append((first[index], second[index]))
+        else:
+            for index in indices.tolist():
+                samples.append(tuple(source[index] for source in sources))
+    return samples
 
 
 def make_batch(
@@ -114,34 +141,16 @@ def make_batch(
     worker's slot would (see ``SourceMemory``); the whole-batch ``np.take`` never aliases.
     """
     load_s = transform_s = collate_s = 0.0
-    sources = config.sources
     safety = None
     if private is not None:
         safety = private.for_batch()
         alloc = safety.alloc
     start = time.perf_counter()
-    if _fast_path(config, sources):
-        batch = _take(sources, indices, alloc)
+    if _fast_path(config, config.sources):
+        batch = _take(config.sources, indices, alloc)
         load_s = time.perf_counter() - start
     else:
-        samples = []
-        index = -1
-        try:
-            if len(sources) == 1:
-                source = sources[0]
-                for index in indices.tolist():
-                    samples.append(source[index])
-            elif len(sources) == 2:  # (x, y): the common case, without a generator per sample
-                first, second = sources
-                for index in indices.tolist():
-                    samples.append((first[index], second[index]))
-            else:
-                for index in indices.tolist():
-                    samples.append(tuple(source[index] for source in sources))
-        except SystemExit:  # sys.exit() in user code ends the worker: see the module docstring
-            raise
-        except BaseException as exc:  # any user exception, KeyboardInterrupt too
-            raise BatchError(Failure.capture(exc, f"loading sample {index}"), exc) from exc
+        samples = _load(config.sources, indices)
         if safety is not None:
             safety.add(samples)  # before a transform replaces them
         load_s = time.perf_counter() - start
@@ -154,21 +163,13 @@ def make_batch(
         if stacked is not None:
             batch = stacked.result()
         else:
-            try:
+            with _user_code(lambda: f"collate of samples {indices.tolist()}"):
                 batch = _collate_fn(config)(samples, alloc)
-            except SystemExit:  # sys.exit() in user code ends the worker: see the module docstring
-                raise
-            except BaseException as exc:  # any user exception, KeyboardInterrupt too
-                raise BatchError(Failure.capture(exc, f"collate of samples {indices.tolist()}"), exc) from exc
         collate_s = time.perf_counter() - start
     if config.batch_transform is not None:
         start = time.perf_counter()
-        try:
+        with _user_code(lambda: f"batch_transform of samples {indices.tolist()}"):
             batch = config.batch_transform(batch)
-        except SystemExit:  # sys.exit() in user code ends the worker: see the module docstring
-            raise
-        except BaseException as exc:  # any user exception, KeyboardInterrupt too
-            raise BatchError(Failure.capture(exc, f"batch_transform of samples {indices.tolist()}"), exc) from exc
         transform_s += time.perf_counter() - start
     if safety is not None:
         batch = safety.detach(batch)

@@ -16,6 +16,8 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from ..errors import OutsideBatchError
+
 _MASK64 = (1 << 64) - 1
 # Salt that keeps the batch generator's stream apart from the global ones.
 _GENERATOR_SALT = 0x5EED
@@ -77,7 +79,7 @@ def batch_rng() -> np.random.Generator:
             return image[:, ::-1] if rng.random() < 0.5 else image
     """
     if _current.seed is None:
-        raise RuntimeError("prefetch.batch_rng() is only available while a loader is making a batch")
+        raise OutsideBatchError("prefetch.batch_rng() is only available while a loader is making a batch")
     if _current.generator is None:
         _current.generator = np.random.default_rng([_current.seed, _current.batch, _GENERATOR_SALT])
     return _current.generator

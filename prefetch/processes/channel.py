@@ -23,7 +23,7 @@ from itertools import count
 from typing import Any
 
 from .messages import Message, Spilled, decode, encode
-from .shm import read_file_segment, write_file_segment
+from .segments import read_file_segment, write_file_segment
 
 # A frame is 4 bytes of length and the body, written at once, so a body up to
 # PIPE_BUF - 4 bytes is one atomic write.

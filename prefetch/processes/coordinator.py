@@ -42,29 +42,22 @@ import multiprocess
 import numpy as np
 import psutil
 
-from ..config import LoaderConfig
+from ..core.config import LoaderConfig
 from ..core.schedule import GiveUp, Schedule
-from ..errors import describe_exit
+from ..errors import WorkersKeepDyingError, describe_exit
+from . import messages
 from .channel import Outbox, PipeReader, atomic_body, send
-from .lifetime import WORKER_JOIN_TIMEOUT_S, batch_scheduling, ignore_sigint, join_or_kill
-from .messages import (
-    BatchAbandoned,
-    Consumed,
-    CoordinatorFailed,
-    CoordinatorReady,
-    Lost,
-    SegmentRef,
-    Stop,
-    Task,
-    TimedOut,
-    WorkerLost,
-    encode,
+from .lifetime import (
+    PARENT_CHECK_INTERVAL_S,
+    WORKER_JOIN_TIMEOUT_S,
+    batch_scheduling,
+    ignore_sigint,
+    import_before_forking,
+    join_or_kill,
 )
-from .shm import resolve_sources, unlink_prefix
+from .segments import unlink_prefix
+from .sources import resolve_sources
 
-# How often the coordinator checks that the consumer process is alive, where it cannot
-# wait on a pidfd of it (Linux before 5.3).
-PARENT_CHECK_INTERVAL_S = 0.25
 # Workers that die with nothing to do (a broken environment, not a poison batch)
 # are replaced this many times, then the coordinator gives up.
 IDLE_DEATHS_ALLOWED = 8
@@ -84,7 +77,7 @@ class _Worker:
     process: Any
     tasks_conn: Any
     outbox: Outbox  # tasks on their way into tasks_conn
-    tasks: deque[Task] = field(default_factory=deque)  # outstanding, in the order it makes them
+    tasks: deque[messages.Task] = field(default_factory=deque)  # outstanding, in the order it makes them
 
 
 class Coordinator:
@@ -107,7 +100,7 @@ class Coordinator:
         self.prefix = prefix
         self.order = config.order
         self.schedule = Schedule(self.order, start, config.prefetch, config.max_slots, config.retries)
-        self.segments: dict[int, SegmentRef] = {}
+        self.segments: dict[int, messages.SegmentRef] = {}
         self.size_hint = 0
         self.idle_deaths = 0
         self.workers: list[_Worker] = []
@@ -156,13 +149,15 @@ class Coordinator:
         if not outstanding:
             self.idle_deaths += 1
             if self.idle_deaths > IDLE_DEATHS_ALLOWED:
-                raise RuntimeError(
-                    f"workers keep dying before doing any work (last: pid {pid} {describe_exit(exitcode)})"
+                raise WorkersKeepDyingError(
+                    f"workers keep dying before doing any work (last: pid {pid} {describe_exit(exitcode)})",
+                    pid=pid,
+                    exitcode=exitcode,
                 )
-        self._post(WorkerLost(pid, exitcode, outstanding))
+        self._post(messages.WorkerLost(pid, exitcode, outstanding))
         self._start_worker()
 
-    def _on_lost(self, message: Lost) -> None:
+    def _on_lost(self, message: messages.Lost) -> None:
         """The consumer says which of a lost worker's batches never came: they are redone, or failed."""
         verdict = self.schedule.lost(message.tasks)
         if verdict is None:
@@ -183,7 +178,7 @@ class Coordinator:
 
     def _fail(self, batch: int, why: GiveUp, pid: int, text: str) -> None:
         indices = tuple(self.order.batch_indices(batch).tolist())
-        self._post(BatchAbandoned(batch, indices, pid, why, text))
+        self._post(messages.BatchAbandoned(batch, indices, pid, why, text))
 
     def _on_timed_out(self, batch: int) -> None:
         """Kill the worker making the late ``batch``. The consumer waits for an answer: if no worker
@@ -211,10 +206,10 @@ class Coordinator:
             batch, slot = next_task
             worker = min(self.workers, key=lambda w: len(w.tasks))
             indices = self.order.batch_indices(batch).astype(np.int64, copy=False).tobytes()
-            task = Task(batch, indices, slot, self.segments.get(slot), self.size_hint)
+            task = messages.Task(batch, indices, slot, self.segments.get(slot), self.size_hint)
             worker.tasks.append(task)
             try:
-                worker.outbox.put(encode(task))
+                worker.outbox.put(messages.encode(task))
             except OSError:  # it just died: its sentinel reports it, and the task is redone with its others
                 pass
 
@@ -255,7 +250,7 @@ class Coordinator:
 
     # --- the consumer's messages --------------------------------------------------------
 
-    def _on_consumed(self, message: Consumed) -> None:
+    def _on_consumed(self, message: messages.Consumed) -> None:
         position = message.position
         if self.schedule.consumed(position, (slot for slot, _ in message.released), message.held):
             for worker in self.workers:
@@ -269,15 +264,15 @@ class Coordinator:
     def _from_consumer(self) -> bool:
         """Read all the consumer's messages; False when it asks to stop or is gone."""
         try:
-            messages = self.control_pipe.read_available()
+            arrived = self.control_pipe.read_available()
         except (EOFError, OSError):
             return False
-        for message in messages:
-            if isinstance(message, Consumed):
+        for message in arrived:
+            if isinstance(message, messages.Consumed):
                 self._on_consumed(message)
-            elif isinstance(message, Lost):
+            elif isinstance(message, messages.Lost):
                 self._on_lost(message)
-            elif isinstance(message, TimedOut):
+            elif isinstance(message, messages.TimedOut):
                 self._on_timed_out(message.batch)
             else:
                 return False  # Stop
@@ -300,7 +295,7 @@ class Coordinator:
     def _serve(self) -> None:
         for _ in range(self.config.workers):
             self._start_worker()
-        self._post(CoordinatorReady(os.getpid()))
+        self._post(messages.CoordinatorReady(os.getpid()))
         next_parent_check = time.monotonic() + PARENT_CHECK_INTERVAL_S
         while True:
             self._dispatch()
@@ -342,43 +337,10 @@ class Coordinator:
         for worker in self.workers:
             worker.outbox.drop_queued()
             try:
-                worker.outbox.put(encode(Stop()))
+                worker.outbox.put(messages.encode(messages.Stop()))
             except OSError:
                 pass
         join_or_kill([worker.process for worker in self.workers], WORKER_JOIN_TIMEOUT_S)
-
-
-def _import_before_forking(config: LoaderConfig) -> None:
-    """Import what every worker needs once, here, so that the forked workers inherit it: numpy
-    imports ``numpy.random`` lazily (13 ms here, on the path to the first batch otherwise twice:
-    the coordinator's first dispatch, then each worker's first seeding)."""
-    import numpy.random  # noqa: F401
-
-    if config.limit_threads:
-        try:
-            import threadpoolctl  # noqa: F401
-        except ImportError:  # pragma: no cover - a dependency
-            pass
-
-
-def ship_config(config: LoaderConfig) -> bytes:
-    """The configuration pickled for a coordinator that is spawned (not forked): with dill, so lambdas and
-    closures travel. Arrays and dtypes inside it (a list of arrays as a source, an array in a closure) go
-    through numpy's own protocol-5 reduction: dill's rebuilds an array of non-native byte order ('>i4')
-    with the native one."""
-    import io
-
-    import dill
-
-    class ConfigPickler(dill.Pickler):
-        def reducer_override(self, obj: Any) -> Any:
-            if type(obj) is np.ndarray or isinstance(obj, np.dtype):
-                return obj.__reduce_ex__(5)
-            return NotImplemented
-
-    buffer = io.BytesIO()
-    ConfigPickler(buffer, protocol=5).dump(config)
-    return buffer.getvalue()
 
 
 def coordinator_main(
@@ -403,12 +365,12 @@ def coordinator_main(
 
             config = dill.loads(config)
         assert isinstance(config, LoaderConfig)
-        _import_before_forking(config)
+        import_before_forking(config.limit_threads)
         config = replace(config, sources=resolve_sources(config.sources))
         coordinator = Coordinator(control, results, config, prefix, start, consumer_pid, worker_main)
         coordinator.run()
     except BaseException:
-        failure = CoordinatorFailed(traceback.format_exc())
+        failure = messages.CoordinatorFailed(traceback.format_exc())
         if coordinator is not None:
             coordinator.last_word(failure)
         else:

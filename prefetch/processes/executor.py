@@ -1,7 +1,8 @@
 """The ``processes`` executor: the consumer's end of a coordinator process and its workers.
 
 It starts the coordinator (``coordinator.coordinator_main``, which forks the workers,
-``worker.worker_main``: the two roles never import each other, this launcher wires them),
+``worker.worker_main``; the three roles never import each other: ``processes/__init__.py``
+wires them together),
 reads ``BatchReady``/``BatchFailed``/``BatchAbandoned`` from the shared results pipe and
 turns them into the engine's ``Made``/``Failed`` (``executor.py``), and returns credits and
 free slots in ``Consumed`` messages.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import os
 import selectors
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -29,13 +31,12 @@ import multiprocess
 import psutil
 
 from .._lifecycle import WakePipe
-from ..config import LoaderConfig
+from ..core.config import LoaderConfig
 from ..core.reorder import Leases
 from ..core.schedule import GiveUp
 from ..errors import CoordinatorDiedError, CoordinatorTimeoutError, WorkerDiedError, WorkerTimeoutError, describe_exit
 from ..executor import Failed, Made, Result, WorkerInfo
 from .channel import Outbox, PipeReader
-from .coordinator import coordinator_main, ship_config
 from .lifetime import COORDINATOR_JOIN_TIMEOUT_S, join_or_kill, sigint_ignored, wait_ended
 from .messages import (
     BatchAbandoned,
@@ -51,8 +52,9 @@ from .messages import (
     WorkerLost,
     encode,
 )
-from .shm import SlotReader, claim_prefix, remove_stale_segments, share_sources
-from .worker import worker_main
+from .segments import claim_prefix, remove_stale_segments
+from .slots import SlotReader
+from .sources import share_sources, ship_config
 
 # With ``timeout``: how long the coordinator may take to act on a late batch (kill its worker
 # and fail it) before the consumer decides the coordinator itself is stuck or stopped.
@@ -65,7 +67,9 @@ _RESULTS, _COORDINATOR_EXIT, _WAKE, _CONTROL_WRITABLE = "results", "coordinator 
 class ProcessExecutor:
     """Batches made by worker processes under a coordinator, delivered through shared memory."""
 
-    def __init__(self) -> None:
+    def __init__(self, coordinator_main: Callable[..., None], worker_main: Callable[..., None]):
+        self.coordinator_main = coordinator_main  # the coordinator process's entry point
+        self.worker_main = worker_main  # each worker's, handed to the coordinator
         self.coordinator_ready = False  # until it says its workers are started (``started``)
         self.coordinator_acts = 0  # messages from the coordinator itself: it is alive and acting
         self.answer_by: float | None = None  # after ``late``: when the coordinator must have acted
@@ -108,7 +112,7 @@ class ProcessExecutor:
         control_in, self.control = ctx.Pipe(duplex=False)
         self.results, results_out = ctx.Pipe(duplex=False)
         self.process = ctx.Process(
-            target=coordinator_main,
+            target=self.coordinator_main,
             args=(
                 control_in,
                 results_out,
@@ -116,7 +120,7 @@ class ProcessExecutor:
                 self.prefix,
                 start,
                 os.getpid(),
-                worker_main,
+                self.worker_main,
             ),
             name="prefetch-coordinator",
         )
@@ -159,9 +163,9 @@ class ProcessExecutor:
 
     def advance(self, position: int) -> None:
         """Credits and released slots go back every ``credit_step`` batches the consumer takes."""
-        if position > self.position:
-            self.position = position
-            self.delivered = {batch for batch in self.delivered if batch >= position}
+        for taken in range(self.position, position):
+            self.delivered.discard(taken)
+        self.position = max(self.position, position)
         if self.position - self.sent_position >= self.config.credit_step:
             self._report()
 
@@ -211,7 +215,8 @@ class ProcessExecutor:
             result = self._result(message)
             if result is not None:
                 results.append(result)
-                self.delivered.add(result.batch)
+                if result.batch >= self.position:
+                    self.delivered.add(result.batch)
         return results
 
     def _result(self, message: Any) -> Result | None:

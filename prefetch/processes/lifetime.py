@@ -29,10 +29,17 @@ _PR_SET_TIMERSLACK = 29
 # network with timeouts should wake on time; the cost is a few more timer interrupts.
 WORKER_TIMER_SLACK_NS = 1000
 
+# How often a process that waits for messages checks that its parent is still alive (where
+# ``die_with_parent`` does not exist, or the parent died before it was called).
+PARENT_CHECK_INTERVAL_S = 0.25
+
 # How long a worker told to stop may take before it is killed.
 WORKER_JOIN_TIMEOUT_S = 1.0
 # How long a coordinator told to stop may take (it gives its workers WORKER_JOIN_TIMEOUT_S).
 COORDINATOR_JOIN_TIMEOUT_S = 3.0
+# How long ``background``'s producer told to stop may take: it notices ``Stop`` only between
+# items, so it is given time to finish the one its iterable is making.
+PRODUCER_JOIN_TIMEOUT_S = 2.0
 
 # The environment variables the common BLAS and OpenMP runtimes read when they start.
 THREAD_ENV_VARS = (
@@ -133,3 +140,16 @@ def wait_ended(processes: list[psutil.Process], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while not all(_ended(process) for process in processes) and time.monotonic() < deadline:
         time.sleep(0.01)
+
+
+def import_before_forking(limit_threads: bool) -> None:
+    """Import what every worker needs once, in the process that forks them, so that they inherit it:
+    numpy imports ``numpy.random`` lazily (13 ms here, on the path to the first batch otherwise twice:
+    the coordinator's first dispatch, then each worker's first seeding)."""
+    import numpy.random  # noqa: F401
+
+    if limit_threads:
+        try:
+            import threadpoolctl  # noqa: F401
+        except ImportError:  # pragma: no cover - a dependency
+            pass

@@ -2,15 +2,22 @@
 
 Every message is a small typed ``NamedTuple`` (immutable, and the cheapest typed
 record to pickle: the hot path sends a few per batch). Array data never travels in
-a message: it is in a shared-memory slot (``_shm``). The pipes, and who writes what::
+a message: it is in a shared-memory slot (``slots``). The pipes, and who writes what::
 
     control  consumer -> coordinator      Consumed, Lost, TimedOut, Stop
     tasks    coordinator -> one worker    Task, Stop
     results  workers -> consumer          BatchReady, BatchFailed
              coordinator -> consumer      CoordinatorReady, WorkerLost, BatchAbandoned, CoordinatorFailed
 
+``background()`` runs one producer process on two pipes of its own, with the same framing::
+
+    items    producer -> consumer         ItemReady, Exhausted, ItemFailed
+    credits  consumer -> producer         SlotFree, Stop
+
+Any of these may also arrive as ``Spilled`` (a message too large for one atomic write).
+
 The results pipe has many writers and one reader. Each message goes in one
-``write`` of at most ``PIPE_BUF`` bytes, which POSIX makes atomic (``_channel``), so
+``write`` of at most ``PIPE_BUF`` bytes, which POSIX makes atomic (``channel``), so
 messages never interleave and a dying worker leaves no half message. The pipe is
 FIFO: a ``WorkerLost`` notice, written after the coordinator saw the death, arrives
 after everything the dead worker managed to send, so the consumer knows exactly
@@ -160,8 +167,31 @@ class TimedOut(NamedTuple):
     batch: int
 
 
+class ItemReady(NamedTuple):
+    """``background`` producer -> consumer: the iterable's next item is in ``slot``, laid out as ``layout`` says."""
+
+    slot: int
+    layout: SlotLayout
+
+
+class Exhausted(NamedTuple):
+    """``background`` producer -> consumer: the iterable has no more items."""
+
+
+class ItemFailed(NamedTuple):
+    """``background`` producer -> consumer: the iterable raised; ``failure`` packs the exception."""
+
+    failure: Failure
+
+
+class SlotFree(NamedTuple):
+    """Consumer -> ``background`` producer: ``slot`` was read (copied out) and may be written again."""
+
+    slot: int
+
+
 class Stop(NamedTuple):
-    """Consumer -> coordinator, coordinator -> worker: shut down now."""
+    """Consumer -> coordinator, coordinator -> worker, consumer -> ``background`` producer: shut down now."""
 
 
 Message = (
@@ -176,6 +206,10 @@ Message = (
     | Consumed
     | Lost
     | TimedOut
+    | ItemReady
+    | Exhausted
+    | ItemFailed
+    | SlotFree
     | Stop
 )
 

@@ -22,17 +22,24 @@ from typing import Any
 
 import numpy as np
 
-from ..config import LoaderConfig
 from ..core import rng
+from ..core.config import LoaderConfig
 from ..core.pipeline import BatchError, make_batch, uses_randomness
 from ..errors import Failure
 from .channel import PipeReader, send
-from .lifetime import WORKER_TIMER_SLACK_NS, die_with_parent, ignore_sigint, limit_threads, normal_scheduling
+from .lifetime import (
+    PARENT_CHECK_INTERVAL_S,
+    WORKER_TIMER_SLACK_NS,
+    die_with_parent,
+    ignore_sigint,
+    limit_threads,
+    normal_scheduling,
+)
 from .messages import BatchFailed, BatchReady, Stop, Task
-from .shm import SlotWriter
+from .slots import SlotWriter
 
 # How often an idle worker checks that its coordinator is still alive.
-PARENT_CHECK_INTERVAL_MS = 250
+PARENT_CHECK_INTERVAL_MS = round(PARENT_CHECK_INTERVAL_S * 1000)
 
 
 def run_task(config: LoaderConfig, writer: SlotWriter, task: Task) -> BatchReady | BatchFailed:

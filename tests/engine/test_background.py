@@ -16,7 +16,7 @@ from helpers import ALPHABET_X, ALPHABET_Y, all_gone, segments_of, wait_until
 
 import prefetch
 from prefetch.errors import RemoteTraceback
-from prefetch.processes.shm import LOCK_NAME
+from prefetch.processes.segments import LOCK_NAME
 
 # Poll interval and upper bound when waiting for the producer to reach a state it must reach.
 POLL_S = 0.005
@@ -195,7 +195,7 @@ def test_a_killed_consumer_leaves_no_producer_and_no_segment():
     import subprocess
     import sys
 
-    from prefetch.processes.shm import NAME_ROOT, SHM_DIR
+    from prefetch.processes.segments import NAME_ROOT, SHM_DIR
 
     consumer = subprocess.Popen([sys.executable, "-c", KILLED_CONSUMER], stdout=subprocess.PIPE, text=True)
     try:
@@ -241,3 +241,29 @@ def test_bad_depth_says_what_to_change(depth):
 def test_a_non_iterable_is_refused():
     with pytest.raises(TypeError, match="an iterable"):
         prefetch.background(42)
+
+
+def test_without_fork_the_refusal_is_a_typed_prefetch_error(monkeypatch):
+    monkeypatch.setattr(background_module, "_fork_available", lambda: False)
+    with pytest.raises(prefetch.ForkUnavailableError) as info:
+        prefetch.background(iter([1, 2]))
+    assert isinstance(info.value, prefetch.PrefetchError) and isinstance(info.value, RuntimeError)
+
+
+def long_failing_generator():
+    yield 0
+    raise ValueError("x" * 20_000)  # far above one atomic pipe write: the message is spilled to a file
+
+
+def test_a_failure_too_large_for_one_pipe_write_arrives_whole():
+    gen = prefetch.background(long_failing_generator())
+    assert next(gen) == 0
+    with pytest.raises(ValueError) as info:
+        next(gen)
+    assert str(info.value) == "x" * 20_000
+    assert not _segments()  # the spill file was read and unlinked, the rest at the end
+
+
+def test_a_deep_window_of_tiny_items_keeps_order_and_never_stalls():
+    """Thousands of credits in flight: the consumer's answers never wait for the producer to read."""
+    assert list(prefetch.background(range(20_000), depth=5_000)) == list(range(20_000))

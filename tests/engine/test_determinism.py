@@ -63,7 +63,7 @@ def test_workers_zero_restores_the_callers_random_state():
 
 
 def test_batch_rng_outside_a_loader_says_so():
-    with pytest.raises(RuntimeError, match="batch_rng"):
+    with pytest.raises(prefetch.OutsideBatchError, match="batch_rng"):
         prefetch.batch_rng()
 
 

@@ -10,7 +10,7 @@ import pytest
 from helpers import CountingSource, wait_until
 
 import prefetch
-from prefetch.processes.shm import LOCK_NAME, SHM_DIR
+from prefetch.processes.segments import LOCK_NAME, SHM_DIR
 
 
 @pytest.mark.parametrize(("workers", "depth"), [(2, 2), (3, 5)])

@@ -200,7 +200,7 @@ def test_workers_killed_from_outside_are_replaced_and_the_output_is_unchanged(st
         for number, batch in enumerate(loader):
             got.append(fingerprint(batch))
             if number in (1, 7, 15):
-                engine = loader._running.engine
+                engine = loader.engine
                 assert engine is not None
                 os.kill(engine.worker_pids()[0], signal.SIGKILL)
         assert loader.stats().restarts >= 1
@@ -356,7 +356,7 @@ def test_a_spawn_script_without_a_main_guard_is_told_what_to_change(tmp_path, st
         return
     assert done.returncode == 1
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("RuntimeError:"), done.stderr
+    assert last.startswith("prefetch.errors.MainGuardError:"), done.stderr
     assert 'if __name__ == "__main__":' in last and f"{script} (line 9)" in last and start_method in last
     assert "CoordinatorDiedError" not in done.stderr and "bootstrapping" not in done.stderr
     assert took < FAULT_REPORT_S + 1.0  # one interpreter start-up with numpy, and no coordinator at all

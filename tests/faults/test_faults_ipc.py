@@ -20,7 +20,7 @@ import time
 import multiprocess
 import numpy as np
 import pytest
-from helpers import Fault, FaultyTransform, alive, all_gone, loader_processes, segments_of, wait_until
+from helpers import Fault, FaultyTransform, alive, all_gone, loader_processes, run_script, segments_of, wait_until
 
 import prefetch
 from prefetch.processes.channel import Outbox
@@ -143,7 +143,7 @@ def test_a_stopped_coordinator_gives_an_error_within_timeout_on_the_consumers_cl
     loader = prefetch.Loader(np.arange(400), batch_size=4, shuffle=False, workers=2, prefetch=4, timeout=TIMEOUT_S)
     iterator = iter(loader)
     next(iterator)
-    engine = loader._running.engine
+    engine = loader.engine
     assert engine is not None
     coordinator = engine.helper_pid()
     os.kill(coordinator, signal.SIGSTOP)
@@ -196,16 +196,8 @@ if __name__ == "__main__":
 
 @pytest.mark.timeout(60)
 def test_a_killed_consumer_is_noticed_within_a_second_while_a_worker_hangs(tmp_path, start_method):
-    script = tmp_path / "consumer.py"
-    script.write_text(textwrap.dedent(KILLED_CONSUMER_SCRIPT))
     hanging = tmp_path / "hanging"
-    process = subprocess.Popen(
-        [sys.executable, str(script), start_method, str(hanging)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    process = run_script(tmp_path, "consumer.py", KILLED_CONSUMER_SCRIPT, start_method, str(hanging))
     pids: list[int] = []
     try:
         line = process.stdout.readline()  # type: ignore[union-attr]
@@ -238,7 +230,7 @@ def test_a_coordinator_killed_between_batches_is_coordinator_died_not_a_broken_p
     iterator = iter(loader)
     next(iterator)
     pids = loader_processes()
-    engine = loader._running.engine
+    engine = loader.engine
     assert engine is not None
     coordinator = engine.helper_pid()
     os.kill(coordinator, signal.SIGKILL)
@@ -395,7 +387,9 @@ def test_a_second_thread_meeting_a_next_in_progress_gets_the_same_error(tmp_path
     outcome: dict[str, object] = {}
     blocked = threading.Thread(target=lambda: outcome.setdefault("first", first_error(iterator)))
     blocked.start()
-    wait_until(lambda: marker.exists() and loader._turn.locked(), timeout_s=10)  # inside next(), waiting
+    wait_until(
+        lambda: marker.exists() and loader.engine is not None and loader.engine.busy.locked(), timeout_s=10
+    )  # inside next(), waiting
     with pytest.raises(prefetch.ConcurrentIterationError, match="another thread"):
         next(iter(loader))
     loader.close()
@@ -420,7 +414,9 @@ def test_close_from_another_thread_wakes_a_blocked_next_with_loader_closed(tmp_p
 
     blocked = threading.Thread(target=consume)
     blocked.start()
-    wait_until(lambda: marker.exists() and loader._turn.locked(), timeout_s=10)  # inside next(), waiting
+    wait_until(
+        lambda: marker.exists() and loader.engine is not None and loader.engine.busy.locked(), timeout_s=10
+    )  # inside next(), waiting
     closing = time.monotonic()
     loader.close()
     closed = time.monotonic()

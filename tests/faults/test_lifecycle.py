@@ -12,13 +12,11 @@ import gc
 import os
 import signal
 import subprocess
-import sys
-import textwrap
 import time
 
 import numpy as np
 import pytest
-from helpers import alive, all_gone, loader_processes, segments_of, wait_until
+from helpers import alive, all_gone, loader_processes, run_script, segments_of, wait_until
 
 import prefetch
 
@@ -202,15 +200,7 @@ if __name__ == "__main__":
 
 def start_consumer(tmp_path, start_method: str) -> tuple[subprocess.Popen, list[int]]:
     """A consumer in a subprocess (its own session, like a program run from a shell), and its loader's pids."""
-    script = tmp_path / "consumer.py"
-    script.write_text(textwrap.dedent(CONSUMER_SCRIPT))
-    process = subprocess.Popen(
-        [sys.executable, str(script), start_method],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    process = run_script(tmp_path, "consumer.py", CONSUMER_SCRIPT, start_method)
     line = process.stdout.readline()  # type: ignore[union-attr]
     if not line:
         process.kill()
@@ -300,16 +290,8 @@ if __name__ == "__main__":
 
 @pytest.mark.start_methods("spawn", "forkserver")
 def test_ctrl_c_while_the_coordinator_starts_prints_no_traceback_from_it(tmp_path, start_method):
-    script = tmp_path / "starting.py"
-    script.write_text(textwrap.dedent(STARTING_CONSUMER_SCRIPT))
     started = tmp_path / "started"
-    process = subprocess.Popen(
-        [sys.executable, str(script), start_method, str(started)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    process = run_script(tmp_path, "starting.py", STARTING_CONSUMER_SCRIPT, start_method, str(started))
     try:
         wait_until(started.exists, timeout_s=20)  # the coordinator is unpickling its source now
         os.killpg(process.pid, signal.SIGINT)

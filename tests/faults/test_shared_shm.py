@@ -22,7 +22,7 @@ import pytest
 from helpers import wait_until
 
 import prefetch
-from prefetch.processes.shm import LOCK_NAME, NAME_ROOT, SHM_DIR, claim_prefix, remove_stale_segments
+from prefetch.processes.segments import LOCK_NAME, NAME_ROOT, SHM_DIR, claim_prefix, remove_stale_segments
 
 # Runs as pid 1 of the new namespace: makes the next pid there the one the test chose, then runs the loader.
 LAUNCHER = """
@@ -57,7 +57,7 @@ SCENARIO = """
 import json, os, random, subprocess, sys, time
 import psutil
 from helpers import alive, wait_until
-from prefetch.processes.shm import NAME_ROOT, SHM_DIR, remove_stale_segments
+from prefetch.processes.segments import NAME_ROOT, SHM_DIR, remove_stale_segments
 
 mode, start_method, launcher, script = sys.argv[1:5]
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from prefetch.collate import StreamingStack, collate_auto, collate_list
-from prefetch.config import make_config
 from prefetch.core.pipeline import make_batch
+from prefetch.validation import make_config
 
 
 def test_auto_stacks_arrays_numbers_and_recurses():

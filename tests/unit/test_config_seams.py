@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 import prefetch
-from prefetch.config import DEFAULTS, GeneratorOptions, LoaderConfig, LoaderOptions, make_config
+from prefetch.core.config import DEFAULTS, GeneratorOptions, LoaderConfig, LoaderOptions
+from prefetch.validation import make_config
 
 X = np.arange(40, dtype=np.float32).reshape(20, 2)
 Y = np.arange(20)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from helpers import as_list
 
-from prefetch.processes.shm import SlotReader, SlotWriter, new_prefix, unlink_prefix
+from prefetch.processes.segments import new_prefix, unlink_prefix
+from prefetch.processes.slots import SlotReader, SlotWriter
 
 DTYPES = ["float32", ">f4", "bool", "int8", "uint64", "complex64", "datetime64[ms]", "timedelta64[us]", "float16"]
 
@@ -67,8 +68,10 @@ def test_stacked_arrays_travel_without_pickle_and_keep_dtype_shape_and_container
 
 
 def written_view(slot_io, written) -> np.ndarray:
+    """The whole of the reader's mapping of slot 0, as a leased read hands it out."""
     _, reader = slot_io
-    return np.frombuffer(reader._maps[0][1], np.uint8)
+    _, whole = reader.read(0, written, True)
+    return whole
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,289 @@
+"""Slots: where a batch is written by the process that makes it and read, without a copy, by the consumer.
+
+A *slot* is a numbered place for one batch. Its bytes live in a segment (``segments``) that
+the writer and the consumer both map. Ownership moves with the messages:
+
+* the coordinator hands a free slot to a worker with each ``Task`` (``background``'s producer
+  owns ``depth`` slots and gets each back with a ``SlotFree``);
+* the writer puts the batch's arrays into it (``SlotWriter``) -- stacking straight into the
+  slot where it can (``BatchSpace.alloc``) -- and creates a larger segment when the batch does
+  not fit (the old one is unlinked; segment names are never reused);
+* the consumer maps it and builds arrays that *view* the slot (``SlotReader``): no copy. A
+  per-batch *lease* array is the base of every array of the batch, and the slot goes back to
+  the coordinator only when the lease is garbage, i.e. when the user holds no array of the
+  batch any more.
+
+How a batch sits in its slot travels as a ``messages.SlotLayout``: plain arrays are described
+directly (``SlotArrays``), anything else is pickled with protocol 5 and its array buffers are
+placed out of band in the slot.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import mmap
+import os
+import pickle
+from itertools import count
+from typing import Any
+
+import numpy as np
+
+from .messages import SegmentRef, SlotArrays, SlotLayout
+from .segments import PAGE_BYTES, align, buffer_address, create_segment, open_segment, unlink_segment
+
+# Arrays in a slot start at multiples of this, so SIMD loads and stores stay aligned.
+ALIGN_BYTES = 64
+# A pickled batch payload larger than this goes into the slot too, so that the
+# message pipes only ever carry small messages.
+INLINE_PAYLOAD_MAX_BYTES = 16 * 1024
+
+
+# --- the writer's side (a worker, or background's producer) --------------------------------
+
+
+class _Mapping:
+    """One worker's mapping of a slot's segment."""
+
+    def __init__(self, ref: SegmentRef, mm: mmap.mmap):
+        self.ref = ref
+        self.mm = mm
+        self.view = np.frombuffer(mm, np.uint8)
+        self.base = int(self.view.ctypes.data)
+
+    def close(self) -> None:
+        del self.view
+        try:
+            self.mm.close()
+        except BufferError:  # an array of a batch still views it: unmapped when that array goes
+            pass
+
+
+class BatchSpace:
+    """The free space of one slot while a batch is written: a bump allocator that
+    remembers where each array it handed out lies."""
+
+    def __init__(self, mapping: _Mapping | None):
+        self.mapping = mapping
+        self.used = 0
+        self._placed: dict[int, tuple[np.ndarray, int]] = {}  # id -> (array, offset)
+
+    def reserve(self, nbytes: int) -> int | None:
+        """Offset of ``nbytes`` fresh bytes in the slot, or None when they do not fit."""
+        if self.mapping is None:
+            return None
+        offset = align(self.used, ALIGN_BYTES)
+        if offset + nbytes > self.mapping.ref.size:
+            return None
+        self.used = offset + nbytes
+        return offset
+
+    def alloc(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """An array in the slot when it fits, else in private memory (copied in at the end)."""
+        dtype = np.dtype(dtype)
+        offset = None if dtype.hasobject else self.reserve(math.prod(shape) * dtype.itemsize)
+        if offset is None or self.mapping is None:
+            return np.empty(shape, dtype)
+        array = np.ndarray(shape, dtype, buffer=self.mapping.view, offset=offset)
+        self._placed[id(array)] = (array, offset)
+        return array
+
+    def holds(self, address: int, nbytes: int) -> bool:
+        m = self.mapping
+        return m is not None and m.base <= address and address + nbytes <= m.base + m.ref.size
+
+    def _where(self, leaf: Any) -> tuple[int, str, tuple[int, ...]] | None:
+        entry = self._placed.get(id(leaf))
+        if entry is None or entry[0] is not leaf or not leaf.flags.c_contiguous:
+            return None
+        if leaf.dtype.names is not None or leaf.dtype.subdtype is not None:  # dtype.str would lose fields
+            return None
+        return entry[1], leaf.dtype.str, leaf.shape
+
+    def describe(self, batch: Any) -> SlotArrays | None:
+        """``batch`` as ``SlotArrays`` if it is one array, a tuple or a str-keyed dict of arrays
+        that ``alloc`` placed in the slot (and nothing else); None otherwise."""
+        keys: tuple[str, ...] = ()
+        if type(batch) is tuple:
+            container, leaves = "tuple", batch
+        elif type(batch) is dict:
+            container, keys, leaves = "dict", tuple(batch), tuple(batch.values())
+            if not all(type(key) is str for key in keys):
+                return None
+        else:
+            container, leaves = "array", (batch,)
+        arrays = []
+        for leaf in leaves:
+            where = self._where(leaf)
+            if where is None:
+                return None
+            arrays.append(where)
+        return SlotArrays(container, keys, tuple(arrays))
+
+
+class _BatchPickler(pickle.Pickler):
+    """Pickles a batch with its arrays out of band. Non-contiguous arrays are first made contiguous in the
+    slot, and so are read-only ones (a view of a source shared read-only with spawned workers): pickle
+    would otherwise carry the read-only flag to the consumer, whose arrays must be writable."""
+
+    def __init__(self, file: io.BytesIO, space: BatchSpace, buffers: list[pickle.PickleBuffer]):
+        super().__init__(file, protocol=5, buffer_callback=buffers.append)
+        self._space = space
+
+    def reducer_override(self, obj: Any) -> Any:
+        if (
+            type(obj) is np.ndarray
+            and not obj.dtype.hasobject
+            and (not (obj.flags.c_contiguous or obj.flags.f_contiguous) or not obj.flags.writeable)
+        ):
+            contiguous = self._space.alloc(obj.shape, obj.dtype)
+            np.copyto(contiguous, obj)
+            return contiguous.__reduce_ex__(5)
+        return NotImplemented
+
+
+class SlotWriter:
+    """A worker's writer into slots; keeps each slot's segment mapped between batches."""
+
+    def __init__(self, prefix: str):
+        self._prefix = prefix
+        self._maps: dict[int, _Mapping] = {}
+        self._names = count()
+
+    def space(self, slot: int, segment: SegmentRef | None, size_hint: int) -> BatchSpace:
+        """The space to build a batch in, for a task that names ``slot`` and its current segment."""
+        mapping = self._maps.get(slot)
+        if segment is None:
+            if mapping is None and size_hint > 0:
+                mapping = self._create(slot, size_hint, old=None)
+        elif mapping is None or mapping.ref != segment:
+            try:
+                mapping = _Mapping(segment, open_segment(segment))
+            except FileNotFoundError:  # replaced by a batch whose report was lost: start afresh
+                mapping = self._create(slot, max(size_hint, segment.size), old=None)
+            self._maps[slot] = mapping
+        return BatchSpace(mapping)
+
+    def close(self) -> None:
+        """Unmap every slot this writer keeps mapped (the segments themselves stay)."""
+        maps, self._maps = self._maps, {}
+        for mapping in maps.values():
+            mapping.close()
+
+    def _create(self, slot: int, size: int, old: _Mapping | None) -> _Mapping:
+        name = f"{self._prefix}{slot}-{os.getpid()}-{next(self._names)}"
+        size = max(align(size, PAGE_BYTES), PAGE_BYTES)  # at least a page: a batch of 0-byte arrays still has a slot
+        ref = SegmentRef(name, size)
+        mapping = _Mapping(ref, create_segment(name, size))
+        if old is not None:
+            unlink_segment(old.ref.name)
+        self._maps[slot] = mapping
+        return mapping
+
+    def write(self, slot: int, space: BatchSpace, batch: Any) -> SlotLayout:
+        """Put ``batch`` in the slot: arrays out of band (growing the slot if needed), the rest pickled."""
+        arrays = space.describe(batch)
+        if arrays is not None:  # already in the slot: nothing to write
+            assert space.mapping is not None
+            return SlotLayout(space.mapping.ref, None, (), arrays)
+        buffers: list[pickle.PickleBuffer] = []
+        file = io.BytesIO()
+        _BatchPickler(file, space, buffers).dump(batch)
+        payload = file.getvalue()
+        raws = [buffer.raw() for buffer in buffers]
+        if len(payload) > INLINE_PAYLOAD_MAX_BYTES:
+            raws.append(memoryview(payload))
+        if not raws:
+            return SlotLayout(None, payload, ())
+        placed: list[tuple[int, int]] = []
+        for raw in raws:
+            nbytes = raw.nbytes
+            if nbytes and space.holds(buffer_address(raw), nbytes):
+                assert space.mapping is not None
+                placed.append((buffer_address(raw) - space.mapping.base, nbytes))
+                continue
+            offset = space.reserve(nbytes)
+            if offset is None:
+                return self._write_grown(slot, space, payload, raws)
+            assert space.mapping is not None
+            space.mapping.view[offset : offset + nbytes] = np.frombuffer(raw, np.uint8)
+            placed.append((offset, nbytes))
+        assert space.mapping is not None
+        inline = None if len(raws) > len(buffers) else payload
+        return SlotLayout(space.mapping.ref, inline, tuple(placed))
+
+    def _write_grown(self, slot: int, space: BatchSpace, payload: bytes, raws: list[memoryview]) -> SlotLayout:
+        needed = sum(align(raw.nbytes, ALIGN_BYTES) for raw in raws)
+        old = space.mapping
+        size = needed if old is None else max(needed, old.ref.size + old.ref.size // 4)
+        mapping = self._create(slot, size, old=old)
+        placed, offset = [], 0
+        for raw in raws:
+            nbytes = raw.nbytes
+            mapping.view[offset : offset + nbytes] = np.frombuffer(raw, np.uint8)
+            placed.append((offset, nbytes))
+            offset = align(offset + nbytes, ALIGN_BYTES)
+        inline = None if len(payload) > INLINE_PAYLOAD_MAX_BYTES else payload
+        return SlotLayout(mapping.ref, inline, tuple(placed))
+
+
+# --- the consumer side --------------------------------------------------------------------
+
+
+class SlotReader:
+    """The consumer's reader of slots; keeps each slot's segment mapped until ``close``.
+
+    A mapping is shared by the reader (its cache) and by the arrays of every batch read from it
+    (their numpy base is the ``mmap``), so it is unmapped, and its descriptor closed, when both
+    have let go: ``close`` drops the cache and unmaps at once what no batch uses; a mapping a
+    batch the user holds still uses goes when the user drops the last array of that batch.
+    """
+
+    def __init__(self) -> None:
+        self._maps: dict[int, tuple[SegmentRef, mmap.mmap]] = {}
+
+    def close(self) -> None:
+        """Let go of every mapping (see the class docstring); the reader may still be used afterwards."""
+        maps, self._maps = self._maps, {}
+        for _, mm in maps.values():
+            try:
+                mm.close()
+            except BufferError:  # a batch the user holds views it: unmapped when that batch is dropped
+                pass
+
+    def read(self, slot: int, layout: SlotLayout, lease: bool) -> tuple[Any, np.ndarray | None]:
+        """Rebuild a batch. With ``lease`` its arrays view the slot, and the returned lease
+        array is their common base; without, they are copies and the slot is free at once."""
+        segment, payload, buffers, arrays = layout
+        if segment is None:
+            assert payload is not None
+            return pickle.loads(payload), None
+        cached = self._maps.get(slot)
+        if cached is None or cached[0] != segment:
+            if cached is not None:  # the slot grew into a new segment: let the old one go
+                try:
+                    cached[1].close()
+                except BufferError:  # still viewed by a held batch, unmapped when that goes
+                    pass
+            cached = (segment, open_segment(segment))
+            self._maps[slot] = cached
+        if arrays is not None:
+            whole = np.frombuffer(cached[1], np.uint8)
+            leaves = [np.ndarray(shape, dtype, buffer=whole, offset=offset) for offset, dtype, shape in arrays.arrays]
+            if not lease:
+                leaves = [leaf.copy() for leaf in leaves]
+            if arrays.container == "tuple":
+                batch: Any = tuple(leaves)
+            elif arrays.container == "dict":
+                batch = dict(zip(arrays.keys, leaves, strict=True))
+            else:
+                batch = leaves[0]
+            return batch, (whole if lease else None)
+        end = max(offset + nbytes for offset, nbytes in buffers)
+        whole = np.frombuffer(cached[1], np.uint8, count=max(end, 1))
+        views = [whole[offset : offset + nbytes] for offset, nbytes in buffers]
+        data: Any = payload if payload is not None else views.pop()
+        if not lease:
+            views = [view.copy() for view in views]
+        return pickle.loads(data, buffers=views), (whole if lease else None)
