@@ -29,8 +29,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .core.config import LoaderConfig
 from .core import rng
+from .core.config import LoaderConfig
 from .core.pipeline import BatchError, Timings, make_batch, uses_randomness
 from .errors import Failure
 
