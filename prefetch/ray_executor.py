@@ -31,29 +31,17 @@ Ray is imported when a loader starts, never by ``import prefetch``.
 
 from __future__ import annotations
 
-import time
-from collections import deque
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._ray_actor import BatchMaker, Fail, pack_sources, ship_config
-from .core.schedule import GiveUp, Schedule, Verdict
-from .errors import PrefetchError, WorkerDiedError, WorkerTimeoutError
-from .executor import Failed, Made, Result, WorkerInfo
+from .executor import Made, Result, WorkerInfo
 
 if TYPE_CHECKING:
     from ._lifecycle import WakePipe
+    from ._ray_run import Run
     from .core.config import LoaderConfig
-    from .core.order import Order
 
-# ``wait`` looks at the wake pipe (``close()`` from another thread) at least this often.
-WAIT_SLICE_S = 0.05
-# How long actors may take to be placed and to start before the loader gives up on them.
-ACTOR_START_S = 120.0
-# How long ``stop`` waits for the actor processes on this node to end after ``ray.kill``.
-STOP_WAIT_S = 5.0
 # Spread the actors over the cluster's nodes unless the user says otherwise.
 DEFAULT_ACTOR_OPTIONS: dict[str, Any] = {"scheduling_strategy": "SPREAD"}
 # prefetch redoes a lost actor's batches itself: Ray must neither restart actors nor retry calls.
@@ -74,28 +62,6 @@ def writable(batch: Any) -> Any:
     return batch
 
 
-@dataclass
-class _Task:
-    batch: int
-    slot: int
-    ref: Any  # the ObjectRef of ``BatchMaker.make``
-
-
-@dataclass
-class _Actor:
-    """One actor of the loader and the calls it has not answered, in submission order."""
-
-    handle: Any
-    hello: Any  # the ObjectRef of ``hello()`` until it answers, then None
-    born: float
-    queue: deque[_Task] = field(default_factory=deque)
-    pid: int | None = None
-    node: str | None = None
-    address: str | None = None
-    dying: bool = False  # killed for ``timeout``: no new batch goes to it
-    death: Any = None  # the Ray error that said it is gone
-
-
 class RayExecutor:
     """Make the loader's batches in Ray actors: ``workers`` actors, each ``actor_options``.
 
@@ -113,13 +79,18 @@ class RayExecutor:
         self.address = address
         self.actor_options = {**DEFAULT_ACTOR_OPTIONS, **(actor_options or {}), **FORCED_ACTOR_OPTIONS}
         self.copy = copy
-        self.restarts = 0  # actors lost and replaced, over this executor's life
-        self._run: _Run | None = None
+        self._restarts = 0  # actors lost and replaced in runs that have ended
+        self._run: Run | None = None
 
     def __repr__(self) -> str:
         return f"RayExecutor(address={self.address!r}, actor_options={self.actor_options!r}, copy={self.copy})"
 
     # --- the Executor protocol ------------------------------------------------------------
+
+    @property
+    def restarts(self) -> int:
+        """Actors lost and replaced, over this executor's life."""
+        return self._restarts + (self._run.restarts if self._run is not None else 0)
 
     @property
     def started(self) -> bool:
@@ -130,9 +101,11 @@ class RayExecutor:
 
         if self._run is not None:
             self.stop()
+        from ._ray_run import Run
+
         if not ray.is_initialized():
             ray.init(address=self.address)
-        self._run = _Run(self, config, start, wake)
+        self._run = Run(self.actor_options, config, start, wake)
         self._run.dispatch()
 
     def advance(self, position: int) -> None:
@@ -166,6 +139,7 @@ class RayExecutor:
     def stop(self) -> None:
         run, self._run = self._run, None
         if run is not None:
+            self._restarts += run.restarts
             run.stop()
 
     def forget(self) -> None:
@@ -173,253 +147,7 @@ class RayExecutor:
         parent's; Ray's connection is not usable in a forked child anyway)."""
         self._run = None
 
-    def _need_run(self) -> _Run:
+    def _need_run(self) -> Run:
         if self._run is None:
             raise RuntimeError("the Ray executor is not started (or was stopped)")
         return self._run
-
-
-class _Run:
-    """One start-to-stop of a ``RayExecutor``: the actors, the schedule, the calls in flight."""
-
-    def __init__(self, owner: RayExecutor, config: LoaderConfig, start: int, wake: WakePipe):
-        import ray
-
-        self.ray = ray
-        self.owner = owner
-        self.config = config
-        self.wake = wake
-        self.order: Order = config.order
-        self.schedule = Schedule(self.order, start, config.prefetch, config.max_slots, config.retries)
-        self.released: list[int] = []
-        self.answers: list[Result] = []  # results decided without an actor (a late batch nobody had)
-        self.local_node = ray.get_runtime_context().get_node_id()
-        sources, self.array_refs = pack_sources(config.sources, ray.put)
-        self.config_ref: Any = ray.put(ship_config(_with_sources(config, sources)))
-        self.actor_class = ray.remote(BatchMaker).options(**owner.actor_options)
-        self.actors: list[_Actor] = [self._spawn() for _ in range(max(1, config.workers))]
-        self.all_started = False
-
-    def _spawn(self) -> _Actor:
-        handle = self.actor_class.remote(self.config_ref, *self.array_refs)
-        return _Actor(handle, handle.hello.remote(), time.monotonic())  # type: ignore[attr-defined]
-
-    # --- dispatch -----------------------------------------------------------------------
-
-    def dispatch(self) -> None:
-        """Send every batch the schedule allows to the least-loaded actor."""
-        if self.released:
-            self.schedule.consumed(self.schedule.position, self.released, 0)
-            self.released = []
-        candidates = [actor for actor in self.actors if not actor.dying]
-        while candidates:
-            task = self.schedule.next_task()
-            if task is None:
-                return
-            batch, slot = task
-            actor = min(candidates, key=lambda a: len(a.queue))
-            indices = self.order.batch_indices(batch).tobytes()  # bytes: the cheapest argument for Ray to pack
-            actor.queue.append(_Task(batch, slot, actor.handle.make.remote(batch, indices)))
-
-    def advance(self, position: int) -> None:
-        self.schedule.consumed(position, self.released, 0)
-        self.released = []
-        self.dispatch()
-
-    def release(self, slot: int) -> None:
-        self.released.append(slot)
-
-    # --- collecting ---------------------------------------------------------------------
-
-    def _watched(self) -> list[Any]:
-        refs = [actor.hello for actor in self.actors if actor.hello is not None]
-        refs.extend(task.ref for actor in self.actors for task in actor.queue)
-        return refs
-
-    def wait(self, seconds: float) -> list[Result]:
-        """Results in completion order, waiting up to ``seconds`` for the first; [] when woken.
-
-        One non-blocking ``ray.wait`` first (with calls queued, something is often ready), then a
-        blocking one in slices of ``WAIT_SLICE_S``, so a wake is seen promptly."""
-        deadline = time.monotonic() + seconds
-        while True:
-            self.dispatch()
-            results, self.answers = self.answers, []
-            refs = self._watched()
-            if refs:
-                ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=0)
-                if not ready and not results:
-                    left = max(0.0, min(WAIT_SLICE_S, deadline - time.monotonic()))
-                    ready, _ = self.ray.wait(refs, num_returns=1, timeout=left)
-                if ready:
-                    results.extend(self._collect(set(ready)))
-            elif not results:
-                time.sleep(max(0.0, min(WAIT_SLICE_S, deadline - time.monotonic())))
-            self._check_start()
-            if results or self.wake.woken or time.monotonic() >= deadline:
-                self.dispatch()
-                return results
-
-    def _collect(self, done: set[Any]) -> list[Result]:
-        """The answers among ``done``: actors that said hello, batches made, actors lost. An actor answers
-        in order, so only the front of its queue can be ready -- unless it died: then all are."""
-        results: list[Result] = []
-        values = self._fetch(done)
-        for actor in list(self.actors):
-            if actor.hello is not None and actor.hello in done:
-                self._hello(actor)
-            while actor.queue and actor.queue[0].ref in done:
-                result = self._answer(actor, values)
-                if result is _LOST:
-                    results.extend(self._lose(actor))
-                    break
-                results.append(result)
-        return results
-
-    def _fetch(self, done: set[Any]) -> dict[Any, Any]:
-        """The values of the ready batch calls, in one ``ray.get`` (cheaper than one each); {} when one of
-        them is an error: ``_answer`` then gets them one by one and sees which."""
-        refs = [task.ref for actor in self.actors for task in actor.queue if task.ref in done]
-        if len(refs) < 2:
-            return {}
-        try:
-            return dict(zip(refs, self.ray.get(refs)))
-        except self.ray.exceptions.RayError:
-            return {}
-
-    def _hello(self, actor: _Actor) -> None:
-        try:
-            actor.pid, actor.node, actor.address = self.ray.get(actor.hello)
-        except self.ray.exceptions.RayError as error:
-            if not actor.dying:
-                raise PrefetchError(f"a Ray actor of the loader could not start: {_first_line(error)}") from error
-        actor.hello = None
-
-    def _answer(self, actor: _Actor, values: dict[Any, Any]) -> Any:
-        """The front call of ``actor`` has answered: a ``Made``, a ``Failed``, or ``_LOST``."""
-        task = actor.queue[0]
-        try:
-            value = values.pop(task.ref) if task.ref in values else self.ray.get(task.ref)
-        except self.ray.exceptions.RayTaskError as error:  # not user code (that is ``Fail``): a bug of ours
-            actor.queue.popleft()
-            self.released.append(task.slot)
-            return Failed(task.batch, error)
-        except self.ray.exceptions.RayError as error:  # the actor, or its node, is gone
-            actor.death = error
-            return _LOST
-        actor.queue.popleft()
-        if isinstance(value, Fail):
-            self.released.append(task.slot)
-            return Failed(task.batch, value.failure.to_exception(task.batch, value.indices, actor.pid))
-        batch, timings = value
-        return Made(task.batch, timings, actor.pid or 0, (task.slot, batch))
-
-    def _lose(self, actor: _Actor) -> list[Result]:
-        """``actor`` died: replace it, redo its unanswered batches, fail the one it killed too often."""
-        error = actor.death
-        if actor.pid is None and not actor.dying:
-            raise PrefetchError(f"a Ray actor of the loader could not start: {_first_line(error)}") from error
-        _kill(self.ray, actor.handle)
-        self.actors[self.actors.index(actor)] = self._spawn()
-        self.owner.restarts += 1
-        position = self.schedule.position
-        tasks = [(t.batch, t.slot) for t in actor.queue if t.batch >= position]
-        self.released.extend(t.slot for t in actor.queue if t.batch < position)
-        late = [task for task in tasks if task[0] in self.schedule.late]
-        if late:  # the batch it was killed for is the one it answers for, wherever it was queued
-            tasks.remove(late[0])
-            tasks.insert(0, late[0])
-        actor.queue.clear()
-        verdict = self.schedule.lost(tasks)
-        return [] if verdict is None else [self._give_up(verdict, actor, error)]
-
-    def _give_up(self, verdict: Verdict, actor: _Actor, error: Any) -> Failed:
-        indices = tuple(self.order.batch_indices(verdict.batch).tolist())
-        where = f"Ray actor pid {actor.pid} on node {actor.address} ({(actor.node or '?')[:12]})"
-        if verdict.why is GiveUp.LATE:
-            text = (
-                f"batch {verdict.batch} (sample indices {list(indices)}) was not ready within "
-                f"timeout={self.config.timeout}s; {where}, which had it, was killed"
-            )
-            return Failed(verdict.batch, WorkerTimeoutError(text, batch=verdict.batch, indices=indices, pid=actor.pid))
-        text = (
-            f"{where} died while making batch {verdict.batch} (sample indices {list(indices)}): "
-            f"{_first_line(error)}; it killed {verdict.attempts} actor(s), retries={self.config.retries}"
-        )
-        return Failed(verdict.batch, WorkerDiedError(text, batch=verdict.batch, indices=indices, pid=actor.pid))
-
-    def _check_start(self) -> None:
-        """Note when every actor has started; give up on actors Ray cannot place or start."""
-        waiting = [actor for actor in self.actors if actor.pid is None and not actor.dying]
-        if not waiting:
-            self.all_started = True
-            return
-        oldest = min(actor.born for actor in waiting)
-        if time.monotonic() - oldest > ACTOR_START_S:
-            raise PrefetchError(
-                f"{len(waiting)} Ray actor(s) of the loader did not start within {ACTOR_START_S:.0f}s: the cluster "
-                f"may lack the resources they ask for (actor_options={self.owner.actor_options}); `ray status` "
-                "shows what is free"
-            )
-
-    # --- timeout and stop ---------------------------------------------------------------
-
-    def late(self, batch: int) -> None:
-        """``timeout`` passed for ``batch``: kill the actor that has it; nobody has it: fail it now."""
-        for actor in self.actors:
-            for task in actor.queue:
-                if task.batch == batch:
-                    if _ready(self.ray, task.ref):
-                        return  # made meanwhile: the engine gets it with the next ``wait``
-                    self.schedule.mark_late(batch)
-                    actor.dying = True
-                    _kill(self.ray, actor.handle)  # its calls now fail: ``_lose`` reports the batch
-                    return
-        self.schedule.cancel(batch)
-        indices = tuple(self.order.batch_indices(batch).tolist())
-        text = f"batch {batch} was not ready within timeout={self.config.timeout}s, and no Ray actor was making it"
-        self.answers.append(Failed(batch, WorkerTimeoutError(text, batch=batch, indices=indices, pid=None)))
-
-    def stop(self) -> None:
-        """Kill every actor, drop every reference; wait for this node's actor processes to end."""
-        import psutil
-
-        local = []
-        for actor in self.actors:
-            _kill(self.ray, actor.handle)
-            if actor.pid is not None and actor.node == self.local_node:
-                try:
-                    local.append(psutil.Process(actor.pid))
-                except psutil.Error:
-                    pass
-        self.actors = []
-        self.array_refs = []
-        self.config_ref = None
-        self.answers = []
-        psutil.wait_procs(local, timeout=STOP_WAIT_S)
-
-
-_LOST = object()  # what ``_answer`` returns for a call whose actor is gone
-
-
-def _with_sources(config: LoaderConfig, sources: tuple[Any, ...]) -> LoaderConfig:
-    from dataclasses import replace
-
-    return replace(config, sources=sources)
-
-
-def _ready(ray: Any, ref: Any) -> bool:
-    ready, _ = ray.wait([ref], num_returns=1, timeout=0)
-    return bool(ready)
-
-
-def _kill(ray: Any, handle: Any) -> None:
-    try:
-        ray.kill(handle, no_restart=True)
-    except Exception:  # Ray shut down already, or the actor is gone: either way it is not running
-        pass
-
-
-def _first_line(error: Any) -> str:
-    text = str(error).strip().splitlines()
-    return text[0][:300] if text else type(error).__name__
