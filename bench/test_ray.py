@@ -27,10 +27,7 @@ from typing import Any
 import pytest
 from workloads import LATENCY_S, WORKLOADS, open_stream, prefetch_stream
 
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before Ray starts: loopback only
 _ROOT = Path(__file__).resolve().parent.parent
-# Actors are processes Ray starts: they import prefetch from this checkout, as this process does.
-os.environ["PYTHONPATH"] = os.pathsep.join([str(_ROOT), str(_ROOT / "bench"), os.environ.get("PYTHONPATH", "")])
 
 LOCAL_RAY = {"num_cpus": 2, "object_store_memory": 2**30, "include_dashboard": False}
 
@@ -38,12 +35,21 @@ LOCAL_RAY = {"num_cpus": 2, "object_store_memory": 2**30, "include_dashboard": F
 @pytest.fixture(scope="module", autouse=True)
 def ray_instance() -> Iterator[None]:
     ray = pytest.importorskip("ray")
+    saved = {name: os.environ.get(name) for name in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "PYTHONPATH")}
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before Ray starts: loopback only
+    # Actors are processes Ray starts: they import prefetch and the workloads from this checkout.
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(_ROOT), str(_ROOT / "bench"), os.environ.get("PYTHONPATH", "")])
     ray.init(**LOCAL_RAY)
     session = ray._private.worker._global_node.get_session_dir_path()
     try:
         yield
     finally:
         ray.shutdown()
+        for name, value in saved.items():  # the other benchmarks' processes get the environment they had
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         shutil.rmtree(session, ignore_errors=True)
         latest = os.path.join(os.path.dirname(session), "session_latest")
         if os.path.islink(latest) and not os.path.exists(latest):
