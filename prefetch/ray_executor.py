@@ -77,10 +77,16 @@ class RayExecutor:
         if actor_options is not None and not isinstance(actor_options, dict):
             raise TypeError(f"actor_options must be a dict of Ray actor options or None; got {actor_options!r}")
         self.address = address
-        self.actor_options = {**DEFAULT_ACTOR_OPTIONS, **(actor_options or {}), **FORCED_ACTOR_OPTIONS}
+        self.user_options = dict(actor_options or {})
+        self.actor_options = {**DEFAULT_ACTOR_OPTIONS, **self.user_options, **FORCED_ACTOR_OPTIONS}
         self.copy = copy
         self._restarts = 0  # actors lost and replaced in runs that have ended
         self._run: Run | None = None
+
+    def __copy__(self) -> RayExecutor:
+        """A fresh executor with the same options (``Loader`` copies the one it was given for each
+        iteration): never a share of a running one's actors."""
+        return RayExecutor(self.address, self.user_options, copy=self.copy)
 
     def __repr__(self) -> str:
         return f"RayExecutor(address={self.address!r}, actor_options={self.actor_options!r}, copy={self.copy})"
