@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
         report = doctor()
         if args.ray:
-            from ._ray_doctor import ray_findings
+            from .ray_executor.doctor import ray_findings
 
             report.findings.extend(ray_findings(args.address))
         print(report)

@@ -6,7 +6,7 @@ The data path, top down::
       -> consumer.Engine          reorder buffer, timeout clock, close from any thread, Stats
         -> an Executor            where batches are made (executor.py, the seam):
              processes/           a coordinator process, forked workers, shared-memory slots
-             ray_executor.py      Ray actors, the object store
+             ray_executor/        Ray actors, the object store
                -> core/           process-free: order, per-batch seeding, make_batch, schedule
 
 The loader yields strictly by batch number, so the stream is the same for any number of

@@ -12,20 +12,33 @@ import os
 import time
 from typing import Any
 
-from .doctor import Finding
+from ..preflight import Finding
 
 ROUND_TRIP_BYTES = 8 * 2**20
 # Below this much object store in all, ``prefetch`` batches of images may not fit.
 SMALL_STORE_BYTES = 2**30
 
 
+def _installed() -> str:
+    """The installed prefetch's version, as its package metadata says (what every node must match)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("prefetch")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown"
+
+
+def _package_dir() -> str:
+    """Where this process imports prefetch from."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 class _Probe:
     """The doctor's actor: says where it runs and which prefetch it imports, and echoes arrays."""
 
     def where(self) -> tuple[str, str, int]:
-        import prefetch
-
-        return prefetch.__version__, os.path.dirname(prefetch.__file__), os.getpid()
+        return _installed(), _package_dir(), os.getpid()
 
     def echo(self, array: Any) -> Any:
         return array
@@ -73,8 +86,6 @@ def _cluster(ray: Any) -> Finding:
 def _round_trip(ray: Any) -> Finding:
     import numpy as np
 
-    import prefetch
-
     probe = ray.remote(_Probe).options(num_cpus=0).remote()
     try:
         version, path, pid = ray.get(probe.where.remote(), timeout=120)
@@ -85,10 +96,10 @@ def _round_trip(ray: Any) -> Finding:
         seconds = time.perf_counter() - started
     finally:
         ray.kill(probe)
-    if version != prefetch.__version__:
+    if version != _installed():
         return Finding(
             "error",
-            f"the actor (pid {pid}) imports prefetch {version} from {path}, this process {prefetch.__version__}",
+            f"the actor (pid {pid}) imports prefetch {version} from {path}, this process {_installed()}",
             "install the same prefetch version on every node",
         )
     assert back.nbytes == ROUND_TRIP_BYTES

@@ -12,15 +12,15 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ._ray_actor import BatchMaker, Fail, pack_sources, ship_config
-from .core.schedule import GiveUp, Schedule, Verdict
-from .errors import PrefetchError, WorkerDiedError, WorkerTimeoutError
-from .executor import Failed, Made, Result
+from ..core.schedule import GiveUp, Schedule, Verdict
+from ..errors import PrefetchError, WorkerDiedError, WorkerTimeoutError
+from ..executor import Failed, Made, Result
+from .actor import BatchMaker, Fail, pack_sources, ship_config
 
 if TYPE_CHECKING:
-    from ._lifecycle import WakePipe
-    from .core.config import LoaderConfig
-    from .core.order import Order
+    from .._lifecycle import WakePipe
+    from ..core.config import LoaderConfig
+    from ..core.order import Order
 
 # ``wait`` looks at the wake pipe (``close()`` from another thread) at least this often.
 WAIT_SLICE_S = 0.05

@@ -35,12 +35,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .executor import Made, Result, WorkerInfo
+from ..executor import Made, Result, WorkerInfo
 
 if TYPE_CHECKING:
-    from ._lifecycle import WakePipe
-    from ._ray_run import Run
-    from .core.config import LoaderConfig
+    from .._lifecycle import WakePipe
+    from ..core.config import LoaderConfig
+    from .run import Run
 
 # Spread the actors over the cluster's nodes unless the user says otherwise.
 DEFAULT_ACTOR_OPTIONS: dict[str, Any] = {"scheduling_strategy": "SPREAD"}
@@ -107,7 +107,7 @@ class RayExecutor:
 
         if self._run is not None:
             self.stop()
-        from ._ray_run import Run
+        from .run import Run
 
         if not ray.is_initialized():
             ray.init(address=self.address)

@@ -29,10 +29,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .core import rng
-from .core.config import LoaderConfig
-from .core.pipeline import BatchError, Timings, make_batch, uses_randomness
-from .errors import Failure
+from ..core import rng
+from ..core.config import LoaderConfig
+from ..core.pipeline import BatchError, Timings, make_batch, uses_randomness
+from ..errors import Failure
 
 
 @dataclass(frozen=True)
