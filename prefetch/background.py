@@ -8,7 +8,7 @@ another process while the training loop works on the previous items::
 
 It runs on the engine's parts, not beside them: the messages are ``processes.messages``'s,
 they travel as ``processes.channel`` frames, items cross in ``processes.slots`` slots under a
-``processes.segments`` prefix, and the producer lives and ends by ``processes.lifetime``.
+``processes.segments`` prefix, and the producer lives and ends by ``lifetime``.
 How it works::
 
     consumer (your process)                       producer process (forked)
@@ -121,7 +121,7 @@ class _Credits:
 
     def take(self) -> int | None:
         """A free slot, waiting for one while there is none; None once the producer is to stop."""
-        from .processes.lifetime import PARENT_CHECK_INTERVAL_S
+        from .lifetime import PARENT_CHECK_INTERVAL_S
 
         self._read()  # every time: a Stop is seen between items, and credits never pile up in the pipe
         while not self.free and not self.stopped:
@@ -156,8 +156,8 @@ def _produce(
     states: tuple[Any, Any],
 ) -> None:
     """The producer's life: take a free slot, make the next item into it, send it; until told to stop."""
+    from .lifetime import die_with_parent, ignore_sigint
     from .processes.channel import send
-    from .processes.lifetime import die_with_parent, ignore_sigint
     from .processes.messages import Exhausted, ItemFailed, ItemReady
     from .processes.segments import unlink_prefix
     from .processes.slots import SlotWriter
@@ -195,8 +195,8 @@ class _Producer:
     def __init__(self, source: Any, make: bool, depth: int):
         import multiprocess
 
+        from .lifetime import sigint_ignored
         from .processes.channel import Outbox, PipeReader
-        from .processes.lifetime import sigint_ignored
         from .processes.segments import claim_prefix, remove_stale_segments
 
         remove_stale_segments()  # left by consumers that were killed (their producers clean up too)
@@ -272,7 +272,7 @@ class _Producer:
                 self.poller.unregister(self.credits.fileno())
 
     def _died(self) -> WorkerDiedError:
-        from .processes.lifetime import PRODUCER_JOIN_TIMEOUT_S
+        from .lifetime import PRODUCER_JOIN_TIMEOUT_S
 
         self.process.join(PRODUCER_JOIN_TIMEOUT_S)
         return WorkerDiedError(
@@ -288,7 +288,7 @@ class _Producer:
 
 def _stop(process: Any, credits: Outbox, conns: tuple[Any, ...], prefix_lock: PrefixLock) -> None:
     """Tell the producer to stop, escalate to kill, then unlink every segment it made, and the lock."""
-    from .processes.lifetime import PRODUCER_JOIN_TIMEOUT_S, join_or_kill
+    from .lifetime import PRODUCER_JOIN_TIMEOUT_S, join_or_kill
     from .processes.messages import Stop, encode
 
     with contextlib.suppress(OSError, ValueError):

@@ -45,9 +45,7 @@ import psutil
 from ..core.config import LoaderConfig
 from ..core.schedule import GiveUp, Schedule
 from ..errors import WorkersKeepDyingError, describe_exit
-from . import messages
-from .channel import Outbox, PipeReader, atomic_body, send
-from .lifetime import (
+from ..lifetime import (
     PARENT_CHECK_INTERVAL_S,
     WORKER_JOIN_TIMEOUT_S,
     batch_scheduling,
@@ -55,6 +53,8 @@ from .lifetime import (
     import_before_forking,
     join_or_kill,
 )
+from . import messages
+from .channel import Outbox, PipeReader, atomic_body, send
 from .segments import unlink_prefix
 from .sources import resolve_sources
 

@@ -36,8 +36,8 @@ from ..core.reorder import Leases
 from ..core.schedule import GiveUp
 from ..errors import CoordinatorDiedError, CoordinatorTimeoutError, WorkerDiedError, WorkerTimeoutError, describe_exit
 from ..executor import Failed, Made, Result, WorkerInfo
+from ..lifetime import COORDINATOR_JOIN_TIMEOUT_S, join_or_kill, sigint_ignored, wait_ended
 from .channel import Outbox, PipeReader
-from .lifetime import COORDINATOR_JOIN_TIMEOUT_S, join_or_kill, sigint_ignored, wait_ended
 from .messages import (
     BatchAbandoned,
     BatchFailed,

@@ -26,15 +26,15 @@ from ..core import rng
 from ..core.config import LoaderConfig
 from ..core.pipeline import BatchError, make_batch, uses_randomness
 from ..errors import Failure
-from .channel import PipeReader, send
-from .lifetime import (
+from ..lifetime import (
     PARENT_CHECK_INTERVAL_S,
-    WORKER_TIMER_SLACK_NS,
     die_with_parent,
     ignore_sigint,
     limit_threads,
     normal_scheduling,
+    wake_on_time,
 )
+from .channel import PipeReader, send
 from .messages import BatchFailed, BatchReady, Stop, Task
 from .slots import SlotWriter
 
@@ -65,7 +65,8 @@ def run_task(config: LoaderConfig, writer: SlotWriter, task: Task) -> BatchReady
 def worker_main(tasks: Any, results: Any, config: LoaderConfig, prefix: str, parent_pid: int) -> None:
     """A worker process's life: tasks in, results out, until told to stop or orphaned."""
     ignore_sigint()
-    die_with_parent(timer_slack_ns=WORKER_TIMER_SLACK_NS)
+    die_with_parent()
+    wake_on_time()
     normal_scheduling()  # the coordinator's policy is inherited: undo it
     if config.worker_nice:
         os.nice(config.worker_nice)  # the training step goes first (see _tuning)

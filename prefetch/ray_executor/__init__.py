@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..errors import PrefetchError
 from ..executor import Made, Result, WorkerInfo
 
 if TYPE_CHECKING:
@@ -155,5 +156,5 @@ class RayExecutor:
 
     def _need_run(self) -> Run:
         if self._run is None:
-            raise RuntimeError("the Ray executor is not started (or was stopped)")
+            raise PrefetchError("the Ray executor is not started (or was stopped)")
         return self._run

@@ -21,7 +21,6 @@ cloudpickle: lambdas and closures work.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import threading
 from dataclasses import dataclass, replace
@@ -33,6 +32,7 @@ from ..core import rng
 from ..core.config import LoaderConfig
 from ..core.pipeline import BatchError, Timings, make_batch, uses_randomness
 from ..errors import Failure
+from ..lifetime import limit_threads, wake_on_time
 
 
 @dataclass(frozen=True)
@@ -84,31 +84,6 @@ def memmap_spec(source: np.memmap) -> ByPath | None:
     start = source.__array_interface__["data"][0] - base.__array_interface__["data"][0]
     file_offset = source.offset - source.offset % _granularity() + start
     return ByPath(os.fspath(filename), source.dtype.str, tuple(source.shape), int(file_offset), order)
-
-
-# As worker processes (``processes/lifetime.py``; executors do not import each other): timed waits in a
-# transform wake within 1 us, and one BLAS/OpenMP thread per actor.
-_PR_SET_TIMERSLACK = 29
-WORKER_TIMER_SLACK_NS = 1000
-_THREAD_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
-                    "NUMEXPR_NUM_THREADS")  # fmt: skip
-
-
-def _one_blas_thread() -> None:
-    for name in _THREAD_ENV_VARS:
-        os.environ[name] = "1"
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - a dependency
-        return
-    threadpool_limits(1)
-
-
-def _set_timer_slack(nanoseconds: int) -> None:
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_TIMERSLACK, nanoseconds)
-    except (OSError, AttributeError):  # pragma: no cover - not Linux
-        pass
 
 
 def _granularity() -> int:
@@ -163,7 +138,7 @@ class BatchMaker:
 
     def __init__(self, config: LoaderConfig, *arrays: Any):
         if config.limit_threads:
-            _one_blas_thread()
+            limit_threads()
         if config.worker_nice:
             os.nice(config.worker_nice)  # as a worker process: the training step goes first
         self.config = replace(config, sources=unpack_sources(config.sources, arrays))
@@ -186,7 +161,7 @@ class BatchMaker:
             # As a worker process does: a timed wait in a transform (a read with a timeout, a sleep)
             # wakes on time. Per thread, so set where the calls run (Ray's main thread here).
             self.tight_thread = threading.get_ident()
-            _set_timer_slack(WORKER_TIMER_SLACK_NS)
+            wake_on_time()
         if self.randomness:
             rng.seed_globals(self.config.seed, batch)
         try:

@@ -1,6 +1,8 @@
-"""How a process of the engine lives and ends: one place for every OS-level process helper.
+"""How a process of the engine lives and ends: one place for every OS-level process helper, used by
+the ``processes`` executor, ``background`` and the Ray actors alike.
 
-* ``die_with_parent``: Linux kills this process when its parent dies (``PR_SET_PDEATHSIG``).
+* ``die_with_parent``: Linux kills this process when its parent dies (``PR_SET_PDEATHSIG``);
+  ``wake_on_time``: timed waits in user code end within 1 us of their deadline.
 * ``ignore_sigint`` / ``sigint_ignored``: Ctrl-C is the consumer's alone to handle.
 * ``batch_scheduling`` / ``normal_scheduling``: the coordinator's wake-ups do not preempt the loop.
 * ``limit_threads``: one BLAS/OpenMP thread per worker.
@@ -51,16 +53,23 @@ THREAD_ENV_VARS = (
 )
 
 
-def die_with_parent(sig: int = signal.SIGKILL, timer_slack_ns: int | None = None) -> None:
-    """Ask Linux to send ``sig`` to this process when its parent dies (and, if given, to keep timed
-    waits within ``timer_slack_ns``). Callers also poll their parent: this is Linux only."""
+def _prctl(option: int, value: int) -> None:
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, sig)
-        if timer_slack_ns is not None:
-            libc.prctl(_PR_SET_TIMERSLACK, timer_slack_ns)
+        ctypes.CDLL(None, use_errno=True).prctl(option, value)
     except (OSError, AttributeError):  # pragma: no cover - not Linux
         pass
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Ask Linux to send ``sig`` to this process when its parent dies. Callers also poll their
+    parent: this is Linux only."""
+    _prctl(_PR_SET_PDEATHSIG, sig)
+
+
+def wake_on_time(timer_slack_ns: int = WORKER_TIMER_SLACK_NS) -> None:
+    """Keep this thread's timed waits within ``timer_slack_ns`` of their deadline (a worker or an
+    actor whose transform waits on storage or a network with timeouts)."""
+    _prctl(_PR_SET_TIMERSLACK, timer_slack_ns)
 
 
 def ignore_sigint() -> None:
