@@ -75,8 +75,8 @@ class Run:
         self.all_started = False
 
     def _spawn(self) -> _Actor:
-        handle = self.actor_class.remote(self.config_ref, *self.array_refs)
-        return _Actor(handle, handle.hello.remote(), time.monotonic())  # type: ignore[attr-defined]
+        handle: Any = self.actor_class.remote(self.config_ref, *self.array_refs)  # Ray types it loosely
+        return _Actor(handle, handle.hello.remote(), time.monotonic())
 
     # --- dispatch -----------------------------------------------------------------------
 
