@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import signal
 import subprocess
 import sys
 import textwrap
@@ -450,3 +451,14 @@ def run_script(tmp_path, name: str, source: str, *args: str) -> subprocess.Popen
         text=True,
         start_new_session=True,
     )
+
+
+def reap(process: subprocess.Popen, pids, timeout_s: float) -> None:
+    """After a fault test that killed a consumer process: kill whatever of its loader outlived it, unlink
+    the segments its pid named, and collect the process's output, so that nothing leaks into later tests."""
+    for pid in pids:
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    for name in segments_of(process.pid):
+        os.unlink(os.path.join("/dev/shm", name))
+    process.communicate(timeout=timeout_s)

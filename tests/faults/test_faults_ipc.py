@@ -20,7 +20,7 @@ import time
 import multiprocess
 import numpy as np
 import pytest
-from helpers import Fault, FaultyTransform, alive, all_gone, loader_processes, run_script, segments_of, wait_until
+from helpers import Fault, FaultyTransform, alive, all_gone, loader_processes, reap, run_script, segments_of, wait_until
 
 import prefetch
 from prefetch.processes.channel import Outbox
@@ -211,12 +211,7 @@ def test_a_killed_consumer_is_noticed_within_a_second_while_a_worker_hangs(tmp_p
         took = wait_until(all_gone(pids, process.pid), timeout_s=5.0)
         assert took < DETECTED_S, took
     finally:
-        for pid in pids:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        for name in segments_of(process.pid):
-            os.unlink(os.path.join("/dev/shm", name))
-        process.communicate(timeout=SUBPROCESS_TIMEOUT_S)
+        reap(process, pids, SUBPROCESS_TIMEOUT_S)
 
 
 # --- 4c. the coordinator killed between two batches ----------------------------------------------------

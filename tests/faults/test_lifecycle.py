@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import alive, all_gone, loader_processes, run_script, segments_of, wait_until
+from helpers import alive, all_gone, loader_processes, reap, run_script, segments_of, wait_until
 
 import prefetch
 
@@ -219,12 +219,7 @@ def test_parent_killed_leaves_no_process_and_no_segment(tmp_path, start_method):
         process.wait(SUBPROCESS_TIMEOUT_S)
         wait_until(all_gone(pids, process.pid), GONE_WITHIN_S)
     finally:
-        for pid in pids:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        for name in segments_of(process.pid):
-            os.unlink(os.path.join("/dev/shm", name))
-        process.communicate(timeout=SUBPROCESS_TIMEOUT_S)
+        reap(process, pids, SUBPROCESS_TIMEOUT_S)
 
 
 @pytest.mark.parametrize("to", ["process group", "consumer"])

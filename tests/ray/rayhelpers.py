@@ -97,3 +97,24 @@ def alive_actors() -> list[str]:
 
     table = ray._private.state.actors().values()
     return [a["ActorID"] for a in table if a.get("ActorClassName", "").endswith("BatchMaker") and a["State"] == "ALIVE"]
+
+
+def run_with_own_ray(args: list[str], timeout_s: float) -> tuple[int, str, str]:
+    """Run ``args`` (a command that starts and stops a Ray instance of its own: the doctor, the example)
+    from the repository root, on loopback; its exit code, output and errors. Ray leaves the session
+    directory of a driver behind: it is removed."""
+    import glob
+    import os
+    import shutil
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": root, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env.pop("RAY_ADDRESS", None)
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=root)
+    try:
+        out, err = process.communicate(timeout=timeout_s)
+    finally:
+        for path in glob.glob(f"/tmp/ray/session_*_{process.pid}"):
+            shutil.rmtree(path, ignore_errors=True)
+    return process.returncode, out, err
