@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 import types
 
 import numpy as np
@@ -462,3 +463,20 @@ def reap(process: subprocess.Popen, pids, timeout_s: float) -> None:
     for name in segments_of(process.pid):
         os.unlink(os.path.join("/dev/shm", name))
     process.communicate(timeout=timeout_s)
+
+
+def consume_slowly_within_the_bound(
+    loader, source, batch_size: int, depth: int, step_s: float, settle_s: float
+) -> None:
+    """Take 15 batches with a slow "training step" of ``step_s`` each; after every one, and once more
+    after ``settle_s`` for the pipeline to fill, ``source`` (a ``CountingSource``) must have loaded no
+    more than ``prefetch`` batches beyond those taken: the workers never run ahead of the bound."""
+    consumed = 0
+    for _ in loader:
+        consumed += 1
+        time.sleep(step_s)
+        assert source.loaded() <= (consumed + depth) * batch_size
+        if consumed == 15:
+            break
+    time.sleep(settle_s)  # time to fill up to the bound, and no further
+    assert source.loaded() <= (consumed + depth) * batch_size

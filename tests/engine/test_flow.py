@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
-import time
 
 import numpy as np
 import pytest
-from helpers import CountingSource, wait_until
+from helpers import CountingSource, consume_slowly_within_the_bound, wait_until
 
 import prefetch
 from prefetch.processes.segments import LOCK_NAME, SHM_DIR
@@ -18,16 +17,7 @@ def test_backpressure_bounds_the_work_done_ahead(tmp_path, workers, depth):
     source = CountingSource(400, str(tmp_path / "count"))
     batch_size = 4
     with prefetch.Loader(source, batch_size=batch_size, workers=workers, prefetch=depth, epochs=1) as loader:
-        consumed = 0
-        for _ in loader:
-            consumed += 1
-            time.sleep(0.02)  # a slow training step: the workers must not run ahead
-            assert source.loaded() <= (consumed + depth) * batch_size
-            if consumed == 15:
-                break
-        # by now the pipeline has had time to fill up to exactly the bound, and no further
-        time.sleep(0.3)
-        assert source.loaded() <= (consumed + depth) * batch_size
+        consume_slowly_within_the_bound(loader, source, batch_size, depth, step_s=0.02, settle_s=0.3)
 
 
 def test_holding_every_batch_of_an_epoch_neither_deadlocks_nor_corrupts():

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import CountingSource
+from helpers import CountingSource, consume_slowly_within_the_bound
 from rayhelpers import Boom, alive_actors, digests, fail_at, owned_objects, processes_stream, slow
 
 import prefetch
@@ -24,15 +24,7 @@ def test_prefetch_bounds_work_done_ahead_of_a_slow_consumer(local_ray, tmp_path)
     source = CountingSource(400, str(tmp_path / "count"))
     batch_size, depth = 4, 4
     with prefetch.Loader(source, batch_size=batch_size, workers=3, prefetch=depth, epochs=1, executor="ray") as loader:
-        consumed = 0
-        for _ in loader:
-            consumed += 1
-            time.sleep(0.05)  # a slow training step: the actors must not run ahead
-            assert source.loaded() <= (consumed + depth) * batch_size
-            if consumed == 15:
-                break
-        time.sleep(0.5)  # time to fill up to the bound, and no further
-        assert source.loaded() <= (consumed + depth) * batch_size
+        consume_slowly_within_the_bound(loader, source, batch_size, depth, step_s=0.05, settle_s=0.5)
         assert loader.stats().max_fill <= depth
 
 
