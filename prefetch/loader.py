@@ -184,6 +184,12 @@ class Loader:
         self._check_open()
         return self._generate(owns_loader=False)
 
+    def stream(self) -> Generator[Any, None, None]:
+        """Every remaining batch, from the loader's position to the end of its last epoch (endless with
+        ``epochs=None``): one generator for Keras ``fit`` or one loop over all epochs."""
+        self._check_open()
+        return self._generate(owns_loader=False)
+
     def _generate(self, owns_loader: bool) -> Generator[Any, None, None]:
         me = object()
         self._newest_iterator = me
