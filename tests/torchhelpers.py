@@ -27,7 +27,7 @@ def torch_draws(sample: Any) -> tuple[Any, np.ndarray, np.ndarray]:
 def random_crop_flip(image: np.ndarray) -> np.ndarray:
     """torchvision's RandomCrop + RandomHorizontalFlip, written with torch ops on the image as a CHW
     tensor: the crop's offset from ``torch.randint``, the flip from ``torch.rand``."""
-    chw = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    chw = torch.tensor(image).permute(2, 0, 1)  # a copy: a source may be read-only (Ray's object store)
     height, width = chw.shape[1:]
     top = int(torch.randint(0, height - CROP + 1, size=(1,)))
     left = int(torch.randint(0, width - CROP + 1, size=(1,)))
