@@ -36,11 +36,13 @@ with its own type and the producer's traceback as ``__cause__``.
 
 The producer is forked, so a generator *object* (which cannot be pickled) is
 inherited as it is, with the module state it sees; it continues from the consumer's
-``random`` and ``np.random`` states at the first ``next()``, so a generator seeded
-with ``random.seed(...)`` yields the same items as when run inline (the consumer's
-own states do not advance meanwhile). Where fork does not exist, pass a zero-argument
+``random``, ``np.random`` and (when torch is imported) torch's CPU generator states at
+the first ``next()``, so a generator seeded with ``random.seed(...)`` or
+``torch.manual_seed(...)`` yields the same items as when run inline (the consumer's own
+states do not advance meanwhile). Where fork does not exist, pass a zero-argument
 function that returns the iterable instead; it is pickled (with dill) to a spawned
-process (a generator object there is ``ForkUnavailableError``).
+process (a generator object there is ``ForkUnavailableError``), which gets the same
+states: torch's as bytes, set there if unpickling the function imported torch.
 
 Segments are named ``prefetch-<consumer pid>-<token>-...`` like a Loader's (see
 ``docs/design.md``, *Shutdown*): closing, exhausting or dropping the generator, an
@@ -65,6 +67,7 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterable
 from typing import TYPE_CHECKING, Any
 
+from .core.rng import torch_generator
 from .errors import Failure, ForkUnavailableError, WorkerDiedError, describe_exit
 
 if TYPE_CHECKING:  # the processes modules are imported when a producer starts, not with prefetch
@@ -89,21 +92,28 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)  # unwinds through the iterable to _produce's cleanup
 
 
-def _random_states() -> tuple[Any, Any]:
-    """The consumer's ``random`` and ``np.random`` states, for the producer to continue from."""
+def _random_states() -> tuple[Any, Any, bytes | None]:
+    """The consumer's ``random``, ``np.random`` and torch CPU generator states, for the producer to
+    continue from. torch's travels as bytes: unpickling it must not import torch in a spawned producer."""
     numpy = sys.modules.get("numpy")
-    return random.getstate(), (numpy.random.get_state() if numpy is not None else None)
+    generator = torch_generator()
+    torch_state = generator.get_state().numpy().tobytes() if generator is not None else None
+    return random.getstate(), (numpy.random.get_state() if numpy is not None else None), torch_state
 
 
-def _adopt_random_states(states: tuple[Any, Any]) -> None:
+def _adopt_random_states(states: tuple[Any, Any, bytes | None]) -> None:
     # A forked child's `random` is reseeded at fork (and a spawned one starts afresh): continue from the
     # consumer's states instead, so the iterable's randomness is what it would be if it ran inline.
-    python_state, numpy_state = states
+    python_state, numpy_state, torch_state = states
     random.setstate(python_state)
     if numpy_state is not None:
         import numpy
 
         numpy.random.set_state(numpy_state)
+    generator = torch_generator()  # a spawned producer has torch if unpickling the iterable imported it
+    if torch_state is not None and generator is not None:
+        torch = sys.modules["torch"]
+        generator.set_state(torch.frombuffer(bytearray(torch_state), dtype=torch.uint8))
 
 
 class _Credits:
@@ -153,7 +163,7 @@ def _produce(
     items: Any,
     credits: Any,
     parent_pid: int,
-    states: tuple[Any, Any],
+    states: tuple[Any, Any, bytes | None],
 ) -> None:
     """The producer's life: take a free slot, make the next item into it, send it; until told to stop."""
     from .lifetime import die_with_parent, ignore_sigint

@@ -160,6 +160,16 @@ def _check_rank(rank: Any, world_size: int) -> int:
     return rank
 
 
+def _check_shared_seed(seed: Any, world_size: int, rank: int) -> None:
+    """Sharding splits one permutation among the ranks: they must agree on its seed (never draw their own)."""
+    if world_size > 1 and seed is None:
+        raise ValueError(
+            f"seed=None with world_size={world_size} (this is rank {rank}): each rank would draw a seed of its "
+            "own and shuffle differently, so the ranks' shards would overlap and miss samples. Pass the same "
+            "seed on every rank, e.g. seed=1234 on every rank, or your training script's own seed"
+        )
+
+
 def _check_batch_fits_shard(stream: dict[str, Any], n: int) -> None:
     """A batch larger than the rank's shard: an error when no batch would come, else a warning."""
     batch_size, world_size, last_batch = stream["batch_size"], stream["world_size"], stream["last_batch"]
@@ -247,6 +257,7 @@ def _check_stream(options: Mapping[str, Any], n: int) -> dict[str, Any]:
     stream["last_batch"] = _check_last_batch(options["last_batch"])
     stream["world_size"] = _check_world_size(options["world_size"], n)
     stream["rank"] = _check_rank(options["rank"], stream["world_size"])
+    _check_shared_seed(options["seed"], stream["world_size"], stream["rank"])
     _check_batch_fits_shard(stream, n)
     return stream
 

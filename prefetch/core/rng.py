@@ -1,26 +1,38 @@
-"""Per-batch randomness, identical for any number of workers, start method or timing.
+"""Per-batch randomness, identical for any number of workers, start method, executor or timing.
 
-Before batch ``b`` is made (in a worker, or in the calling process with
-``workers=0``) Python's ``random`` and NumPy's global ``np.random`` are seeded from
-``(seed, b)``, and ``batch_rng()`` returns a ``numpy.random.Generator`` seeded from
-the same pair. Whatever process makes batch ``b``, its transforms therefore draw
-the same numbers. The seeds are derived with splitmix64, so neighbouring batches
-get unrelated streams.
+Before batch ``b`` is made (in a worker, a Ray actor, or the calling process with
+``workers=0``) every global random generator a transform may draw from is seeded from
+``(seed, b)``: Python's ``random``, NumPy's global ``np.random``, and torch's global CPU
+generator when torch is imported in that process (prefetch never imports torch itself).
+``batch_rng()`` returns a ``numpy.random.Generator`` seeded from the same pair. Whatever
+process makes batch ``b``, its transforms therefore draw the same numbers.
+
+The seeds come from one 64-bit value per batch (splitmix64, so neighbouring batches get
+unrelated streams), and each generator gets it in a form of its own, so no two of them run
+the same stream: ``random`` and ``np.random`` are both MT19937 filled by the same
+init-by-array routine, so NumPy's key carries a salt word; torch's generator keeps 32 bits
+of its seed and fills its state like ``np.random.seed(int)``, so its seed is salted and
+mixed again. See ``docs/design.md``, *Order and determinism*, for what is covered and why.
 """
 
 from __future__ import annotations
 
 import random
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 
 from ..errors import OutsideBatchError
 
+_MASK32 = (1 << 32) - 1
 _MASK64 = (1 << 64) - 1
-# Salt that keeps the batch generator's stream apart from the global ones.
-_GENERATOR_SALT = 0x5EED
+# Salts that keep the generators' streams apart (any distinct constants do).
+_GENERATOR_SALT = 0x5EED  # batch_rng()'s SeedSequence entropy
+_NUMPY_SALT = 0x6E70  # np.random's third key word: its key differs from random's two words
+_TORCH_SALT = 0x7043_0000_0000_0000  # mixed into torch's seed before splitmix64
 
 
 class _Current:
@@ -44,17 +56,31 @@ def batch_seed(seed: int, batch: int) -> int:
     return _splitmix64(seed ^ _splitmix64(batch))
 
 
+def torch_generator() -> Any | None:
+    """torch's global CPU generator if torch is imported in this process, else None (never imports it).
+
+    Only the CPU generator: ``torch.manual_seed`` would also seed (or queue seeding of) the CUDA, MPS
+    and XPU generators, and costs about 100 times more."""
+    return getattr(sys.modules.get("torch"), "default_generator", None)
+
+
 def seed_globals(seed: int, batch: int) -> None:
-    """Seed ``random``, ``np.random`` and ``batch_rng()`` for batch ``batch``."""
+    """Seed ``random``, ``np.random``, torch's CPU generator (if torch is loaded) and ``batch_rng()``
+    for batch ``batch``."""
     value = batch_seed(seed, batch)
     random.seed(value)
-    np.random.seed(value & 0xFFFFFFFF)
+    np.random.seed((value & _MASK32, value >> 32, _NUMPY_SALT))
+    generator = torch_generator()
+    if generator is not None:
+        generator.manual_seed(_splitmix64(value ^ _TORCH_SALT))
     _current.seed, _current.batch, _current.generator = seed, batch, None
 
 
 @contextmanager
 def seeded_in_caller(seed: int, batch: int) -> Iterator[None]:
     """``seed_globals`` for ``workers=0``: the caller's global RNG states are restored after."""
+    generator = torch_generator()
+    torch_state = generator.get_state() if generator is not None else None
     py_state, np_state = random.getstate(), np.random.get_state()
     try:
         seed_globals(seed, batch)
@@ -62,6 +88,8 @@ def seeded_in_caller(seed: int, batch: int) -> Iterator[None]:
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)
+        if generator is not None:
+            generator.set_state(torch_state)
         _current.seed, _current.generator = None, None
 
 

@@ -267,3 +267,24 @@ def test_a_failure_too_large_for_one_pipe_write_arrives_whole():
 def test_a_deep_window_of_tiny_items_keeps_order_and_never_stalls():
     """Thousands of credits in flight: the consumer's answers never wait for the producer to read."""
     assert list(prefetch.background(range(20_000), depth=5_000)) == list(range(20_000))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_a_generator_drawing_from_torch_gives_the_inline_items(monkeypatch, start):
+    """The producer continues from the consumer's torch state (a forked one inherits it, a spawned one
+    is given it), and the consumer's own torch state does not advance meanwhile."""
+    torch = pytest.importorskip("torch")
+    from torchhelpers import make_torch_items, torch_items
+
+    torch.manual_seed(3)
+    expected = [item.tolist() for item in torch_items(12)]
+    torch.manual_seed(3)
+    seeded = torch.get_rng_state()
+    if start == "spawn":
+        monkeypatch.setattr(background_module, "_fork_available", lambda: False)
+        gen = prefetch.background(make_torch_items)  # pickled with dill: unpickling imports torch there
+    else:
+        gen = prefetch.background(torch_items(12))
+    assert [item.tolist() for item in gen] == expected
+    assert torch.equal(torch.get_rng_state(), seeded)

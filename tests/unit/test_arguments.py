@@ -94,8 +94,8 @@ def test_world_size_larger_than_the_data():
 
 def test_drop_with_a_batch_larger_than_the_shard():
     with pytest.raises(ValueError, match=r"last_batch='drop' with batch_size=6 larger than the 5 samples"):
-        make(batch_size=6, last_batch="drop", world_size=2)
-    make(batch_size=5, last_batch="drop", world_size=2).close()  # exactly one batch per epoch is fine
+        make(batch_size=6, last_batch="drop", world_size=2, seed=0)
+    make(batch_size=5, last_batch="drop", world_size=2, seed=0).close()  # exactly one batch per epoch is fine
 
 
 def test_no_sources():
@@ -144,7 +144,7 @@ def test_load_state_dict_from_another_configuration_names_the_field():
         ("shuffle", dict(batch_size=2, shuffle=False, epochs=3)),
         ("epochs", dict(batch_size=2, epochs=2)),
         ("last_batch", dict(batch_size=2, epochs=3, last_batch="short")),
-        ("world_size", dict(batch_size=2, epochs=3, world_size=2)),
+        ("world_size", dict(batch_size=2, epochs=3, world_size=2, seed=0)),
     ]:
         with make(**options) as other, pytest.raises(ValueError, match=rf"saved by a loader with {field}=") as info:
             other.load_state_dict(state)
@@ -163,3 +163,15 @@ def test_no_process_is_started_by_a_failed_construction():
     """Validation happens before any engine exists (the no_leaks fixture checks processes too)."""
     with pytest.raises(ValueError):
         prefetch.Loader(X, Y, batch_size=0, workers=2)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_sharding_without_a_seed_is_refused_saying_to_pass_one_seed_on_every_rank(rank):
+    for start in (make, lambda **options: prefetch.data_generator(2, X, Y, workers=0, **options)):
+        with pytest.raises(ValueError, match=r"seed=None with world_size=2") as info:
+            start(rank=rank, world_size=2)
+        text = str(info.value)
+        assert f"rank {rank}" in text and "overlap" in text
+        assert "Pass the same seed on every rank, e.g. seed=1234 on every rank" in text
+    make(rank=rank, world_size=2, seed=7).close()  # one seed, given on every rank: fine
+    make(seed=None).close()  # unsharded: a drawn seed is fine
