@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import types
 
@@ -408,6 +409,24 @@ class FakeTorch(types.ModuleType):
     def set_num_threads(self, threads: int) -> None:
         self.calls.append(threads)
         self.threads = threads
+
+
+class PerThreadFakeTorch(FakeTorch):
+    """``FakeTorch`` with torch's per-thread setting: each thread has its own intra-op threads, and a thread
+    that has not used torch yet starts from the last value set in any thread (torch's global default)."""
+
+    def __init__(self, threads: int):
+        self.local = threading.local()
+        self.default = threads
+        super().__init__(threads)
+
+    @property  # type: ignore[override]
+    def threads(self) -> int:
+        return getattr(self.local, "threads", self.default)
+
+    @threads.setter
+    def threads(self, threads: int) -> None:
+        self.local.threads = self.default = threads
 
 
 def burn_cpu(seconds: float) -> None:
