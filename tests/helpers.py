@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import random
 import signal
@@ -499,3 +500,25 @@ def consume_slowly_within_the_bound(
             break
     time.sleep(settle_s)  # time to fill up to the bound, and no further
     assert source.loaded() <= (consumed + depth) * batch_size
+
+
+@contextlib.contextmanager
+def native_threads(count: int):
+    """``count`` OS threads that Python does not know about, as a C library's thread pool would be: each
+    waits in ``pause()`` (every signal blocked) until it is cancelled, when the block ends."""
+    libc = ctypes.CDLL(None)
+    handles = []
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())  # the threads inherit it
+    try:
+        for _ in range(count):
+            handle = ctypes.c_ulong()
+            assert libc.pthread_create(ctypes.byref(handle), None, libc.pause, None) == 0
+            handles.append(handle)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    try:
+        yield
+    finally:
+        for handle in handles:
+            libc.pthread_cancel(handle)
+            libc.pthread_join(handle, None)
