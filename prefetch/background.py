@@ -38,15 +38,18 @@ The producer is forked, so a generator *object* (which cannot be pickled) is
 inherited as it is, with the module state it sees; it continues from the consumer's
 ``random`` and ``np.random`` states at the first ``next()``, so a generator seeded
 with ``random.seed(...)`` yields the same items as when run inline (the consumer's
-own states do not advance meanwhile). Where fork does not exist, pass a zero-argument
+own states do not advance meanwhile); it runs torch with one thread (see
+``lifetime.one_torch_thread``), and warns about threads running at the fork. With
+``start_method="spawn"`` (and where fork does not exist) pass a zero-argument
 function that returns the iterable instead; it is pickled (with dill) to a spawned
-process (a generator object there is ``ForkUnavailableError``).
+process, which copies no lock another thread holds.
 
 Segments are named ``prefetch-<consumer pid>-<token>-...`` like a Loader's (see
 ``docs/design.md``, *Shutdown*): closing, exhausting or dropping the generator, an
 exception, or interpreter exit stop the process (``Stop``, then ``join_or_kill``) and
 unlink them; a producer whose consumer died exits by itself and unlinks them
-(``die_with_parent`` sends it SIGTERM, and it polls its parent while it waits).
+(``exit_with_parent``: even in the middle of an item, whichever consumer thread started
+it; and it polls its parent while it waits).
 
 Use ``Loader`` instead when one process is not enough: it runs many workers,
 deterministically, and yields arrays without any copy.
@@ -193,22 +196,10 @@ def _produce(
 
 # --- the consumer side --------------------------------------------------------------------
 
-
-def _warn_threads_before_fork() -> None:
-    """Warn (``PrefetchWarning``, at the user's ``next()``) if other threads run while the producer is
-    forked: a lock one of them holds then stays locked in the producer (``preflight.fork_hazard``)."""
-    import warnings
-
-    from .errors import PrefetchWarning
-    from .preflight import fork_hazard, fork_warning
-
-    hazard = fork_hazard(torch_in_child=False)
-    if hazard is not None:
-        fix = (
-            'pass start_method="spawn" and a function that returns the iterable, e.g. '
-            'background(lambda: make_items(), start_method="spawn"): the producer then starts without them'
-        )
-        warnings.warn(f"{fork_warning(hazard, 'the background process')}; {fix}", PrefetchWarning, stacklevel=4)
+_SPAWN_INSTEAD = (
+    'pass start_method="spawn" and a function that returns the iterable, e.g. '
+    'background(lambda: make_items(), start_method="spawn"): the producer then starts without them'
+)
 
 
 class _Producer:
@@ -225,7 +216,9 @@ class _Producer:
 
         context = multiprocess.get_context(start_method)
         if start_method == "fork":
-            _warn_threads_before_fork()
+            from .preflight import warn_threads_before_fork
+
+            warn_threads_before_fork("the background process", _SPAWN_INSTEAD, stacklevel=3)  # the user's next()
         prefix_lock = claim_prefix()  # marks the segments as alive until _stop (see segments.PrefixLock)
         self.prefix = prefix_lock.prefix
         items_in, items_out = context.Pipe(duplex=False)

@@ -266,8 +266,7 @@ class Loader:
                 self._running.stop(keep_stats=True)
             if owns_loader:
                 self.close()
-            # The loop's thread gets its torch setting back here if close() came from another thread.
-            settle_training_threads(getattr(self._running.last, "tuner", None))
+            settle_training_threads(getattr(self._running.last, "tuner", None))  # this thread's torch setting
 
     def _owned_by_another_live_thread(self) -> bool:
         """Whether a generator that last ran in another thread, still alive, owns the engine."""

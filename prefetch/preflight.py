@@ -296,6 +296,14 @@ def check_sources(config: LoaderConfig) -> Finding:
     )
 
 
+def warn_threads_before_fork(forked: str, fix: str, stacklevel: int) -> None:
+    """Warn (``PrefetchWarning``) if ``fork_hazard`` finds something, for a process that forks ``forked``
+    without a loader configuration (``background``'s producer: it runs torch with one thread)."""
+    hazard = fork_hazard(torch_in_child=False)
+    if hazard is not None:
+        warnings.warn(f"{fork_warning(hazard, forked)}; {fix}", PrefetchWarning, stacklevel=stacklevel + 1)
+
+
 # --- the automatic check ----------------------------------------------------------------------------
 
 
