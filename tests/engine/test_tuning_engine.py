@@ -108,9 +108,11 @@ def test_stream_unchanged_while_the_tuner_runs_and_a_worker_is_replaced(fake_tor
 def no_claims_left():
     """The test's tuners let go of every thread they claimed (a claim left over would keep later loaders in
     that thread from tuning)."""
+    _tuning.claims.settle()
+    before = len(_tuning.claims)
     yield
     _tuning.claims.settle()
-    assert len(_tuning.claims) == 0
+    assert len(_tuning.claims) == before
 
 
 @pytest.mark.timeout(30)
@@ -138,8 +140,11 @@ def test_two_loaders_with_overlapping_lives_give_back_the_users_threads(monkeypa
         "evaluation": prefetch.Loader(DATA, batch_size=4, workers=1, seed=2),
     }
     training = loaders["training"].stream()
-    while torch.threads != 2:  # the training loader is measuring with half the threads
+    for _ in range(TUNING_BATCHES):
         next(training)
+        if torch.threads == 2:  # the training loader is measuring with half the threads
+            break
+    assert torch.threads == 2, torch.calls
     evaluation = loaders["evaluation"].stream()
     for _ in range(TUNING_BATCHES):
         next(training)
@@ -166,7 +171,7 @@ def test_close_from_another_thread_gives_the_loop_thread_its_threads_back(monkey
     assert torch.threads == 4
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(60)
 def test_close_from_another_thread_while_the_loop_waits_gives_its_threads_back(monkeypatch, tmp_path, no_claims_left):
     """The loop is blocked in ``next()`` (its batch hangs in a worker) when the watchdog closes the loader."""
     torch = PerThreadFakeTorch(4)
@@ -177,15 +182,20 @@ def test_close_from_another_thread_while_the_loop_waits_gives_its_threads_back(m
     batches = loader.stream()
     next(batches)  # samples 0-3; batch 1 (samples 4-7) hangs
 
+    waited: list[bool] = []
+
     def watchdog() -> None:
-        wait_until(lambda: marker.exists() and loader.engine is not None and loader.engine.busy.locked())
-        loader.close()
+        try:  # the loop is blocked in next(): inside the engine, its batch hanging in the worker
+            waited.append(bool(wait_until(lambda: marker.exists() and loader.engine.busy.locked(), 30.0) >= 0))
+        finally:
+            loader.close()  # unblocks the loop in any case
 
     closer = threading.Thread(target=watchdog)
     closer.start()
     with pytest.raises(prefetch.LoaderClosedError):
         next(batches)
     closer.join()
+    assert waited == [True]
     assert torch.threads == 4
 
 
