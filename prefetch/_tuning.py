@@ -14,8 +14,15 @@ any batch (the stream is the same whatever they decide):
 * **The framework's intra-op threads** (``train_threads="auto"``): when PyTorch is loaded in the
   consumer with more than one intra-op thread, ``ThreadTuner`` measures the loop's batch rate with the
   framework's threads as they are and with half of them, alternating windows of batches, and keeps the
-  faster (the fewer threads only if they win clearly). It restores the user's setting when the engine
-  stops. ``train_threads=None`` never touches the framework; an int sets it for the loader's life.
+  faster (the fewer threads only if they win clearly). ``train_threads=None`` never touches the framework;
+  an int sets it for the loader's life.
+* **Whose setting it is** (``ThreadClaims``, one per process): torch's setting belongs to each thread. A
+  tuner *claims* its loop thread's setting, remembers the user's value and the last value it set itself,
+  and gives the user's value back when it lets go -- only if the thread still has the value the tuner set
+  (whoever changed it since owns it now). One claim per thread: a second loader's tuner in the same loop
+  leaves the threads to the first. A tuner let go from another thread gives the setting back in the loop's
+  own thread, when that thread next leaves or enters a loader (``settle_training_threads``); see
+  ``docs/design.md``, *Sharing the cores with the training step*.
 
 ``contention`` turns the consumer's and the workers' CPU figures into the sentence ``stats()``,
 ``StallMonitor`` and ``doctor`` show the user.
@@ -70,6 +77,101 @@ def set_torch_threads(threads: int) -> None:
 
 
 @dataclass
+class _Claim:
+    """One thread's torch setting while a tuner holds it."""
+
+    holder: object  # the tuner
+    user: int  # the thread's setting before the tuner changed anything
+    applied: int | None = None  # what the tuner last set (None: nothing yet)
+    released: bool = False  # let go from another thread: to be given back in this thread (``settle``)
+
+
+class ThreadClaims:
+    """Process-wide: which tuner holds which thread's torch setting, the user's value, and the tuner's last.
+
+    Every change a tuner makes to torch's threads goes through here (``apply``), in the thread it
+    claimed, so that letting go (``release``) can tell whether the thread still has the tuner's value
+    -- then it gets the user's back -- or someone changed it since -- then it is left alone.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._claims: dict[threading.Thread, _Claim] = {}
+
+    def __len__(self) -> int:
+        """Threads claimed now."""
+        return len(self._claims)
+
+    def claim(self, holder: object) -> int | None:
+        """Claim the calling thread's setting for ``holder``; its current value, or None if torch is not
+        loaded or another tuner holds this thread already."""
+        self.settle()
+        with self._lock:
+            thread = threading.current_thread()
+            current = torch_threads()
+            if current is None or thread in self._claims:
+                return None
+            self._claims[thread] = _Claim(holder, current)
+            return current
+
+    def apply(self, holder: object, threads: int) -> bool:
+        """Set the calling thread's threads for ``holder``; False (and nothing set) if it does not hold this
+        thread -- any more: a setting other than the one it applied last means the user took it back."""
+        with self._lock:
+            claim = self._claims.get(threading.current_thread())
+            if claim is None or claim.holder is not holder or claim.released:
+                return False
+            if torch_threads() != (claim.user if claim.applied is None else claim.applied):
+                del self._claims[threading.current_thread()]
+                return False
+            set_torch_threads(threads)
+            claim.applied = threads
+            return True
+
+    def release(self, holder: object) -> None:
+        """Let go of ``holder``'s claim, from any thread: the claimed thread's setting is given back now if
+        this is that thread, else when that thread next calls ``settle``."""
+        with self._lock:
+            for thread, claim in list(self._claims.items()):
+                if claim.holder is not holder:
+                    continue
+                if thread is threading.current_thread():
+                    self._give_back(thread, claim)
+                elif thread.is_alive():
+                    claim.released = True
+                else:  # its thread has ended, and its setting with it
+                    del self._claims[thread]
+
+    def settle(self) -> None:
+        """Give back the calling thread's setting if its tuner let go from another thread; forget the
+        claims of threads that have ended."""
+        with self._lock:
+            for thread, claim in list(self._claims.items()):
+                if not thread.is_alive():
+                    del self._claims[thread]
+                elif claim.released and thread is threading.current_thread():
+                    self._give_back(thread, claim)
+
+    def _give_back(self, thread: threading.Thread, claim: _Claim) -> None:
+        del self._claims[thread]
+        if claim.applied is not None and claim.applied != claim.user and torch_threads() == claim.applied:
+            set_torch_threads(claim.user)
+
+
+claims = ThreadClaims()
+
+
+def settle_training_threads(stopped: ThreadTuner | None = None) -> None:
+    """In a loop thread whose loader generator ends: let go of ``stopped`` (the tuner of an engine that was
+    taken out of the loader to be closed, maybe by another thread that has not let go of it yet), and give
+    back this thread's setting if its tuner was let go from another thread meanwhile (``close()`` from a
+    watchdog). Cheap: one locked scan of the claims (one per thread that tunes)."""
+    if stopped is not None:
+        claims.release(stopped)
+    claims.settle()
+
+
+@dataclass
 class ThreadTuner:
     """Picks the training framework's intra-op threads by measuring the loop's batch rate.
 
@@ -84,9 +186,9 @@ class ThreadTuner:
     ``decision`` says what it decided and from which figures.
     """
 
-    original: int  # the framework's threads when the engine started (restored by ``restore``)
+    original: int  # the framework's threads in the loop's thread when the engine started (the user's)
     candidates: tuple[int, ...]  # the settings it compares, the original first
-    thread: int = field(default_factory=threading.get_ident)  # the loop's thread
+    thread: threading.Thread = field(default_factory=threading.current_thread)  # the loop's thread
     batches: int = 0  # ticks so far
     window_started: float = 0.0
     window: int = 0  # index of the window being timed
@@ -98,26 +200,41 @@ class ThreadTuner:
 
     @classmethod
     def start(cls, setting: str | int | None, workers: int) -> ThreadTuner | None:
-        """A tuner for ``train_threads=setting``, or None when there is nothing to tune."""
+        """A tuner for ``train_threads=setting`` in the calling (loop) thread, or None when there is nothing
+        to tune. It claims the thread's setting (``claims``); if another tuner holds it, it changes nothing."""
+        claims.settle()
         current = torch_threads()
-        if setting is None or current is None or workers == 0:
+        if setting is None or current is None or workers == 0 or (not isinstance(setting, int) and current <= 1):
             return None
-        if isinstance(setting, int):
-            tuner = cls(original=current, candidates=(setting,), chosen=setting)
-            set_torch_threads(setting)
-            tuner.decision = f"training threads {current} -> {setting} (train_threads={setting})"
+        tuner = cls(original=current, candidates=())
+        if claims.claim(tuner) is None:
+            tuner.chosen = current
+            tuner.decision = f"training threads left at {current}: another loader in this thread tunes them already"
             return tuner
-        if current <= 1:
-            return None
-        return cls(original=current, candidates=(current, max(1, current // 2)))
+        if isinstance(setting, int):
+            tuner.candidates, tuner.chosen = (setting,), setting
+            if tuner._apply(setting):
+                tuner.decision = f"training threads {current} -> {setting} (train_threads={setting})"
+            return tuner
+        tuner.candidates = (current, max(1, current // 2))
+        return tuner
 
     def _current_candidate(self) -> int:
         return self.candidates[self.window % len(self.candidates)]
 
+    def _apply(self, threads: int) -> bool:
+        """Set the loop thread's threads, unless the user changed them since the last time: then they are
+        the user's, and the tuner stops."""
+        if claims.apply(self, threads):
+            return True
+        self.chosen = torch_threads()
+        self.decision = f"training threads left at {self.chosen}: you set them while the loader had them (yours)"
+        return False
+
     def tick(self, ready: int) -> None:
         """One more batch asked for, with ``ready`` batches waiting in the buffer: move the measurement on
         (cheap once it has decided)."""
-        if self.chosen is not None or threading.get_ident() != self.thread:
+        if self.chosen is not None or threading.current_thread() is not self.thread:
             return
         self.batches += 1
         if self.batches < TUNE_WARMUP_BATCHES:
@@ -135,7 +252,8 @@ class ThreadTuner:
         if self.window == TUNE_ROUNDS * len(self.candidates):
             self._decide()
             return
-        set_torch_threads(self._current_candidate())
+        if not self._apply(self._current_candidate()):
+            return
         self.window_ready = ready
         self.window_started = time.perf_counter()
 
@@ -143,7 +261,10 @@ class ThreadTuner:
         rates = {t: max(self.sustained[t], 1) / self.seconds[t] for t in self.seconds}
         best = max(rates, key=lambda t: rates[t])
         gain = rates[best] / rates[self.original]
-        self.chosen = best if best != self.original and gain >= TUNE_MIN_GAIN else self.original
+        chosen = best if best != self.original and gain >= TUNE_MIN_GAIN else self.original
+        if not self._apply(chosen):
+            return
+        self.chosen = chosen
         shown = ", ".join(f"{t} threads {rate:.2f} batches/s" for t, rate in rates.items())
         if self.chosen != self.original:
             self.decision = (
@@ -152,14 +273,11 @@ class ThreadTuner:
             )
         else:
             self.decision = f"training threads kept at {self.original} ({shown})"
-        set_torch_threads(self.chosen)
 
-    def restore(self) -> None:
-        """Give the framework back the user's setting. OpenMP settings are per thread, so this is done
-        only in the loop's own thread (the usual case: the loop ends, or closes its loader); a loader
-        closed from another thread leaves the loop's thread at the tuned setting."""
-        if threading.get_ident() == self.thread and torch_threads() not in (None, self.original):
-            set_torch_threads(self.original)
+    def release(self) -> None:
+        """Let go of the loop thread's setting: the user's comes back if the thread still has the tuner's
+        (now, or -- from another thread -- at the loop thread's next ``settle_training_threads``)."""
+        claims.release(self)
 
 
 def contention(

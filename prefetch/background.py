@@ -39,16 +39,19 @@ inherited as it is, with the module state it sees; it continues from the consume
 ``random``, ``np.random`` and (when torch is imported) torch's CPU generator states at
 the first ``next()``, so a generator seeded with ``random.seed(...)`` or
 ``torch.manual_seed(...)`` yields the same items as when run inline (the consumer's own
-states do not advance meanwhile). Where fork does not exist, pass a zero-argument
+states do not advance meanwhile); it runs torch with one thread (see
+``lifetime.one_torch_thread``), and warns about threads running at the fork. With
+``start_method="spawn"`` (and where fork does not exist) pass a zero-argument
 function that returns the iterable instead; it is pickled (with dill) to a spawned
-process (a generator object there is ``ForkUnavailableError``), which gets the same
-states: torch's as bytes, set there if unpickling the function imported torch.
+process, which copies no lock another thread holds and gets the same random states
+(torch's as bytes, set there if unpickling the function imported torch).
 
 Segments are named ``prefetch-<consumer pid>-<token>-...`` like a Loader's (see
 ``docs/design.md``, *Shutdown*): closing, exhausting or dropping the generator, an
 exception, or interpreter exit stop the process (``Stop``, then ``join_or_kill``) and
 unlink them; a producer whose consumer died exits by itself and unlinks them
-(``die_with_parent`` sends it SIGTERM, and it polls its parent while it waits).
+(``exit_with_parent``: even in the middle of an item, whichever consumer thread started
+it; and it polls its parent while it waits).
 
 Use ``Loader`` instead when one process is not enough: it runs many workers,
 deterministically, and yields arrays without any copy.
@@ -64,7 +67,7 @@ import signal
 import sys
 import weakref
 from collections import deque
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from .core.rng import torch_generator
@@ -163,10 +166,11 @@ def _produce(
     items: Any,
     credits: Any,
     parent_pid: int,
+    forked: bool,
     states: tuple[Any, Any, bytes | None],
 ) -> None:
     """The producer's life: take a free slot, make the next item into it, send it; until told to stop."""
-    from .lifetime import die_with_parent, ignore_sigint
+    from .lifetime import exit_with_parent, ignore_sigint, one_torch_thread
     from .processes.channel import send
     from .processes.messages import Exhausted, ItemFailed, ItemReady
     from .processes.segments import unlink_prefix
@@ -174,7 +178,9 @@ def _produce(
 
     ignore_sigint()
     signal.signal(signal.SIGTERM, _exit_on_sigterm)  # a SIGTERM unwinds to `finally`: the segments get unlinked
-    die_with_parent(signal.SIGTERM)
+    exit_with_parent(parent_pid)  # unwinds to `finally` too, whichever consumer thread started us
+    if forked:
+        one_torch_thread()  # the only torch setting that works in a forked process (lifetime.one_torch_thread)
     _adopt_random_states(states)
     writer = SlotWriter(prefix)
     free = _Credits(credits, depth, parent_pid)
@@ -187,7 +193,9 @@ def _produce(
                 send(items, Exhausted(), prefix)
                 return
             send(items, ItemReady(slot, writer.write(slot, writer.space(slot, None, 0), item)), prefix)
-    except Exception as exc:
+    except SystemExit:
+        raise  # sys.exit() in the iterable, or the consumer died: the process ends, as a worker's would
+    except BaseException as exc:  # anything else the iterable raises keeps its type, KeyboardInterrupt too
         with contextlib.suppress(OSError):
             send(items, ItemFailed(Failure.capture(exc, "the background iterable")), prefix)
     finally:
@@ -198,11 +206,16 @@ def _produce(
 
 # --- the consumer side --------------------------------------------------------------------
 
+_SPAWN_INSTEAD = (
+    'pass start_method="spawn" and a function that returns the iterable, e.g. '
+    'background(lambda: make_items(), start_method="spawn"): the producer then starts without them'
+)
+
 
 class _Producer:
     """The consumer's handle on the producer process; stopping it is idempotent and also runs at exit."""
 
-    def __init__(self, source: Any, make: bool, depth: int):
+    def __init__(self, source: Any, make: bool, depth: int, start_method: str):
         import multiprocess
 
         from .lifetime import sigint_ignored
@@ -211,14 +224,19 @@ class _Producer:
 
         remove_stale_segments()  # left by consumers that were killed (their producers clean up too)
 
-        context = multiprocess.get_context("fork" if _fork_available() else "spawn")
+        context = multiprocess.get_context(start_method)
+        if start_method == "fork":
+            from .preflight import warn_threads_before_fork
+
+            warn_threads_before_fork("the background process", _SPAWN_INSTEAD, stacklevel=3)  # the user's next()
         prefix_lock = claim_prefix()  # marks the segments as alive until _stop (see segments.PrefixLock)
         self.prefix = prefix_lock.prefix
         items_in, items_out = context.Pipe(duplex=False)
         credits_in, credits_out = context.Pipe(duplex=False)
+        forked = start_method == "fork"
         self.process = context.Process(
             target=_produce,
-            args=(source, make, depth, self.prefix, items_out, credits_in, os.getpid(), _random_states()),
+            args=(source, make, depth, self.prefix, items_out, credits_in, os.getpid(), forked, _random_states()),
             name="prefetch-background",
             daemon=True,
         )
@@ -311,13 +329,20 @@ def _stop(process: Any, credits: Outbox, conns: tuple[Any, ...], prefix_lock: Pr
     prefix_lock.release()
 
 
-def background(iterable: Iterable[Any] | Callable[[], Iterable[Any]], depth: int = 2) -> Generator[Any, None, None]:
+def background(
+    iterable: Iterable[Any] | Callable[[], Iterable[Any]], depth: int = 2, start_method: str | None = None
+) -> Generator[Any, None, None]:
     """Run ``iterable`` (e.g. a plain generator) in one background process; yield its items in order.
 
     ``iterable`` is any iterable, or a zero-argument function returning one (needed
     where fork does not exist). At most ``depth`` items are made ahead. The result is
     a real generator (Keras ``fit`` accepts it); the process starts at its first
     ``next()`` and stops when it is exhausted, closed or dropped.
+
+    ``start_method``: ``"fork"`` (the default where it exists) copies this process as it is,
+    generator object included; ``"spawn"`` starts a fresh one, which receives the iterable -- a
+    function that returns it, or a picklable iterable -- by pickling (dill), so that no lock another
+    thread of yours holds at the start is copied into it.
 
     Example::
 
@@ -332,21 +357,43 @@ def background(iterable: Iterable[Any] | Callable[[], Iterable[Any]], depth: int
             "background takes an iterable (e.g. a generator) or a function returning one; "
             f"got {type(iterable).__name__}"
         )
-    if not make and not _fork_available():
-        raise ForkUnavailableError(
-            "prefetch.background needs the fork start method to run a generator object (it cannot be pickled), "
-            "and fork is not available here; pass a zero-argument function that returns the iterable instead, "
-            "e.g. background(lambda: data_generator(32, x, y))"
+    method = _start_method(start_method)
+    if not make and method != "fork" and isinstance(iterable, Iterator):
+        if start_method is None:
+            raise ForkUnavailableError(
+                "prefetch.background needs the fork start method to run a generator object (it cannot be "
+                "pickled), and fork is not available here; pass a zero-argument function that returns the "
+                "iterable instead, e.g. background(lambda: data_generator(32, x, y))"
+            )
+        raise TypeError(
+            f"with start_method={start_method!r} the background process receives the iterable by pickling, and "
+            f"a {type(iterable).__name__} cannot be pickled: pass a zero-argument function that returns the "
+            f"iterable instead, e.g. background(lambda: data_generator(32, x, y), start_method={start_method!r})"
         )
-    return _run(iterable, make, depth)
+    return _run(iterable, make, depth, method)
 
 
-def _run(source: Any, make: bool, depth: int) -> Generator[Any, None, None]:
+def _start_method(requested: str | None) -> str:
+    """The producer's start method: ``requested``, or fork where it exists (else spawn).
+
+    Not forkserver: a process the forkserver starts is its child, not the consumer's, and keeps the
+    forkserver alive (it holds the descriptor whose closing ends it), so after a killed consumer the two
+    would wait for each other (see ``docs/design.md``, *Shutdown*)."""
+    if requested is None:
+        return "fork" if _fork_available() else "spawn"
+    if requested == "fork" and not _fork_available():
+        raise ForkUnavailableError("start_method='fork' is not available here; pass 'spawn' and a function")
+    if requested not in ("fork", "spawn"):
+        raise ValueError(f"start_method must be 'fork', 'spawn' or None (fork where it exists); got {requested!r}")
+    return requested
+
+
+def _run(source: Any, make: bool, depth: int, start_method: str) -> Generator[Any, None, None]:
     producer: _Producer | None = None
     try:
         from .processes.slots import SlotReader
 
-        producer = _Producer(source, make, depth)
+        producer = _Producer(source, make, depth, start_method)
         reader = SlotReader()
         while True:
             more, item = producer.next_item(reader)

@@ -84,12 +84,13 @@ class Engine:
         self.busy = threading.Lock()  # held by next_batch: close() from another thread waits for it
         self.close_lock = threading.Lock()
         self.wake = WakePipe()  # close() in another thread wakes a blocked next_batch through it
-        self.tuner = ThreadTuner.start(config.train_threads, config.workers)  # None: nothing to tune
         try:
             executor.start(config, start, self.wake)
         except BaseException:
             self.wake.close()
             raise
+        # Only once the executor runs: an engine that failed to start has nothing to give back.
+        self.tuner = ThreadTuner.start(config.train_threads, config.workers)  # None: nothing to tune
         live_engines.add(self)
 
     @property
@@ -206,7 +207,7 @@ class Engine:
         self.closed = True
         live_engines.discard(self)
         if self.tuner is not None:
-            self.tuner.restore()
+            self.tuner.release()  # from another thread: given back in the loop's thread (see _tuning)
         try:
             self.executor.stop()
         finally:

@@ -1,11 +1,17 @@
 """How a process of the engine lives and ends: one place for every OS-level process helper, used by
 the ``processes`` executor, ``background`` and the Ray actors alike.
 
-* ``die_with_parent``: Linux kills this process when its parent dies (``PR_SET_PDEATHSIG``);
-  ``wake_on_time``: timed waits in user code end within 1 us of their deadline.
+* ``die_with_parent`` / ``exit_with_parent``: Linux signals this process when its parent dies
+  (``PR_SET_PDEATHSIG``). The signal comes when the *thread* that started the process ends, so
+  ``die_with_parent`` is only for a process started by its parent's only thread (a worker, by its
+  coordinator); a process that a multi-threaded parent starts from any thread (``background``'s
+  producer) uses ``exit_with_parent``, which ignores the end of a mere thread. See ``docs/design.md``,
+  *Shutdown* (who dies with whom).
+* ``wake_on_time``: timed waits in user code end within 1 us of their deadline.
 * ``ignore_sigint`` / ``sigint_ignored``: Ctrl-C is the consumer's alone to handle.
 * ``batch_scheduling`` / ``normal_scheduling``: the coordinator's wake-ups do not preempt the loop.
-* ``limit_threads``: one BLAS/OpenMP thread per worker.
+* ``limit_threads``: one BLAS/OpenMP thread per worker; ``one_torch_thread``: the one torch setting
+  that works in a forked process.
 * ``join_or_kill``: the one shutdown escalation -- wait, then SIGKILL, then wait for the end --
   used for workers, coordinators and ``background``'s producer alike; ``wait_ended`` for
   processes that are not our children (an orphaned worker).
@@ -17,6 +23,7 @@ import contextlib
 import ctypes
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -30,6 +37,12 @@ _PR_SET_TIMERSLACK = 29
 # timer slack, 50 us by default: 2.5 % of a 2 ms wait. Workers that wait on storage or a
 # network with timeouts should wake on time; the cost is a few more timer interrupts.
 WORKER_TIMER_SLACK_NS = 1000
+
+# The signal ``exit_with_parent`` asks for: a real-time one that nothing else sends, so that its handler
+# knows it comes from Linux's parent-death request (a SIGTERM may come from anyone).
+PARENT_DEATH_SIGNAL = signal.SIGRTMIN + 3 if hasattr(signal, "SIGRTMIN") else signal.SIGTERM
+# How a process ends when its parent died: as a SIGTERM would end it.
+PARENT_DIED_EXIT = 128 + signal.SIGTERM
 
 # How often a process that waits for messages checks that its parent is still alive (where
 # ``die_with_parent`` does not exist, or the parent died before it was called).
@@ -62,8 +75,31 @@ def _prctl(option: int, value: int) -> None:
 
 def die_with_parent(sig: int = signal.SIGKILL) -> None:
     """Ask Linux to send ``sig`` to this process when its parent dies. Callers also poll their
-    parent: this is Linux only."""
+    parent: this is Linux only.
+
+    Linux sends it when the *thread* that started this process ends, even if the parent process goes
+    on: only for a process that its parent's only thread started (a worker: the coordinator is
+    single-threaded). Otherwise use ``exit_with_parent``."""
     _prctl(_PR_SET_PDEATHSIG, sig)
+
+
+def exit_with_parent(parent_pid: int) -> None:
+    """Raise ``SystemExit`` in this process (in its main thread, which must be the caller: it unwinds
+    through user code to the caller's clean-up) when the process ``parent_pid``, which started it, ends
+    -- whichever of its threads started it, and even while user code runs.
+
+    Linux sends ``PARENT_DEATH_SIGNAL`` when the starting thread ends; the process is then given to
+    another thread of the same parent and keeps the request, so the parent's real end signals again.
+    The handler exits only once ``getppid()`` is no longer ``parent_pid``."""
+
+    def on_parent_death(signum: int, frame: Any) -> None:
+        if os.getppid() != parent_pid:
+            raise SystemExit(PARENT_DIED_EXIT)
+
+    signal.signal(PARENT_DEATH_SIGNAL, on_parent_death)
+    _prctl(_PR_SET_PDEATHSIG, PARENT_DEATH_SIGNAL)
+    if os.getppid() != parent_pid:  # it died before the request was made
+        raise SystemExit(PARENT_DIED_EXIT)
 
 
 def wake_on_time(timer_slack_ns: int = WORKER_TIMER_SLACK_NS) -> None:
@@ -109,11 +145,22 @@ def normal_scheduling() -> None:
     batch_scheduling(enabled=False)
 
 
+def one_torch_thread() -> None:
+    """Give torch, if loaded, one intra-op thread in this forked process. Once the parent has run torch's
+    OpenMP pool (GNU libgomp), a forked process hangs on its first parallel operation with any other
+    setting -- threadpoolctl's OpenMP limit does not help, torch applies its own (measured: torch 2.13)."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)
+
+
 def limit_threads() -> None:
     """One BLAS/OpenMP thread per worker, so N workers do not oversubscribe the cores: for the
-    runtimes already loaded (threadpoolctl) and for those a transform loads later (environment)."""
+    runtimes already loaded (threadpoolctl, and torch's own setting) and for those a transform loads
+    later (environment)."""
     for name in THREAD_ENV_VARS:
         os.environ[name] = "1"
+    one_torch_thread()
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # pragma: no cover - a dependency; only the environment then

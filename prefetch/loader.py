@@ -23,6 +23,7 @@ from collections.abc import Generator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Unpack
 
+from ._tuning import settle_training_threads
 from .core.config import GeneratorOptions, LoaderConfig, LoaderOptions
 from .errors import ConcurrentIterationError, IteratorSupersededError, LoaderClosedError
 from .stats import Stats, StatsRecorder
@@ -265,6 +266,7 @@ class Loader:
                 self._running.stop(keep_stats=True)
             if owns_loader:
                 self.close()
+            settle_training_threads(getattr(self._running.last, "tuner", None))  # this thread's torch setting
 
     def _owned_by_another_live_thread(self) -> bool:
         """Whether a generator that last ran in another thread, still alive, owns the engine."""

@@ -13,20 +13,27 @@ that runs automatically whenever a loader starts its processes (``Loader``'s eng
   ``RLIMIT_NOFILE``.
 * **Threads before fork.** ``fork`` copies only the calling thread: a lock another thread holds
   at that moment (logging, a thread pool, a library's internals) stays locked forever in the
-  child. The coordinator is forked from your process with ``start_method="fork"``.
+  child. The coordinator is forked from your process with ``start_method="fork"`` (and
+  ``background``'s producer by default). ``fork_hazard`` counts the process's OS threads
+  (``/proc/self/task``) and says which may hold such a lock: every other Python thread, and the
+  native threads of a runtime known to leave a forked process hanging (``FORK_UNSAFE_RUNTIMES``).
+  Native threads alone are not a warning: numpy's BLAS pool runs in every program and survives a
+  fork, and torch's is made safe where the engine forks (``lifetime.one_torch_thread``) -- except in
+  workers with ``limit_threads=False``, where it is warned about.
 * **Large Python-object sources.** Workers are forked (from the coordinator), so they share the
   source's pages -- until they read the objects: reference counting writes to every object
   touched, and each worker ends up with its own copy of a list of Python objects
   (copy-on-read). A numpy array has one buffer and no per-item objects: it stays shared.
 
 ``preflight`` warns (``PrefetchWarning``) about everything but a certain lack of ``/dev/shm``.
-It makes a few system calls and no allocation: well under a millisecond. This module sits
+It makes a few system calls: well under a millisecond. This module sits
 below both ``loader`` and ``doctor``, which import it and never each other.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import warnings
 from dataclasses import dataclass
@@ -46,6 +53,9 @@ SMALL_SHM_BYTES = 1 << 30
 BASE_FDS = 16
 # Warn when the engine's estimated descriptors exceed this share of the soft limit.
 FD_SHARE_WARN = 0.5
+# Runtimes whose own native threads may hold a lock when the process forks, so that a forked process
+# that calls them hangs: (module, name). JAX says so itself at every fork; TensorFlow's thread pools too.
+FORK_UNSAFE_RUNTIMES = (("tensorflow", "TensorFlow"), ("jax", "JAX"))
 
 
 @dataclass(frozen=True)
@@ -143,6 +153,48 @@ def other_threads() -> list[str]:
     return [t.name for t in threading.enumerate() if t is not me]
 
 
+def native_threads() -> int:
+    """This process's OS threads that are no Python thread: a library's own (a BLAS or OpenMP pool, a
+    framework's runtime). 0 where ``/proc/self/task`` cannot be read."""
+    try:
+        tasks = {int(task) for task in os.listdir("/proc/self/task")}
+    except (OSError, ValueError):
+        return 0
+    return len(tasks - {t.native_id for t in threading.enumerate()})
+
+
+def fork_unsafe_runtimes(torch_in_child: bool) -> list[str]:
+    """The loaded runtimes whose threads can leave a forked process hanging; torch's only if the forked
+    process runs torch with its inherited setting (``torch_in_child``; see ``lifetime.one_torch_thread``)."""
+    loaded = [name for module, name in FORK_UNSAFE_RUNTIMES if module in sys.modules]
+    return loaded + (["PyTorch"] if torch_in_child and "torch" in sys.modules else [])
+
+
+def fork_hazard(torch_in_child: bool) -> str | None:
+    """What runs in this process besides the calling thread that may hold a lock at a fork, or None."""
+    python = other_threads()
+    runtimes = fork_unsafe_runtimes(torch_in_child)
+    native = native_threads() if runtimes else 0
+    found = []
+    if python:
+        names = ", ".join(repr(name) for name in python[:5]) + (", ..." if len(python) > 5 else "")
+        found.append(f"{len(python)} more thread{'s' if len(python) > 1 else ''} running in this process ({names})")
+    if native:
+        found.append(
+            f"{native} native thread{'s' if native > 1 else ''} with {' and '.join(runtimes)} loaded "
+            f"({len(os.listdir('/proc/self/task'))} OS threads in all)"
+        )
+    return " and ".join(found) if found else None
+
+
+def fork_warning(hazard: str, forked: str) -> str:
+    """The warning's first half: ``hazard`` (``fork_hazard``) and what it means for ``forked``."""
+    return (
+        f"{hazard} when {forked} is forked: a lock one of them holds at that moment stays locked in "
+        f"{forked}, which hangs if it needs it (the library the lock belongs to, called by your code)"
+    )
+
+
 # --- the checks -----------------------------------------------------------------------------------
 
 
@@ -217,19 +269,17 @@ def check_fds(config: LoaderConfig | None) -> Finding:
 
 
 def check_threads(config: LoaderConfig | None) -> Finding:
-    threads = other_threads()
     method = effective_start_method(config)
-    if not threads:
-        return Finding("ok", f"threads: none besides this one (coordinator start method: {method})")
-    names = ", ".join(repr(name) for name in threads[:5]) + (", ..." if len(threads) > 5 else "")
-    running = f"{len(threads)} more thread{'s' if len(threads) > 1 else ''} running in this process ({names})"
+    torch_in_child = config is not None and not config.limit_threads
+    hazard = fork_hazard(torch_in_child)
+    if hazard is None:
+        return Finding("ok", f"threads: none that a fork could leave holding a lock (start method: {method})")
     if method != "fork":
-        return Finding("ok", f"{running}; start method {method!r} does not fork them")
+        return Finding("ok", f"threads: {hazard}; start method {method!r} does not fork them")
     return Finding(
         "warn",
-        f"{running} before fork: a lock one of them holds when the coordinator is forked stays locked "
-        "in it, which can hang it",
-        'pass start_method="forkserver" (or "spawn"), or create the loader before starting threads',
+        fork_warning(hazard, "the coordinator"),
+        'pass start_method="forkserver" (or "spawn"): the coordinator then starts in a fresh process, every epoch',
     )
 
 
@@ -244,6 +294,14 @@ def check_sources(config: LoaderConfig) -> Finding:
         "(reference counts are writes), so memory grows by up to a copy of the data per worker",
         "pass a numpy array instead (np.asarray(items), or np.stack for arrays), or a np.memmap of a file",
     )
+
+
+def warn_threads_before_fork(forked: str, fix: str, stacklevel: int) -> None:
+    """Warn (``PrefetchWarning``) if ``fork_hazard`` finds something, for a process that forks ``forked``
+    without a loader configuration (``background``'s producer: it runs torch with one thread)."""
+    hazard = fork_hazard(torch_in_child=False)
+    if hazard is not None:
+        warnings.warn(f"{fork_warning(hazard, forked)}; {fix}", PrefetchWarning, stacklevel=stacklevel + 1)
 
 
 # --- the automatic check ----------------------------------------------------------------------------
@@ -263,7 +321,7 @@ def preflight(config: LoaderConfig, stacklevel: int = 4) -> None:
     limit = nofile_limit()
     if limit is not None and engine_fds(config) > FD_SHARE_WARN * limit:
         findings.append(check_fds(config))
-    if threading.active_count() > 1:
+    if threading.active_count() > 1 or fork_unsafe_runtimes(not config.limit_threads):
         findings.append(check_threads(config))
     if large_object_sources(config):
         findings.append(check_sources(config))

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import random
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import types
 
@@ -410,6 +412,24 @@ class FakeTorch(types.ModuleType):
         self.threads = threads
 
 
+class PerThreadFakeTorch(FakeTorch):
+    """``FakeTorch`` with torch's per-thread setting: each thread has its own intra-op threads, and a thread
+    that has not used torch yet starts from the last value set in any thread (torch's global default)."""
+
+    def __init__(self, threads: int):
+        self.local = threading.local()
+        self.default = threads
+        super().__init__(threads)
+
+    @property  # type: ignore[override]
+    def threads(self) -> int:
+        return getattr(self.local, "threads", self.default)
+
+    @threads.setter
+    def threads(self, threads: int) -> None:
+        self.local.threads = self.default = threads
+
+
 def burn_cpu(seconds: float) -> None:
     """Spend ``seconds`` of this thread's CPU time in numpy: a fixed amount of work however busy the
     machine is (a sleep would leave the core to others; a fixed loop count would vary with the CPU)."""
@@ -480,3 +500,25 @@ def consume_slowly_within_the_bound(
             break
     time.sleep(settle_s)  # time to fill up to the bound, and no further
     assert source.loaded() <= (consumed + depth) * batch_size
+
+
+@contextlib.contextmanager
+def native_threads(count: int):
+    """``count`` OS threads that Python does not know about, as a C library's thread pool would be: each
+    waits in ``pause()`` (every signal blocked) until it is cancelled, when the block ends."""
+    libc = ctypes.CDLL(None)
+    handles = []
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())  # the threads inherit it
+    try:
+        for _ in range(count):
+            handle = ctypes.c_ulong()
+            assert libc.pthread_create(ctypes.byref(handle), None, libc.pause, None) == 0
+            handles.append(handle)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    try:
+        yield
+    finally:
+        for handle in handles:
+            libc.pthread_cancel(handle)
+            libc.pthread_join(handle, None)

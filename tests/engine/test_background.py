@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import gc
 import importlib
 import os
 import random
 import signal
+import threading
 import types
+import warnings
 from itertools import islice
 
 import numpy as np
@@ -288,3 +292,154 @@ def test_a_generator_drawing_from_torch_gives_the_inline_items(monkeypatch, star
         gen = prefetch.background(torch_items(12))
     assert [item.tolist() for item in gen] == expected
     assert torch.equal(torch.get_rng_state(), seeded)
+
+
+# --- what the iterable raises --------------------------------------------------------------------------------
+
+
+class Halt(BaseException):
+    """A user's own control-flow exception: a BaseException, like KeyboardInterrupt, not an Exception."""
+
+
+def halting_generator(exc: BaseException):
+    yield 1
+    raise exc
+
+
+@pytest.mark.parametrize("exc", [Halt("stop at item 1"), KeyboardInterrupt("raised by the iterable itself")])
+def test_a_base_exception_from_the_iterable_keeps_its_type(exc):
+    gen = prefetch.background(halting_generator(exc))
+    assert next(gen) == 1
+    with pytest.raises(type(exc), match=str(exc)) as info:
+        next(gen)
+    assert isinstance(info.value.__cause__, RemoteTraceback)
+    assert "halting_generator" in info.value.__cause__.text
+    with pytest.raises(StopIteration):
+        next(gen)
+
+
+def test_sys_exit_in_the_iterable_ends_the_producer_like_a_worker():
+    gen = prefetch.background(halting_generator(SystemExit(3)))
+    assert next(gen) == 1
+    with pytest.raises(prefetch.WorkerDiedError, match=r"exited with code 3: .*sys\.exit\(\)"):
+        next(gen)
+
+
+# --- start_method: a producer that does not fork this process ------------------------------------------------
+
+# Module state the consumer changes at run time: a forked producer sees the change, a spawned one (which
+# imports this module afresh) does not.
+SEEN_BY_THE_PRODUCER = {"value": "as imported"}
+
+
+def what_the_producer_sees():
+    yield SEEN_BY_THE_PRODUCER["value"]
+
+
+@pytest.mark.parametrize(("start_method", "seen"), [(None, "changed"), ("fork", "changed"), ("spawn", "as imported")])
+def test_start_method_says_how_the_producer_starts(monkeypatch, start_method, seen):
+    monkeypatch.setitem(SEEN_BY_THE_PRODUCER, "value", "changed")
+    assert list(prefetch.background(what_the_producer_sees, start_method=start_method)) == [seen]
+
+
+def test_a_generator_object_needs_fork():
+    with pytest.raises(TypeError, match="zero-argument function that returns the iterable"):
+        prefetch.background(what_the_producer_sees(), start_method="spawn")
+
+
+def test_a_picklable_iterable_may_be_spawned():
+    assert list(prefetch.background([np.arange(3), "b"], start_method="spawn"))[1] == "b"
+
+
+@pytest.mark.parametrize("start_method", ["forkserver", "thread", "", 1])
+def test_an_unknown_start_method_says_what_to_pass(start_method):
+    with pytest.raises(ValueError, match="start_method must be 'fork', 'spawn' or None"):
+        prefetch.background(what_the_producer_sees, start_method=start_method)
+
+
+ITERABLE_LOCK = threading.Lock()  # a lock the iterable needs, as a library's internal lock would be
+
+
+def needs_the_lock(path: str):
+    with open(path, "w") as file:
+        file.write(str(os.getpid()))  # about to take the lock
+    with ITERABLE_LOCK:
+        yield "took the lock"
+
+
+@contextlib.contextmanager
+def lock_held_by_another_thread():
+    """ITERABLE_LOCK held by a thread named 'lock-holder' for the duration."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with ITERABLE_LOCK:
+            held.set()
+            release.wait()
+
+    holder = threading.Thread(target=hold, name="lock-holder")
+    holder.start()
+    held.wait()
+    try:
+        yield
+    finally:
+        release.set()
+        holder.join()
+
+
+@pytest.mark.timeout(30)
+def test_a_lock_held_at_the_fork_is_warned_about_and_hangs_a_forked_producer(tmp_path):
+    """Fork copies the lock as it is -- held -- and not the thread that would release it: the producer waits
+    forever. The warning names the thread and the remedy; the test then kills the hung producer."""
+    marker = tmp_path / "producer"
+    outcome: list[BaseException] = []
+    gen = prefetch.background(needs_the_lock(str(marker)))
+
+    def take() -> None:
+        try:
+            next(gen)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    with lock_held_by_another_thread(), warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        reader = threading.Thread(target=take)
+        reader.start()
+        wait_until(lambda: marker.exists() and marker.read_text(), DEADLINE_S, POLL_S)
+    # The consumer's lock is free now; the producer's copy never will be: it is blocked, not slow.
+    producer = int(marker.read_text())
+    reader.join(timeout=1.0)
+    assert reader.is_alive() and not outcome
+    messages = [str(w.message) for w in record if issubclass(w.category, prefetch.PrefetchWarning)]
+    assert any("'lock-holder'" in m and 'start_method="spawn"' in m for m in messages), messages
+    os.kill(producer, signal.SIGKILL)
+    reader.join(timeout=DEADLINE_S)
+    assert len(outcome) == 1 and isinstance(outcome[0], prefetch.WorkerDiedError)
+    gen.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_lock_held_by_another_thread_does_not_hang_a_spawned_producer(tmp_path):
+    make_items = functools.partial(needs_the_lock, str(tmp_path / "producer"))
+    with lock_held_by_another_thread(), warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        items = list(prefetch.background(make_items, start_method="spawn"))
+    assert items == ["took the lock"]
+    assert not [w for w in record if issubclass(w.category, prefetch.PrefetchWarning)]  # nothing is forked
+
+
+# --- who dies with whom --------------------------------------------------------------------------------------
+
+
+def test_a_producer_outlives_the_thread_that_started_it():
+    """Linux's parent-death signal fires when the *thread* that forked a process ends: the producer must
+    live as long as the consumer process, whichever thread started it."""
+    gen = prefetch.background(np.full(4, i) for i in range(8))
+    got = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", prefetch.PrefetchWarning)  # the main thread runs while it forks
+        starter = threading.Thread(target=lambda: got.append(next(gen)))
+        starter.start()
+        starter.join()
+    got.extend(gen)
+    assert [int(item[0]) for item in got] == list(range(8))

@@ -3,13 +3,16 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import threading
+import types
 import warnings
 
 import numpy as np
 import pytest
+from helpers import FakeTorch, native_threads
 
 import prefetch
 
@@ -47,3 +50,45 @@ def test_threads_running_before_fork_warn_and_suggest_forkserver():
     finally:
         stop.set()
         thread.join()
+
+
+def loader_warnings(**options) -> list[str]:
+    """The PrefetchWarnings a loader's first batch gives."""
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with prefetch.Loader(DATA, batch_size=4, workers=1, **options) as loader:
+            next(iter(loader))
+    return prefetch_warnings(record)
+
+
+def native_counts(messages: list[str]) -> list[int]:
+    return [int(count) for m in messages for count in re.findall(r"(\d+) native threads? with", m)]
+
+
+def test_native_threads_of_a_runtime_that_breaks_fork_warn(monkeypatch):
+    """A framework's runtime threads are invisible to Python (here: 3 of them and the test's one thread);
+    with TensorFlow or JAX loaded they are counted from /proc/self/task, and the fix is forkserver."""
+    monkeypatch.setitem(sys.modules, "tensorflow", types.ModuleType("tensorflow"))
+    with native_threads(3):
+        forked = loader_warnings(start_method="fork")
+        not_forked = loader_warnings(start_method="forkserver")
+    assert native_counts(forked) and native_counts(forked)[0] >= 3, forked
+    assert any("TensorFlow" in m and 'start_method="forkserver"' in m for m in forked), forked
+    assert not native_counts(not_forked), not_forked
+
+
+def test_native_threads_alone_do_not_warn():
+    """Every numpy program runs a BLAS pool, which survives a fork: native threads without a runtime that
+    breaks fork are no warning (else every program would get one)."""
+    with native_threads(3):
+        assert not native_counts(loader_warnings(start_method="fork"))
+
+
+@pytest.mark.parametrize("limit_threads", [True, False])
+def test_torchs_threads_warn_only_where_workers_keep_them(monkeypatch, limit_threads):
+    """Workers run torch with one thread (the only setting a forked process survives once the parent ran
+    torch's pool); with limit_threads=False they keep the inherited setting, and that is warned about."""
+    monkeypatch.setitem(sys.modules, "torch", FakeTorch(2))
+    with native_threads(2):
+        messages = loader_warnings(start_method="fork", limit_threads=limit_threads, train_threads=None)
+    assert bool([m for m in messages if "PyTorch" in m]) is (not limit_threads), messages

@@ -13,7 +13,7 @@ import threading
 
 import numpy as np
 import pytest
-from helpers import FakeTorch
+from helpers import FakeTorch, PerThreadFakeTorch
 
 import prefetch
 from prefetch import _tuning
@@ -29,6 +29,12 @@ DATA = np.random.default_rng(3).random((96, 6)).astype(np.float32)
 LABELS = np.arange(96)
 # Batches the tuner needs to decide: its warm-up, then every window of every candidate.
 TUNING_BATCHES = TUNE_WARMUP_BATCHES + TUNE_ROUNDS * 2 * TUNE_WINDOW_BATCHES
+
+
+@pytest.fixture(autouse=True)
+def fresh_claims(monkeypatch):
+    """Each test's tuners claim threads in a registry of their own (some tests leave a tuner undecided)."""
+    monkeypatch.setattr(_tuning, "claims", _tuning.ThreadClaims())
 
 
 class FakeClock:
@@ -64,7 +70,7 @@ def test_tuner_keeps_fewer_threads_when_the_loop_runs_faster(monkeypatch, fake_t
     assert tuner.chosen == 1
     assert fake_torch.threads == 1
     assert "training threads 2 -> 1" in tuner.decision and "1.40x" in tuner.decision
-    tuner.restore()
+    tuner.release()
     assert fake_torch.threads == 2  # the user's setting comes back when the engine stops
 
 
@@ -137,7 +143,7 @@ def test_no_tuner_without_torch_and_torch_never_imported(monkeypatch):
 def test_train_threads_int_sets_them_for_the_loaders_life(fake_torch):
     tuner = ThreadTuner.start(1, workers=2)
     assert tuner is not None and fake_torch.threads == 1 and tuner.chosen == 1
-    tuner.restore()
+    tuner.release()
     assert fake_torch.threads == 2
 
 
@@ -154,3 +160,111 @@ def test_train_threads_int_sets_them_for_the_loaders_life(fake_torch):
 def test_bad_tuning_options_fail_at_construction(option, value, error):
     with pytest.raises(error, match=option):
         prefetch.Loader(DATA, batch_size=4, **{option: value})
+
+
+# --- whose setting it is: the tuner gives back the user's setting, and only what it set itself ----------------
+
+
+def measure_until_halved(tuner: ThreadTuner, clock: FakeClock, torch: FakeTorch) -> None:
+    """Tick ``tuner`` until it has switched the threads to its second candidate (mid-measurement)."""
+    for _ in range(TUNING_BATCHES):
+        tuner.tick(3)
+        clock.now += 0.1
+        if torch.threads == tuner.candidates[-1]:
+            return
+    raise AssertionError(f"the tuner never switched to {tuner.candidates[-1]}: {torch.calls}")
+
+
+def test_the_users_change_after_the_decision_is_theirs_to_keep(monkeypatch, fake_torch):
+    tuner = run_tuner(monkeypatch, fake_torch, lambda threads: 0.10)  # keeps the user's 2
+    fake_torch.set_num_threads(1)  # a phase of the user's own, after the tuner decided
+    tuner.release()
+    assert fake_torch.threads == 1
+
+
+def test_the_users_change_during_a_fixed_setting_is_theirs_to_keep(fake_torch):
+    tuner = ThreadTuner.start(1, workers=2)
+    assert tuner is not None and fake_torch.threads == 1
+    fake_torch.set_num_threads(3)
+    tuner.release()
+    assert fake_torch.threads == 3
+
+
+def test_the_users_change_during_the_measurement_stops_the_tuner(monkeypatch):
+    torch = FakeTorch(4)
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    clock = FakeClock(torch, lambda threads: 0.1, lambda threads: 3)
+    monkeypatch.setattr(_tuning.time, "perf_counter", clock.perf_counter)
+    tuner = ThreadTuner.start("auto", workers=2)
+    assert tuner is not None
+    measure_until_halved(tuner, clock, torch)
+    torch.set_num_threads(3)  # the user's own decision, mid-measurement
+    calls = len(torch.calls)
+    clock.run(tuner, TUNING_BATCHES)
+    assert torch.calls[calls:] == [] and torch.threads == 3  # never touched again
+    assert "3" in tuner.decision and "yours" in tuner.decision
+    tuner.release()
+    assert torch.threads == 3
+
+
+@pytest.mark.parametrize("first_closed", ["training", "evaluation"])
+def test_two_tuners_in_one_thread_give_back_the_users_setting(monkeypatch, first_closed):
+    """An evaluation loader opened while the training loader measures (same loop thread): after both close,
+    the thread has the user's setting, in either order."""
+    torch = FakeTorch(4)
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    clock = FakeClock(torch, lambda threads: 0.1, lambda threads: 3)
+    monkeypatch.setattr(_tuning.time, "perf_counter", clock.perf_counter)
+    training = ThreadTuner.start("auto", workers=2)
+    assert training is not None
+    measure_until_halved(training, clock, torch)
+    assert torch.threads == 2
+    evaluation = ThreadTuner.start("auto", workers=2)
+    assert evaluation is not None
+    for _ in range(TUNING_BATCHES + 5):  # both loops take batches in turn
+        training.tick(3)
+        evaluation.tick(3)
+        clock.now += 0.1
+    tuners = {"training": training, "evaluation": evaluation}
+    tuners.pop(first_closed).release()
+    tuners.popitem()[1].release()
+    assert torch.threads == 4
+
+
+def test_a_second_tuner_in_the_thread_leaves_the_threads_to_the_first(monkeypatch):
+    torch = FakeTorch(4)
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    first = ThreadTuner.start(2, workers=2)
+    second = ThreadTuner.start("auto", workers=2)
+    assert first is not None and second is not None
+    second.tick(3)
+    assert torch.calls == [2]
+    assert "another loader in this thread" in second.decision
+    second.release()
+    assert torch.threads == 2  # the first still holds them
+    first.release()
+    assert torch.threads == 4
+
+
+def test_a_release_from_another_thread_gives_back_in_the_loop_thread(monkeypatch):
+    """OpenMP settings are per thread: a tuner let go from another thread (close() from a watchdog) gives the
+    loop thread's setting back when that thread next enters prefetch (``settle``), and never touches the
+    other thread's."""
+    torch = PerThreadFakeTorch(4)
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    tuner = ThreadTuner.start(2, workers=2)
+    assert tuner is not None and torch.threads == 2
+    seen = {}
+
+    def watchdog() -> None:
+        torch.set_num_threads(3)  # the watchdog thread's own setting
+        tuner.release()
+        seen["watchdog"] = torch.threads
+
+    other = threading.Thread(target=watchdog)
+    other.start()
+    other.join()
+    assert seen == {"watchdog": 3}
+    assert torch.threads == 2  # not yet: only this thread can change its own setting
+    _tuning.settle_training_threads()
+    assert torch.threads == 4
