@@ -30,6 +30,7 @@ from helpers import (
 )
 
 import prefetch
+from prefetch.lifetime import pidfd_of, same_process_alive, start_ticks
 
 DATA = np.arange(400 * 8, dtype=np.float32).reshape(400, 8)
 # "within a couple of seconds": the coordinator polls its parent every 0.25 s and gives its
@@ -429,3 +430,52 @@ def test_an_early_close_kills_only_the_worker_stuck_in_a_transform_and_is_prompt
     assert sorted(exits.values()) == [-signal.SIGKILL, 0], exits
     assert set(exits) == set(workers)
     assert engine.executor.coordinator.exitcode == 0
+
+
+# --- a process is known by more than its pid ----------------------------------------------------------------
+
+
+def test_a_pid_names_a_process_only_together_with_its_start_time():
+    """A pid is handed out again once its process is reaped: the start time tells the processes apart."""
+    me, ticks = os.getpid(), start_ticks(os.getpid())
+    assert ticks is not None and same_process_alive(me, ticks)
+    assert not same_process_alive(me, ticks + 1)  # this pid, but another process: "ours" is gone
+    fd = pidfd_of(me, ticks)
+    assert fd is not None
+    os.close(fd)
+    assert pidfd_of(me, ticks + 1) is None
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child
+        os._exit(0)
+    child_ticks = start_ticks(child)
+    os.waitpid(child, 0)  # reaped: its pid is free for the next process
+    assert start_ticks(child) != child_ticks and pidfd_of(child, child_ticks) is None
+
+
+def test_a_coordinator_whose_consumer_is_another_process_by_now_stops_at_once():
+    """The coordinator is given the consumer's pid and start time; a process with that pid and another
+    start time (the consumer died and its pid was reused) is not the consumer: nothing is started."""
+    import multiprocess
+
+    from prefetch.processes.coordinator import Coordinator
+    from prefetch.processes.worker import worker_main
+
+    config = prefetch.Loader(DATA, batch_size=8, workers=2).config
+    control_in, control = multiprocess.Pipe(duplex=False)
+    results, results_out = multiprocess.Pipe(duplex=False)
+    me, ticks = os.getpid(), start_ticks(os.getpid())
+    assert ticks is not None
+    try:
+        for consumer, gone in [((me, ticks + 1), True), ((me, ticks), False)]:
+            coordinator = Coordinator(control_in, results_out, config, "prefetch-none-", 0, consumer, worker_main)
+            assert coordinator.consumer_gone is gone and (coordinator.consumer_exit is None) is gone
+            if gone:
+                coordinator.run()  # returns at once: no worker started for a consumer that is gone
+                assert not coordinator.workers
+            coordinator.selector.close()
+            coordinator.outbox.close()
+            if coordinator.consumer_exit is not None:
+                os.close(coordinator.consumer_exit)
+    finally:
+        for conn in (control_in, control, results, results_out):
+            conn.close()
