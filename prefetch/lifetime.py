@@ -188,9 +188,15 @@ def _state_and_parent(pid: int) -> tuple[str, int] | None:
     return fields[0].decode(), int(fields[1])
 
 
-def same_process_alive(pid: int, ticks: int) -> bool:
+def same_process_alive(pid: int, ticks: int | None) -> bool:
     """Whether the process that is ``pid`` and started at ``ticks`` still runs (a zombie has ended):
-    where pidfds do not exist, a poll that a reused pid cannot fool."""
+    where pidfds do not exist, a poll that a reused pid cannot fool. (``ticks`` None, where there is
+    no ``/proc`` to read it from: the pid alone, as the best there is.)"""
+    if ticks is None:  # pragma: no cover - no /proc
+        try:
+            return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+        except psutil.Error:
+            return False
     state = _state_and_parent(pid)
     return state is not None and state[0] != "Z" and start_ticks(pid) == ticks
 

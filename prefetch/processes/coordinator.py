@@ -279,11 +279,6 @@ class Coordinator:
                 return False
         return True
 
-    def _consumer_alive(self) -> bool:
-        """Where pidfds do not exist: the consumer, known by its pid and start time, still runs."""
-        pid, ticks = self.consumer
-        return ticks is None or same_process_alive(pid, ticks)
-
     def run(self) -> None:
         """The event loop: dispatch, wait for the consumer, a worker's death or room in a pipe, react;
         until the consumer says stop or is gone."""
@@ -315,7 +310,7 @@ class Coordinator:
                 elif key.data in self.workers:
                     self._lose_worker(key.data)
             if polling and time.monotonic() >= next_parent_check:
-                if not self._consumer_alive():
+                if not same_process_alive(*self.consumer):
                     raise _ConsumerGone()
                 next_parent_check = time.monotonic() + PARENT_CHECK_INTERVAL_S
 

@@ -109,7 +109,7 @@ class ProcessExecutor:
         self.control_out = Outbox(self.coordinator.control)
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.reader_pipe.fileno(), selectors.EVENT_READ, _RESULTS)
-        self.selector.register(self.coordinator.sentinel, selectors.EVENT_READ, _COORDINATOR_EXIT)
+        self.selector.register(self.coordinator.ended_fd, selectors.EVENT_READ, _COORDINATOR_EXIT)
         self.selector.register(wake.fileno(), selectors.EVENT_READ, _WAKE)
         self.watching_control = False
 
@@ -303,6 +303,9 @@ class ProcessExecutor:
             arrived = []
         got = set(self.delivered)
         got.update(m.batch for m in arrived if isinstance(m, (BatchReady, BatchFailed)) and m.batch >= self.position)
+        for message in arrived:
+            if isinstance(message, WorkersStopped):  # the coordinator stopped already (it failed)
+                self.worker_exits = dict(message.exits)
         return tuple(sorted(got))
 
     def _last_words(self) -> None:

@@ -15,6 +15,7 @@ See ``docs/design.md`` ("Who writes to whom, and who may wait", "Shutdown").
 from __future__ import annotations
 
 import os
+import select
 import threading
 from collections.abc import Callable
 from dataclasses import replace
@@ -89,10 +90,15 @@ class CoordinatorProcess:
         self.pid: int = self.process.pid
         self.exitcode: int | None = None
         self.closed = False
+        try:  # readable once it has exited; its sentinel waits for every copy to close (its workers')
+            self.exit_fd: int | None = os.pidfd_open(self.pid)  # an unreaped child: the pid is its own
+        except (AttributeError, OSError):  # pragma: no cover - no pidfds: the sentinel
+            self.exit_fd = None
 
     @property
-    def sentinel(self) -> int:
-        return int(self.process.sentinel)
+    def ended_fd(self) -> int:
+        """A descriptor that is readable once it has ended."""
+        return self.exit_fd if self.exit_fd is not None else int(self.process.sentinel)
 
     def alive(self) -> bool:
         """Still running (and so not reaped: its pid is its own until this process reaps it)."""
@@ -153,10 +159,14 @@ class CoordinatorProcess:
         wait_pidfds(workers, COORDINATOR_JOIN_TIMEOUT_S)
 
     def join(self, timeout_s: float) -> None:
-        """Wait up to ``timeout_s`` for it to end by itself (it died: how?)."""
-        if not self.closed:
+        """It is dying (its pipes closed, or it has exited): wait up to ``timeout_s`` for the end, to tell how."""
+        if self.closed:
+            return
+        if self.exit_fd is not None:
+            select.select([self.exit_fd], [], [], timeout_s)
+        else:  # pragma: no cover - no pidfds
             self.process.join(timeout_s)
-            self.exitcode = self.process.exitcode
+        self.exitcode = self.process.exitcode  # reaps it if it has ended
 
     def close(self) -> None:
         """Close its pipes and its sentinel here (it has ended)."""
@@ -165,6 +175,8 @@ class CoordinatorProcess:
             self.control.close()
             self.results.close()
             close_process(self.process)
+            if self.exit_fd is not None:
+                os.close(self.exit_fd)
 
     def forget(self) -> None:
         """In a forked child: take it off multiprocess's list of this process's children (copied by
