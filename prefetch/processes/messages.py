@@ -102,7 +102,8 @@ class BatchFailed(NamedTuple):
 
 class BatchAbandoned(NamedTuple):
     """Coordinator -> consumer: batch ``batch`` will not be made (``why``); ``message`` is the text of
-    the consumer's error. Its slot is the coordinator's again already."""
+    the consumer's error. Its slot is the coordinator's again already -- a late batch's once the death
+    of the worker killed for it is seen (until then that worker may still write to it)."""
 
     batch: int
     indices: tuple[int, ...]
