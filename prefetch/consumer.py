@@ -106,7 +106,8 @@ class Engine:
         """Block until the next batch is here; return the seconds waited.
 
         With ``timeout`` the clock is the consumer's own, and starts once the executor's workers are
-        up: at the deadline the executor is told the batch is late, and answers with its failure.
+        up: at the deadline the executor is told the batch is late, and answers with its failure. The
+        start-up before that is bounded by the executor (processes: ``StartTimeoutError``).
         """
         started = time.perf_counter()
         timeout_s = self.config.timeout

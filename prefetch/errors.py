@@ -24,6 +24,9 @@ batch, the sample index and the worker. Everything the engine itself reports is 
   * ``CoordinatorTimeoutError`` -- with ``timeout``, the coordinator did not act on a late
     batch (it was stopped or stuck) and was killed (also a ``TimeoutError``).
 
+    * ``StartTimeoutError`` -- with ``timeout``, the engine did not start within it (a coordinator
+      forked from a multi-threaded process can deadlock) and was killed.
+
 * ``WorkersKeepDyingError`` -- raised *in the coordinator* when freshly started workers keep
   dying before they make anything (also a ``RuntimeError``); the coordinator fails with it,
   so the consumer sees a ``CoordinatorDiedError`` whose text carries it.
@@ -80,6 +83,13 @@ class CoordinatorDiedError(PrefetchError):
 class CoordinatorTimeoutError(CoordinatorDiedError, TimeoutError):
     """Raised when, with ``timeout``, the coordinator did not act on a late batch in time (it was
     stopped or stuck); the consumer killed it and the loader cannot go on."""
+
+
+class StartTimeoutError(CoordinatorTimeoutError):
+    """Raised when, with ``timeout``, the engine had not started (its coordinator had not started its
+    workers) ``timeout`` seconds after the first batch was asked for; the coordinator was killed. The
+    message names the likely cause: a fork from a process with other threads running, or a slow
+    start-up (unpickling the sources under spawn)."""
 
 
 class WorkersKeepDyingError(PrefetchError, RuntimeError):

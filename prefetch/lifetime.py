@@ -13,8 +13,12 @@ the ``processes`` executor, ``background`` and the Ray actors alike.
 * ``limit_threads``: one BLAS/OpenMP thread per worker; ``one_torch_thread``: the one torch setting
   that works in a forked process.
 * ``join_or_kill``: the one shutdown escalation -- wait, then SIGKILL, then wait for the end --
-  used for workers, coordinators and ``background``'s producer alike; ``wait_ended`` for
-  processes that are not our children (an orphaned worker).
+  used for workers, coordinators and ``background``'s producer alike; ``close_process`` lets go
+  of an ended process's descriptors.
+* Knowing a process by more than its pid, which the system reuses once the process is reaped:
+  ``pidfd_of`` (a pidfd names one process for its life; the start time, ``start_ticks``, checks
+  that it is the one meant), ``children_pidfds`` and ``wait_pidfds`` for processes that are not
+  our children (an orphaned worker), ``same_process_alive`` where pidfds do not exist.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import select
 import signal
 import sys
 import threading
@@ -169,33 +174,135 @@ def limit_threads() -> None:
 
 
 def join_or_kill(processes: Iterable[Any], timeout_s: float) -> None:
-    """Wait up to ``timeout_s`` in all for ``processes`` (``multiprocess.Process`` objects, already
-    asked to stop) to end; SIGKILL whichever has not, and wait up to ``timeout_s`` more for those."""
+    """Wait up to ``timeout_s`` in all for ``processes`` (``multiprocess.Process`` objects, our children,
+    already asked to stop) to end; SIGKILL whichever has not, and wait up to ``timeout_s`` more for those."""
     processes = list(processes)
+    _join(processes, timeout_s)
+    left = [process for process in processes if process.is_alive()]  # reaps those that ended
+    for process in left:
+        process.kill()
+    _join(left, timeout_s)
+    for process in left:
+        process.is_alive()
+
+
+def _join(processes: list[Any], timeout_s: float) -> None:
+    """Wait up to ``timeout_s`` until ``processes`` have exited, on pidfds: a pidfd says so as soon as
+    the process has exited, while its sentinel waits until every copy of it is closed -- and a process
+    it forked (a helper that a transform started) may hold one. Where pidfds do not exist, on sentinels."""
+    fds = []
     deadline = time.monotonic() + timeout_s
     for process in processes:
-        process.join(max(0.0, deadline - time.monotonic()))
-    for process in processes:
-        if process.is_alive():
-            process.kill()
-            process.join(timeout_s)
+        if process.exitcode is not None:  # ended, and reaped now
+            continue
+        try:
+            fds.append(os.pidfd_open(process.pid))  # an unreaped child: its pid is its own
+        except (AttributeError, OSError):  # pragma: no cover - no pidfds
+            process.join(max(0.0, deadline - time.monotonic()))
+    wait_pidfds(fds, max(0.0, deadline - time.monotonic()))
 
 
-def _ended(process: psutil.Process) -> bool:
+def close_process(process: Any) -> None:
+    """Let go of a ``multiprocess.Process`` that has ended: its sentinel pipe's two descriptors stay
+    open until ``Process.close()`` (or until the object is garbage collected). A process still running
+    (a kill that did not take yet) keeps them: its object's finalizer closes them later."""
     try:
-        return process.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
+        process.close()
+    except ValueError:
+        pass
+
+
+def start_ticks(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (``/proc/<pid>/stat``, field 22); None if
+    there is no such process. A pid may be reused once its process is reaped; a pid and its start time
+    name one process for good."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            stat = file.read()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(b")") + 2 :].split()  # after the command name, which may hold anything
+    return int(fields[19])
+
+
+def _state_and_parent(pid: int) -> tuple[str, int] | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            stat = file.read()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    return fields[0].decode(), int(fields[1])
+
+
+def same_process_alive(pid: int, ticks: int | None) -> bool:
+    """Whether the process that is ``pid`` and started at ``ticks`` still runs (a zombie has ended):
+    where pidfds do not exist, a poll that a reused pid cannot fool. (``ticks`` None, where there is
+    no ``/proc`` to read it from: the pid alone, as the best there is.)"""
+    if ticks is None:  # pragma: no cover - no /proc
+        try:
+            return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+        except psutil.Error:
+            return False
+    state = _state_and_parent(pid)
+    return state is not None and state[0] != "Z" and start_ticks(pid) == ticks
+
+
+def pidfd_of(pid: int, ticks: int | None = None) -> int | None:
+    """A pidfd of process ``pid`` -- the one that started at ``ticks``, when given -- readable once it has
+    exited; None when that process is gone already. Raises ``OSError`` (or ``AttributeError``) where
+    pidfds do not exist (Linux < 5.3, other systems).
+
+    A pidfd names one process for its whole life, whatever happens to its pid later. Opened by pid it
+    names the process that had the pid at that moment: reading the start time after opening tells
+    whether that was the one meant (it had the pid before and after, so it is the one the pidfd names)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+    if ticks is not None and start_ticks(pid) != ticks:
+        os.close(fd)
+        return None
+    return fd
+
+
+def children_pidfds(parent_pid: int) -> list[int]:
+    """Pidfds of the children of ``parent_pid``, which must be an unreaped child of this process (so that
+    its pid is its own). A child is checked to be one after its pidfd is opened: then the pidfd names it
+    even if it died and its pid was reused in between. Raises like ``pidfd_of``."""
+    fds = []
+    try:
+        children = [child.pid for child in psutil.Process(parent_pid).children()]
     except psutil.Error:
-        return False
+        return []
+    for pid in children:
+        fd = pidfd_of(pid)
+        if fd is None:
+            continue
+        state = _state_and_parent(pid)
+        if state is not None and state[1] == parent_pid:
+            fds.append(fd)
+        else:
+            os.close(fd)
+    return fds
 
 
-def wait_ended(processes: list[psutil.Process], timeout_s: float) -> None:
-    """Wait up to ``timeout_s`` until every one of ``processes`` has ended. A zombie has: an orphaned
-    worker stays one until init reaps it, which can take a second (``psutil.wait_procs`` waits for that)."""
+def wait_pidfds(fds: list[int], timeout_s: float) -> bool:
+    """Wait up to ``timeout_s`` until every process of ``fds`` (pidfds) has exited, then close them.
+    A zombie has exited: an orphaned worker stays one until init reaps it. True if all had."""
     deadline = time.monotonic() + timeout_s
-    while not all(_ended(process) for process in processes) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    pending = list(fds)
+    try:
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            ready, _, _ = select.select(pending, [], [], left)
+            pending = [fd for fd in pending if fd not in ready]
+        return True
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def import_before_forking(limit_threads: bool) -> None:
@@ -209,3 +316,19 @@ def import_before_forking(limit_threads: bool) -> None:
             import threadpoolctl  # noqa: F401
         except ImportError:  # pragma: no cover - a dependency
             pass
+
+
+def other_threads() -> list[str]:
+    """The names of this process's Python threads other than the calling one."""
+    me = threading.current_thread()
+    return [t.name for t in threading.enumerate() if t is not me]
+
+
+def native_threads() -> int:
+    """This process's OS threads that are no Python thread: a library's own (a BLAS or OpenMP pool, a
+    framework's runtime). 0 where ``/proc/self/task`` cannot be read."""
+    try:
+        tasks = {int(task) for task in os.listdir("/proc/self/task")}
+    except (OSError, ValueError):
+        return 0
+    return len(tasks - {t.native_id for t in threading.enumerate()})

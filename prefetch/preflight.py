@@ -9,6 +9,8 @@ that runs automatically whenever a loader starts its processes (``Loader``'s eng
   alive; ``LoaderConfig.shm_bytes_needed`` has both). Docker gives containers 64 MB by default;
   too little space is a ``SIGBUS`` or ``ENOSPC`` later, so it is better to fail at once with the
   fix (``--shm-size``): ``preflight`` raises ``ShmSpaceError`` when the batch size is known exactly.
+  With spawn/forkserver the numpy sources are copied there too (``processes/sources.py``): a copy
+  that cannot fit is an error whatever the transforms do, naming the copy, its size and the fixes.
 * **Open-files limit.** The engine's pipes, and each slot a process maps, against
   ``RLIMIT_NOFILE``.
 * **Threads before fork.** ``fork`` copies only the calling thread: a lock another thread holds
@@ -40,6 +42,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .errors import PrefetchWarning, ShmSpaceError
+from .lifetime import native_threads, other_threads
 
 if TYPE_CHECKING:
     from .core.config import LoaderConfig
@@ -148,21 +151,6 @@ def large_object_sources(config: LoaderConfig) -> list[tuple[int, int]]:
     ]
 
 
-def other_threads() -> list[str]:
-    me = threading.current_thread()
-    return [t.name for t in threading.enumerate() if t is not me]
-
-
-def native_threads() -> int:
-    """This process's OS threads that are no Python thread: a library's own (a BLAS or OpenMP pool, a
-    framework's runtime). 0 where ``/proc/self/task`` cannot be read."""
-    try:
-        tasks = {int(task) for task in os.listdir("/proc/self/task")}
-    except (OSError, ValueError):
-        return 0
-    return len(tasks - {t.native_id for t in threading.enumerate()})
-
-
 def fork_unsafe_runtimes(torch_in_child: bool) -> list[str]:
     """The loaded runtimes whose threads can leave a forked process hanging; torch's only if the forked
     process runs torch with its inherited setting (``torch_in_child``; see ``lifetime.one_torch_thread``)."""
@@ -219,6 +207,13 @@ def check_shm(config: LoaderConfig | None) -> Finding:
     slots, copies = config.shm_bytes_needed(one), spawn_copy_bytes(config)
     need, most = slots.window + copies, slots.most + copies
     sized = f"prefetch={config.prefetch} batches of ~{_mib(one)}"
+    if copies:
+        copied = _copies_text(config, copies)
+        if free < copies:  # certain, whatever the transforms do
+            from .processes.sources import SOURCE_COPY_FIX
+
+            return Finding("error", f"{path} has {_mib(free)} free, but {copied}", SOURCE_COPY_FIX)
+        sized += f" ({_mib(slots.window)}) and {copied}: in all they"
     if free < need:
         level = "error" if exact_batch_size(config) else "warn"
         return Finding(
@@ -234,6 +229,19 @@ def check_shm(config: LoaderConfig | None) -> Finding:
             f"give it more room ({docker}), or lower prefetch",
         )
     return Finding("ok", f"{path}: {_mib(free)} free, {sized} need {_mib(need)}")
+
+
+def _copies_text(config: LoaderConfig, copies: int) -> str:
+    """Which sources a spawned coordinator copies into /dev/shm, and how much that is."""
+    import numpy as np
+
+    sizes = ", ".join(
+        f"source {i}: {_mib(s.nbytes)}"
+        for i, s in enumerate(config.sources)
+        if isinstance(s, np.ndarray) and not isinstance(s, np.memmap) and not s.dtype.hasobject
+    )
+    method = effective_start_method(config)
+    return f"the copy of the data set that start_method={method!r} makes there needs {_mib(copies)} ({sizes})"
 
 
 def spawn_copy_bytes(config: LoaderConfig) -> int:

@@ -522,3 +522,112 @@ def native_threads(count: int):
         for handle in handles:
             libc.pthread_cancel(handle)
             libc.pthread_join(handle, None)
+
+
+class FailsToUnpickle:
+    """A source of 64 numbers that pickles, and raises when unpickled: a spawned coordinator fails at once."""
+
+    def __init__(self) -> None:
+        self.n = 64  # some state: without any, unpickling would not call __setstate__
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+    def __setstate__(self, state: dict) -> None:
+        raise RuntimeError("this source cannot be unpickled here")
+
+
+# --- held up at fork: what a lock held by another thread does to a forked child --------------------------
+
+_fork_hold = None  # what the next child forked from this process runs first (see held_at_fork)
+_fork_hook_registered = False
+
+
+def _first_thing_in_a_forked_child() -> None:
+    global _fork_hold
+    hold, _fork_hold = _fork_hold, None  # the child's own forks (workers) are not held up
+    if hold is not None:
+        hold()
+
+
+@contextlib.contextmanager
+def held_at_fork(hold):
+    """While inside, a child forked from this process runs ``hold()`` before anything else (an
+    ``os.register_at_fork`` hook, as libraries register to reset their state in a child)."""
+    global _fork_hold, _fork_hook_registered
+    if not _fork_hook_registered:
+        os.register_at_fork(after_in_child=_first_thing_in_a_forked_child)
+        _fork_hook_registered = True
+    _fork_hold = hold
+    try:
+        yield
+    finally:
+        _fork_hold = None
+
+
+@contextlib.contextmanager
+def lock_held_by_a_thread():
+    """A lock that another thread (named ``holds-a-lock``) holds while inside: a process forked meanwhile
+    gets a copy of it, locked, and no thread of its own to unlock it -- the fork deadlock of a
+    multi-threaded program (logging's or torch's locks, a thread pool's queue)."""
+    import threading
+
+    lock, taken, done = threading.Lock(), threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with lock:
+            taken.set()
+            done.wait(60)
+
+    thread = threading.Thread(target=hold, name="holds-a-lock")
+    thread.start()
+    taken.wait(10)
+    try:
+        yield lock
+    finally:
+        done.set()
+        thread.join(10)
+
+
+class ForksAHelperThenHangs:
+    """A ``transform`` of ``(x, index)`` samples that, at sample ``index``, forks a helper process and then
+    hangs. The helper (as a library's server or a subprocess started without ``close_fds`` would) keeps a
+    copy of every descriptor of the worker -- its process sentinel too, so the coordinator sees the
+    worker's death only when the helper has gone as well: a worker slow to die, as one stuck in an NFS
+    read or tearing down a large memory is. The helper writes its pid to ``helper_pid`` and exits when
+    the file ``release`` exists (or after a minute)."""
+
+    def __init__(self, index: int, helper_pid: str, release: str):
+        self.index = index
+        self.helper_pid = helper_pid
+        self.release = release
+
+    def __call__(self, sample):
+        x, y = sample
+        if int(y) == self.index:
+            if os.fork() == 0:  # pragma: no cover - the helper
+                with open(self.helper_pid + ".tmp", "w") as file:
+                    file.write(str(os.getpid()))
+                os.rename(self.helper_pid + ".tmp", self.helper_pid)
+                deadline = time.monotonic() + 60
+                while not os.path.exists(self.release) and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                os._exit(0)
+            time.sleep(3600)
+        return x, y
+
+
+class SleepsAt:
+    """A ``transform`` of ``(x, index)`` samples that sleeps ``seconds`` at sample ``index``."""
+
+    def __init__(self, index: int, seconds: float):
+        self.index = index
+        self.seconds = seconds
+
+    def __call__(self, sample):
+        if int(sample[1]) == self.index:
+            time.sleep(self.seconds)
+        return sample

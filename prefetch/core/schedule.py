@@ -120,6 +120,14 @@ class Schedule:
         self.redo.extend(rest)
         return verdict
 
+    def requeue(self, tasks: Sequence[tuple[int, int]], given_up: int) -> None:
+        """A worker killed because ``given_up`` was late (and answered as such already) is gone; ``tasks``
+        are its ``(batch, slot)`` the consumer never received. Their slots are free again; every one
+        but ``given_up`` is redone, none counted against: the worker died of the kill, not of them
+        (if ``given_up`` had arrived after all, the batch it was making is simply made again)."""
+        self.free_slots.extend(slot for _, slot in tasks)
+        self.redo.extend(batch for batch, _ in tasks if batch != given_up)
+
     def mark_late(self, batch: int) -> None:
         """The consumer gave up waiting for ``batch``; its worker is being stopped (see ``lost``)."""
         self.late.add(batch)

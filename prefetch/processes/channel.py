@@ -127,10 +127,14 @@ class Outbox:
             self._head_started = False
         return True
 
-    def drop_queued(self) -> None:
-        """Forget the frames not yet begun (a frame already half in the pipe is finished first)."""
+    def drop_queued(self) -> int:
+        """Forget the frames not yet begun (a frame already half in the pipe is finished first); return
+        how many: the last ones ``put``, which never reached the reader."""
+        dropped = 0
         while len(self._frames) > (1 if self._head_started else 0):
             self._frames.pop()
+            dropped += 1
+        return dropped
 
     def flush_within(self, seconds: float) -> bool:
         """Wait up to ``seconds`` for the pipe to take every queued frame (for a last word before exit)."""

@@ -1,30 +1,19 @@
 """The coordinator process: owns the order, dispatches index batches, supervises workers.
 
-It alone decides what is made next. It keeps
+It alone decides what is made next (a ``core.schedule.Schedule``: the credit window, the
+slot pool, redoing lost batches) and keeps each worker's outstanding tasks, in the order it
+makes them; a new task goes to the worker with the fewest. Workers send their results
+straight to the consumer on the shared results pipe; the coordinator never touches batch data.
 
-* the *credit window*: batch ``b`` is dispatched only while ``b < position + prefetch``,
-  ``position`` being how many batches the consumer has yielded (``Consumed``);
-* the *slot pool*: each task needs a free slot; slots come back from the consumer
-  when the user drops a batch. The pool grows lazily to ``prefetch`` slots plus one
-  per batch the user holds (as last reported: in a plain ``for`` loop, the one
-  still bound to the loop variable while the next is fetched), never beyond
-  ``LoaderConfig.max_slots`` -- past ``prefetch`` held batches the consumer copies
-  batches out rather than hold slots (see ``_consumer``);
-* each worker's outstanding tasks, in the order it makes them. A task is known done
-  once the consumer's position passes it; a new task goes to the worker with the
-  fewest outstanding.
-
-Workers send their results straight to the consumer on the shared results pipe; the
-coordinator never touches batch data. It waits on the consumer's control pipe, the
-consumer's exit (a pidfd) and every worker's process sentinel at once, so a death is
-seen at once. It never blocks on a write: tasks and its own messages go through
-``Outbox``es, flushed when the pipe has room, so a worker stuck in user code (whose task
-pipe fills up) or a consumer that does not read never stops it serving the rest. When
-the consumer dies it kills the workers at once. When a worker dies it
-posts ``WorkerLost``; the consumer answers ``Lost`` with the batches that never
-arrived, and those are redone by a fresh worker -- the one the worker was making at
-most ``retries`` times -- so the output does not change. Workers are forked from
-the coordinator, a fresh single-threaded process, whatever start method started it.
+It waits on the consumer's control pipe, the consumer's exit (a pidfd, checked to be the
+consumer's by its start time: a pid alone may be reused) and every worker's sentinel at
+once, so a death is seen at once, and never blocks on a write (``Outbox``es). When a worker
+dies it posts ``WorkerLost``; the consumer answers ``Lost`` with the batches that never
+arrived, and those are redone by a fresh worker -- the one it was making at most
+``retries`` times. A late batch (``TimedOut``) is answered at once, as its worker is killed,
+not when the death is seen. At shutdown only a worker still making a batch is killed; idle
+workers are told to stop. Workers are forked from the coordinator, a fresh single-threaded
+process, whatever start method started it. ``docs/design.md`` tells the whole story.
 """
 
 from __future__ import annotations
@@ -40,7 +29,6 @@ from typing import Any
 
 import multiprocess
 import numpy as np
-import psutil
 
 from ..core.config import LoaderConfig
 from ..core.schedule import GiveUp, Schedule
@@ -49,9 +37,12 @@ from ..lifetime import (
     PARENT_CHECK_INTERVAL_S,
     WORKER_JOIN_TIMEOUT_S,
     batch_scheduling,
+    close_process,
     ignore_sigint,
     import_before_forking,
     join_or_kill,
+    pidfd_of,
+    same_process_alive,
 )
 from . import messages
 from .channel import Outbox, PipeReader, atomic_body, send
@@ -78,6 +69,7 @@ class _Worker:
     tasks_conn: Any
     outbox: Outbox  # tasks on their way into tasks_conn
     tasks: deque[messages.Task] = field(default_factory=deque)  # outstanding, in the order it makes them
+    killed_for: int | None = None  # the late batch it was killed for (answered already)
 
 
 class Coordinator:
@@ -90,7 +82,7 @@ class Coordinator:
         config: LoaderConfig,
         prefix: str,
         start: int,
-        consumer_pid: int,
+        consumer: tuple[int, int | None],
         worker_main: Callable[..., None],
     ):
         self.worker_main = worker_main  # a worker process's entry point (``worker.worker_main``)
@@ -104,18 +96,23 @@ class Coordinator:
         self.size_hint = 0
         self.idle_deaths = 0
         self.workers: list[_Worker] = []
+        self.late_kills: dict[int, int] = {}  # pid of a worker killed for a late batch -> that batch
         method = "fork" if "fork" in multiprocess.get_all_start_methods() else config.start_method
         self.ctx = multiprocess.get_context(method)
-        self.consumer = psutil.Process(consumer_pid)
+        self.consumer = consumer  # (pid, start ticks): the pid alone may be reused once it is gone
         self.consumer_gone = False
+        self.stop_request = messages.Stop(start)  # what the consumer has, as its ``Stop`` says
         self.selector = selectors.DefaultSelector()
         self.control_pipe = PipeReader(control)
         self.selector.register(self.control_pipe.fileno(), selectors.EVENT_READ, _CONTROL)
         self.consumer_exit: int | None = None
         try:
-            self.consumer_exit = os.pidfd_open(consumer_pid)
-            self.selector.register(self.consumer_exit, selectors.EVENT_READ, _CONSUMER_EXIT)
-        except (AttributeError, OSError):  # pragma: no cover - old kernel: the 0.25 s poll alone
+            self.consumer_exit = pidfd_of(*consumer)
+            if self.consumer_exit is None:
+                self.consumer_gone = True  # ``run`` ends at once
+            else:
+                self.selector.register(self.consumer_exit, selectors.EVENT_READ, _CONSUMER_EXIT)
+        except (AttributeError, OSError):  # pragma: no cover - old kernel: a poll every 0.25 s
             pass
         self.outbox = Outbox(results, private=True)  # this process's messages to the consumer
         self.watched_writable: set[int] = set()  # outboxes' descriptors the selector waits on
@@ -145,8 +142,11 @@ class Coordinator:
         worker.outbox.close()
         worker.tasks_conn.close()
         pid, exitcode = worker.process.pid, worker.process.exitcode
-        outstanding = tuple((t.batch, t.slot) for t in worker.tasks if t.batch >= self.schedule.position)
-        if not outstanding:
+        close_process(worker.process)  # its sentinel pipe: a long run replaces many workers
+        outstanding = self._outstanding(worker)
+        if worker.killed_for is not None:  # killed for a late batch, answered already (_on_lost)
+            self.late_kills[pid] = worker.killed_for
+        elif not outstanding:
             self.idle_deaths += 1
             if self.idle_deaths > IDLE_DEATHS_ALLOWED:
                 raise WorkersKeepDyingError(
@@ -157,19 +157,18 @@ class Coordinator:
         self._post(messages.WorkerLost(pid, exitcode, outstanding))
         self._start_worker()
 
+    def _outstanding(self, worker: _Worker) -> tuple[tuple[int, int], ...]:
+        return tuple((t.batch, t.slot) for t in worker.tasks if t.batch >= self.schedule.position)
+
     def _on_lost(self, message: messages.Lost) -> None:
         """The consumer says which of a lost worker's batches never came: they are redone, or failed."""
-        verdict = self.schedule.lost(message.tasks)
-        if verdict is None:
+        late = self.late_kills.pop(message.pid, None)
+        if late is not None:  # killed for ``late``: the others are redone, none counted against
+            self.schedule.requeue(message.tasks, late)
             return
-        indices = list(self.order.batch_indices(verdict.batch).tolist())
-        if verdict.why is GiveUp.LATE:
-            text = (
-                f"batch {verdict.batch} (sample indices {indices}) was not ready within "
-                f"timeout={self.config.timeout}s; worker pid {message.pid}, which had it, was killed"
-            )
-            self._fail(verdict.batch, GiveUp.LATE, message.pid, text)
-        else:
+        verdict = self.schedule.lost(message.tasks)  # never LATE here: late batches are answered at once
+        if verdict is not None:
+            indices = list(self.order.batch_indices(verdict.batch).tolist())
             text = (
                 f"worker pid {message.pid} {describe_exit(message.exitcode)}, while making batch {verdict.batch} "
                 f"(sample indices {indices}); it killed {verdict.attempts} worker(s), retries={self.config.retries}"
@@ -181,19 +180,22 @@ class Coordinator:
         self._post(messages.BatchAbandoned(batch, indices, pid, why, text))
 
     def _on_timed_out(self, batch: int) -> None:
-        """Kill the worker making the late ``batch``. The consumer waits for an answer: if no worker
-        has it (it should not happen), it fails now, so the consumer never blames the coordinator."""
+        """Kill the worker making the late ``batch`` and answer at once: the batch is given up now, not
+        when the death is seen (a worker stuck in an uninterruptible read, or tearing down a large
+        memory, may take long to die). Its slot comes back with the death (``_on_lost``): until then
+        the dying worker may still write to it. If no worker has the batch, it fails now too."""
+        indices = list(self.order.batch_indices(batch).tolist())
+        limit = f"was not ready within timeout={self.config.timeout}s"
         for worker in self.workers:
-            if any(task.batch == batch for task in worker.tasks):
-                self.schedule.mark_late(batch)
-                worker.process.kill()  # the sentinel reports it next: _lose_worker
+            if worker.killed_for is None and any(task.batch == batch for task in worker.tasks):
+                worker.killed_for = batch
+                worker.process.kill()  # the sentinel reports it later: _lose_worker, then _on_lost
+                pid = worker.process.pid
+                text = f"batch {batch} (sample indices {indices}) {limit}; worker pid {pid}, which had it, was killed"
+                self._fail(batch, GiveUp.LATE, pid, text)
                 return
         self.schedule.cancel(batch)
-        indices = list(self.order.batch_indices(batch).tolist())
-        text = (
-            f"batch {batch} (sample indices {indices}) was not ready within timeout={self.config.timeout}s, "
-            "and no worker was making it"
-        )
+        text = f"batch {batch} (sample indices {indices}) {limit}, and no worker was making it"
         self._fail(batch, GiveUp.LATE, os.getpid(), text)
 
     # --- dispatch -----------------------------------------------------------------------
@@ -222,12 +224,9 @@ class Coordinator:
         except BrokenPipeError:
             raise _ConsumerGone() from None
 
-    def _outboxes(self) -> list[Outbox]:
-        return [self.outbox, *(worker.outbox for worker in self.workers)]
-
     def _watch_writable(self) -> None:
         """Have the selector wake this loop when a pipe with queued frames gets room, and only then."""
-        for outbox in self._outboxes():
+        for outbox in [self.outbox, *(worker.outbox for worker in self.workers)]:
             watched = outbox.fileno() in self.watched_writable
             if outbox.pending and not watched:
                 self.selector.register(outbox.fileno(), selectors.EVENT_WRITE, outbox)
@@ -275,14 +274,10 @@ class Coordinator:
             elif isinstance(message, messages.TimedOut):
                 self._on_timed_out(message.batch)
             else:
-                return False  # Stop
+                assert isinstance(message, messages.Stop)
+                self.stop_request = message
+                return False
         return True
-
-    def _consumer_alive(self) -> bool:
-        try:
-            return self.consumer.is_running() and self.consumer.status() != psutil.STATUS_ZOMBIE
-        except psutil.Error:
-            return False
 
     def run(self) -> None:
         """The event loop: dispatch, wait for the consumer, a worker's death or room in a pipe, react;
@@ -293,14 +288,18 @@ class Coordinator:
             self.consumer_gone = True
 
     def _serve(self) -> None:
+        if self.consumer_gone:
+            return
         for _ in range(self.config.workers):
             self._start_worker()
         self._post(messages.CoordinatorReady(os.getpid()))
+        polling = self.consumer_exit is None  # no pidfd: the consumer is polled instead
         next_parent_check = time.monotonic() + PARENT_CHECK_INTERVAL_S
         while True:
             self._dispatch()
             self._watch_writable()
-            for key, _ in self.selector.select(max(0.0, next_parent_check - time.monotonic())):
+            wait_s = max(0.0, next_parent_check - time.monotonic()) if polling else None
+            for key, _ in self.selector.select(wait_s):
                 if key.data is _CONTROL:
                     if not self._from_consumer():
                         return
@@ -310,8 +309,8 @@ class Coordinator:
                     self._flush(key.data)
                 elif key.data in self.workers:
                     self._lose_worker(key.data)
-            if time.monotonic() >= next_parent_check:
-                if not self._consumer_alive():
+            if polling and time.monotonic() >= next_parent_check:
+                if not same_process_alive(*self.consumer):
                     raise _ConsumerGone()
                 next_parent_check = time.monotonic() + PARENT_CHECK_INTERVAL_S
 
@@ -324,23 +323,32 @@ class Coordinator:
             pass
 
     def shutdown(self) -> None:
-        """Stop every worker; ``coordinator_main`` then unlinks every segment.
+        """Stop every worker and tell the consumer how each ended (``WorkersStopped``).
 
-        A worker still making a batch is killed at once: nobody will take that batch, and it may
-        be stuck in user code. So is every worker when the consumer is gone. An idle worker is
-        asked (``Stop``, after its queued tasks are dropped) and killed if not gone within
-        ``WORKER_JOIN_TIMEOUT_S``.
-        """
+        Only a worker still making a batch is killed at once (nobody will take it; it may be stuck in
+        user code): one with a task that reached its pipe and is neither below the consumer's position
+        nor among the results it received, as its ``Stop`` says. Idle workers drop their queued tasks
+        and are told to ``Stop``; killed if not gone within ``WORKER_JOIN_TIMEOUT_S``. When the
+        consumer is gone, every worker is killed."""
+        position = max(self.stop_request.position, self.schedule.position)
+        received = set(self.stop_request.received)
         for worker in self.workers:
-            if self.consumer_gone or worker.tasks:
+            unsent = worker.outbox.drop_queued()
+            sent = list(worker.tasks)[: len(worker.tasks) - unsent]
+            busy = any(task.batch >= position and task.batch not in received for task in sent)
+            if self.consumer_gone or busy or worker.killed_for is not None:
                 worker.process.kill()
-        for worker in self.workers:
-            worker.outbox.drop_queued()
+                continue
             try:
                 worker.outbox.put(messages.encode(messages.Stop()))
-            except OSError:
+            except OSError:  # it died meanwhile
                 pass
         join_or_kill([worker.process for worker in self.workers], WORKER_JOIN_TIMEOUT_S)
+        exits = tuple((worker.process.pid, worker.process.exitcode) for worker in self.workers)
+        for worker in self.workers:
+            close_process(worker.process)
+        if not self.consumer_gone:
+            self.last_word(messages.WorkersStopped(exits))
 
 
 def coordinator_main(
@@ -349,10 +357,11 @@ def coordinator_main(
     config: LoaderConfig | bytes,
     prefix: str,
     start: int,
-    consumer_pid: int,
+    consumer: tuple[int, int | None],
     worker_main: Callable[..., None],
 ) -> None:
-    """The coordinator process's entry point (``config`` as is when forked, from ``ship_config`` when spawned).
+    """The coordinator process's entry point (``config`` as is when forked, from ``ship_config`` when spawned;
+    ``consumer`` is the consumer's pid and start time, ``lifetime.start_ticks``).
 
     ``worker_main`` is what each forked worker runs; the launcher passes it, so that the coordinator and
     the worker, two roles side by side, never import each other."""
@@ -367,7 +376,7 @@ def coordinator_main(
         assert isinstance(config, LoaderConfig)
         import_before_forking(config.limit_threads)
         config = replace(config, sources=resolve_sources(config.sources))
-        coordinator = Coordinator(control, results, config, prefix, start, consumer_pid, worker_main)
+        coordinator = Coordinator(control, results, config, prefix, start, consumer, worker_main)
         coordinator.run()
     except BaseException:
         failure = messages.CoordinatorFailed(traceback.format_exc())

@@ -15,29 +15,34 @@ copied out of their slot instead, so holding batches never starves the pool.
 Writes to the coordinator go through an ``Outbox`` (never blocking); a write that finds
 it gone is ``CoordinatorDiedError``. After ``late(b)`` the coordinator must act within
 ``COORDINATOR_ANSWER_S`` (each ``WorkerLost`` shows it at work and extends that), or it is
-killed and ``wait`` raises ``CoordinatorTimeoutError``.
+killed and ``wait`` raises ``CoordinatorTimeoutError``. With ``timeout``, the engine must also
+have started (``CoordinatorReady``) within ``timeout`` of ``start`` -- the user's first request
+-- or the coordinator is killed and ``wait`` raises ``StartTimeoutError``, naming the likely cause.
+The coordinator process itself (starting, knowing, ending it) is ``launch.CoordinatorProcess``.
 """
 
 from __future__ import annotations
 
-import os
 import selectors
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
-
-import multiprocess
-import psutil
 
 from .._lifecycle import WakePipe
 from ..core.config import LoaderConfig
 from ..core.reorder import Leases
 from ..core.schedule import GiveUp
-from ..errors import CoordinatorDiedError, CoordinatorTimeoutError, WorkerDiedError, WorkerTimeoutError, describe_exit
+from ..errors import (
+    CoordinatorDiedError,
+    CoordinatorTimeoutError,
+    StartTimeoutError,
+    WorkerDiedError,
+    WorkerTimeoutError,
+)
 from ..executor import Failed, Made, Result, WorkerInfo
-from ..lifetime import COORDINATOR_JOIN_TIMEOUT_S, join_or_kill, sigint_ignored, wait_ended
+from ..lifetime import COORDINATOR_JOIN_TIMEOUT_S
 from .channel import Outbox, PipeReader
+from .launch import CoordinatorProcess
 from .messages import (
     BatchAbandoned,
     BatchFailed,
@@ -50,11 +55,11 @@ from .messages import (
     Stop,
     TimedOut,
     WorkerLost,
+    WorkersStopped,
     encode,
 )
 from .segments import claim_prefix, remove_stale_segments
 from .slots import SlotReader
-from .sources import share_sources, ship_config
 
 # With ``timeout``: how long the coordinator may take to act on a late batch (kill its worker
 # and fail it) before the consumer decides the coordinator itself is stuck or stopped.
@@ -76,10 +81,14 @@ class ProcessExecutor:
         self.acts_seen = 0  # ``coordinator_acts`` when ``answer_by`` was last set
         self.late_batch = -1
         self.restarts = 0  # workers lost and replaced
+        self.start_by: float | None = None  # with ``timeout``: when the coordinator must be ready
+        self.worker_exits: dict[int, int | None] = {}  # after ``stop``: how each last worker ended
 
     # --- starting -----------------------------------------------------------------------
 
     def start(self, config: LoaderConfig, start: int, wake: WakePipe) -> None:
+        if config.timeout is not None:  # the clock starts with the user's request (this call)
+            self.start_by = time.perf_counter() + config.timeout
         self.config = config
         self.position = start  # the batch the consumer wants next
         self.sent_position = start  # the position the coordinator was last told
@@ -92,44 +101,17 @@ class ProcessExecutor:
         self.prefix_lock = claim_prefix()  # held until stop(): marks this loader's segments as alive
         self.prefix = self.prefix_lock.prefix
         try:
-            self._start_coordinator(config, start)
+            self.coordinator = CoordinatorProcess(config, start, self.prefix, self.coordinator_main, self.worker_main)
         except BaseException:
             self.prefix_lock.release()
             raise
-        self.reader_pipe = PipeReader(self.results)
-        self.control_out = Outbox(self.control)
+        self.reader_pipe = PipeReader(self.coordinator.results)
+        self.control_out = Outbox(self.coordinator.control)
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.reader_pipe.fileno(), selectors.EVENT_READ, _RESULTS)
-        self.selector.register(self.process.sentinel, selectors.EVENT_READ, _COORDINATOR_EXIT)
+        self.selector.register(self.coordinator.ended_fd, selectors.EVENT_READ, _COORDINATOR_EXIT)
         self.selector.register(wake.fileno(), selectors.EVENT_READ, _WAKE)
         self.watching_control = False
-
-    def _start_coordinator(self, config: LoaderConfig, start: int) -> None:
-        ctx = multiprocess.get_context(config.start_method)
-        forked = ctx.get_start_method() == "fork"
-        if not forked:
-            config = replace(config, sources=share_sources(config.sources, self.prefix))
-        control_in, self.control = ctx.Pipe(duplex=False)
-        self.results, results_out = ctx.Pipe(duplex=False)
-        self.process = ctx.Process(
-            target=self.coordinator_main,
-            args=(
-                control_in,
-                results_out,
-                config if forked else ship_config(config),
-                self.prefix,
-                start,
-                os.getpid(),
-                self.worker_main,
-            ),
-            name="prefetch-coordinator",
-        )
-        try:
-            with sigint_ignored():  # a Ctrl-C while it boots is the consumer's alone
-                self.process.start()
-        finally:
-            control_in.close()
-            results_out.close()
 
     @property
     def started(self) -> bool:
@@ -191,8 +173,9 @@ class ProcessExecutor:
         """What arrived within ``seconds`` (0: only what is there already)."""
         coordinator_exited = False
         if seconds > 0:
-            if self.answer_by is not None:
-                seconds = max(0.0, min(seconds, self.answer_by - time.perf_counter()))
+            for deadline in (self.answer_by, self.start_by):
+                if deadline is not None:
+                    seconds = max(0.0, min(seconds, deadline - time.perf_counter()))
             for key, _ in self.selector.select(seconds):
                 if key.data is _CONTROL_WRITABLE:
                     self._flush_control()
@@ -203,6 +186,8 @@ class ProcessExecutor:
             self._coordinator_died()
         if self.answer_by is not None:
             self._check_answer()
+        if self.start_by is not None and time.perf_counter() >= self.start_by:
+            self._start_timed_out()
         return results
 
     def _drain(self) -> list[Result]:
@@ -238,6 +223,7 @@ class ProcessExecutor:
             self._tell(Lost(message.pid, message.exitcode, missing))
         elif isinstance(message, CoordinatorReady):
             self.coordinator_ready = True
+            self.start_by = None
         elif isinstance(message, CoordinatorFailed):
             raise CoordinatorDiedError("the coordinator process failed:\n" + message.traceback)
         return None
@@ -274,65 +260,77 @@ class ProcessExecutor:
             self.answer_by = None
 
     def _coordinator_died(self) -> None:
-        self.process.join(COORDINATOR_JOIN_TIMEOUT_S)
-        raise CoordinatorDiedError(
-            f"the coordinator process (pid {self.process.pid}) {describe_exit(self.process.exitcode)}; "
-            "the loader cannot go on"
-        )
+        self.coordinator.join(COORDINATOR_JOIN_TIMEOUT_S)
+        raise CoordinatorDiedError(self.coordinator.died_text())
 
     def _coordinator_unresponsive(self, batch: int) -> None:
         """The coordinator did not act on a late batch: kill it (and so its workers) and say so."""
-        pid = self.process.pid
-        try:
-            state = psutil.Process(pid).status()
-        except psutil.Error:
-            state = "gone"
-        workers = self._worker_processes()
-        self.process.kill()
-        self.process.join(COORDINATOR_JOIN_TIMEOUT_S)
-        wait_ended(workers, COORDINATOR_JOIN_TIMEOUT_S)  # they die with it (PR_SET_PDEATHSIG)
+        state = self.coordinator.state()
+        self.coordinator.kill()
         raise CoordinatorTimeoutError(
             f"batch {batch} was not ready within timeout={self.config.timeout}s, and the coordinator process "
-            f"(pid {pid}, state: {state}) did not act on it within {COORDINATOR_ANSWER_S}s; it was killed "
-            "and the loader cannot go on (a stopped process: SIGSTOP, Ctrl-Z or a debugger)"
+            f"(pid {self.coordinator.pid}, state: {state}) did not act on it within {COORDINATOR_ANSWER_S}s; it "
+            "was killed and the loader cannot go on (a stopped process: SIGSTOP, Ctrl-Z or a debugger)"
         )
+
+    def _start_timed_out(self) -> None:
+        """``timeout`` passed since the first request and the coordinator is not ready: kill it, say why."""
+        state = self.coordinator.state()
+        self.coordinator.kill()
+        self.start_by = None
+        raise StartTimeoutError(self.coordinator.start_timeout_text(state))
 
     # --- figures and the end ------------------------------------------------------------
 
-    def _worker_processes(self) -> list[psutil.Process]:
-        try:
-            return psutil.Process(self.process.pid).children()
-        except psutil.Error:
-            return []
-
     def workers(self) -> list[WorkerInfo]:
-        return [WorkerInfo(process.pid) for process in self._worker_processes()]
+        return [WorkerInfo(pid) for pid in self.coordinator.worker_pids()]
 
     def helper_pid(self) -> int | None:
-        return self.process.pid
+        return self.coordinator.pid
 
     def forget(self) -> None:
         """In a child forked from the owner: close only this process's copy of the prefix lock's
         descriptor, and take the parent's coordinator off multiprocess's list of this process's
         children (copied by the fork; its exit would try to join it)."""
-        children = getattr(multiprocess.process, "_children", None)
-        if children is not None:
-            children.discard(self.process)
+        self.coordinator.forget()
         self.prefix_lock.release()
 
-    def stop(self) -> None:
-        """``Stop`` to the coordinator (it stops its workers and unlinks the segments); after
-        ``COORDINATOR_JOIN_TIMEOUT_S`` it is killed, its workers die with it, and the segments
-        are unlinked here: mappings the user's batches still view go when those batches do."""
+    def _received(self) -> tuple[int, ...]:
+        """Every result at or beyond ``position`` that has arrived, read or not (for ``Stop``)."""
         try:
-            self.control_out.put(encode(Stop()))
-        except OSError:  # the coordinator is gone already
-            pass
-        workers = self._worker_processes()
-        join_or_kill([self.process], COORDINATOR_JOIN_TIMEOUT_S)
-        wait_ended(workers, COORDINATOR_JOIN_TIMEOUT_S)  # they die with their parent
+            arrived = self.reader_pipe.read_available()
+        except (EOFError, OSError):
+            arrived = []
+        got = set(self.delivered)
+        got.update(m.batch for m in arrived if isinstance(m, (BatchReady, BatchFailed)) and m.batch >= self.position)
+        for message in arrived:
+            if isinstance(message, WorkersStopped):  # the coordinator stopped already (it failed)
+                self.worker_exits = dict(message.exits)
+        return tuple(sorted(got))
+
+    def _last_words(self) -> None:
+        """Read what the coordinator said before it ended: how its workers ended (``WorkersStopped``)."""
+        while True:
+            try:
+                arrived = self.reader_pipe.read_available()
+            except (EOFError, OSError):
+                return
+            if not arrived:
+                return
+            for message in arrived:
+                if isinstance(message, WorkersStopped):
+                    self.worker_exits = dict(message.exits)
+
+    def stop(self) -> None:
+        """``Stop`` to the coordinator, with the batches received (its idle workers stop on their own,
+        a worker still making a batch is killed; then it unlinks the segments); after
+        ``COORDINATOR_JOIN_TIMEOUT_S`` it is killed, its workers die with it, and the segments are
+        unlinked here: mappings the user's batches still view go when those batches do."""
+        stop = encode(Stop(self.position, self._received()))
+        self.coordinator.stop(self.control_out, stop)
+        self._last_words()
         self.selector.close()
-        self.control.close()
-        self.results.close()
+        self.control_out.close()
+        self.coordinator.close()
         self.reader.close()  # unmapped now, or when the user drops the last batch still held
         self.prefix_lock.release()  # every segment, then the lock file

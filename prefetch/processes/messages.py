@@ -7,7 +7,8 @@ a message: it is in a shared-memory slot (``slots``). The pipes, and who writes 
     control  consumer -> coordinator      Consumed, Lost, TimedOut, Stop
     tasks    coordinator -> one worker    Task, Stop
     results  workers -> consumer          BatchReady, BatchFailed
-             coordinator -> consumer      CoordinatorReady, WorkerLost, BatchAbandoned, CoordinatorFailed
+             coordinator -> consumer      CoordinatorReady, WorkerLost, BatchAbandoned, CoordinatorFailed,
+                                          WorkersStopped
 
 ``background()`` runs one producer process on two pipes of its own, with the same framing::
 
@@ -101,7 +102,8 @@ class BatchFailed(NamedTuple):
 
 class BatchAbandoned(NamedTuple):
     """Coordinator -> consumer: batch ``batch`` will not be made (``why``); ``message`` is the text of
-    the consumer's error. Its slot is the coordinator's again already."""
+    the consumer's error. Its slot is the coordinator's again already -- a late batch's once the death
+    of the worker killed for it is seen (until then that worker may still write to it)."""
 
     batch: int
     indices: tuple[int, ...]
@@ -191,7 +193,22 @@ class SlotFree(NamedTuple):
 
 
 class Stop(NamedTuple):
-    """Consumer -> coordinator, coordinator -> worker, consumer -> ``background`` producer: shut down now."""
+    """Consumer -> coordinator, coordinator -> worker, consumer -> ``background`` producer: shut down now.
+
+    From the consumer to the coordinator it says what the consumer has: every batch below ``position``,
+    and ``received`` beyond it (results that arrived, taken or not). A worker whose batch is not among
+    them is still making it and is killed; the others are idle and stop on their own (design.md,
+    "Shutdown")."""
+
+    position: int = 0
+    received: tuple[int, ...] = ()
+
+
+class WorkersStopped(NamedTuple):
+    """Coordinator -> consumer, its last message: how each worker ended, ``(pid, exit code)``; 0 for a
+    worker that stopped when told, -9 for one killed (SIGKILL), None for one that had not ended yet."""
+
+    exits: tuple[tuple[int, int | None], ...]
 
 
 Message = (
@@ -211,6 +228,7 @@ Message = (
     | ItemFailed
     | SlotFree
     | Stop
+    | WorkersStopped
 )
 
 

@@ -53,18 +53,22 @@ def _path(name: str) -> str:
     return os.path.join(SHM_DIR, name)
 
 
-def create_segment(name: str, size: int) -> mmap.mmap:
-    """Create segment ``name`` of ``size`` bytes (reserved now: ``ENOSPC`` here, not SIGBUS later)."""
+# What a segment is for, and what to do when /dev/shm cannot hold it (``create_segment``'s default: a slot).
+FOR_A_BATCH = ("a batch", "free space there, lower `prefetch` or the batch size (Docker: --shm-size)")
+
+
+def create_segment(name: str, size: int, purpose: tuple[str, str] = FOR_A_BATCH) -> mmap.mmap:
+    """Create segment ``name`` of ``size`` bytes (reserved now: ``ENOSPC`` here, not SIGBUS later).
+    ``purpose`` is ``(what it holds, the fix)``, for the error when there is no room."""
     fd = os.open(_path(name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
     try:
         try:
             os.posix_fallocate(fd, 0, size)
         except OSError as exc:
             os.unlink(_path(name))
+            what, fix = purpose
             raise OSError(
-                exc.errno,
-                f"cannot reserve {size / 2**20:.1f} MiB in {SHM_DIR} for a batch ({exc.strerror}); "
-                "free space there, lower `prefetch` or the batch size (Docker: --shm-size)",
+                exc.errno, f"cannot reserve {size / 2**20:.1f} MiB in {SHM_DIR} for {what} ({exc.strerror}); {fix}"
             ) from exc
         return mmap.mmap(fd, size)
     finally:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..core.config import LoaderConfig
+from ..errors import ShmSpaceError
 from .messages import SegmentRef
 from .segments import PAGE_BYTES, align, buffer_address, create_segment, open_segment, unlink_segment
 
@@ -57,6 +58,22 @@ def _memmap_file(source: np.memmap) -> MemmapFile | None:
     return MemmapFile(str(source.filename), position, source.shape, source.strides, source.dtype)
 
 
+# What to do when /dev/shm cannot hold the copy of a numpy source (also the pre-flight check's advice).
+SOURCE_COPY_FIX = (
+    "np.memmap the source from a file (it is then reopened, not copied), give /dev/shm more room (Docker: "
+    '--shm-size), or start_method="fork" (the sources are then inherited, never copied)'
+)
+
+
+def copy_purpose(position: int, source: np.ndarray) -> tuple[str, str]:
+    """What the segment of source ``position`` holds, and the fix when it does not fit (``create_segment``)."""
+    what = (
+        f"the copy of the data set that start_method spawn/forkserver makes there: source {position}, "
+        f"{source.nbytes / 2**20:.1f} MiB ({source.dtype} {source.shape})"
+    )
+    return what, SOURCE_COPY_FIX
+
+
 def share_sources(sources: tuple[Any, ...], prefix: str) -> tuple[Any, ...]:
     """Replace numpy sources by small handles before the coordinator is spawned (others pickle as they are)."""
     shared: list[Any] = []
@@ -67,7 +84,10 @@ def share_sources(sources: tuple[Any, ...], prefix: str) -> tuple[Any, ...]:
         if isinstance(handle, np.ndarray) and not handle.dtype.hasobject:
             name = f"{prefix}source{position}"
             size = max(handle.nbytes, 1)
-            mm = create_segment(name, align(size, PAGE_BYTES))
+            try:
+                mm = create_segment(name, align(size, PAGE_BYTES), copy_purpose(position, handle))
+            except OSError as exc:
+                raise ShmSpaceError(exc.errno, exc.strerror) from exc
             target = np.frombuffer(mm, np.uint8, count=handle.nbytes).view(handle.dtype).reshape(handle.shape)
             np.copyto(target, handle)
             del target

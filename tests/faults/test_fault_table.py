@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import threading
 import time
 
 import numpy as np
@@ -34,10 +35,13 @@ from helpers import (
     Fault,
     RaiseLong,
     RaiseUnrebuildable,
+    SleepsAt,
     SlowToStart,
     alive,
     faulty_pipeline,
     fingerprint,
+    held_at_fork,
+    lock_held_by_a_thread,
     wait_until,
 )
 from hostile import Database, HoldsGenerator, RaiseOnce, StrRaises, UserInterrupt
@@ -53,6 +57,9 @@ BAD = 15  # the sample the fault strikes at: in batch 3 of SEED's order, after b
 DATA = np.arange(N * 3, dtype=np.float32).reshape(N, 3)
 WORKERS = 2
 TIMEOUT_S = 1.0
+# ``timeout`` also bounds the engine's start-up: a spawned coordinator took up to 1.1 s to start here with the
+# machine under load (2 cores, load 7), so the rows under spawn give the hung batch more time.
+SPAWN_TIMEOUT_S = 3.0
 # How long the worker deaths of a poison batch may take to reach the consumer as an error:
 # two deaths, each seen at once through the process sentinel, and one fork of a replacement.
 DEATH_REPORT_S = 3.0
@@ -181,11 +188,12 @@ def test_a_poison_sample_raises_worker_died_naming_pid_batch_and_cause(death, st
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_a_hung_worker_times_out_and_is_killed(stage, start_method):
-    exc, waited = first_error(stage, Fault(BAD, "hang"), workers=WORKERS, start_method=start_method, timeout=TIMEOUT_S)
+    timeout = TIMEOUT_S if start_method == "fork" else SPAWN_TIMEOUT_S
+    exc, waited = first_error(stage, Fault(BAD, "hang"), workers=WORKERS, start_method=start_method, timeout=timeout)
     assert isinstance(exc, prefetch.WorkerTimeoutError) and isinstance(exc, TimeoutError), repr(exc)
     assert exc.batch == bad_batch() and BAD in exc.indices
     assert f"pid {exc.pid}" in str(exc) and f"batch {exc.batch}" in str(exc)
-    assert TIMEOUT_S * 0.9 <= waited < TIMEOUT_S + 2.0
+    assert timeout * 0.9 <= waited < timeout + 2.0
     assert exc.pid is not None and not alive(exc.pid)  # killed (and reaped) before the error was raised
 
 
@@ -220,18 +228,81 @@ def test_a_long_error_message_and_traceback_arrive_whole():
     assert f"sample {BAD}" in notes(info.value)
 
 
-def test_timeout_does_not_count_the_coordinators_start_up():
-    """The contract: ``timeout`` is the seconds one batch may take *in a worker*. Starting the engine is not that."""
-    with prefetch.Loader(
-        SlowToStart(16, delay_s=2 * TIMEOUT_S),
-        batch_size=4,
-        shuffle=False,
-        epochs=1,
-        workers=1,
-        start_method="spawn",
-        timeout=TIMEOUT_S,
-    ) as loader:
-        assert [batch.tolist() for batch in loader] == [[i, i + 1, i + 2, i + 3] for i in range(0, 16, 4)]
+# --- the engine's start-up and the timeout clock ---------------------------------------------------------
+
+# The tests below start threads before the loader forks its coordinator, on purpose: the pre-flight check
+# rightly warns about that.
+threads_before_fork = pytest.mark.filterwarnings("ignore:.*threads running in this process:prefetch.PrefetchWarning")
+# What a start-up timeout may take beyond ``timeout``: the kill of the coordinator, and the wait for it.
+KILLED_WITHIN_S = 1.5
+
+
+def first_next(loader: prefetch.Loader) -> tuple[BaseException | None, float]:
+    """The error of the loader's first ``next()`` (None if it gave a batch), and how long it took."""
+    started = time.monotonic()
+    try:
+        next(iter(loader))
+    except BaseException as exc:
+        return exc, time.monotonic() - started
+    return None, time.monotonic() - started
+
+
+@threads_before_fork
+@pytest.mark.timeout(30)
+def test_a_coordinator_deadlocked_by_its_fork_is_a_start_timeout_that_names_the_threads():
+    """A lock another thread holds at the fork stays locked in the coordinator forever; an at-fork hook
+    (as libraries register) that takes it hangs the coordinator before it starts a worker."""
+    with lock_held_by_a_thread() as lock, held_at_fork(lock.acquire):
+        loader = prefetch.Loader(DATA, batch_size=4, workers=WORKERS, start_method="fork", timeout=0.5)
+        exc, waited = first_next(loader)
+        coordinator = loader.engine.helper_pid() if loader.engine is not None else None
+        loader.close()
+    assert isinstance(exc, prefetch.StartTimeoutError), repr(exc)
+    assert isinstance(exc, prefetch.CoordinatorTimeoutError) and isinstance(exc, TimeoutError)
+    text = str(exc)
+    assert "did not start within timeout=0.5s" in text and "was killed" in text
+    assert "'holds-a-lock'" in text and "deadlock" in text, text
+    assert 'start_method="spawn" or "forkserver"' in text, text
+    assert 0.5 <= waited < 0.5 + KILLED_WITHIN_S, waited
+    assert coordinator is None or not alive(coordinator)
+
+
+@pytest.mark.timeout(30)
+def test_a_spawned_coordinator_slow_to_unpickle_its_source_is_a_start_timeout():
+    loader = prefetch.Loader(
+        SlowToStart(16, delay_s=30), batch_size=4, workers=1, start_method="spawn", timeout=TIMEOUT_S
+    )
+    exc, waited = first_next(loader)
+    loader.close()
+    assert isinstance(exc, prefetch.StartTimeoutError), repr(exc)
+    assert f"did not start within timeout={TIMEOUT_S}s" in str(exc) and "started by spawn" in str(exc)
+    assert "unpickles" in str(exc) and "a larger timeout" in str(exc)
+    assert TIMEOUT_S <= waited < TIMEOUT_S + KILLED_WITHIN_S, waited
+
+
+@threads_before_fork
+@pytest.mark.timeout(30)
+def test_a_batch_gets_its_own_timeout_once_the_engine_has_started(tmp_path):
+    """Start-up and the first batch each take about half of ``timeout``: together more, and no error.
+    The coordinator is held at its fork until the test lets it go (a pipe), the batch by a sleep."""
+    timeout_s, each_s = 3.0, 1.6
+    gate_read, gate_write = os.pipe()
+    release = threading.Timer(each_s, lambda: os.write(gate_write, b"go"))
+    transform = SleepsAt(0, each_s)
+    try:
+        with held_at_fork(lambda: os.read(gate_read, 2)):
+            release.start()
+            loader = prefetch.Loader(
+                DATA, np.arange(N), batch_size=4, shuffle=False, workers=1, timeout=timeout_s, transform=transform
+            )
+            exc, waited = first_next(loader)
+            loader.close()
+    finally:
+        release.join()
+        os.close(gate_read)
+        os.close(gate_write)
+    assert exc is None, repr(exc)
+    assert waited >= 2 * each_s > timeout_s
 
 
 @pytest.mark.parametrize(("retries", "deaths"), [(0, 1), (2, 2)])

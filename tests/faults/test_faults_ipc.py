@@ -20,7 +20,18 @@ import time
 import multiprocess
 import numpy as np
 import pytest
-from helpers import Fault, FaultyTransform, alive, all_gone, loader_processes, reap, run_script, segments_of, wait_until
+from helpers import (
+    Fault,
+    FaultyTransform,
+    ForksAHelperThenHangs,
+    alive,
+    all_gone,
+    loader_processes,
+    reap,
+    run_script,
+    segments_of,
+    wait_until,
+)
 
 import prefetch
 from prefetch.processes.channel import Outbox
@@ -423,3 +434,65 @@ def test_close_from_another_thread_wakes_a_blocked_next_with_loader_closed(tmp_p
     # close() returned: everything is already gone, no waiting
     assert not any(alive(pid) for pid in pids) and not segments_of(os.getpid())
     assert not multiprocess.active_children()
+
+
+# --- 5. a timeout meets a worker slow to die, or a batch just delivered ------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_slow_to_die_after_a_timeout_is_still_a_worker_timeout_naming_the_batch(tmp_path):
+    """The worker stuck in batch 2 is killed, but its death is seen late: a helper it forked keeps a copy of
+    its process sentinel (as a worker stuck in an NFS read, or freeing a large memory, is slow to die). The
+    coordinator answers the timeout when it kills, so the user gets ``WorkerTimeoutError`` for batch 2 on
+    time -- not the coordinator blamed and killed."""
+    helper_pid, release = tmp_path / "helper", tmp_path / "release"
+    transform = ForksAHelperThenHangs(9, str(helper_pid), str(release))  # sample 9 is in batch 2
+    loader = prefetch.Loader(
+        np.zeros((64, 1), np.float32),
+        np.arange(64),
+        batch_size=4,
+        shuffle=False,
+        workers=2,
+        timeout=TIMEOUT_S,
+        transform=transform,
+    )
+    helper = None
+    try:
+        exc, waited = first_error(iter(loader))
+        helper = int(helper_pid.read_text())
+        assert alive(helper)  # it still holds the killed worker's sentinel
+        closing = time.monotonic()
+        loader.close()
+        closed = time.monotonic() - closing
+    finally:
+        release.touch()
+        if helper is not None:
+            wait_until(lambda: not alive(helper), timeout_s=10)
+        loader.close()
+    assert isinstance(exc, prefetch.WorkerTimeoutError), repr(exc)
+    assert exc.batch == 2 and 9 in exc.indices and f"timeout={TIMEOUT_S}" in str(exc)
+    assert waited < TIMEOUT_S + 1.0, waited
+    assert closed < DETECTED_S, closed  # the dead worker is reaped without waiting for its sentinel for long
+
+
+@pytest.mark.timeout(60)
+def test_a_timeout_racing_a_delivered_batch_blames_nobody_and_the_stream_goes_on(tmp_path):
+    """The consumer's deadline for batch 1 fires just as batch 1 arrives (its worker has delivered it and
+    is making batch 2): the late-batch call is made by hand at that moment. The worker is killed for batch 1,
+    so batch 2 is redone without counting against it: with retries=0 the stream is complete and the same."""
+    marker = tmp_path / "in-batch-2"
+    options = dict(batch_size=4, shuffle=False, epochs=1, retries=0)
+    data, index = np.arange(64, dtype=np.float32).reshape(64, 1), np.arange(64)
+    with prefetch.Loader(data, index, workers=0, transform=FaultyTransform(None), **options) as loader:
+        expected = [batch[0].tolist() for batch in loader]
+    transform = FaultyTransform(Fault(9, "hang", str(marker)))  # sample 9 (batch 2) hangs, once
+    with prefetch.Loader(data, index, workers=1, prefetch=3, transform=transform, **options) as loader:
+        iterator = iter(loader)
+        got = [next(iterator)[0].tolist()]
+        wait_until(marker.exists, timeout_s=20)  # the worker made batch 1 and is stuck in batch 2
+        engine = loader.engine
+        assert engine is not None
+        engine.executor.late(1)  # what the consumer's clock does at batch 1's deadline
+        got += [batch[0].tolist() for batch in iterator]
+        assert loader.stats().restarts == 1
+    assert got == expected

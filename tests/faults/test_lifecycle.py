@@ -16,9 +16,21 @@ import time
 
 import numpy as np
 import pytest
-from helpers import alive, all_gone, loader_processes, reap, run_script, segments_of, wait_until
+from helpers import (
+    FailsToUnpickle,
+    Fault,
+    FaultyTransform,
+    alive,
+    all_gone,
+    loader_processes,
+    reap,
+    run_script,
+    segments_of,
+    wait_until,
+)
 
 import prefetch
+from prefetch.lifetime import pidfd_of, same_process_alive, start_ticks
 
 DATA = np.arange(400 * 8, dtype=np.float32).reshape(400, 8)
 # "within a couple of seconds": the coordinator polls its parent every 0.25 s and gives its
@@ -300,3 +312,170 @@ def test_ctrl_c_while_the_coordinator_starts_prints_no_traceback_from_it(tmp_pat
     wait_until(lambda: not segments_of(process.pid), GONE_WITHIN_S)
     assert err.rstrip().endswith("KeyboardInterrupt"), err
     assert err.count("Traceback (most recent call last)") == 1, err  # the consumer's only
+
+
+# --- what a closed loader still holds in this process -----------------------------------------------------
+
+
+def held_here() -> tuple[set[str], int, int]:
+    """This process's open descriptors (number -> target), threads and mappings of prefetch segments."""
+    descriptors = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            descriptors.add(f"{fd} -> {os.readlink(f'/proc/self/fd/{fd}')}")
+        except OSError:  # the one listdir used
+            pass
+    with open("/proc/self/maps") as maps:
+        mapped = sum(1 for line in maps if "/prefetch-" in line)
+    return descriptors, len(os.listdir("/proc/self/task")), mapped
+
+
+@pytest.mark.timeout(120)
+def test_closed_loaders_that_are_still_referenced_hold_no_descriptor_thread_or_mapping(start_method):
+    def use(loader: prefetch.Loader) -> None:
+        for number, _ in enumerate(loader):
+            if number == 2:
+                break
+
+    use(prefetch.Loader(DATA, batch_size=8, workers=1, start_method=start_method))  # imports, forkserver, ...
+    before_fds, before_threads, _ = held_here()
+    loaders = []
+    for _ in range(20):
+        loader = prefetch.Loader(DATA, batch_size=8, workers=2, start_method=start_method)
+        use(loader)
+        loader.close()
+        loaders.append(loader)  # still referenced: nothing may wait for the garbage collector
+    after_fds, after_threads, mapped = held_here()
+    assert after_fds - before_fds == set(), sorted(after_fds - before_fds)
+    assert (after_threads, mapped) == (before_threads, 0)
+    assert all("closed" in repr(loader) for loader in loaders)
+
+
+def test_a_coordinator_that_cannot_be_started_leaves_no_descriptor(monkeypatch):
+    """fork() fails with EAGAIN when the process limit is reached: the error is the user's to see, and
+    the pipes made for the coordinator are closed again."""
+    import errno
+
+    import multiprocess.process
+
+    def no_more_processes(self):
+        raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    use = prefetch.Loader(DATA, batch_size=8, workers=1)
+    next(iter(use))  # imports and the like, before counting
+    use.close()
+    before, _, _ = held_here()
+    monkeypatch.setattr(multiprocess.process.BaseProcess, "start", no_more_processes)
+    loader = prefetch.Loader(DATA, batch_size=8, workers=2)
+    with pytest.raises(OSError, match="temporarily unavailable") as info:
+        next(iter(loader))
+    loader.close()
+    after, _, _ = held_here()  # the error is still referenced (its frames too): no collector helps
+    assert after - before == set(), sorted(after - before)
+    assert not segments_of(os.getpid()) and info.value.errno == errno.EAGAIN
+
+
+@pytest.mark.start_methods("spawn")
+def test_a_coordinator_that_fails_while_starting_leaves_no_descriptor(start_method):
+    """The coordinator dies unpickling its source: ``CoordinatorDiedError``, and nothing of it is left here."""
+    use = prefetch.Loader(DATA, batch_size=8, workers=1, start_method=start_method)
+    next(iter(use))
+    use.close()
+    before, _, _ = held_here()
+    loader = prefetch.Loader(FailsToUnpickle(), batch_size=8, workers=2, start_method=start_method)
+    with pytest.raises(prefetch.CoordinatorDiedError, match="cannot be unpickled here") as info:
+        next(iter(loader))
+    loader.close()
+    after, _, _ = held_here()
+    assert after - before == set(), sorted(after - before)
+    assert "__setstate__" in str(info.value)  # the traceback says where it failed
+
+
+# --- how the workers end --------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_after_a_complete_run_every_worker_stops_on_its_own(start_method):
+    loader = prefetch.Loader(DATA, batch_size=8, workers=2, epochs=1, start_method=start_method)
+    engine = None
+    for _ in loader:
+        engine = engine or loader.engine
+    assert engine is not None and not loader_processes()
+    executor = engine.executor
+    assert len(executor.worker_exits) == 2 and set(executor.worker_exits.values()) == {0}, executor.worker_exits
+    assert executor.coordinator.exitcode == 0
+    loader.close()
+
+
+@pytest.mark.timeout(60)
+def test_an_early_close_kills_only_the_worker_stuck_in_a_transform_and_is_prompt(tmp_path):
+    """Batches 0-6 are taken; batch 7, the last, hangs in its transform. The other worker has nothing left
+    to make: it is idle, and stops when told. Only the stuck one is killed."""
+    marker = tmp_path / "stuck"
+    transform = FaultyTransform(Fault(60, "hang", str(marker)))  # sample 60 is in batch 7
+    loader = prefetch.Loader(
+        DATA[:64], np.arange(64), batch_size=8, shuffle=False, epochs=1, workers=2, prefetch=8, transform=transform
+    )
+    iterator = iter(loader)
+    for _ in range(7):
+        next(iterator)
+    engine = loader.engine
+    assert engine is not None
+    wait_until(marker.exists, timeout_s=20)
+    workers = engine.worker_pids()
+    closing = time.monotonic()
+    loader.close()
+    assert time.monotonic() - closing < 1.5  # no waiting for the stuck worker
+    exits = engine.executor.worker_exits
+    assert sorted(exits.values()) == [-signal.SIGKILL, 0], exits
+    assert set(exits) == set(workers)
+    assert engine.executor.coordinator.exitcode == 0
+
+
+# --- a process is known by more than its pid ----------------------------------------------------------------
+
+
+def test_a_pid_names_a_process_only_together_with_its_start_time():
+    """A pid is handed out again once its process is reaped: the start time tells the processes apart."""
+    me, ticks = os.getpid(), start_ticks(os.getpid())
+    assert ticks is not None and same_process_alive(me, ticks)
+    assert not same_process_alive(me, ticks + 1)  # this pid, but another process: "ours" is gone
+    fd = pidfd_of(me, ticks)
+    assert fd is not None
+    os.close(fd)
+    assert pidfd_of(me, ticks + 1) is None
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child
+        os._exit(0)
+    child_ticks = start_ticks(child)
+    os.waitpid(child, 0)  # reaped: its pid is free for the next process
+    assert start_ticks(child) != child_ticks and pidfd_of(child, child_ticks) is None
+
+
+def test_a_coordinator_whose_consumer_is_another_process_by_now_stops_at_once():
+    """The coordinator is given the consumer's pid and start time; a process with that pid and another
+    start time (the consumer died and its pid was reused) is not the consumer: nothing is started."""
+    import multiprocess
+
+    from prefetch.processes.coordinator import Coordinator
+    from prefetch.processes.worker import worker_main
+
+    config = prefetch.Loader(DATA, batch_size=8, workers=2).config
+    control_in, control = multiprocess.Pipe(duplex=False)
+    results, results_out = multiprocess.Pipe(duplex=False)
+    me, ticks = os.getpid(), start_ticks(os.getpid())
+    assert ticks is not None
+    try:
+        for consumer, gone in [((me, ticks + 1), True), ((me, ticks), False)]:
+            coordinator = Coordinator(control_in, results_out, config, "prefetch-none-", 0, consumer, worker_main)
+            assert coordinator.consumer_gone is gone and (coordinator.consumer_exit is None) is gone
+            if gone:
+                coordinator.run()  # returns at once: no worker started for a consumer that is gone
+                assert not coordinator.workers
+            coordinator.selector.close()
+            coordinator.outbox.close()
+            if coordinator.consumer_exit is not None:
+                os.close(coordinator.consumer_exit)
+    finally:
+        for conn in (control_in, control, results, results_out):
+            conn.close()

@@ -9,6 +9,7 @@ given a pid that does not exist here, so a pid-based sweep would take it for dea
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -208,3 +209,65 @@ def test_a_forked_child_dropping_its_copy_of_the_lock_leaves_the_owners_segments
     finally:
         lock.release()
     assert not any(name.startswith(lock.prefix) for name in os.listdir(SHM_DIR))
+
+
+# --- a data set copy that /dev/shm cannot hold ----------------------------------------------------------
+
+COPY_SCENARIO = """
+import json, os, sys, time
+import numpy as np
+import prefetch
+from prefetch.processes.segments import SHM_DIR
+from prefetch.processes.sources import share_sources
+
+def scale(x):
+    return x * 2
+
+if __name__ == "__main__":
+    data = np.zeros((20 * 1024, 1024), dtype=np.float32)  # 80 MiB, in a 64 MiB /dev/shm
+    report = {}
+    for name, options in [("plain", {}), ("transform", {"transform": scale})]:
+        loader = prefetch.Loader(data, batch_size=8, workers=1, start_method="spawn", **options)
+        started = time.monotonic()
+        try:
+            next(iter(loader))
+            report[name] = {"error": None}
+        except Exception as exc:
+            report[name] = {"type": type(exc).__name__, "oserror": isinstance(exc, OSError), "text": str(exc)}
+        report[name]["seconds"] = time.monotonic() - started
+        loader.close()
+        report[name]["left"] = sorted(os.listdir(SHM_DIR))
+    try:  # the copy itself, past the pre-flight check (/dev/shm filled in between, say)
+        share_sources((data,), "prefetch-0-test-")
+        report["copy"] = {"error": None}
+    except Exception as exc:
+        report["copy"] = {"type": type(exc).__name__, "text": str(exc), "errno": getattr(exc, "errno", None)}
+    report["copy"]["left"] = sorted(os.listdir(SHM_DIR))
+    print(json.dumps(report))
+"""
+
+
+@needs_unshare
+@pytest.mark.timeout(60)
+def test_a_data_set_copy_that_does_not_fit_names_the_copy_its_size_and_the_fixes(tmp_path):
+    script = tmp_path / "copy_scenario.py"
+    script.write_text(COPY_SCENARIO)
+    package = os.path.dirname(os.path.dirname(prefetch.__file__))
+    env = {**os.environ, "PYTHONPATH": package}
+    private_shm = 'mount -t tmpfs -o size=64m tmpfs /dev/shm && exec "$0" "$@"'
+    command = ["unshare", "--mount", "--propagation", "private", "sh", "-c", private_shm, sys.executable, str(script)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=50, env=env, cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    for case in ("plain", "transform"):  # a transform cannot change the size of the copy: an error either way
+        seen = report[case]
+        assert seen.get("type") == "ShmSpaceError" and seen["oserror"], seen
+        text = seen["text"]
+        assert "copy of the data set" in text and "'spawn'" in text and "source 0: 80.0 MiB" in text, text
+        assert "np.memmap" in text and "--shm-size" in text and 'start_method="fork"' in text, text
+        assert seen["seconds"] < 1.0 and seen["left"] == [], seen  # before any process or segment
+    copy = report["copy"]
+    assert copy["type"] == "ShmSpaceError" and copy["errno"] == errno.ENOSPC, copy
+    assert "cannot reserve 80.0 MiB" in copy["text"] and "copy of the data set" in copy["text"], copy
+    assert "source 0" in copy["text"] and "np.memmap" in copy["text"] and "--shm-size" in copy["text"], copy
+    assert copy["left"] == [], copy
