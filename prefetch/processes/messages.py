@@ -54,11 +54,14 @@ class Task(NamedTuple):
 class SlotArrays(NamedTuple):
     """A batch that is nothing but arrays stacked in its slot -- one array, a tuple or a dict
     of them, the usual case -- described without pickle, which costs more than the rest of
-    a small batch's trip. ``arrays`` gives each array's ``(offset, dtype.str, shape)``."""
+    a small batch's trip. ``arrays`` gives each array's ``(offset, dtype.str, shape)``;
+    ``tensors`` lists ``(position, torch dtype name)`` for the leaves that are ``torch.Tensor``s
+    viewing their array (``tensors.from_array``)."""
 
     container: str  # "array", "tuple" or "dict"
     keys: tuple[str, ...]  # the dict's keys, in order; () otherwise
     arrays: tuple[tuple[int, str, tuple[int, ...]], ...]
+    tensors: tuple[tuple[int, str], ...] = ()
 
 
 class SlotLayout(NamedTuple):
