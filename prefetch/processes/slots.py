@@ -38,9 +38,12 @@ from .segments import PAGE_BYTES, align, buffer_address, create_segment, open_se
 
 # Arrays in a slot start at multiples of this, so SIMD loads and stores stay aligned.
 ALIGN_BYTES = 64
-# A pickled batch payload larger than this goes into the slot too, so that the
-# message pipes only ever carry small messages.
-INLINE_PAYLOAD_MAX_BYTES = 16 * 1024
+# A pickled batch payload larger than this goes into the slot too, so that its message stays
+# within one atomic pipe write (PIPE_BUF, 4096 bytes on Linux) and is never spilled to a file of
+# its own (``channel.atomic_body``): a BatchReady is about 250 bytes besides the payload, which
+# leaves room for a layout listing ~100 out-of-band buffers. Below it, the payload rides in the
+# message (no slot needed); above it, one copy into the slot, whose segment is reused.
+INLINE_PAYLOAD_MAX_BYTES = 2 * 1024
 
 
 # --- the writer's side (a worker, or background's producer) --------------------------------
