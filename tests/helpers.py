@@ -251,8 +251,8 @@ def fingerprint(batch):
     byte-identical."""
     if isinstance(batch, np.ndarray):
         return ("ndarray", batch.dtype.str, batch.shape, batch.tobytes())
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(batch, torch.Tensor):
+    torch = sys.modules.get("torch")  # (or a stand-in without tensors: FakeTorch)
+    if isinstance(getattr(torch, "Tensor", None), type) and isinstance(batch, torch.Tensor):
         raw = batch.detach().contiguous().reshape(-1).view(torch.uint8) if batch.element_size() else batch
         return (type(batch).__name__, str(batch.dtype), tuple(batch.shape), bytes(raw.numpy()))
     if isinstance(batch, dict):

@@ -19,7 +19,7 @@ def digest(batch: Any) -> str:
 
     def feed(item: Any) -> None:
         torch = sys.modules.get("torch")
-        if torch is not None and isinstance(item, torch.Tensor):
+        if isinstance(getattr(torch, "Tensor", None), type) and isinstance(item, torch.Tensor):
             h.update(f"{type(item).__name__}{item.dtype}{tuple(item.shape)}".encode())
             h.update(bytes(item.detach().contiguous().reshape(-1).view(torch.uint8).numpy()))
         elif isinstance(item, np.ndarray):
