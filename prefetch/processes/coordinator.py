@@ -154,8 +154,12 @@ class Coordinator:
                     pid=pid,
                     exitcode=exitcode,
                 )
-        self._post(messages.WorkerLost(pid, exitcode, outstanding))
         self._start_worker()
+        self._post(messages.WorkerLost(pid, exitcode, outstanding, self._worker_pids()))
+
+    def _worker_pids(self) -> tuple[int, ...]:
+        """The workers' pids, for the consumer's ``stats()`` (which then never looks for them in /proc)."""
+        return tuple(worker.process.pid for worker in self.workers)
 
     def _on_lost(self, message: messages.Lost) -> None:
         """The consumer says which of a lost worker's batches never came: they are redone, or failed."""
@@ -295,7 +299,7 @@ class Coordinator:
     def _serve(self) -> None:
         for _ in range(self.config.workers):
             self._start_worker()
-        self._post(messages.CoordinatorReady(os.getpid()))
+        self._post(messages.CoordinatorReady(os.getpid(), self._worker_pids()))
         next_parent_check = time.monotonic() + PARENT_CHECK_INTERVAL_S
         while True:
             self._dispatch()

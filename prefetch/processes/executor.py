@@ -76,6 +76,7 @@ class ProcessExecutor:
         self.acts_seen = 0  # ``coordinator_acts`` when ``answer_by`` was last set
         self.late_batch = -1
         self.restarts = 0  # workers lost and replaced
+        self.worker_pids: tuple[int, ...] = ()  # as the coordinator last said (CoordinatorReady, WorkerLost)
 
     # --- starting -----------------------------------------------------------------------
 
@@ -236,8 +237,10 @@ class ProcessExecutor:
             self.restarts += 1
             missing = tuple((b, s) for b, s in message.tasks if b >= self.position and b not in self.delivered)
             self._tell(Lost(message.pid, message.exitcode, missing))
+            self.worker_pids = message.workers
         elif isinstance(message, CoordinatorReady):
             self.coordinator_ready = True
+            self.worker_pids = message.workers
         elif isinstance(message, CoordinatorFailed):
             raise CoordinatorDiedError("the coordinator process failed:\n" + message.traceback)
         return None
@@ -306,7 +309,9 @@ class ProcessExecutor:
             return []
 
     def workers(self) -> list[WorkerInfo]:
-        return [WorkerInfo(process.pid) for process in self._worker_processes()]
+        """The workers as the coordinator last listed them: no scan of /proc, so ``stats()`` costs the same
+        however many processes the machine runs."""
+        return [WorkerInfo(pid) for pid in self.worker_pids]
 
     def helper_pid(self) -> int | None:
         return self.process.pid

@@ -114,7 +114,8 @@ class BatchAbandoned(NamedTuple):
 
 
 class WorkerLost(NamedTuple):
-    """Coordinator -> consumer: worker ``pid`` died with ``tasks`` (batch, slot) outstanding.
+    """Coordinator -> consumer: worker ``pid`` died with ``tasks`` (batch, slot) outstanding;
+    ``workers`` are the worker pids now, its replacement included.
 
     The consumer answers ``Lost`` with those it never received.
     """
@@ -122,12 +123,14 @@ class WorkerLost(NamedTuple):
     pid: int
     exitcode: int | None
     tasks: tuple[tuple[int, int], ...]
+    workers: tuple[int, ...] = ()
 
 
 class CoordinatorReady(NamedTuple):
-    """Coordinator -> consumer: its workers are started (``timeout`` clocks start from here)."""
+    """Coordinator -> consumer: its workers, pids ``workers``, are started (``timeout`` clocks start from here)."""
 
     pid: int
+    workers: tuple[int, ...] = ()
 
 
 class CoordinatorFailed(NamedTuple):
