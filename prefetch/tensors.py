@@ -54,6 +54,8 @@ _array_dtypes: dict[Any, np.dtype | None] = {}  # torch dtype -> array dtype, fi
 def tensor_type() -> type | None:
     """``torch.Tensor`` if torch is imported (None otherwise, or for a stand-in module without it)."""
     torch = sys.modules.get("torch")
+    if torch is None:
+        return None
     tensor = getattr(torch, "Tensor", None)
     return tensor if isinstance(tensor, type) else None
 

@@ -110,7 +110,7 @@ class BatchSpace:
 
     def _array_under(self, tensor: Any) -> tuple[np.ndarray, str] | None:
         """The array ``alloc`` placed that ``tensor`` views whole (``tensors.from_array`` of it), if any,
-        and the tensor's dtype name."""
+        and the tensor's dtype name (None for anything but a plain tensor)."""
         viewed = as_array(tensor) if self.mapping is not None else None
         if viewed is None or self.mapping is None:
             return None
@@ -136,18 +136,16 @@ class BatchSpace:
         else:
             container, leaves = "array", (batch,)
         arrays, tensors = [], []
-        tensor = tensor_type()
         for position, leaf in enumerate(leaves):
-            if tensor is not None and type(leaf) is tensor:
+            where = self._where(leaf)
+            if where is None:  # not an array alloc placed: perhaps a tensor viewing one
                 under = self._array_under(leaf)
                 if under is None:
                     return None
                 where = self._where(under[0])
+                if where is None:
+                    return None
                 tensors.append((position, under[1]))
-            else:
-                where = self._where(leaf)
-            if where is None:
-                return None
             arrays.append(where)
         return SlotArrays(container, keys, tuple(arrays), tuple(tensors))
 
