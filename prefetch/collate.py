@@ -168,32 +168,41 @@ def _tensor_shape_of(sample: Any) -> str:
 
 def _stack_tensors(samples: Sequence[Any], alloc: Alloc, field: str) -> Any:
     """``torch.stack(samples)``, detached, in an array from ``alloc`` that the tensor returned views;
-    plain ``torch.stack`` for tensors an array cannot hold (``tensors``: quantized, on a GPU, ...)."""
+    plain ``torch.stack`` for tensors an array cannot hold (``tensors``: quantized, on a GPU, ...).
+    torch checks shapes and devices as it stacks; only a failure pays for ``_check_tensors``."""
     first = samples[0]
-    shape, dtype = first.shape, first.dtype
-    held_as = array_dtype(dtype)
-    array_ok = held_as is not None
-    for sample in samples:
-        if not is_tensor(sample) or sample.shape != shape:
-            raise ValueError(
-                f"cannot stack{field} into one tensor: the samples' shapes differ: "
-                f"{_groups(samples, _tensor_shape_of)} ({_WHERE}); make the transform return equal shapes, "
-                "or pass collate='list' or a collate function"
-            )
-        if sample.dtype != dtype:
-            raise ValueError(
-                f"cannot stack{field} into one tensor: the samples' dtypes differ: "
-                f"{_groups(samples, lambda s: str(s.dtype))} ({_WHERE}); make the transform return one dtype "
-                f"(e.g. x.to({dtype})), or pass collate='list' or a collate function"
-            )
-        array_ok = array_ok and in_memory(sample)
+    kinds = {(type(sample), getattr(sample, "dtype", None)) for sample in samples}
+    if len(kinds) > 1:
+        _check_tensors(samples, field)  # raises, unless plain tensors and subclasses are mixed
+    held_as = array_dtype(first.dtype) if len(kinds) == 1 and in_memory(first) else None
     torch = sys.modules["torch"]
     with torch.no_grad():  # samples that require grad are stacked as values
-        if not array_ok or held_as is None:
-            return torch.stack(list(samples))
-        stacked = from_array(alloc((len(samples), *shape), held_as), dtype_name(dtype))
-        torch.stack(list(samples), out=stacked)
-    return stacked
+        try:
+            if held_as is None:
+                return torch.stack(list(samples))
+            stacked = from_array(alloc((len(samples), *first.shape), held_as), dtype_name(first.dtype))
+            torch.stack(list(samples), out=stacked)
+            return stacked
+        except RuntimeError:
+            _check_tensors(samples, field)  # unequal shapes: say which
+            raise
+
+
+def _check_tensors(samples: Sequence[Any], field: str) -> None:
+    """Raise ``ValueError`` naming the positions if ``samples`` are not tensors of one shape and dtype."""
+    shape, dtype = samples[0].shape, samples[0].dtype
+    if not all(is_tensor(sample) and sample.shape == shape for sample in samples):
+        raise ValueError(
+            f"cannot stack{field} into one tensor: the samples' shapes differ: "
+            f"{_groups(samples, _tensor_shape_of)} ({_WHERE}); make the transform return equal shapes, "
+            "or pass collate='list' or a collate function"
+        )
+    if not all(sample.dtype == dtype for sample in samples):
+        raise ValueError(
+            f"cannot stack{field} into one tensor: the samples' dtypes differ: "
+            f"{_groups(samples, lambda s: str(s.dtype))} ({_WHERE}); make the transform return one dtype "
+            f"(e.g. x.to({dtype})), or pass collate='list' or a collate function"
+        )
 
 
 def _rebuild_mapping(example: Mapping[Any, Any], fields: dict[Any, Any]) -> Any:
