@@ -5,43 +5,37 @@ and every listing of a directory while ``stats()`` runs."""
 
 from __future__ import annotations
 
+import builtins
 import os
 import signal
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import prefetch
 
-# The audit hook below sees every open() and os.listdir()/os.scandir() of this process; it records
-# only while a list is installed here (a hook cannot be removed, so it stays and does nothing).
-_seen: list[tuple[str, str]] | None = None
 
+def proc_reads(monkeypatch, call) -> list[tuple[str, str]]:
+    """What ``call()`` opened (``open``) and listed (``os.listdir``, ``os.scandir``) under /proc: psutil
+    reads /proc through these."""
+    seen: list[tuple[str, str]] = []
 
-def _audit(event: str, args: tuple) -> None:
-    if _seen is None or event not in ("open", "os.listdir", "os.scandir"):
-        return
-    path = args[0] if args else None
-    if isinstance(path, bytes):
-        path = path.decode(errors="replace")
-    if isinstance(path, str) and path.startswith("/proc"):
-        _seen.append((event, path))
+    def watching(name: str, original):
+        def watched(path, *args, **kwargs):
+            text = os.fsdecode(path) if isinstance(path, (str, bytes, os.PathLike)) else ""
+            if text.startswith("/proc"):
+                seen.append((name, text))
+            return original(path, *args, **kwargs)
 
+        return watched
 
-sys.addaudithook(_audit)
-
-
-def proc_reads(call) -> list[tuple[str, str]]:
-    """What ``call()`` opened and listed under /proc."""
-    global _seen
-    _seen = []
-    try:
+    with monkeypatch.context() as patch:
+        patch.setattr(builtins, "open", watching("open", builtins.open))
+        patch.setattr(os, "listdir", watching("os.listdir", os.listdir))
+        patch.setattr(os, "scandir", watching("os.scandir", os.scandir))
         call()
-        return list(_seen)
-    finally:
-        _seen = None
+    return seen
 
 
 def pid_of(path: str) -> str:
@@ -49,7 +43,7 @@ def pid_of(path: str) -> str:
 
 
 @pytest.mark.timeout(60)
-def test_stats_reads_only_the_loaders_processes_however_many_run():
+def test_stats_reads_only_the_loaders_processes_however_many_run(monkeypatch):
     with prefetch.Loader(np.arange(200.0), batch_size=10, workers=2, seed=0) as loader:
         batches = loader.stream()
         next(batches)
@@ -59,10 +53,10 @@ def test_stats_reads_only_the_loaders_processes_however_many_run():
         own |= {str(pid) for pid in engine.worker_pids()}
         assert len(own) == 6  # the consumer, the coordinator and both workers are known
         loader.stats()  # the first call imports what it needs
-        quiet = proc_reads(loader.stats)
+        quiet = proc_reads(monkeypatch, loader.stats)
         sleepers = [subprocess.Popen(["sleep", "60"]) for _ in range(100)]
         try:
-            busy = proc_reads(loader.stats)
+            busy = proc_reads(monkeypatch, loader.stats)
             stats = loader.stats()
         finally:
             for sleeper in sleepers:
