@@ -104,14 +104,14 @@ class BatchSpace:
         entry = self._placed.get(id(leaf))
         if entry is None or entry[0] is not leaf or not leaf.flags.c_contiguous:
             return None
-        if leaf.dtype.kind == "V" or leaf.dtype.subdtype is not None:  # dtype.str would lose fields (or bfloat16)
+        if leaf.dtype.kind == "V" or leaf.dtype.subdtype is not None:  # dtype.str would lose fields, or JAX's bfloat16
             return None
         return entry[1], leaf.dtype.str, leaf.shape
 
     def _array_under(self, tensor: Any) -> tuple[np.ndarray, str] | None:
         """The array ``alloc`` placed that ``tensor`` views whole (``tensors.from_array`` of it), if any,
         and the tensor's dtype name (None for anything but a plain tensor)."""
-        viewed = as_array(tensor) if self.mapping is not None else None
+        viewed = as_array(tensor)
         if viewed is None or self.mapping is None:
             return None
         view, name = viewed
