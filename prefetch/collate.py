@@ -5,21 +5,27 @@ array per field, recursing into tuples, namedtuples and dicts (the container typ
 is kept); anything else (strings, None, lists, objects) becomes a list. The arrays
 of one field must agree in shape and dtype (a batch's dtype must not depend on
 which samples it drew); when they do not, the error lists which positions of the
-batch have which shape or dtype.
+batch have which shape or dtype. ``torch.Tensor`` samples are stacked the same way
+into one tensor, as ``torch.stack`` would (detached), in memory from ``alloc``
+(``tensors``); ``jax.Array`` samples become numpy arrays.
 ``collate_list`` gives the seed generator's lists: a list of samples, or a tuple
 of lists when samples are tuples such as ``(x, y)``.
 
 Both take an ``alloc(shape, dtype)`` function for the stacked arrays, so that a
 worker can stack straight into its shared-memory slot instead of copying later.
+What a batch made in the calling process may share with the sources is ``aliasing``'s.
 """
 
 from __future__ import annotations
 
 import numbers
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from .tensors import array_dtype, dtype_name, from_array, in_memory, is_jax_array, is_tensor
 
 Alloc = Callable[[tuple[int, ...], np.dtype], np.ndarray]
 
@@ -149,7 +155,54 @@ def collate_auto(samples: Sequence[Any], alloc: Alloc = private_alloc, field: st
                 raise ValueError(f"cannot collate{field}: a sample of the batch lacks key {key!r}") from exc
             out[key] = collate_auto(column, alloc, f"{field}[{key!r}]")
         return out if type(first) is dict else _rebuild_mapping(first, out)
+    if is_tensor(first):
+        return _stack_tensors(samples, alloc, field)
+    if is_jax_array(first):  # numpy arrays: what jax.device_put takes, and what a slot can hold
+        return _stack([np.asarray(s) if is_jax_array(s) else s for s in samples], alloc, field)
     return list(samples)
+
+
+def _tensor_shape_of(sample: Any) -> str:
+    return str(tuple(sample.shape)) if is_tensor(sample) else f"a {type(sample).__name__} (not a tensor)"
+
+
+def _stack_tensors(samples: Sequence[Any], alloc: Alloc, field: str) -> Any:
+    """``torch.stack(samples)``, detached, in an array from ``alloc`` that the tensor returned views;
+    plain ``torch.stack`` for tensors an array cannot hold (``tensors``: quantized, on a GPU, ...).
+    torch checks shapes and devices as it stacks; only a failure pays for ``_check_tensors``."""
+    first = samples[0]
+    kinds = {(type(sample), getattr(sample, "dtype", None)) for sample in samples}
+    if len(kinds) > 1:
+        _check_tensors(samples, field)  # raises, unless plain tensors and subclasses are mixed
+    held_as = array_dtype(first.dtype) if len(kinds) == 1 and in_memory(first) else None
+    torch = sys.modules["torch"]
+    with torch.no_grad():  # samples that require grad are stacked as values
+        try:
+            if held_as is None:
+                return torch.stack(list(samples))
+            stacked = from_array(alloc((len(samples), *first.shape), held_as), dtype_name(first.dtype))
+            torch.stack(list(samples), out=stacked)
+            return stacked
+        except RuntimeError:
+            _check_tensors(samples, field)  # unequal shapes: say which
+            raise
+
+
+def _check_tensors(samples: Sequence[Any], field: str) -> None:
+    """Raise ``ValueError`` naming the positions if ``samples`` are not tensors of one shape and dtype."""
+    shape, dtype = samples[0].shape, samples[0].dtype
+    if not all(is_tensor(sample) and sample.shape == shape for sample in samples):
+        raise ValueError(
+            f"cannot stack{field} into one tensor: the samples' shapes differ: "
+            f"{_groups(samples, _tensor_shape_of)} ({_WHERE}); make the transform return equal shapes, "
+            "or pass collate='list' or a collate function"
+        )
+    if not all(sample.dtype == dtype for sample in samples):
+        raise ValueError(
+            f"cannot stack{field} into one tensor: the samples' dtypes differ: "
+            f"{_groups(samples, lambda s: str(s.dtype))} ({_WHERE}); make the transform return one dtype "
+            f"(e.g. x.to({dtype})), or pass collate='list' or a collate function"
+        )
 
 
 def _rebuild_mapping(example: Mapping[Any, Any], fields: dict[Any, Any]) -> Any:
@@ -237,152 +290,3 @@ class StreamingStack:
 
 def _is_number(value: Any) -> bool:
     return _is_stackable(value) and not isinstance(value, np.ndarray)
-
-
-# --- batches made in the calling process must not share memory with the sources -----------------
-
-# Leaves that cannot alias anything mutable: skipped at once by ``SourceMemory``'s walks.
-_ATOMIC_TYPES = frozenset({int, float, complex, bool, str, bytes, type(None)})
-# A pathologically long ``base`` chain is cut here: what was seen is enough.
-_MAX_CHAIN = 16
-
-
-class SourceMemory:
-    """What a batch made in the calling process (``workers=0``) may share with the sources.
-
-    A worker's batch reaches the consumer through a slot, as a copy, so nothing the training
-    loop does to it (``x *= 2``, ``batch[0].append(...)``) can reach the sources. In the calling
-    process a batch can alias them: ``collate="list"`` keeps the samples themselves, a sample of a
-    numpy source is a view of it, a transform may return its input. ``BatchSafety.detach`` copies
-    exactly the parts of a batch that alias a source -- an array whose memory comes from a numpy
-    source or from an array a sample held, a list or dict a sample held -- and nothing else, so
-    ``workers=0`` gives the same stream as any number of workers whatever the loop does. Arrays
-    the pipeline allocated itself (``BatchSafety.alloc``: stacking, ``np.take``) are never copied.
-
-    Other objects the samples hold (instances of user classes) are passed as they are.
-    """
-
-    def __init__(self, sources: tuple[Any, ...]):
-        # the memory roots of plain numpy sources: every view of them leads to one of these
-        self.roots: dict[int, Any] = {}
-        for source in sources:
-            if isinstance(source, np.ndarray) and not source.dtype.hasobject:
-                _remember(self.roots, source)
-        # whether a sample may hold objects of a source itself (anything but a plain numpy array's view)
-        self.samples_may_alias = not all(
-            isinstance(source, np.ndarray) and not source.dtype.hasobject for source in sources
-        )
-
-    def for_batch(self) -> BatchSafety:
-        return BatchSafety(self)
-
-
-def _remember(owned: dict[int, Any], array: Any) -> None:
-    """Add ``array`` and the objects its memory comes from (its ``base``, and so on) to ``owned``."""
-    obj, steps = array, 0
-    while obj is not None and id(obj) not in owned and steps < _MAX_CHAIN:
-        owned[id(obj)] = obj  # kept, so that the id cannot be reused while it is here
-        obj = getattr(obj, "base", None)
-        steps += 1
-
-
-class BatchSafety:
-    """One batch's part of ``SourceMemory``: ``alloc`` for the pipeline's own arrays, ``add`` for
-    the loaded samples (before any transform), ``detach`` for the finished batch."""
-
-    def __init__(self, memory: SourceMemory):
-        self.owned = dict(memory.roots)  # id -> object
-        self.samples_may_alias = memory.samples_may_alias
-        self.fresh: dict[int, np.ndarray] = {}
-        self.copies: dict[int, Any] = {}
-
-    def alloc(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        """``private_alloc``, remembering the array: it is the batch's own, never copied."""
-        array = np.empty(shape, dtype)
-        self.fresh[id(array)] = array
-        return array
-
-    def add(self, samples: Sequence[Any]) -> None:
-        """Remember the arrays, lists and dicts the loaded ``samples`` hold (if a source may share them)."""
-        if not self.samples_may_alias:
-            return
-        owned = self.owned
-        pending = list(samples)
-        while pending:
-            value = pending.pop()
-            kind = type(value)
-            if kind in _ATOMIC_TYPES:
-                continue
-            if kind is tuple:
-                pending.extend(value)
-            elif isinstance(value, np.ndarray):
-                _remember(owned, value)
-                if value.dtype.hasobject:
-                    pending.extend(value.flat)
-            elif isinstance(value, (list, dict)):
-                owned[id(value)] = value
-                pending.extend(value.values() if isinstance(value, dict) else value)
-            elif isinstance(value, tuple):
-                pending.extend(value)
-
-    def _aliases(self, array: np.ndarray) -> bool:
-        """Whether ``array``'s memory comes from a source (and not from the pipeline's own allocation)."""
-        obj: Any = array
-        steps = 0
-        while obj is not None and steps < _MAX_CHAIN:
-            key = id(obj)
-            if key in self.fresh:
-                return False
-            if key in self.owned:
-                return True
-            obj = getattr(obj, "base", None)
-            steps += 1
-        return False
-
-    def detach(self, value: Any) -> Any:
-        """``value`` with every part that aliases a source replaced by a copy."""
-        kind = type(value)
-        if kind in _ATOMIC_TYPES:
-            return value
-        if kind is np.ndarray and not value.dtype.hasobject and not self._aliases(value):
-            return value
-        key = id(value)
-        if key in self.copies:  # one object twice in a batch stays one object, as pickle keeps it
-            return self.copies[key]
-        result = value
-        if isinstance(value, np.ndarray):
-            owned = self._aliases(value)
-            if value.dtype.hasobject:  # its items may alias the sources too
-                items = [self.detach(item) for item in value.flat]
-                if owned or any(a is not b for a, b in zip(items, value.flat)):
-                    result = np.empty(value.shape, value.dtype)
-                    flat = result.reshape(-1)
-                    for position, item in enumerate(items):
-                        flat[position] = item
-            elif owned:
-                result = value.copy(order="K")
-        elif isinstance(value, list):
-            items = [self.detach(item) for item in value]
-            if id(value) in self.owned or any(a is not b for a, b in zip(items, value)):
-                result = _rebuilt(value, items)
-        elif isinstance(value, dict):
-            fields = {k: self.detach(v) for k, v in value.items()}
-            if id(value) in self.owned or any(fields[k] is not v for k, v in value.items()):
-                result = _rebuilt(value, fields)
-        elif isinstance(value, tuple):
-            items = [self.detach(item) for item in value]
-            if any(a is not b for a, b in zip(items, value)):
-                result = _rebuilt(value, items)
-        self.copies[key] = result
-        return result
-
-
-def _rebuilt(container: Any, items: Any) -> Any:
-    """A new container of ``container``'s type holding ``items`` (a plain one if the type resists)."""
-    kind = type(container)
-    try:
-        if isinstance(container, tuple) and hasattr(container, "_fields"):
-            return kind(*items)
-        return kind(items)
-    except Exception:
-        return tuple(items) if isinstance(container, tuple) else items

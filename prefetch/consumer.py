@@ -20,7 +20,7 @@ from typing import Any
 
 from ._lifecycle import WakePipe, live_engines
 from ._tuning import ThreadTuner
-from .collate import SourceMemory
+from .aliasing import SourceMemory
 from .core import rng
 from .core.config import LoaderConfig
 from .core.pipeline import BatchError, make_batch, uses_randomness

@@ -86,6 +86,28 @@ class Unpicklable(Exception):
         raise TypeError("not picklable")
 
 
+class MixedTensorSource:
+    """Samples that mix a tensor, an array, a number and text, in a dict and a tuple. Its tensor makes
+    a spawned coordinator import torch while it unpickles the source, before it forks the workers."""
+
+    def __init__(self, n: int):
+        import torch
+
+        self.images = torch.arange(n * 6, dtype=torch.float32).reshape(n, 2, 3)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        image = self.images[i]
+        return {
+            "pair": (image * 0.5, np.full(2, i, np.int16)),
+            "weight": i / 4,
+            "label": image[0, 0].long(),
+            "name": f"s{i}",
+        }
+
+
 class RandomCropSource:
     """A PyTorch-style dataset whose ``__getitem__`` itself draws random numbers."""
 
@@ -227,9 +249,14 @@ def faulty_pipeline(stage: str, data: np.ndarray, fault: Fault | None) -> tuple[
 
 
 def fingerprint(batch):
-    """The exact bytes of a batch, with every array's dtype and shape: equal only if byte-identical."""
+    """The exact bytes of a batch, with every array's (and tensor's) dtype and shape: equal only if
+    byte-identical."""
     if isinstance(batch, np.ndarray):
         return ("ndarray", batch.dtype.str, batch.shape, batch.tobytes())
+    torch = sys.modules.get("torch")  # (or a stand-in without tensors: FakeTorch)
+    if isinstance(getattr(torch, "Tensor", None), type) and isinstance(batch, torch.Tensor):
+        raw = batch.detach().contiguous().reshape(-1).view(torch.uint8) if batch.element_size() else batch
+        return (type(batch).__name__, str(batch.dtype), tuple(batch.shape), bytes(raw.numpy()))
     if isinstance(batch, dict):
         return {k: fingerprint(v) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):

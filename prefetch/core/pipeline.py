@@ -22,7 +22,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..collate import Alloc, SourceMemory, StreamingStack, collate_auto, collate_list, private_alloc
+from ..aliasing import SourceMemory
+from ..collate import Alloc, StreamingStack, collate_auto, collate_list, private_alloc
 from ..errors import Failure
 from .config import LoaderConfig
 

@@ -154,8 +154,12 @@ class Coordinator:
                     pid=pid,
                     exitcode=exitcode,
                 )
-        self._post(messages.WorkerLost(pid, exitcode, outstanding))
         self._start_worker()
+        self._post(messages.WorkerLost(pid, exitcode, outstanding, self._worker_pids()))
+
+    def _worker_pids(self) -> tuple[int, ...]:
+        """The workers' pids, for the consumer's ``stats()`` (which then never looks for them in /proc)."""
+        return tuple(worker.process.pid for worker in self.workers)
 
     def _outstanding(self, worker: _Worker) -> tuple[tuple[int, int], ...]:
         return tuple((t.batch, t.slot) for t in worker.tasks if t.batch >= self.schedule.position)
@@ -292,7 +296,7 @@ class Coordinator:
             return
         for _ in range(self.config.workers):
             self._start_worker()
-        self._post(messages.CoordinatorReady(os.getpid()))
+        self._post(messages.CoordinatorReady(os.getpid(), self._worker_pids()))
         polling = self.consumer_exit is None  # no pidfd: the consumer is polled instead
         next_parent_check = time.monotonic() + PARENT_CHECK_INTERVAL_S
         while True:

@@ -83,6 +83,7 @@ class ProcessExecutor:
         self.restarts = 0  # workers lost and replaced
         self.start_by: float | None = None  # with ``timeout``: when the coordinator must be ready
         self.worker_exits: dict[int, int | None] = {}  # after ``stop``: how each last worker ended
+        self.worker_pids: tuple[int, ...] = ()  # as the coordinator last said (CoordinatorReady, WorkerLost)
 
     # --- starting -----------------------------------------------------------------------
 
@@ -221,9 +222,11 @@ class ProcessExecutor:
             self.restarts += 1
             missing = tuple((b, s) for b, s in message.tasks if b >= self.position and b not in self.delivered)
             self._tell(Lost(message.pid, message.exitcode, missing))
+            self.worker_pids = message.workers
         elif isinstance(message, CoordinatorReady):
             self.coordinator_ready = True
             self.start_by = None
+            self.worker_pids = message.workers
         elif isinstance(message, CoordinatorFailed):
             raise CoordinatorDiedError("the coordinator process failed:\n" + message.traceback)
         return None
@@ -283,7 +286,9 @@ class ProcessExecutor:
     # --- figures and the end ------------------------------------------------------------
 
     def workers(self) -> list[WorkerInfo]:
-        return [WorkerInfo(pid) for pid in self.coordinator.worker_pids()]
+        """The workers as the coordinator last listed them: no scan of /proc, so ``stats()`` costs the same
+        however many processes the machine runs."""
+        return [WorkerInfo(pid) for pid in self.worker_pids]
 
     def helper_pid(self) -> int | None:
         return self.coordinator.pid

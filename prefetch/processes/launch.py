@@ -112,15 +112,6 @@ class CoordinatorProcess:
         except psutil.Error:
             return "ended"
 
-    def worker_pids(self) -> list[int]:
-        """Its workers' pids, while it runs (its children, found by its pid while that is its own)."""
-        if not self.alive():
-            return []
-        try:
-            return [child.pid for child in psutil.Process(self.pid).children()]
-        except psutil.Error:
-            return []
-
     def _workers_pidfds(self) -> list[int]:
         if not self.alive():
             return []

@@ -55,11 +55,14 @@ class Task(NamedTuple):
 class SlotArrays(NamedTuple):
     """A batch that is nothing but arrays stacked in its slot -- one array, a tuple or a dict
     of them, the usual case -- described without pickle, which costs more than the rest of
-    a small batch's trip. ``arrays`` gives each array's ``(offset, dtype.str, shape)``."""
+    a small batch's trip. ``arrays`` gives each array's ``(offset, dtype.str, shape)``;
+    ``tensors`` lists ``(position, torch dtype name)`` for the leaves that are ``torch.Tensor``s
+    viewing their array (``tensors.from_array``)."""
 
     container: str  # "array", "tuple" or "dict"
     keys: tuple[str, ...]  # the dict's keys, in order; () otherwise
     arrays: tuple[tuple[int, str, tuple[int, ...]], ...]
+    tensors: tuple[tuple[int, str], ...] = ()
 
 
 class SlotLayout(NamedTuple):
@@ -113,7 +116,8 @@ class BatchAbandoned(NamedTuple):
 
 
 class WorkerLost(NamedTuple):
-    """Coordinator -> consumer: worker ``pid`` died with ``tasks`` (batch, slot) outstanding.
+    """Coordinator -> consumer: worker ``pid`` died with ``tasks`` (batch, slot) outstanding;
+    ``workers`` are the worker pids now, its replacement included.
 
     The consumer answers ``Lost`` with those it never received.
     """
@@ -121,12 +125,14 @@ class WorkerLost(NamedTuple):
     pid: int
     exitcode: int | None
     tasks: tuple[tuple[int, int], ...]
+    workers: tuple[int, ...] = ()
 
 
 class CoordinatorReady(NamedTuple):
-    """Coordinator -> consumer: its workers are started (``timeout`` clocks start from here)."""
+    """Coordinator -> consumer: its workers, pids ``workers``, are started (``timeout`` clocks start from here)."""
 
     pid: int
+    workers: tuple[int, ...] = ()
 
 
 class CoordinatorFailed(NamedTuple):

@@ -15,7 +15,9 @@ the writer and the consumer both map. Ownership moves with the messages:
 
 How a batch sits in its slot travels as a ``messages.SlotLayout``: plain arrays are described
 directly (``SlotArrays``), anything else is pickled with protocol 5 and its array buffers are
-placed out of band in the slot.
+placed out of band in the slot. A plain ``torch.Tensor`` travels as the array that views it,
+either way, and is rebuilt with ``torch.from_numpy`` (``tensors``): the consumer's tensor views
+the slot, and holds the lease as an array would.
 """
 
 from __future__ import annotations
@@ -30,14 +32,18 @@ from typing import Any
 
 import numpy as np
 
+from ..tensors import as_array, from_array, tensor_type
 from .messages import SegmentRef, SlotArrays, SlotLayout
 from .segments import PAGE_BYTES, align, buffer_address, create_segment, open_segment, unlink_segment
 
 # Arrays in a slot start at multiples of this, so SIMD loads and stores stay aligned.
 ALIGN_BYTES = 64
-# A pickled batch payload larger than this goes into the slot too, so that the
-# message pipes only ever carry small messages.
-INLINE_PAYLOAD_MAX_BYTES = 16 * 1024
+# A pickled batch payload larger than this goes into the slot too, so that its message stays
+# within one atomic pipe write (PIPE_BUF, 4096 bytes on Linux) and is never spilled to a file of
+# its own (``channel.atomic_body``): a BatchReady is about 250 bytes besides the payload, which
+# leaves room for a layout listing ~100 out-of-band buffers. Below it, the payload rides in the
+# message (no slot needed); above it, one copy into the slot, whose segment is reused.
+INLINE_PAYLOAD_MAX_BYTES = 2 * 1024
 
 
 # --- the writer's side (a worker, or background's producer) --------------------------------
@@ -68,6 +74,7 @@ class BatchSpace:
         self.mapping = mapping
         self.used = 0
         self._placed: dict[int, tuple[np.ndarray, int]] = {}  # id -> (array, offset)
+        self._by_address: dict[int, np.ndarray] | None = None  # the placed arrays by address, for tensors
 
     def reserve(self, nbytes: int) -> int | None:
         """Offset of ``nbytes`` fresh bytes in the slot, or None when they do not fit."""
@@ -97,13 +104,28 @@ class BatchSpace:
         entry = self._placed.get(id(leaf))
         if entry is None or entry[0] is not leaf or not leaf.flags.c_contiguous:
             return None
-        if leaf.dtype.names is not None or leaf.dtype.subdtype is not None:  # dtype.str would lose fields
+        if leaf.dtype.kind == "V" or leaf.dtype.subdtype is not None:  # dtype.str would lose fields, or JAX's bfloat16
             return None
         return entry[1], leaf.dtype.str, leaf.shape
 
+    def _array_under(self, tensor: Any) -> tuple[np.ndarray, str] | None:
+        """The array ``alloc`` placed that ``tensor`` views whole (``tensors.from_array`` of it), if any,
+        and the tensor's dtype name (None for anything but a plain tensor)."""
+        viewed = as_array(tensor)
+        if viewed is None or self.mapping is None:
+            return None
+        view, name = viewed
+        if self._by_address is None:
+            base = self.mapping.base
+            self._by_address = {base + offset: array for array, offset in self._placed.values()}
+        array = self._by_address.get(tensor.data_ptr())
+        if array is None or view.shape != array.shape or view.dtype != array.dtype or not view.flags.c_contiguous:
+            return None
+        return array, name
+
     def describe(self, batch: Any) -> SlotArrays | None:
         """``batch`` as ``SlotArrays`` if it is one array, a tuple or a str-keyed dict of arrays
-        that ``alloc`` placed in the slot (and nothing else); None otherwise."""
+        that ``alloc`` placed in the slot, or of tensors viewing them (and nothing else); None otherwise."""
         keys: tuple[str, ...] = ()
         if type(batch) is tuple:
             container, leaves = "tuple", batch
@@ -113,25 +135,36 @@ class BatchSpace:
                 return None
         else:
             container, leaves = "array", (batch,)
-        arrays = []
-        for leaf in leaves:
+        arrays, tensors = [], []
+        for position, leaf in enumerate(leaves):
             where = self._where(leaf)
-            if where is None:
-                return None
+            if where is None:  # not an array alloc placed: perhaps a tensor viewing one
+                under = self._array_under(leaf)
+                if under is None:
+                    return None
+                where = self._where(under[0])
+                if where is None:
+                    return None
+                tensors.append((position, under[1]))
             arrays.append(where)
-        return SlotArrays(container, keys, tuple(arrays))
+        return SlotArrays(container, keys, tuple(arrays), tuple(tensors))
 
 
 class _BatchPickler(pickle.Pickler):
     """Pickles a batch with its arrays out of band. Non-contiguous arrays are first made contiguous in the
     slot, and so are read-only ones (a view of a source shared read-only with spawned workers): pickle
-    would otherwise carry the read-only flag to the consumer, whose arrays must be writable."""
+    would otherwise carry the read-only flag to the consumer, whose arrays must be writable. A plain
+    tensor is pickled as its numpy view, so its bytes go out of band too."""
 
     def __init__(self, file: io.BytesIO, space: BatchSpace, buffers: list[pickle.PickleBuffer]):
         super().__init__(file, protocol=5, buffer_callback=buffers.append)
         self._space = space
+        self._tensor = tensor_type()
 
     def reducer_override(self, obj: Any) -> Any:
+        if self._tensor is not None and type(obj) is self._tensor:
+            viewed = as_array(obj)
+            return NotImplemented if viewed is None else (from_array, viewed)
         if (
             type(obj) is np.ndarray
             and not obj.dtype.hasobject
@@ -273,6 +306,8 @@ class SlotReader:
             leaves = [np.ndarray(shape, dtype, buffer=whole, offset=offset) for offset, dtype, shape in arrays.arrays]
             if not lease:
                 leaves = [leaf.copy() for leaf in leaves]
+            for position, name in arrays.tensors:
+                leaves[position] = from_array(leaves[position], name)
             if arrays.container == "tuple":
                 batch: Any = tuple(leaves)
             elif arrays.container == "dict":

@@ -33,6 +33,7 @@ from ..core.config import LoaderConfig
 from ..core.pipeline import BatchError, Timings, make_batch, uses_randomness
 from ..errors import Failure
 from ..lifetime import limit_threads, wake_on_time
+from . import portable
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,7 @@ class BatchMaker:
         if self.randomness:
             rng.seed_globals(self.config.seed, batch)
         try:
-            return make_batch(self.config, indices)
+            made, timings = make_batch(self.config, indices)
+            return portable(made), timings
         except BatchError as error:
             return Fail(error.failure, tuple(indices.tolist()))

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 import prefetch
+from prefetch.processes import channel
+from prefetch.processes.messages import BatchReady, Spilled
 
 
 @pytest.mark.timeout(60)
@@ -26,3 +28,33 @@ def test_every_dtype_reaches_the_consumer_unchanged_through_workers(dtype):
         return [{k: v.tolist() for k, v in b.items()} for b in batches]
 
     assert run(2) == run(0)
+
+
+TEXTS = [f"{i:04d}" + "x" * 196 for i in range(400)]  # 200 characters each
+
+
+@pytest.mark.parametrize("batch_size", [8, 40, 80], ids=["2 KiB", "8 KiB", "16 KiB"])
+def test_small_pickled_batches_travel_without_a_file_per_batch(monkeypatch, start_method, batch_size):
+    """A batch of a few KiB of pickle (a list of strings) is too large for one atomic pipe write: it goes
+    in the slot, whose segment is made once and reused, never in a spill file of its own."""
+    arrived: dict[str, int] = {"spilled": 0}
+    segments: set[str] = set()
+    unspill = channel._unspill
+
+    def counting(message):
+        if isinstance(message, Spilled):
+            arrived["spilled"] += 1
+        elif isinstance(message, BatchReady) and message.layout.segment is not None:
+            segments.add(message.layout.segment.name)
+        return unspill(message)
+
+    monkeypatch.setattr(channel, "_unspill", counting)  # the consumer's reader: every message passes here
+    options = {"batch_size": batch_size, "collate": "list", "epochs": 2, "seed": 4}
+    with prefetch.Loader(TEXTS, workers=0, **options) as loader:
+        expected = list(loader.stream())
+    with prefetch.Loader(TEXTS, workers=2, start_method=start_method, **options) as loader:
+        got = list(loader.stream())
+        slots = loader.config.max_slots
+    assert got == expected and len(got) == 2 * len(TEXTS) // batch_size
+    assert arrived["spilled"] == 0
+    assert len(segments) <= slots  # one per slot at most (none when the batch rides in its message)

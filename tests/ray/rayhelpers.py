@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import sys
 import time
 from typing import Any
 
@@ -17,7 +18,11 @@ def digest(batch: Any) -> str:
     h = hashlib.sha256()
 
     def feed(item: Any) -> None:
-        if isinstance(item, np.ndarray):
+        torch = sys.modules.get("torch")
+        if isinstance(getattr(torch, "Tensor", None), type) and isinstance(item, torch.Tensor):
+            h.update(f"{type(item).__name__}{item.dtype}{tuple(item.shape)}".encode())
+            h.update(bytes(item.detach().contiguous().reshape(-1).view(torch.uint8).numpy()))
+        elif isinstance(item, np.ndarray):
             h.update(f"{item.dtype}{item.shape}".encode())
             h.update(np.ascontiguousarray(item).tobytes())
         elif isinstance(item, (tuple, list)):

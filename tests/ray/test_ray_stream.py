@@ -54,3 +54,20 @@ def test_arrays_are_writable_by_default_and_views_without_copy(local_ray):
     assert copied[0].flags.writeable and copied[1].flags.writeable
     assert not views[0].flags.writeable
     np.testing.assert_array_equal(copied[0], views[0])
+
+
+@pytest.mark.parametrize("copy", [True, False])
+def test_tensor_batches_are_the_processes_executors_and_writable_by_default(local_ray, copy):
+    torch = pytest.importorskip("torch")
+    images = torch.from_numpy(DATA_X[:64].copy()).to(torch.bfloat16)
+    options = {"batch_size": 16, "epochs": 1, "seed": 1}
+    reference = processes_stream(images, torch.from_numpy(DATA_Y[:64].copy()), **options)
+    executor = prefetch.RayExecutor(copy=copy)
+    with prefetch.Loader(
+        images, torch.from_numpy(DATA_Y[:64].copy()), workers=2, executor=executor, **options
+    ) as loader:
+        got = list(loader)
+    assert all(type(x) is type(y) is torch.Tensor and x.dtype == torch.bfloat16 for x, y in got)
+    assert digests(got) == digests(reference)
+    if copy:
+        got[0][0].add_(1)  # a tensor over a copy of its array: the user's own
