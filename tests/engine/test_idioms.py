@@ -21,10 +21,11 @@ import gc
 import itertools
 import math
 import threading
+import time
 
 import numpy as np
 import pytest
-from helpers import alive, all_gone, wait_until
+from helpers import alive, all_gone, reap, run_script, wait_until
 
 import prefetch
 
@@ -267,3 +268,62 @@ def test_an_epoch_in_another_thread_starts_its_own_engine():
         thread.join()
         assert loader.engine is not parked  # the tuner works in the loop's thread: no adoption across threads
         assert [first, second] == expected
+
+
+def test_loader_of_finds_the_loader_behind_an_epoch_and_a_stream():
+    loader = make("wrap", None, workers=0)
+    epoch, stream = iter(loader), loader.stream()
+    assert prefetch.Loader.of(epoch) is loader and prefetch.Loader.of(stream) is loader
+    loader.close()
+
+
+PARKED_AT_EXIT_SCRIPT = """
+import sys
+
+import numpy as np
+
+import prefetch
+
+if __name__ == "__main__":
+    loader = prefetch.Loader(np.arange(40), batch_size=4, workers=2, start_method=sys.argv[1])
+    for epoch in range(2):
+        for batch in loader:
+            pass
+    engine = loader.engine  # kept for a third epoch that never comes; nobody closes the loader
+    print(" ".join(map(str, [engine.helper_pid(), *engine.worker_pids()])), flush=True)
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.start_methods("fork", "forkserver")
+def test_a_kept_engine_is_stopped_at_exit(tmp_path, start_method):
+    process = run_script(tmp_path, "parked.py", PARKED_AT_EXIT_SCRIPT, start_method)
+    pids: list[int] = []
+    try:
+        line = process.stdout.readline()  # type: ignore[union-attr]
+        assert line, process.communicate(timeout=30)[1]
+        pids = [int(pid) for pid in line.split()]
+        started = time.monotonic()
+        _, err = process.communicate(timeout=30)
+        assert time.monotonic() - started < 10, "the interpreter's exit waited for the kept engine"
+        assert process.returncode == 0 and "Traceback" not in err, err
+        wait_until(all_gone(pids, process.pid), timeout_s=5)
+    finally:
+        reap(process, pids, 30)
+
+
+@pytest.mark.timeout(60)
+def test_an_epoch_loop_keeps_the_thread_tuner_across_epochs(fake_torch):
+    """Epochs shorter than the tuner's measurement: with the engine kept between epochs the tuner measures
+    across them and decides (with an engine per epoch it would start over every epoch and never decide)."""
+    from prefetch._tuning import TUNE_ROUNDS, TUNE_WARMUP_BATCHES, TUNE_WINDOW_BATCHES
+
+    measured = TUNE_WARMUP_BATCHES + TUNE_ROUNDS * 2 * TUNE_WINDOW_BATCHES
+    with prefetch.Loader(np.arange(96.0), batch_size=4, seed=0, workers=2, train_threads="auto") as loader:
+        assert len(loader) < measured
+        for _epoch in range(math.ceil(measured / len(loader)) + 1):
+            for _batch in loader:
+                pass
+        decided = [line for line in loader.stats().decisions if line.startswith("training threads")]
+    assert decided, loader.stats().decisions
+    assert fake_torch.calls[:2] == [2, 1] and fake_torch.threads == 2  # switched, then given back at close
