@@ -41,7 +41,7 @@ from .profile import ProfileReport, profile
 from .ray_executor import RayExecutor  # imports no Ray: that happens when a loader starts on it
 from .stats import Stats
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ConcurrentIterationError",

@@ -38,9 +38,9 @@ STATE_FORMAT = 1
 # How long close() waits for another thread that is starting an engine for this loader.
 CLOSE_WAIT_S = 10.0
 
-# The generators ``iter(loader)`` and ``data_generator`` returned -> their loader, for ``Loader.of``. An
-# entry lives as long as its generator, and keeps the loader (which never refers to the generator) that
-# long: a running generator's frame holds it anyway, and a finished one's loader is closed and small.
+# The generators ``iter(loader)``, ``loader.stream()`` and ``data_generator`` returned -> their loader, for
+# ``Loader.of``. An entry lives as long as its generator, and keeps the loader (which never refers to the
+# generator) that long: a running generator's frame holds it anyway.
 _loader_of: weakref.WeakKeyDictionary[Generator[Any, None, None], Loader] = weakref.WeakKeyDictionary()
 
 
@@ -178,8 +178,8 @@ class Loader:
 
     @classmethod
     def of(cls, source: Any) -> Loader:
-        """The ``Loader`` behind ``source``: ``source`` itself if it is one, or the loader whose
-        ``iter(loader)`` or ``prefetch.data_generator`` made the generator ``source`` (even once it is
+        """The ``Loader`` behind ``source``: ``source`` itself if it is one, or the loader whose ``iter(loader)``,
+        ``loader.stream()`` or ``prefetch.data_generator`` made the generator ``source`` (even once it is
         exhausted or closed). For tools that get what the user passed to ``fit`` and want the figures
         (``prefetch.keras.StallMonitor``): ``Loader.of(gen).stats()``. Raises ``TypeError`` otherwise.
         """
@@ -191,7 +191,8 @@ class Loader:
             loader = None
         if loader is None:
             raise TypeError(
-                "expected a prefetch.Loader, or a generator that iter(loader) or prefetch.data_generator returned; "
+                "expected a prefetch.Loader, or a generator that iter(loader), loader.stream() or "
+                "prefetch.data_generator returned; "
                 f"got {type(source).__name__}"
             )
         return loader

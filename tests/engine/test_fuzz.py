@@ -340,10 +340,7 @@ def scenarios(draw, *, large: bool) -> Scenario:
     }
     if large:
         options["start_method"] = draw(st.sampled_from((None,) * 8 + ("spawn", "forkserver")))
-    total = _order(options, n).num_batches
-    count = draw(st.integers(0, min(total if total is not None else 12, 60) + 3))
-    steps = draw(st.lists(_steps, min_size=count, max_size=count))
-    limit = total if total is not None else sum(s.kind == "next" for s in steps) + 2
+    steps, limit = _draw_steps(draw, _order(options, n).num_batches)
     return Scenario(
         data=data,
         options=options,
@@ -356,6 +353,13 @@ def scenarios(draw, *, large: bool) -> Scenario:
         resume_unseeded=draw(st.booleans()),
         limit=limit,
     )
+
+
+def _draw_steps(draw, total: int | None) -> tuple[list[Step], int]:
+    """The consumer's steps, and how many batches the reference makes: all of a finite stream."""
+    count = draw(st.integers(0, min(total if total is not None else 12, 60) + 3))
+    steps = draw(st.lists(_steps, min_size=count, max_size=count))
+    return steps, total if total is not None else sum(s.kind == "next" for s in steps) + 2
 
 
 # Three in four steps take a batch. The others: save ``state_dict()``; ``rewind`` -- load the last
