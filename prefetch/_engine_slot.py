@@ -12,6 +12,7 @@ the end of the loader's last epoch, the loader's finalizer and the atexit hook
 from __future__ import annotations
 
 import threading
+import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ class EngineSlot:
     def __init__(self) -> None:
         self.engine: InlineEngine | Engine | None = None
         self.last: InlineEngine | Engine | None = None  # for stats() after it stopped
-        self.final: Stats | None = None  # the figures as the last iteration ended (see ``stop``, ``park``)
+        self.final: Stats | None = None  # the figures as the last engine stopped (see ``stop``)
         self.owner: object | None = None  # the generator that runs it; None while parked
         self.thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -59,20 +60,17 @@ class EngineSlot:
                 or self.thread is not threading.current_thread()
             ):
                 return False
-            self.owner, self.final = owner, None
+            self.owner = owner
+            engine.recorder.paused = None  # its clocks run again
             return True
 
     def park(self) -> None:
-        """The owner's epoch ended and more are to come: keep the engine running, owned by nobody, and
-        take its figures, which ``stats()`` gives until the next iteration adopts it."""
+        """The owner's epoch ended and more are to come: keep the engine running, owned by nobody, its
+        figures' clocks stopped (``stats()`` gives them as the epoch ended) until an iteration adopts it."""
         with self._lock:
             engine, self.owner = self.engine, None
-        if engine is not None:
-            self.final = final_stats(engine)
-
-    @property
-    def parked(self) -> bool:
-        return self.engine is not None and self.owner is None
+            if engine is not None:
+                engine.recorder.paused = (time.perf_counter(), time.process_time())
 
     def take(self) -> InlineEngine | Engine | None:
         """Remove the engine (to close it); None if there is none."""
@@ -86,11 +84,9 @@ class EngineSlot:
         """Stop the engine; with ``keep_stats``, first take its figures, so that ``stats()`` after the loop
         still has the workers' CPU and memory (their processes are gone after this) and an elapsed time
         that ends with the iteration, not whenever the user asks. True if there was one to stop."""
-        parked = self.parked
         engine = self.take()
         if engine is None:
             return False
-        if not parked:  # a parked engine's figures were taken as its iteration ended
-            self.final = final_stats(engine) if keep_stats else None
+        self.final = final_stats(engine) if keep_stats else None
         engine.close()
         return True

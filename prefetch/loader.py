@@ -350,8 +350,8 @@ class Loader:
     def stats(self) -> Stats:
         """Figures of the current (or last) iteration: throughput, data stall, worker use, memory."""
         running = self._running
-        if (running.engine is None or running.parked) and running.final is not None:
-            return running.final  # the iteration ended: its figures as it stopped (or parked)
+        if running.engine is None and running.final is not None:
+            return running.final  # the iteration ended: its figures as it stopped
         engine = running.engine or running.last
         if engine is None:
             return StatsRecorder().snapshot([], None)
