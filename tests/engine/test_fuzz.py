@@ -18,17 +18,21 @@ does. Hand-written tests pin a few combinations; this module lets hypothesis dra
 * **the consumer's behaviour**: a list of steps -- take a batch (keep it or not, write into its
   arrays in place or not), save ``state_dict()``, load a saved state into the running loader, drop
   the generator and iterate again, supersede it with a newer ``iter(loader)``, read ``stats()``,
-  ``close()`` mid-stream -- and how it ends (take the rest of the stream, ``close()``, or drop the
-  loader for the garbage collector).
+  ``close()`` mid-stream -- how it ends (take the rest of the stream, ``close()``, or drop the
+  loader for the garbage collector), and the loop idiom it iterates with: ``loader.stream()``, or the
+  epoch loop (``iter(loader)`` again after each epoch ends), PRODUCT.md 3.1b.
 
-The oracle is the in-process reference: the same loader with ``workers=0``, iterated once without
-interruption, each batch fingerprinted (dtype, shape and bytes of every array, structure, ``repr``
+The oracle is the in-process reference: the same loader with ``workers=0``, its ``stream()`` taken once
+without interruption, each batch fingerprinted (dtype, shape and bytes of every array, structure, ``repr``
 of other leaves) the moment it is yielded, so a later write cannot change the reference. Each
 example then checks: every batch taken equals the reference's at that position (an error raised
-by user code is the same type and text at the same batch); the stream ends exactly at
-``len(loader)``; ``loader.position`` counts the batches taken; held batches still hold what they
-held (after the user's own writes) at the end; every saved state, loaded into a fresh loader with
-another ``workers`` value, continues with the reference's next batches; a running loader has no
+by user code is the same type and text at the same batch); a finite stream ends exactly after
+``epochs * len(loader)`` batches, an epoch iteration exactly at its epoch's end (never before, never
+past it), and ``iter``/``stream()`` of a loader whose epochs are consumed raise ``LoaderExhaustedError``;
+an engine kept between epochs keeps its processes until something stops it; ``loader.position`` counts
+the batches taken; held batches still hold what they held (after the user's own writes) at the end;
+every saved state, loaded into a fresh loader with another ``workers`` value, continues with the
+reference's next batches in the scenario's idiom (mid-epoch or between epochs); a running loader has no
 more ``/dev/shm`` segments than its slot pool allows; a batch made by a worker never shares memory
 with the source; after ``close()``, the end of the stream or garbage collection the loader's
 processes and segments are gone; a closed loader raises ``LoaderClosedError``.
