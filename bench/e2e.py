@@ -258,7 +258,7 @@ def _jpeg_stream(system: str, workers: int, options: dict[str, Any]) -> tuple[An
         if workers >= 0:
             options = {"workers": workers, **options}
         loader = prefetch.Loader(paths, labels, batch_size=JPEG_BATCH, seed=0, transform=jpeg_augment, **options)
-        gen = iter(loader)
+        gen = loader.stream()
 
         def close() -> None:
             gen.close()

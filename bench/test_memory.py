@@ -156,7 +156,7 @@ def test_copy_on_read(results: Results, system: str) -> None:
         import prefetch
 
         with prefetch.Loader(items, batch_size=batch_size, workers=WORKERS, seed=0) as ploader:
-            batches = iter(ploader)  # endless: the workers are still there to be measured after the epoch
+            batches = ploader.stream()  # endless: the workers are still there to be measured after the epoch
             next(batches)
             start = _children_uss()
             for _ in range(ploader.steps_per_epoch):

@@ -529,7 +529,7 @@ def prefetch_stream(
     loader = prefetch.Loader(
         data_x, data_y, batch_size=batch_size, shuffle=True, seed=seed, workers=workers, transform=transform, **options
     )
-    batches = iter(loader)
+    batches = loader.stream()  # endless: every epoch, one generator
 
     def info() -> dict[str, Any]:
         stats = loader.stats()

@@ -38,15 +38,14 @@ def main() -> None:
         files = prefetch.Files(paths)  # default load for .npy: np.load, in the workers
         w, b = np.zeros(FEATURES, np.float32), 0.0
         with prefetch.Loader(files, labels, batch_size=BATCH, epochs=EPOCHS, seed=0, workers=2) as loader:
-            losses = []
-            for step, (x, y) in enumerate(loader):  # x: (BATCH, FEATURES) stacked from BATCH files
-                p = 1 / (1 + np.exp(-(x @ w + b)))
-                losses.append(float(-np.mean(y * np.log(p + 1e-7) + (1 - y) * np.log(1 - p + 1e-7))))
-                w -= 0.5 * x.T @ (p - y) / len(y)
-                b -= 0.5 * float(np.mean(p - y))
-                if (step + 1) % loader.steps_per_epoch == 0:
-                    epoch = (step + 1) // loader.steps_per_epoch
-                    print(f"epoch {epoch}: mean loss {np.mean(losses[-loader.steps_per_epoch :]):.4f}")
+            for epoch in range(1, EPOCHS + 1):  # each `for` over the loader is one epoch: len(loader) batches
+                losses = []
+                for x, y in loader:  # x: (BATCH, FEATURES) stacked from BATCH files
+                    p = 1 / (1 + np.exp(-(x @ w + b)))
+                    losses.append(float(-np.mean(y * np.log(p + 1e-7) + (1 - y) * np.log(1 - p + 1e-7))))
+                    w -= 0.5 * x.T @ (p - y) / len(y)
+                    b -= 0.5 * float(np.mean(p - y))
+                print(f"epoch {epoch}: mean loss {np.mean(losses):.4f}")
             stats = loader.stats()
         print(f"{stats.samples} samples read from disk at {stats.samples_per_s:.0f} samples/s")
 

@@ -23,19 +23,21 @@ def main() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(FEATURES, 64), torch.nn.ReLU(), torch.nn.Linear(64, CLASSES))
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
 
-    # one `for` over a loader with epochs=E; the last batch of each epoch is short, like DataLoader's default
+    # The DataLoader loop: each `for` over the loader is one epoch of len(loader) batches (its own shuffle);
+    # the last batch of each epoch is short, like DataLoader's default. The workers keep running between
+    # epochs, so the next epoch starts with batches ready.
     with prefetch.Loader(x, y, batch_size=BATCH, epochs=EPOCHS, seed=0, last_batch="short", workers=2) as loader:
-        epoch_loss = [0.0] * EPOCHS
-        for step, (xb, yb) in enumerate(loader):
-            inputs, targets = torch.from_numpy(xb), torch.from_numpy(yb)  # views of shared memory, no copy
-            loss = torch.nn.functional.cross_entropy(model(inputs), targets)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            epoch_loss[step // loader.steps_per_epoch] += loss.item() / loader.steps_per_epoch
+        for epoch in range(EPOCHS):
+            total = 0.0
+            for xb, yb in loader:
+                inputs, targets = torch.from_numpy(xb), torch.from_numpy(yb)  # views of shared memory, no copy
+                loss = torch.nn.functional.cross_entropy(model(inputs), targets)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                total += loss.item()
+            print(f"epoch {epoch}: mean loss {total / len(loader):.4f}")
         print(loader.stats())
-    for epoch, loss in enumerate(epoch_loss):
-        print(f"epoch {epoch}: mean loss {loss:.4f}")
     with torch.no_grad():
         accuracy = (model(torch.from_numpy(x)).argmax(dim=1).numpy() == y).mean()
     print(f"training accuracy {accuracy:.1%}")

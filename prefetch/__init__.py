@@ -24,6 +24,7 @@ from .errors import (
     ForkUnavailableError,
     IteratorSupersededError,
     LoaderClosedError,
+    LoaderExhaustedError,
     MainGuardError,
     OutsideBatchError,
     PrefetchError,
@@ -41,7 +42,7 @@ from .profile import ProfileReport, profile
 from .ray_executor import RayExecutor  # imports no Ray: that happens when a loader starts on it
 from .stats import Stats
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ConcurrentIterationError",
@@ -52,6 +53,7 @@ __all__ = [
     "IteratorSupersededError",
     "Loader",
     "LoaderClosedError",
+    "LoaderExhaustedError",
     "MainGuardError",
     "OutsideBatchError",
     "PrefetchError",

@@ -93,7 +93,7 @@ def pipeline(batches: int = 120, batch_size: int = 32) -> None:
     print(f"   plain generator:          {batches * batch_size / plain_s:8.0f} samples/s")
 
     with prefetch.Loader(images, labels, batch_size=batch_size, transform=augment, workers=workers) as loader:
-        batch_iter = iter(loader)
+        batch_iter = loader.stream()  # the batches may be more than an epoch
         next(batch_iter)
         started = time.perf_counter()
         for _ in range(batches):

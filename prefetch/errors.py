@@ -7,6 +7,8 @@ batch, the sample index and the worker. Everything the engine itself reports is 
 ``PrefetchError``:
 
 * ``LoaderClosedError`` -- the loader was used after ``close()``.
+* ``LoaderExhaustedError`` -- ``iter(loader)`` or ``loader.stream()`` of a finite loader whose
+  epochs are all consumed (also a ``RuntimeError``).
 * ``WorkerError`` -- a batch could not be made in a worker; carries ``batch``,
   ``indices`` and ``pid``.
 
@@ -53,6 +55,12 @@ class PrefetchError(Exception):
 
 class LoaderClosedError(PrefetchError, RuntimeError):
     """Raised when a closed loader is iterated or asked for its state."""
+
+
+class LoaderExhaustedError(PrefetchError, RuntimeError):
+    """Raised by ``iter(loader)`` (and ``loader.stream()``) when a loader made with ``epochs=E`` has
+    yielded all its epochs: a loop that asks for another epoch would otherwise get nothing, silently.
+    The message says how many epochs were consumed and what to do."""
 
 
 class ConcurrentIterationError(PrefetchError, RuntimeError):

@@ -4,8 +4,8 @@
 
     from prefetch.keras import StallMonitor
 
-    loader = prefetch.Loader(x_train, y_train, batch_size=32, transform=augment)
-    history = model.fit(iter(loader), steps_per_epoch=loader.steps_per_epoch, epochs=10, shuffle=False,
+    loader = prefetch.Loader(x_train, y_train, batch_size=32, epochs=10, transform=augment)
+    history = model.fit(loader.stream(), steps_per_epoch=len(loader), epochs=10, shuffle=False,
                         callbacks=[StallMonitor(loader)])
     history.history["data_stall"]          # per epoch: share of wall time spent waiting for data
 
@@ -82,7 +82,7 @@ def _stall_monitor_class() -> type:
         """Adds ``data_stall``, ``data_samples_per_s`` and ``data_cpu_busy`` to the logs at every epoch end.
 
         ``StallMonitor(loader)``: ``loader`` is the ``prefetch.Loader`` that feeds ``fit``
-        (or the generator ``prefetch.data_generator`` or ``iter(loader)`` returned).
+        (or the generator ``loader.stream()``, ``prefetch.data_generator`` or ``iter(loader)`` returned).
         ``data_stall`` is the fraction of the epoch's wall time spent waiting for data;
         ``data_cpu_busy`` the share of the usable cores the training process and the
         workers used. Warns (``prefetch.PrefetchWarning``) once per ``fit`` when the

@@ -23,9 +23,10 @@ from collections.abc import Generator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Unpack
 
+from ._engine_slot import EngineSlot
 from ._tuning import settle_training_threads
 from .core.config import GeneratorOptions, LoaderConfig, LoaderOptions
-from .errors import ConcurrentIterationError, IteratorSupersededError, LoaderClosedError
+from .errors import ConcurrentIterationError, IteratorSupersededError, LoaderClosedError, LoaderExhaustedError
 from .stats import Stats, StatsRecorder
 from .validation import make_config
 
@@ -38,56 +39,10 @@ STATE_FORMAT = 1
 # How long close() waits for another thread that is starting an engine for this loader.
 CLOSE_WAIT_S = 10.0
 
-# The generators ``iter(loader)`` and ``data_generator`` returned -> their loader, for ``Loader.of``. An
-# entry lives as long as its generator, and keeps the loader (which never refers to the generator) that
-# long: a running generator's frame holds it anyway, and a finished one's loader is closed and small.
+# The generators ``iter(loader)``, ``loader.stream()`` and ``data_generator`` returned -> their loader, for
+# ``Loader.of``. An entry lives as long as its generator, and keeps the loader (which never refers to the
+# generator) that long: a running generator's frame holds it anyway.
 _loader_of: weakref.WeakKeyDictionary[Generator[Any, None, None], Loader] = weakref.WeakKeyDictionary()
-
-
-def _final_stats(engine: InlineEngine | Engine) -> Stats | None:
-    """An engine's figures as it stops (a courtesy: never let them stop a shutdown)."""
-    try:
-        return engine.stats()
-    except Exception:
-        return None
-
-
-class _EngineSlot:
-    """The loader's running engine, in a holder its finalizer can reach without the loader.
-
-    Threads: ``install`` and ``take`` swap the engine under a lock, so exactly one caller
-    gets a running engine to close; ``Engine.close`` wakes and waits for a thread
-    blocked in it. ``thread`` is the thread that last took a batch through the owner.
-    """
-
-    def __init__(self) -> None:
-        self.engine: InlineEngine | Engine | None = None
-        self.last: InlineEngine | Engine | None = None  # for stats() after it stopped
-        self.final: Stats | None = None  # the last engine's figures as it stopped (see ``stop``)
-        self.owner: object | None = None  # the generator that started it
-        self.thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-
-    def install(self, engine: InlineEngine | Engine, owner: object) -> None:
-        with self._lock:
-            self.engine, self.owner, self.thread = engine, owner, threading.current_thread()
-
-    def take(self) -> InlineEngine | Engine | None:
-        """Remove the running engine (to close it); None if there is none."""
-        with self._lock:
-            engine, self.engine, self.owner = self.engine, None, None
-            if engine is not None:
-                self.last = engine
-            return engine
-
-    def stop(self, keep_stats: bool = False) -> None:
-        """Stop the engine; with ``keep_stats``, first take its figures, so that ``stats()`` after the loop
-        still has the workers' CPU and memory (their processes are gone after this) and an elapsed time
-        that ends with the iteration, not whenever the user asks."""
-        engine = self.take()
-        if engine is not None:
-            self.final = _final_stats(engine) if keep_stats else None
-            engine.close()
 
 
 class Loader:
@@ -95,15 +50,17 @@ class Loader:
 
     ``Loader(*sources, batch_size=32, ...)``: with one source a sample is
     ``source[i]``; with several it is ``(s1[i], s2[i], ...)`` and a batch is a tuple
-    of collated parts. ``iter(loader)`` is a generator that continues from the
-    loader's position; the batch sequence is fixed by ``seed`` whatever ``workers``,
-    ``prefetch`` or start method. See ``docs/api.md`` for every option.
+    of collated parts. ``iter(loader)`` is one epoch, continuing from the loader's
+    position (``len(loader)`` batches from an epoch boundary); ``loader.stream()`` is every
+    remaining epoch in one generator. The batch sequence is fixed by ``seed`` whatever
+    ``workers``, ``prefetch`` or start method. See ``docs/api.md`` for every option.
 
     Example::
 
-        with prefetch.Loader(images, labels, batch_size=64, epochs=1, transform=augment) as loader:
-            for x, y in loader:
-                train_step(x, y)
+        with prefetch.Loader(images, labels, batch_size=64, epochs=10, transform=augment) as loader:
+            for epoch in range(10):
+                for x, y in loader:
+                    train_step(x, y)
     """
 
     def __init__(self, *sources: Any, **options: Unpack[LoaderOptions]):
@@ -113,12 +70,12 @@ class Loader:
         check_picklable(self._config)  # spawn/forkserver: what the coordinator cannot receive fails here
         self._position = 0
         self._closed = False
-        self._running = _EngineSlot()
+        self._running = EngineSlot()
         self._newest_iterator: object | None = None
         # Held while a generator of this loader takes a batch: a second thread that tries
         # meanwhile gets ConcurrentIterationError instead of a share of the engine.
         self._turn = threading.Lock()
-        self._finalizer = weakref.finalize(self, _EngineSlot.stop, self._running)
+        self._finalizer = weakref.finalize(self, EngineSlot.stop, self._running)
 
     # --- what the loader is -------------------------------------------------------------
 
@@ -130,8 +87,8 @@ class Loader:
 
     @property
     def engine(self) -> Engine | InlineEngine | None:
-        """The running engine (None when no iteration runs): its ``stats()``, ``worker_pids()`` and
-        ``helper_pid()`` (the coordinator), for monitoring and for tests that inject faults."""
+        """The engine (None when stopped; kept between the epochs of an epoch loop): its ``stats()``,
+        ``worker_pids()`` and ``helper_pid()`` (the coordinator), for monitoring and fault injection."""
         return self._running.engine
 
     @property
@@ -153,7 +110,8 @@ class Loader:
 
     @property
     def steps_per_epoch(self) -> int:
-        """Batches per epoch of this rank's shard: ``ceil(shard / batch_size)`` (``drop``: ``floor``)."""
+        """Batches per epoch of this rank's shard: ``ceil(shard / batch_size)`` (``drop``: ``floor``);
+        ``len(loader)``, and what one ``for batch in loader`` yields from an epoch boundary."""
         return self._config.order.steps_per_epoch
 
     @property
@@ -162,10 +120,8 @@ class Loader:
         return self._position
 
     def __len__(self) -> int:
-        total = self._config.order.num_batches
-        if total is None:
-            raise TypeError("an endless Loader (epochs=None) has no len(); use steps_per_epoch, or pass epochs=N")
-        return total
+        """Batches per epoch (``steps_per_epoch``), endless loaders too, as ``DataLoader``'s ``len``."""
+        return self._config.order.steps_per_epoch
 
     def __repr__(self) -> str:
         c = self._config
@@ -181,27 +137,50 @@ class Loader:
         if self._closed:
             raise LoaderClosedError("this Loader is closed; create a new one (or resume one with load_state_dict)")
 
+    def _check_left(self) -> None:
+        """``LoaderExhaustedError`` when a finite loader has yielded all its epochs."""
+        order = self._config.order
+        if order.num_batches is not None and self._position >= order.num_batches:
+            raise LoaderExhaustedError(
+                f"this Loader has yielded all its epochs: {order.epochs} of {order.steps_per_epoch} batches each "
+                f"({order.num_batches} batches), so another iteration would yield nothing. Pass a larger epochs= "
+                "(or epochs=None for as many epochs as the loop asks for), make a new Loader, or load_state_dict() "
+                "a saved position"
+            )
+
     def __iter__(self) -> Generator[Any, None, None]:
+        """One epoch: the batches from the loader's position to the end of its epoch (a whole epoch from an
+        epoch boundary); the next ``iter`` yields the next epoch. ``LoaderExhaustedError`` when none is left."""
         self._check_open()
-        return self._generate(owns_loader=False)
+        self._check_left()
+        return self._generate(owns_loader=False, one_epoch=True)
 
     def stream(self) -> Generator[Any, None, None]:
         """Every remaining batch, from the loader's position to the end of its last epoch (endless with
         ``epochs=None``): one generator for Keras ``fit`` or one loop over all epochs."""
         self._check_open()
-        return self._generate(owns_loader=False)
+        self._check_left()
+        return self._generate(owns_loader=False, one_epoch=False)
 
-    def _generate(self, owns_loader: bool) -> Generator[Any, None, None]:
+    def _generate(self, owns_loader: bool, one_epoch: bool) -> Generator[Any, None, None]:
         me = object()
         self._newest_iterator = me
-        generator = self._run(me, owns_loader)
+        generator = self._run(me, owns_loader, one_epoch)
         _loader_of[generator] = self
         return generator
 
+    def _end(self, one_epoch: bool) -> int | None:
+        """Where an iteration that starts at the loader's position ends: its epoch's end, or the stream's."""
+        order = self._config.order
+        if not one_epoch:
+            return order.num_batches
+        end = order.epoch_end(self._position)
+        return end if order.num_batches is None else min(end, order.num_batches)
+
     @classmethod
     def of(cls, source: Any) -> Loader:
-        """The ``Loader`` behind ``source``: ``source`` itself if it is one, or the loader whose
-        ``iter(loader)`` or ``prefetch.data_generator`` made the generator ``source`` (even once it is
+        """The ``Loader`` behind ``source``: ``source`` itself if it is one, or the loader whose ``iter(loader)``,
+        ``loader.stream()`` or ``prefetch.data_generator`` made the generator ``source`` (even once it is
         exhausted or closed). For tools that get what the user passed to ``fit`` and want the figures
         (``prefetch.keras.StallMonitor``): ``Loader.of(gen).stats()``. Raises ``TypeError`` otherwise.
         """
@@ -213,60 +192,78 @@ class Loader:
             loader = None
         if loader is None:
             raise TypeError(
-                "expected a prefetch.Loader, or a generator that iter(loader) or prefetch.data_generator returned; "
+                "expected a prefetch.Loader, or a generator that iter(loader), loader.stream() or "
+                "prefetch.data_generator returned; "
                 f"got {type(source).__name__}"
             )
         return loader
 
-    def _run(self, me: object, owns_loader: bool) -> Generator[Any, None, None]:
-        """The generator behind ``iter(loader)``; it owns the engine while it runs.
+    def _run(self, me: object, owns_loader: bool, one_epoch: bool) -> Generator[Any, None, None]:
+        """The generator behind ``iter(loader)`` (``one_epoch``) and ``stream()``; it owns the engine while
+        it runs, and parks it when its epoch ends with more to come (see ``_engine_slot``).
 
         A newer ``iter(loader)`` in the same thread takes the engine over (this one then
         raises), and ``load_state_dict`` stops it (this one then goes on from the new
-        position). One from another thread, while this one owns the engine, raises
-        ``ConcurrentIterationError`` and leaves this one alone: a loader is iterated by one
-        thread at a time (one generator may still be resumed from different threads in turn).
+        position, to the end of that position's epoch). One from another thread, while this one
+        owns the engine, raises ``ConcurrentIterationError`` and leaves this one alone: a loader is
+        iterated by one thread at a time (one generator may still be resumed from different threads in turn).
         """
-        total = self._config.order.num_batches
+        end, at = self._end(one_epoch), self._position
+        finished = False
         try:
-            while total is None or self._position < total:
+            while True:
+                if self._position != at:  # load_state_dict moved the loader
+                    end = self._end(one_epoch)
+                if end is not None and self._position >= end:
+                    break
                 self._take_turn()
                 try:
                     self._check_open()
-                    running = self._running
-                    if running.owner is not me:
-                        if self._newest_iterator is not me:
-                            raise IteratorSupersededError(
-                                "this iterator was superseded by a newer iter(loader) of the same loader: "
-                                "iterate the newest one (or give each loop its own Loader)"
-                            )
-                        if self._owned_by_another_live_thread():
-                            raise ConcurrentIterationError(
-                                "another thread is iterating this loader: a loader is iterated by one thread at "
-                                "a time (close that iteration first, give each thread its own Loader, or hand "
-                                "batches over with a queue)"
-                            )
-                        running.stop()
-                        running.install(self._start_engine(), me)
-                        if self._closed:  # close() ran in another thread meanwhile
-                            running.stop()
-                            self._check_open()
-                        total = self._config.order.num_batches
-                    assert running.engine is not None
-                    running.thread = threading.current_thread()
-                    made = [running.engine.next_batch()]
+                    made = [self._own_engine(me).next_batch()]
                     self._position += 1
+                    at = self._position
                 finally:
                     self._turn.release()
                 # Popped as it is yielded: no local keeps the user's last batch (and its slot and
                 # mapping) alive while the generator is suspended, even after close().
                 yield made.pop()
+            finished = True
         finally:
             if self._running.owner is me:
-                self._running.stop(keep_stats=True)
+                total = self._config.order.num_batches
+                if finished and (total is None or self._position < total) and not self._closed:
+                    self._running.park()  # the next epoch's iteration adopts it
+                else:
+                    self._running.stop(keep_stats=True)
             if owns_loader:
                 self.close()
             settle_training_threads(getattr(self._running.last, "tuner", None))  # this thread's torch setting
+
+    def _own_engine(self, me: object) -> InlineEngine | Engine:
+        """The engine, owned by the generator ``me``: its own, a parked one it adopts, or a new one."""
+        running = self._running
+        if running.owner is not me:
+            if self._newest_iterator is not me:
+                raise IteratorSupersededError(
+                    "this iterator was superseded by a newer iter(loader) of the same loader: "
+                    "iterate the newest one (or give each loop its own Loader)"
+                )
+            if self._owned_by_another_live_thread():
+                raise ConcurrentIterationError(
+                    "another thread is iterating this loader: a loader is iterated by one thread at "
+                    "a time (close that iteration first, give each thread its own Loader, or hand "
+                    "batches over with a queue)"
+                )
+            if not running.adopt(me, self._position):
+                running.stop()
+                running.install(self._start_engine(), me)
+                if self._closed:  # close() ran in another thread meanwhile
+                    running.stop()
+                    self._check_open()
+        engine = running.engine
+        assert engine is not None
+        running.thread = threading.current_thread()
+        return engine
 
     def _owned_by_another_live_thread(self) -> bool:
         """Whether a generator that last ran in another thread, still alive, owns the engine."""
@@ -370,11 +367,8 @@ class Loader:
         from the one that made the loader it frees nothing: the loader is the parent's.
         """
         self._closed = True
-        engine = self._running.take()  # so no generator's own clean-up races this one
-        if engine is not None:
-            self._running.final = _final_stats(engine)
-            engine.close()
-        elif self._turn.locked() and self._turn.acquire(timeout=CLOSE_WAIT_S):
+        stopped = self._running.stop(keep_stats=True)  # takes it first: no generator's own clean-up races this one
+        if not stopped and self._turn.locked() and self._turn.acquire(timeout=CLOSE_WAIT_S):
             self._turn.release()  # another thread was starting an engine: it has stopped it again
 
     def __enter__(self) -> Loader:
@@ -390,14 +384,14 @@ def data_generator(
     """The seed's ``data_generator``, in parallel: an endless generator of ``(batch_x, batch_y)``.
 
     Same positional parameters as the plain generator; batches straddle epoch
-    boundaries. ``options`` are ``Loader``'s (``transform``, ``workers``, ...). The
-    result is a real generator, as Keras ``fit`` requires; closing it (or dropping
-    it) stops its processes.
+    boundaries. ``options`` are ``Loader``'s (``transform``, ``workers``, ...). It is
+    ``Loader(data_x, data_y, ...).stream()`` owning its loader: a real generator, as Keras
+    ``fit`` requires; closing it (or dropping it) stops its processes.
 
     Example::
 
         gen = prefetch.data_generator(32, x_train, y_train, transform=augment)
-        model.fit(gen, steps_per_epoch=len(x_train) // 32, epochs=10)
+        model.fit(gen, steps_per_epoch=len(x_train) // 32, epochs=10, shuffle=False)
     """
     loader = Loader(data_x, data_y, batch_size=batch_size, shuffle=shuffle, **options)
-    return loader._generate(owns_loader=True)
+    return loader._generate(owns_loader=True, one_epoch=False)

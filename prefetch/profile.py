@@ -149,7 +149,7 @@ class _Round:
 
 def _measure(loader: Loader, batches: int, warmup: int, step: Callable[[Any], None] | None) -> _Round:
     with loader:
-        iterator = iter(loader)
+        iterator = loader.stream()  # warmup + batches may be more than an epoch
         for _ in range(warmup):
             next(iterator)
         before = loader.stats()  # the timed window's CPU figures are the difference of two snapshots

@@ -182,6 +182,8 @@ class StatsRecorder:
         self.restarts = 0
         self.cpu_started = time.process_time()  # this process's CPU, every thread of it
         self.started_at = time.time()  # identifies the iteration (``Stats.since``)
+        # (perf_counter, process_time) when the engine was kept between epochs: the clocks stop there
+        self.paused: tuple[float, float] | None = None
 
     def delivered(self, samples: int, waited_s: float, fill: int, timings: Timings | None, pid: int | None) -> None:
         self.batches += 1
@@ -211,7 +213,8 @@ class StatsRecorder:
         every worker that has a node to it, on this machine or not (all count in ``worker_busy``)."""
         from .core.config import usable_cores
 
-        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        now, cpu_now = self.paused or (time.perf_counter(), time.process_time())
+        elapsed = max(now - self.started, 1e-9)
         per_batch = Timings(*(total / self.batches if self.batches else 0.0 for total in self.stage_s))
         nodes = dict(nodes or {})
         busy = {pid: min(1.0, self.busy_s.get(pid, 0.0) / elapsed) for pid in [*worker_pids, *nodes]}
@@ -234,7 +237,7 @@ class StatsRecorder:
             restarts=self.restarts,
             memory=_memory(worker_pids, coordinator_pid),
             cores=usable_cores(),
-            consumer_cpu=(time.process_time() - self.cpu_started) / elapsed,
+            consumer_cpu=(cpu_now - self.cpu_started) / elapsed,
             workers_cpu=_cpu_seconds(worker_pids) / elapsed,
             consumer_threads=_thread_count(),
             decisions=decisions,

@@ -59,12 +59,9 @@ def _caller_outside_prefetch() -> int:
 
 def _warn_batch_larger_than_shard(batch_size: int, shard: int, world_size: int, rank: int, **stream: Any) -> None:
     """Warn (once, at construction) that a batch cannot be made of distinct samples of one epoch."""
-    last_batch, epochs = stream["last_batch"], stream["epochs"]
     what = "the data" if world_size == 1 else f"rank {rank}'s shard"
-    if last_batch == "short":
+    if stream["last_batch"] == "short":
         happens = f"with last_batch='short' every batch is a whole epoch of {shard} samples, not {batch_size}"
-    elif epochs is not None and epochs * shard <= batch_size:
-        happens = f"the whole stream (epochs={epochs}) is {epochs * shard} samples: one short batch of that many"
     else:
         happens = (
             "with last_batch='wrap' each batch is completed from the next epochs, so it holds some samples "
@@ -181,9 +178,7 @@ def _check_batch_fits_shard(stream: dict[str, Any], n: int) -> None:
             f"last_batch='drop' with batch_size={batch_size} larger than the {shard} samples of "
             "this rank's shard would never yield a batch; use a smaller batch_size or last_batch='short'/'wrap'"
         )
-    _warn_batch_larger_than_shard(
-        batch_size, shard, world_size, stream["rank"], last_batch=last_batch, epochs=stream["epochs"]
-    )
+    _warn_batch_larger_than_shard(batch_size, shard, world_size, stream["rank"], last_batch=last_batch)
 
 
 def _check_collate(collate: Any) -> str | Callable[[list[Any]], Any]:

@@ -14,10 +14,18 @@ resumed run) computes the same batches without talking to anyone:
 
   - ``"wrap"``: the epochs form one continuous stream and every batch takes the
     next ``batch_size`` samples of it, so a batch may straddle an epoch boundary
-    (the seed generator's behaviour); a finite stream ends with one short batch;
+    (the seed generator's behaviour). Every batch is full, a finite stream too;
   - ``"short"``: each epoch ends with a short batch if ``batch_size`` does not
     divide the shard;
   - ``"drop"``: an incomplete last batch of each epoch is dropped.
+
+An epoch of the loop is ``steps_per_epoch`` batches, and epoch ``k`` is batches
+``[k * steps_per_epoch, (k + 1) * steps_per_epoch)``, in every mode. With ``"wrap"``
+that is ``ceil(shard / batch_size)`` full batches of the continuous stream, so a
+finite stream of ``epochs`` loop epochs takes up to ``epochs * (batch_size - 1)``
+samples of the data epochs after the last (their boundaries drift against the loop's,
+as with the seed generator and Keras); with ``"short"`` and ``"drop"`` a loop epoch is
+a data epoch. See docs/design.md ("Epochs").
 
 Batch numbers count from 0 over the whole stream (all epochs), which is what the
 engine dispatches, reorders and resumes by.
@@ -73,12 +81,14 @@ class Order:
 
     @property
     def num_batches(self) -> int | None:
-        """Batches in the whole stream, or ``None`` when it is endless."""
+        """Batches in the whole stream (``epochs * steps_per_epoch``), or ``None`` when it is endless."""
         if self.epochs is None:
             return None
-        if self.last_batch == "wrap":
-            return math.ceil(self.epochs * self.shard_size / self.batch_size)
         return self.epochs * self.steps_per_epoch
+
+    def epoch_end(self, b: int) -> int:
+        """The first batch number after the loop epoch that batch ``b`` belongs to."""
+        return (b // self.steps_per_epoch + 1) * self.steps_per_epoch
 
     def epoch_shard(self, epoch: int) -> np.ndarray:
         """This rank's indices for ``epoch``, in order."""
@@ -95,9 +105,7 @@ class Order:
     def batch_length(self, b: int) -> int:
         """How many samples batch ``b`` has (without computing them)."""
         if self.last_batch == "wrap":
-            if self.epochs is None:
-                return self.batch_size
-            return max(0, min(self.batch_size, self.epochs * self.shard_size - b * self.batch_size))
+            return self.batch_size
         j = b % self.steps_per_epoch
         return min(self.batch_size, self.shard_size - j * self.batch_size)
 
@@ -112,8 +120,6 @@ class Order:
             return self.epoch_shard(epoch)[j * bs : (j + 1) * bs]
         start = b * bs
         stop = start + bs
-        if self.epochs is not None:
-            stop = min(stop, self.epochs * m)
         parts = []
         while start < stop:
             epoch, offset = divmod(start, m)

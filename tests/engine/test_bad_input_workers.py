@@ -13,7 +13,7 @@ N = 20
 
 def stream(*sources, **options) -> list:
     with prefetch.Loader(*sources, batch_size=4, epochs=2, seed=5, **options) as loader:
-        return [fingerprint(batch) for batch in loader]
+        return [fingerprint(batch) for batch in loader.stream()]
 
 
 def keep(sample):

@@ -55,7 +55,7 @@ def test_a_cpu_bound_loop_and_cpu_bound_workers_on_one_core_compete():
 def test_a_loop_that_does_nothing_between_batches_waits_by_design_not_a_stall():
     loader = prefetch.Loader(DATA, batch_size=BATCH, seed=0, workers=2, transform=cpu_heavy, epochs=10)
     with warnings.catch_warnings(record=True) as caught, loader:
-        for _ in loader:
+        for _ in loader.stream():
             pass  # no training step
         stats = loader.stats()
         text = str(stats)
@@ -71,8 +71,8 @@ def test_a_loop_that_does_nothing_between_batches_waits_by_design_not_a_stall():
 
 
 def _first(loader: prefetch.Loader, n: int):
-    """The first ``n`` batches of ``iter(loader)``, then the iterator is closed (its processes stop)."""
-    batches = iter(loader)
+    """The first ``n`` batches of ``loader.stream()``, then the stream is closed (its processes stop)."""
+    batches = loader.stream()
     try:
         for _ in range(n):
             yield next(batches)

@@ -42,7 +42,7 @@ def vandalize(value: Any) -> None:
 def run(sources, vandal: bool, **options) -> list:
     got = []
     with prefetch.Loader(*sources, batch_size=5, epochs=3, seed=2, **options) as loader:
-        for batch in loader:
+        for batch in loader.stream():
             got.append(fingerprint(batch))
             if vandal:
                 vandalize(batch)

@@ -22,7 +22,7 @@ def stream(**options) -> list[tuple[np.ndarray, np.ndarray]]:
         **options,
     }
     with prefetch.Loader(DATA_X, DATA_Y, **options) as loader:
-        return [(x.copy(), y.copy()) for x, y in loader]
+        return [(x.copy(), y.copy()) for x, y in loader.stream()]
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ def test_holding_every_batch_of_an_epoch_neither_deadlocks_nor_corrupts():
 def test_a_held_batch_never_changes_afterwards():
     data = np.arange(2000 * 8, dtype=np.float64).reshape(2000, 8)
     with prefetch.Loader(data, batch_size=16, seed=2, workers=2, prefetch=2) as loader:
-        it = iter(loader)
+        it = loader.stream()  # 203 batches: more than one epoch of 125
         kept = [next(it) for _ in range(3)]
         snapshots = [k.copy() for k in kept]
         views = [k[1:5] for k in kept]  # derived views keep the slot too

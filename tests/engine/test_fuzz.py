@@ -19,17 +19,21 @@ does. Hand-written tests pin a few combinations; this module lets hypothesis dra
 * **the consumer's behaviour**: a list of steps -- take a batch (keep it or not, write into its
   arrays in place or not), save ``state_dict()``, load a saved state into the running loader, drop
   the generator and iterate again, supersede it with a newer ``iter(loader)``, read ``stats()``,
-  ``close()`` mid-stream -- and how it ends (take the rest of the stream, ``close()``, or drop the
-  loader for the garbage collector).
+  ``close()`` mid-stream -- how it ends (take the rest of the stream, ``close()``, or drop the
+  loader for the garbage collector), and the loop idiom it iterates with: ``loader.stream()``, or the
+  epoch loop (``iter(loader)`` again after each epoch ends), PRODUCT.md 3.1b.
 
-The oracle is the in-process reference: the same loader with ``workers=0``, iterated once without
-interruption, each batch fingerprinted (dtype, shape and bytes of every array, structure, ``repr``
+The oracle is the in-process reference: the same loader with ``workers=0``, its ``stream()`` taken once
+without interruption, each batch fingerprinted (dtype, shape and bytes of every array, structure, ``repr``
 of other leaves) the moment it is yielded, so a later write cannot change the reference. Each
 example then checks: every batch taken equals the reference's at that position (an error raised
-by user code is the same type and text at the same batch); the stream ends exactly at
-``len(loader)``; ``loader.position`` counts the batches taken; held batches still hold what they
-held (after the user's own writes) at the end; every saved state, loaded into a fresh loader with
-another ``workers`` value, continues with the reference's next batches; a running loader has no
+by user code is the same type and text at the same batch); a finite stream ends exactly after
+``epochs * len(loader)`` batches, an epoch iteration exactly at its epoch's end (never before, never
+past it), and ``iter``/``stream()`` of a loader whose epochs are consumed raise ``LoaderExhaustedError``;
+an engine kept between epochs keeps its processes until something stops it; ``loader.position`` counts
+the batches taken; held batches still hold what they held (after the user's own writes) at the end;
+every saved state, loaded into a fresh loader with another ``workers`` value, continues with the
+reference's next batches in the scenario's idiom (mid-epoch or between epochs); a running loader has no
 more ``/dev/shm`` segments than its slot pool allows; a batch made by a worker never shares memory
 with the source; after ``close()``, the end of the stream or garbage collection the loader's
 processes and segments are gone; a closed loader raises ``LoaderClosedError``.
@@ -47,6 +51,7 @@ import gc
 import os
 import pickle
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -291,6 +296,7 @@ class Scenario:
     prefetch: int | None
     steps: tuple[Step, ...]
     ending: str  # after the steps: "drain" the rest of the stream, "close" the loader or "drop" it
+    idiom: str  # how the loop iterates: "stream" (loader.stream()) or "epochs" (for epoch: for batch in loader)
     resume_workers: int
     resume_unseeded: bool  # the resumed loader is made with seed=None (load_state_dict adopts the seed;
     # only with world_size=1: sharded loaders refuse seed=None)
@@ -339,7 +345,7 @@ def scenarios(draw, *, large: bool) -> Scenario:
     shard = n // world_size
     last_batch = draw(st.sampled_from(LAST_BATCH_MODES))
     max_batch = shard if last_batch == "drop" else shard + 3
-    epochs = draw(st.one_of(st.integers(1, 3), st.none())) if large else draw(st.integers(1, 3))
+    epochs = draw(st.one_of(st.integers(1, 3), st.none()))
     transform = draw(st.sampled_from(TRANSFORMS))
     options = {
         "batch_size": draw(st.integers(1, max(1, min(max_batch, 400 if many else 20 if large else 8)))),
@@ -356,10 +362,7 @@ def scenarios(draw, *, large: bool) -> Scenario:
     }
     if large:
         options["start_method"] = draw(st.sampled_from((None,) * 8 + ("spawn", "forkserver")))
-    total = _order(options, n).num_batches
-    count = draw(st.integers(0, min(total if total is not None else 12, 60) + 3))
-    steps = draw(st.lists(_steps, min_size=count, max_size=count))
-    limit = total if total is not None else sum(s.kind == "next" for s in steps) + 2
+    steps, limit = _draw_steps(draw, _order(options, n).num_batches)
     return Scenario(
         data=data,
         options=options,
@@ -367,10 +370,18 @@ def scenarios(draw, *, large: bool) -> Scenario:
         prefetch=depth,
         steps=tuple(steps),
         ending=draw(st.sampled_from(("drain", "close", "drop"))),
+        idiom=draw(st.sampled_from(("epochs", "stream"))),
         resume_workers=draw(st.integers(0, 3)),
         resume_unseeded=draw(st.booleans()) and world_size == 1,
         limit=limit,
     )
+
+
+def _draw_steps(draw, total: int | None) -> tuple[list[Step], int]:
+    """The consumer's steps, and how many batches the reference makes: all of a finite stream."""
+    count = draw(st.integers(0, min(total if total is not None else 12, 60) + 3))
+    steps = draw(st.lists(_steps, min_size=count, max_size=count))
+    return steps, total if total is not None else sum(s.kind == "next" for s in steps) + 2
 
 
 # Three in four steps take a batch. The others: save ``state_dict()``; ``rewind`` -- load the last
@@ -417,7 +428,7 @@ def reference_stream(scenario: Scenario) -> list[Any]:
     one was raised, ``END`` last if the stream ended."""
     out: list[Any] = []
     with scenario.loader(workers=0) as loader:
-        iterator = iter(loader)
+        iterator = loader.stream()
         try:
             while len(out) < scenario.limit:
                 out.append(canonical(next(iterator)))
@@ -529,107 +540,227 @@ def run(scenario: Scenario) -> None:
         check_resume(scenario, position, state, reference)
 
 
+class Consumer:
+    """A training loop that takes a scenario's steps with one of two idioms (``Scenario.idiom``):
+
+    * ``"stream"``: ``loader.stream()``, every epoch in one generator;
+    * ``"epochs"``: the DataLoader loop, ``for epoch in ...: for batch in loader`` -- when an iteration
+      ends, the next ``next`` step starts the next one with ``iter(loader)``.
+
+    Besides each batch, it checks what the idiom promises (PRODUCT.md 3.1b): an epoch iteration ends
+    exactly at an epoch boundary (``len(loader)`` batches from a boundary) and never goes past one; a
+    finite loader's ``iter`` raises ``LoaderExhaustedError`` once its epochs are consumed. ``owner`` models
+    who holds the engine -- a generator, ``PARKED`` (an epoch ended with more to come) or ``None``
+    (stopped) -- so that every step can check the processes are there or gone as they should be.
+    """
+
+    def __init__(self, scenario: Scenario, loader: prefetch.Loader, reference: list[Any], sources: list[np.ndarray]):
+        self.scenario, self.loader, self.reference, self.sources = scenario, loader, reference, sources
+        self.epochs = scenario.idiom == "epochs"
+        self.steps = len(loader)  # batches per epoch
+        self.position = 0  # the stream position: batches taken, less any rewound
+        self.taken = 0  # batches taken in all
+        self.held: list[tuple[Any, Any]] = []  # (batch, what it must still hold at the end)
+        self.states: list[tuple[int, dict]] = []
+        self.owner: Any = None
+        self.iterator = self.fresh()
+        self.alive = True  # whether the generator can still yield
+        self.since = 0  # batches the iterator took since it started (or since a rewind moved the loader)
+        self.failed = False  # the iterator died of a user error
+        self.epoch_ends = 0  # epoch iterations that ended and were followed by the loop's next ``for``
+
+    def fresh(self) -> Any:
+        """A new iteration: ``iter(loader)`` or ``loader.stream()`` (an empty one once a finite stream is done)."""
+        if self.position < len(self.reference) and self.reference[self.position] == END:
+            with pytest.raises(prefetch.LoaderExhaustedError, match="all its epochs"):
+                self.loader.stream() if not self.epochs else iter(self.loader)
+            return (batch for batch in ())  # a generator with nothing left, as the loop would hold
+        return iter(self.loader) if self.epochs else self.loader.stream()
+
+    def at_epoch_end(self) -> bool:
+        """Whether the current epoch iteration has taken its last batch (its next ``next`` ends it)."""
+        return self.epochs and self.position % self.steps == 0 and self.since > 0
+
+    def check_engine(self) -> None:
+        """The processes run if someone holds the engine (parked too), and are gone otherwise."""
+        if self.owner is None:
+            assert_released()
+        else:
+            assert self.loader.engine is not None, "the engine stopped although an iteration holds it"
+
+    def take(self, iterator: Any, superseded_ok: bool = False) -> tuple[Any, bool]:
+        """``next(iterator)`` checked against the reference and the idiom; (batch or None, whether it went on)."""
+        expected = self.reference[self.position]
+        if self.at_epoch_end() or expected == END:
+            with pytest.raises(StopIteration):  # an epoch iteration ends at the boundary, not past it
+                next(iterator)
+            if self.owner is iterator:  # it parks the engine for the next epoch, or stops it at the end
+                self.owner = None if expected == END else PARKED
+            return None, False
+        batch, went_on = take(iterator, expected, superseded_ok)
+        if went_on:
+            self.position, self.taken, self.since = self.position + 1, self.taken + 1, self.since + 1
+            self.owner = iterator
+        else:  # user code raised: the generator stopped the engine
+            self.failed = iterator is self.iterator
+            if self.owner is iterator:
+                self.owner = None
+        return batch, went_on
+
+    def next_epoch(self) -> bool:
+        """The loop's next ``for``: a new epoch iteration, or ``LoaderExhaustedError`` when none is left."""
+        self.epoch_ends += 1
+        self.iterator, self.alive, self.since, self.failed = self.fresh(), True, 0, False
+        return self.reference[self.position] != END
+
+    def next_step(self, step: Step) -> None:
+        if not self.alive:
+            if not self.epochs or self.failed:
+                with pytest.raises(StopIteration):
+                    next(self.iterator)
+                return
+            if not self.next_epoch():
+                return
+        batch, self.alive = self.take(self.iterator)
+        if not self.alive:
+            return
+        assert self.loader.position == self.position
+        assert len(segments_of(os.getpid())) <= segment_bound(self.loader, len(self.sources)), segments_of(os.getpid())
+        if step.write:
+            assert not shares_memory(batch, self.sources), "a batch shares memory with the source"
+            write_into(batch, self.scenario.options.get("start_method"))
+        if step.hold:
+            self.held.append((batch, canonical(batch)))
+
+    def rewind(self) -> None:
+        if not self.states:
+            return
+        position, state = self.states[-1]
+        self.loader.load_state_dict(state)
+        self.owner = None  # the running engine stopped; the generator restarts one if resumed
+        self.check_engine()
+        if position != self.position:  # the generator goes on from there, to the end of that epoch
+            self.position, self.since = position, 0
+        assert self.loader.position == position
+
+    def supersede(self) -> None:
+        # The older generator, resumed, either refuses (design.md) or -- as long as the newer one
+        # has not started -- yields the next batch (see test_a_superseded_generator_refuses_to_go_on).
+        # Either way no batch may be lost or repeated.
+        old, self.iterator = self.iterator, self.fresh()
+        if self.alive and self.position < len(self.reference):
+            self.take(old, superseded_ok=True)
+        old.close()
+        if self.owner is old:
+            self.owner = None
+        self.check_engine()
+        self.alive, self.since, self.failed = True, 0, False
+
+    def close(self) -> None:
+        self.loader.close()
+        self.owner = None
+        self.check_engine()
+        if self.alive and (self.position >= len(self.reference) or self.reference[self.position] != END):
+            # an epoch iteration that has taken its epoch's last batch just ends; any other says closed
+            with pytest.raises(StopIteration if self.at_epoch_end() else prefetch.LoaderClosedError):
+                next(self.iterator)
+        with pytest.raises(prefetch.LoaderClosedError):
+            iter(self.loader)
+
+    def drain(self) -> None:
+        """Take the rest of the stream the idiom's way (a new ``for`` at each epoch's end), and its end."""
+        while self.position < len(self.reference) and self.reference[self.position] != END:
+            if not self.alive:
+                if not self.epochs or self.failed:
+                    return  # the stream died of a user error
+                self.next_epoch()
+            _, self.alive = self.take(self.iterator)
+        if self.position < len(self.reference):  # the end of a finite stream
+            if self.alive:
+                self.take(self.iterator)
+            if self.epochs:
+                self.next_epoch()  # LoaderExhaustedError
+            assert self.owner is None
+            self.check_engine()  # the end of a finite stream stops the engine
+
+
+PARKED = "parked"  # Consumer.owner: nobody iterates, the engine is kept for the next epoch
+
+
 def consume(
     scenario: Scenario, loaders: list[prefetch.Loader], reference: list[Any], sources: list[np.ndarray]
 ) -> tuple[list, list]:
     """Take the scenario's steps on ``loaders[0]``; return the batches held and the states saved."""
     loader = loaders[0]
-    if scenario.options["epochs"] is not None:
-        assert len(loader) == len(reference) - 1 or reference[-1][0] == "raised"
-    iterator = iter(loader)
-    position = 0  # the stream position: batches taken, less any rewound
-    taken = 0  # batches taken in all
-    alive = True  # whether the generator can still yield
-    held: list[tuple[Any, Any]] = []  # (batch, what it must still hold at the end)
-    states: list[tuple[int, dict]] = []
+    assert len(loader) == loader.steps_per_epoch
+    if scenario.options["epochs"] is not None and reference[-1] == END:
+        assert len(reference) - 1 == scenario.options["epochs"] * len(loader)
+    consumer = Consumer(scenario, loader, reference, sources)
     for step in scenario.steps:
         if step.kind == "next":
-            if position >= len(reference):  # an endless stream: the reference stops here
+            if consumer.position >= len(reference):  # an endless stream: the reference stops here
                 break
-            if not alive:
-                with pytest.raises(StopIteration):
-                    next(iterator)
-                continue
-            batch, alive = take(iterator, reference[position])
-            if not alive:
-                continue
-            position += 1
-            taken += 1
-            assert loader.position == position
-            assert len(segments_of(os.getpid())) <= segment_bound(loader, len(sources)), segments_of(os.getpid())
-            if step.write:
-                assert not shares_memory(batch, sources), "a batch shares memory with the source"
-                write_into(batch, scenario.options.get("start_method"))
-            if step.hold:
-                held.append((batch, canonical(batch)))
-            del batch
+            consumer.next_step(step)
         elif step.kind == "state":
             state = loader.state_dict()
-            assert state["position"] == position
-            states.append((position, pickle.loads(pickle.dumps(state))))
+            assert state["position"] == consumer.position
+            consumer.states.append((consumer.position, pickle.loads(pickle.dumps(state))))
         elif step.kind == "rewind":
-            if states:
-                position, state = states[-1]
-                loader.load_state_dict(state)
-                assert_released()  # the running engine stopped; the generator restarts one if resumed
-                assert loader.position == position
+            consumer.rewind()
         elif step.kind == "reiterate":
-            iterator.close()
-            assert_released()
-            iterator, alive = iter(loader), True
+            consumer.iterator.close()
+            if consumer.owner is consumer.iterator:
+                consumer.owner = None
+            consumer.check_engine()
+            consumer.iterator, consumer.alive, consumer.since, consumer.failed = consumer.fresh(), True, 0, False
         elif step.kind == "supersede":
-            # The older generator, resumed, either refuses (design.md) or -- as long as the newer one
-            # has not started -- yields the next batch (see test_a_superseded_generator_refuses_to_go_on).
-            # Either way no batch may be lost or repeated.
-            old, iterator = iterator, iter(loader)
-            if alive and position < len(reference):
-                batch, went_on = take(old, reference[position], superseded_ok=True)
-                position += went_on
-                taken += went_on
-                del batch
-            old.close()
-            assert_released()
-            alive = True
+            consumer.supersede()
         elif step.kind == "stats":
             stats = loader.stats()  # of the current or last engine
-            assert 0 <= stats.batches <= taken, stats
+            assert 0 <= stats.batches <= consumer.taken, stats
             assert str(stats)
         else:
-            loader.close()
-            assert_released()
-            if alive and (position >= len(reference) or reference[position] != END):
-                with pytest.raises(prefetch.LoaderClosedError):
-                    next(iterator)
-            with pytest.raises(prefetch.LoaderClosedError):
-                iter(loader)
-            return held, states
+            consumer.close()
+            return consumer.held, consumer.states
     if scenario.ending == "drain":
-        while alive and position < len(reference):
-            batch, alive = take(iterator, reference[position])
-            position += alive
-        if position < len(reference) and reference[position] == END:
-            take(iterator, END)
-            assert_released()  # the end of a finite stream stops the engine
-    event(f"batches taken: {position // 5 * 5}+")
+        consumer.drain()
+    event(f"batches taken: {consumer.position // 5 * 5}+")
+    if consumer.epochs:
+        event(f"epoch iterations ended: {min(consumer.epoch_ends, 3)}{'+' if consumer.epoch_ends >= 3 else ''}")
+    held, states = consumer.held, consumer.states
     if scenario.ending == "drop":  # the loader and its generator are garbage: their finalizers clean up
-        del iterator, loader
+        del consumer, loader
         loaders.clear()
         gc.collect()
         assert_released()
     return held, states
 
 
+def idiom_batches(loader: prefetch.Loader, idiom: str) -> Iterator[Any]:
+    """Every remaining batch, the idiom's way: one stream, or an epoch loop until the epochs run out."""
+    while True:
+        try:
+            iterator = loader.stream() if idiom == "stream" else iter(loader)
+        except prefetch.LoaderExhaustedError:  # every epoch is consumed (or the state was saved at the end)
+            return
+        started = loader.position
+        yield from iterator
+        if idiom == "epochs":
+            assert loader.position == loader.config.order.epoch_end(started), "an epoch iteration ended mid-epoch"
+
+
 def check_resume(scenario: Scenario, position: int, state: dict, reference: list[Any]) -> None:
-    """A fresh loader (another ``workers``) resumed at ``position`` yields the reference from there."""
+    """A fresh loader (another ``workers``) resumed at ``position`` yields the reference from there,
+    in the scenario's idiom (an epoch loop resumes mid-epoch, or between epochs, as the state says)."""
     seed = None if scenario.resume_unseeded else "same"
     with scenario.loader(workers=scenario.resume_workers, seed=seed) as resumed:
         resumed.load_state_dict(state)
-        iterator = iter(resumed)
+        batches = idiom_batches(resumed, scenario.idiom)
         for expected in reference[position:]:
-            _, went_on = take(iterator, expected)
+            _, went_on = take(batches, expected)
             if not went_on:
                 break
-        iterator.close()
+        batches.close()
     assert_released()
 
 
@@ -649,6 +780,7 @@ def check(scenario: Scenario) -> None:
     event(f"workers={scenario.workers}")
     event(f"kind={scenario.data.kind}")
     event(f"ending={scenario.ending}")
+    event(f"idiom={scenario.idiom}")
     run(scenario)
 
 

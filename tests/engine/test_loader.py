@@ -57,22 +57,20 @@ def test_collate_list_gives_the_seed_lists():
 
 @pytest.mark.parametrize(
     ("last_batch", "sizes"),
-    [("wrap", [4, 4, 4, 4, 4, 2]), ("short", [4, 4, 3, 4, 4, 3]), ("drop", [4, 4, 4, 4])],
+    [("wrap", [4, 4, 4, 4, 4, 4]), ("short", [4, 4, 3, 4, 4, 3]), ("drop", [4, 4, 4, 4])],
 )
 def test_last_batch_modes_and_len(last_batch, sizes):
     x = np.arange(11)
     with prefetch.Loader(x, batch_size=4, epochs=2, last_batch=last_batch, workers=2, seed=1) as loader:
-        assert len(loader) == len(sizes)
-        batches = list(loader)
+        assert len(loader) == len(sizes) // 2  # batches per epoch
+        batches = list(loader.stream())
     assert [len(b) for b in batches] == sizes
     assert loader.steps_per_epoch == (2 if last_batch == "drop" else math.ceil(11 / 4))
 
 
-def test_endless_loader_has_no_len():
+def test_an_endless_loader_has_a_len_per_epoch():
     with prefetch.Loader(np.arange(5), batch_size=2, workers=0) as loader:
-        with pytest.raises(TypeError, match="epochs"):
-            len(loader)
-        assert loader.steps_per_epoch == 3
+        assert len(loader) == loader.steps_per_epoch == 3
 
 
 def test_seed_none_draws_a_readable_seed():
@@ -101,14 +99,14 @@ def test_state_dict_resumes_exactly(saved_workers, resumed_workers):
     x = np.arange(50, dtype=np.float32)
     options = dict(batch_size=4, epochs=3, transform=lambda v: v + np.random.rand())
     with prefetch.Loader(x, workers=0, seed=11, **options) as reference:
-        everything = [b.tolist() for b in reference]
+        everything = [b.tolist() for b in reference.stream()]
     with prefetch.Loader(x, workers=saved_workers, seed=11, **options) as loader:
-        head = [b.tolist() for _, b in zip(range(17), loader)]
+        head = [b.tolist() for _, b in zip(range(17), loader.stream())]
         state = loader.state_dict()
     assert state["position"] == 17 and len(repr(state)) < 400  # small: no data
     with prefetch.Loader(x, workers=resumed_workers, **options) as resumed:  # seed comes from the state
         resumed.load_state_dict(state)
-        tail = [b.tolist() for b in resumed]
+        tail = [b.tolist() for b in resumed.stream()]
     assert head + tail == everything
 
 

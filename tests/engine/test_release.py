@@ -43,7 +43,7 @@ def test_close_unmaps_everything_while_the_loader_lives_on(start_method):
     kept = []
     for _ in range(3):
         loader = prefetch.Loader(DATA, batch_size=BATCH_SIZE, seed=1, workers=2, start_method=start_method)
-        iterator = iter(loader)
+        iterator = loader.stream()  # 8 batches of one-batch epochs
         kept.append((loader, iterator))  # both live on, as in the issue
         for _ in range(8):
             assert next(iterator).shape == (BATCH_SIZE, *ROW_SHAPE)
@@ -55,7 +55,7 @@ def test_close_unmaps_everything_while_the_loader_lives_on(start_method):
 
 def test_a_batch_held_across_close_stays_valid_and_is_unmapped_when_dropped():
     loader = prefetch.Loader(DATA, batch_size=BATCH_SIZE, seed=1, shuffle=False, workers=2)
-    iterator = iter(loader)
+    iterator = loader.stream()
     held = next(iterator)
     view = held[3:5]  # a view of a view: it holds the slot too
     next(iterator)

@@ -70,7 +70,7 @@ def soak(batches: int, start_method: str | None, every: int = 500, warmup: int =
     with prefetch.Loader(
         IMAGES, LABELS, batch_size=32, seed=0, workers=2, transform=flip, start_method=start_method
     ) as loader:
-        for count, batch in enumerate(loader, start=1):
+        for count, batch in enumerate(loader.stream(), start=1):
             kept.append(batch)
             if count >= warmup and count % every == 0:
                 samples.append(Usage.now())
@@ -102,7 +102,7 @@ def test_soak_long(start_method):
 def churn(loaders: int, workers: int, start_method: str | None = None) -> None:
     def use(number: int) -> None:
         options = dict(workers=workers, start_method=start_method, seed=number)
-        how = number % 4
+        how = number % 5
         if how == 0:  # with: close at the end of the block
             with prefetch.Loader(IMAGES[:64], batch_size=8, **options) as loader:
                 next(iter(loader))
@@ -115,9 +115,14 @@ def churn(loaders: int, workers: int, start_method: str | None = None) -> None:
             gen = prefetch.data_generator(8, IMAGES[:64], LABELS[:64], **options)
             next(gen)
             del gen
-        else:  # a finite loader run to its end, never closed explicitly
+        elif how == 3:  # a finite loader run to its end, never closed explicitly
             loader = prefetch.Loader(IMAGES[:64], batch_size=8, epochs=1, **options)
             assert sum(1 for _ in loader) == 8
+            del loader
+        else:  # an epoch loop over an endless loader, dropped with its engine kept for the next epoch
+            loader = prefetch.Loader(IMAGES[:64], batch_size=8, **options)
+            for _epoch in range(2):
+                assert sum(1 for _ in loader) == 8
             del loader
 
     use(0)  # imports, the forkserver, caches

@@ -41,7 +41,7 @@ def stream_digest(**options) -> tuple[str, int]:
     count = 0
     options = {"batch_size": 4, "epochs": 2, "seed": 11, "transform": augment, **options}
     with prefetch.Loader(DATA, LABELS, **options) as loader:
-        for batch in loader:
+        for batch in loader.stream():
             digest.update(repr(fingerprint(batch)).encode())
             count += 1
     return digest.hexdigest(), count
@@ -93,7 +93,7 @@ def test_stream_unchanged_while_the_tuner_runs_and_a_worker_is_replaced(fake_tor
         sources, pipeline = faulty_pipeline("transform", data, options.pop("fault"))
         hasher = hashlib.sha256()
         with prefetch.Loader(*sources, batch_size=4, epochs=2, seed=3, **pipeline, **options) as loader:
-            for batch in loader:
+            for batch in loader.stream():
                 hasher.update(repr(fingerprint(batch)).encode())
             restarts = loader.stats().restarts
         return hasher.hexdigest(), restarts

@@ -202,10 +202,10 @@ def test_workers_killed_from_outside_are_replaced_and_the_output_is_unchanged(st
     sources, options = faulty_pipeline("transform", DATA, None)
     options.update(batch_size=BATCH_SIZE, epochs=4, seed=SEED)
     with prefetch.Loader(*sources, workers=0, **options) as loader:
-        expected = [fingerprint(batch) for batch in loader]
+        expected = [fingerprint(batch) for batch in loader.stream()]
     got = []
     with prefetch.Loader(*sources, workers=WORKERS, start_method=start_method, **options) as loader:
-        for number, batch in enumerate(loader):
+        for number, batch in enumerate(loader.stream()):
             got.append(fingerprint(batch))
             if number in (1, 7, 15):
                 engine = loader.engine

@@ -263,9 +263,9 @@ if __name__ == "__main__":
     how = sys.argv[1]
     data = np.arange(64 * 3, dtype=np.float32).reshape(64, 3)
     options = dict(batch_size=4, epochs=2, seed=5)
-    expected = [batch.tolist() for batch in prefetch.Loader(data, workers=0, **options)]
+    expected = [batch.tolist() for batch in prefetch.Loader(data, workers=0, **options).stream()]
     loader = prefetch.Loader(data, workers=2, start_method="fork", **options)
-    iterator = iter(loader)
+    iterator = loader.stream()
     got = [next(iterator).tolist() for _ in range(5)]
     child = os.fork()
     if child == 0:  # user code forks mid-iteration; the child never touches the loader ...

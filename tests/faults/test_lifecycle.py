@@ -202,7 +202,7 @@ import prefetch
 if __name__ == "__main__":
     data = np.arange(400 * 8, dtype=np.float32).reshape(400, 8)
     loader = prefetch.Loader(data, batch_size=8, seed=1, workers=2, start_method=sys.argv[1])
-    for count, batch in enumerate(loader):
+    for count, batch in enumerate(loader.stream()):
         if count == 3:
             pids = [child.pid for child in psutil.Process().children(recursive=True)]
             print(" ".join(map(str, pids)), flush=True)
@@ -290,7 +290,7 @@ class SlowToUnpickle:
 
 if __name__ == "__main__":
     loader = prefetch.Loader(SlowToUnpickle(sys.argv[2]), batch_size=4, workers=1, start_method=sys.argv[1])
-    for batch in loader:
+    for batch in loader.stream():
         time.sleep(0.01)
 """
 

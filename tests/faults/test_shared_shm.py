@@ -41,7 +41,7 @@ import prefetch
 if __name__ == "__main__":
     data = np.arange(64 * 64, dtype=np.float32).reshape(64, 64)
     loader = prefetch.Loader(data, batch_size=8, seed=1, shuffle=False, workers=1, start_method=sys.argv[1])
-    batches = iter(loader)
+    batches = loader.stream()
     first = next(batches)
     print("ready", os.getpid(), flush=True)
     sys.stdin.readline()  # the test sweeps /dev/shm meanwhile

@@ -30,7 +30,7 @@ def test_training_loop_with_device_put_lowers_the_loss():
     w = jnp.zeros((FEATURES, 1), dtype=jnp.float32)
     losses = []
     with prefetch.Loader(x, y, batch_size=BATCH, epochs=EPOCHS, seed=0, workers=2) as loader:
-        for xb, yb in loader:
+        for xb, yb in loader.stream():  # every epoch in one loop
             w, loss = step(w, jax.device_put(xb), jax.device_put(yb))
             losses.append(float(loss))
     per_epoch = N // BATCH

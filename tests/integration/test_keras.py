@@ -1,9 +1,13 @@
-"""Keras 3 (torch backend) fed by prefetch: fit on data_generator and on iter(loader), and StallMonitor."""
+"""Keras 3 fed by prefetch: fit on data_generator and on loader.stream(), the epochs it asks for, and StallMonitor.
+
+The backend is the one ``KERAS_BACKEND`` names (torch when unset); the tests hold on torch, TensorFlow and JAX.
+"""
 
 from __future__ import annotations
 
 import os
 import time
+import warnings
 
 os.environ.setdefault("KERAS_BACKEND", "torch")  # before keras is imported (lazily, by the fixture)
 
@@ -70,18 +74,18 @@ def test_fit_on_data_generator_lowers_the_loss_and_reports_stall(keras, data):
     assert all(rate > 0 for rate in history.history["data_samples_per_s"])
 
 
-def test_fit_on_iter_loader_lowers_the_loss(keras, data):
+def test_fit_on_a_loaders_stream_lowers_the_loss(keras, data):
     from prefetch.keras import StallMonitor
 
     x, y = data
-    with prefetch.Loader(x, y, batch_size=BATCH, seed=1, workers=2) as loader:
+    with prefetch.Loader(x, y, batch_size=BATCH, seed=1, epochs=3, workers=2) as loader:
         history = tiny_model(keras).fit(
-            iter(loader), steps_per_epoch=loader.steps_per_epoch, epochs=3, verbose=0, callbacks=[StallMonitor(loader)]
+            loader.stream(), steps_per_epoch=len(loader), epochs=3, verbose=0, callbacks=[StallMonitor(loader)]
         )
-        # Keras peeks at the first batch to learn the data's spec, then trains on it too: nothing
+        # Keras peeks at the first batches to learn the data's spec, then trains on them too: nothing
         # is fetched twice or thrown away, and the engine is started once
-        assert loader.position == 3 * loader.steps_per_epoch
-        assert loader.stats().batches == 3 * loader.steps_per_epoch
+        assert loader.position == 3 * len(loader)
+        assert loader.stats().batches == 3 * len(loader)
     losses = history.history["loss"]
     assert losses[-1] < 0.5 * losses[0]
     assert {"loss", "data_stall", "data_samples_per_s"} <= set(history.history)
@@ -94,7 +98,7 @@ def test_stall_is_high_when_the_data_is_the_bottleneck(keras, data):
     # one worker, 2 ms per sample: 64 ms per batch, against well under a millisecond per Dense step
     with prefetch.Loader(x, y, batch_size=BATCH, seed=2, workers=1, prefetch=1, transform=slow_sample) as loader:
         history = tiny_model(keras).fit(
-            iter(loader), steps_per_epoch=4, epochs=2, verbose=0, callbacks=[StallMonitor(loader)]
+            loader.stream(), steps_per_epoch=4, epochs=2, verbose=0, callbacks=[StallMonitor(loader)]
         )
     assert history.history["data_stall"][-1] > 0.5
     # samples per second cannot beat one worker's 500 samples/s
@@ -208,8 +212,90 @@ def test_stall_monitor_does_not_warn_without_workers_to_compete_with(keras, data
         warnings.simplefilter("always", prefetch.PrefetchWarning)
         with prefetch.Loader(x, y, batch_size=BATCH, seed=5, workers=0) as loader:
             history = tiny_model(keras).fit(
-                iter(loader), steps_per_epoch=6, epochs=2, shuffle=False, verbose=0,
+                loader.stream(), steps_per_epoch=6, epochs=2, shuffle=False, verbose=0,
                 callbacks=[burner.callback, StallMonitor(loader)],
             )  # fmt: skip
     assert len(history.history["data_cpu_busy"]) == 2
     assert not [m for m in _prefetch_warnings(caught) if "workers compete for" in m]
+
+
+# --- the epochs fit asks for (PRODUCT.md 3.1b) ----------------------------------------------------------
+
+ODD_N = 500  # not a multiple of BATCH: epochs of 16 batches (wrap, short; the last one short) or 15 (drop)
+EPOCHS = 3
+RAN_OUT = "ran out of data"  # Keras 3 warns with warnings.warn when a generator ends before fit is done
+
+
+class CountBatches:
+    """A Keras callback that counts the batches fit trained on."""
+
+    def __init__(self, keras):
+        outer = self
+
+        class Callback(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                outer.batches += 1
+
+        self.batches = 0
+        self.callback = Callback()
+
+
+def fit_and_warnings(keras, generator, steps: int, epochs: int) -> tuple[dict, int, list[str]]:
+    """``fit(generator, steps_per_epoch=steps, epochs=epochs)``: its history, the batches it trained on,
+    and the text of every warning raised meanwhile."""
+    count = CountBatches(keras)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = tiny_model(keras).fit(
+            generator, steps_per_epoch=steps, epochs=epochs, shuffle=False, verbose=0, callbacks=[count.callback]
+        )
+    return history.history, count.batches, [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("last_batch", ["wrap", "short", "drop"])
+def test_fit_on_stream_runs_every_epoch_of_a_finite_loader(keras, data, request, last_batch):
+    if last_batch == "short" and keras.backend.backend() == "tensorflow":
+        request.applymarker(
+            pytest.mark.xfail(
+                reason="Keras' TensorFlow generator adapter fixes the batch dimension from the first two batches "
+                "(data_adapter_utils.get_keras_tensor_spec): a short last batch is refused",
+                strict=True,
+            )
+        )
+    x, y = data[0][:ODD_N], data[1][:ODD_N]
+    with prefetch.Loader(x, y, batch_size=BATCH, seed=6, epochs=EPOCHS, last_batch=last_batch, workers=2) as loader:
+        history, trained, said = fit_and_warnings(keras, loader.stream(), len(loader), EPOCHS)
+        assert loader.position == EPOCHS * len(loader)  # every batch of every epoch, none more
+        with pytest.raises(prefetch.LoaderExhaustedError):
+            loader.stream()
+    assert len(history["loss"]) == EPOCHS
+    assert trained == EPOCHS * len(loader)
+    assert not [message for message in said if RAN_OUT in message], said
+
+
+def test_fit_on_data_generator_runs_every_epoch(keras, data):
+    x, y = data[0][:ODD_N], data[1][:ODD_N]
+    gen = prefetch.data_generator(BATCH, x, y, seed=7, workers=2)
+    steps = prefetch.Loader.of(gen).steps_per_epoch
+    try:
+        history, trained, said = fit_and_warnings(keras, gen, steps, EPOCHS)
+        position = prefetch.Loader.of(gen).position
+    finally:
+        gen.close()
+    assert len(history["loss"]) == EPOCHS and trained == EPOCHS * steps
+    assert not [message for message in said if RAN_OUT in message], said
+    if keras.backend.backend() == "tensorflow":  # tf.data prefetches from an endless generator
+        assert position >= EPOCHS * steps
+    else:
+        assert position == EPOCHS * steps
+
+
+def test_the_one_epoch_iteration_runs_out_of_data_in_fit_and_keras_says_so(keras, data):
+    """The control for the two tests above: ``iter(loader)`` is one epoch, so fit asking for three gets
+    one, and Keras warns on the channel they listen to (why the docs say ``loader.stream()`` for fit)."""
+    x, y = data[0][:ODD_N], data[1][:ODD_N]
+    with prefetch.Loader(x, y, batch_size=BATCH, seed=6, epochs=EPOCHS, workers=2) as loader:
+        _, trained, said = fit_and_warnings(keras, iter(loader), len(loader), EPOCHS)
+        assert loader.position == len(loader)
+    assert trained < EPOCHS * len(loader)
+    assert [message for message in said if RAN_OUT in message], said

@@ -27,13 +27,14 @@ def test_training_loop_over_a_loader_lowers_the_loss_without_copies(torch):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     epoch_losses: list[list[float]] = [[] for _ in range(EPOCHS)]
     with prefetch.Loader(x, y, batch_size=BATCH, epochs=EPOCHS, seed=0, workers=2, last_batch="short") as loader:
-        for step, (xb, yb) in enumerate(loader):
-            tx, ty = torch.from_numpy(xb), torch.from_numpy(yb)
-            assert tx.data_ptr() == xb.ctypes.data and ty.data_ptr() == yb.ctypes.data  # a view, not a copy
-            loss = torch.nn.functional.mse_loss(model(tx), ty)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            epoch_losses[step // loader.steps_per_epoch].append(loss.item())
-    assert all(len(losses) == N // BATCH for losses in epoch_losses)
+        for epoch in range(EPOCHS):  # the DataLoader loop: one `for` over the loader per epoch
+            for xb, yb in loader:
+                tx, ty = torch.from_numpy(xb), torch.from_numpy(yb)
+                assert tx.data_ptr() == xb.ctypes.data and ty.data_ptr() == yb.ctypes.data  # a view, not a copy
+                loss = torch.nn.functional.mse_loss(model(tx), ty)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                epoch_losses[epoch].append(loss.item())
+    assert all(len(losses) == N // BATCH == len(loader) for losses in epoch_losses)
     assert np.mean(epoch_losses[-1]) < 0.1 * np.mean(epoch_losses[0])

@@ -45,11 +45,11 @@ def digests(batches: list[Any]) -> list[str]:
 
 
 def processes_stream(*sources: Any, **options: Any) -> list[Any]:
-    """The same loader's stream from the processes executor."""
+    """The same loader's stream (every epoch) from the processes executor."""
     options.setdefault("workers", 2)
     options.setdefault("start_method", "forkserver")  # Ray runs threads in this process: no fork
     with prefetch.Loader(*sources, **options) as loader:
-        return list(loader)
+        return list(loader.stream())
 
 
 class Boom(Exception):

@@ -12,8 +12,9 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
 
 DATA_X = np.random.default_rng(0).random((203, 5)).astype(np.float32)
 DATA_Y = np.arange(203)
-# 203 samples in batches of 16: an epoch ends inside batch 12, so batch 12 straddles two epochs; the
-# transform draws from random, np.random and batch_rng(), the batch_transform from np.random.
+# 203 samples in batches of 16: an epoch ends inside batch 12, so batch 12 straddles two epochs (and the
+# last of the 26 full batches of two epochs takes 13 samples of a third); the transform draws from random,
+# np.random and batch_rng(), the batch_transform from np.random.
 OPTIONS = {"batch_size": 16, "epochs": 2, "seed": 1234, "transform": augment, "batch_transform": batch_noise}
 
 
@@ -25,22 +26,22 @@ def reference():
 @pytest.mark.parametrize("actors", [1, 3])
 def test_same_batches_as_processes_over_an_epoch_boundary(local_ray, reference, actors):
     with prefetch.Loader(DATA_X, DATA_Y, workers=actors, executor="ray", **OPTIONS) as loader:
-        got = list(loader)
+        got = list(loader.stream())
     assert len(got) == len(reference) == 26
     assert digests(got) == reference
 
 
 def test_resume_from_processes_on_ray_and_back(local_ray, reference):
     with prefetch.Loader(DATA_X, DATA_Y, workers=2, start_method="forkserver", **OPTIONS) as loader:
-        first = [batch for _, batch in zip(range(7), loader)]
+        first = [batch for _, batch in zip(range(7), loader.stream())]
         state = loader.state_dict()
     with prefetch.Loader(DATA_X, DATA_Y, workers=3, executor="ray", **{**OPTIONS, "seed": 1}) as loader:
         loader.load_state_dict(state)  # adopts the saved seed
-        middle = [batch for _, batch in zip(range(8), loader)]
+        middle = [batch for _, batch in zip(range(8), loader.stream())]  # over the epoch boundary
         state = loader.state_dict()
     with prefetch.Loader(DATA_X, DATA_Y, workers=2, start_method="forkserver", **OPTIONS) as loader:
         loader.load_state_dict(state)
-        rest = list(loader)
+        rest = list(loader.stream())
     assert len(first + middle + rest) == 26
     assert digests(first + middle + rest) == reference
 

@@ -38,7 +38,7 @@ def test_actors_on_both_nodes_make_the_same_stream(two_nodes):
     assert len(nodes) == 2
     executor = prefetch.RayExecutor(actor_options={"scheduling_strategy": "SPREAD", "num_cpus": 1})
     with prefetch.Loader(DATA_X, DATA_Y, workers=4, executor=executor, **OPTIONS) as loader:
-        got = list(loader)
+        got = list(loader.stream())
         stats = loader.stats()
     assert set(stats.worker_nodes.values()) == nodes  # two actors on each node
     made = {node: sum(stats.worker_busy[pid] for pid, at in stats.worker_nodes.items() if at == node) for node in nodes}
@@ -56,7 +56,7 @@ def test_a_node_lost_mid_run_has_its_batches_redone_elsewhere(two_nodes):
     executor = prefetch.RayExecutor(actor_options={"scheduling_strategy": "SPREAD"})
     with prefetch.Loader(DATA_X, DATA_Y, workers=4, retries=2, executor=executor, **options) as loader:
         got = []
-        for batch in loader:
+        for batch in loader.stream():
             got.append(batch)
             if len(got) == 8:
                 assert len(set(loader.stats().worker_nodes.values())) == 2

@@ -60,7 +60,7 @@ def test_the_order_is_made_once_and_held_by_the_config():
     config = loader.config
     assert config.order is config.order
     assert loader.steps_per_epoch == config.order.steps_per_epoch == 5
-    assert len(loader) == config.order.num_batches == 10
+    assert len(loader) == 5 and config.order.num_batches == 10  # len: batches per epoch
     first = [x.tolist() for x, _ in loader][:1]
     assert first == [X[config.order.batch_indices(0)].tolist()]
 

@@ -6,8 +6,9 @@ They check the rules of the module docstring:
   different across epochs and seeds, and the identity when ``shuffle`` is off;
 * sharding: the ranks' shards of one epoch are disjoint, equally sized, dealt round-robin
   from the front of the permutation, and every rank plans the same number of batches;
-* ``last_batch`` = ``"wrap"`` / ``"short"`` / ``"drop"``: batch counts, batch sizes and the
-  concatenation of the batches (also with ``batch_size`` larger than the shard);
+* ``last_batch`` = ``"wrap"`` / ``"short"`` / ``"drop"``: batch counts (``steps_per_epoch`` per epoch
+  in every mode), batch sizes (``wrap``: all full) and the concatenation of the batches (also with
+  ``batch_size`` larger than the shard); ``epoch_end``;
 * resuming at any batch, or asking for batches in any order, gives the same batches as one
   uninterrupted walk (the per-``Order`` epoch cache never changes a result);
 * ``IndexError`` outside a finite stream, endless streams far out, batches that straddle an
@@ -69,10 +70,9 @@ def all_batches(order: Order) -> list[list[int]]:
 def model_plan(mode: str, m: int, bs: int, epochs: int) -> list[tuple[int, int, int]]:
     """``(epoch, offset, length)`` of every batch, straight from the docstring's rules."""
     plan = []
-    if mode == "wrap":
-        total = epochs * m
-        for start in range(0, total, bs):
-            plan.append((start // m, start % m, min(bs, total - start)))
+    if mode == "wrap":  # ceil(m / bs) full batches per epoch of the loop, cut from the continuous stream
+        for b in range(epochs * math.ceil(m / bs)):
+            plan.append((b * bs // m, b * bs % m, bs))
     else:
         for epoch in range(epochs):
             last = m if mode == "short" else m - bs + 1
@@ -204,14 +204,18 @@ def test_wrap_counts_and_contents(config):
     config = {**config, "last_batch": "wrap"}
     order = Order(**config)
     m, bs, epochs = order.shard_size, config["batch_size"], config["epochs"]
-    assert order.num_batches == math.ceil(epochs * m / bs)
+    steps = math.ceil(m / bs)
+    assert order.steps_per_epoch == steps
+    assert order.num_batches == epochs * steps  # an epoch of the loop is steps_per_epoch batches
     batches = all_batches(order)
     assert len(batches) == order.num_batches
-    assert all(len(batch) == bs for batch in batches[:-1])
-    assert 1 <= len(batches[-1]) <= bs
-    stream = [i for e in range(epochs) for i in order.epoch_shard(e).tolist()]
-    assert [i for batch in batches for i in batch] == stream
-    assert sum(map(len, batches)) == epochs * m
+    assert all(len(batch) == bs for batch in batches)  # every batch full, the last one too
+    # The batches are the continuous stream of data epochs: the E epochs asked for, then up to
+    # E * (bs - 1) samples of the epochs after them.
+    extra = epochs * steps * bs - epochs * m
+    assert 0 <= extra <= epochs * (bs - 1)
+    stream = [i for e in range(epochs + extra // m + 1) for i in order.epoch_shard(e).tolist()]
+    assert [i for batch in batches for i in batch] == stream[: epochs * steps * bs]
 
 
 @FAST
@@ -299,13 +303,12 @@ def test_batch_size_larger_than_the_shard(config, extra):
     elif config["last_batch"] == "short":
         assert batches == [order.epoch_shard(e).tolist() for e in range(epochs)]
     else:
-        assert len(batches) == math.ceil(epochs * m / bs)
-        stream = [i for e in range(epochs) for i in order.epoch_shard(e).tolist()]
-        assert batches == [stream[s : s + bs] for s in range(0, epochs * m, bs)]
-        if epochs * m > bs:
-            # The first batch holds all of epoch 0 and the start of epoch 1.
-            assert batches[0][:m] == order.epoch_shard(0).tolist()
-            assert batches[0][m : 2 * m] == order.epoch_shard(1).tolist()[: bs - m]
+        assert order.steps_per_epoch == 1 and len(batches) == epochs  # one full batch per epoch of the loop
+        stream = [i for e in range(epochs * bs // m + 1) for i in order.epoch_shard(e).tolist()]
+        assert batches == [stream[s : s + bs] for s in range(0, epochs * bs, bs)]
+        # The first batch holds all of epoch 0 and the start of epoch 1.
+        assert batches[0][:m] == order.epoch_shard(0).tolist()
+        assert batches[0][m : 2 * m] == order.epoch_shard(1).tolist()[: bs - m]
 
 
 @FAST
@@ -456,8 +459,8 @@ def test_hand_checked_endless_boundary(mode):
 # --- 7: hand-checked plans ------------------------------------------------------------------------
 
 HAND_CHECKED = {
-    # n=5, batch_size=2, shuffle off, 2 epochs: each epoch is [0, 1, 2, 3, 4].
-    "wrap": [[0, 1], [2, 3], [4, 0], [1, 2], [3, 4]],
+    # n=5, batch_size=2, shuffle off, 2 epochs: each epoch is [0, 1, 2, 3, 4]; wrap: 3 full batches an epoch.
+    "wrap": [[0, 1], [2, 3], [4, 0], [1, 2], [3, 4], [0, 1]],
     "short": [[0, 1], [2, 3], [4], [0, 1], [2, 3], [4]],
     "drop": [[0, 1], [2, 3], [0, 1], [2, 3]],
 }
@@ -479,11 +482,15 @@ def test_hand_checked_n5_bs2_two_epochs(mode):
         # Two ranks of five samples: the front four, [0, 1, 2, 3], dealt out; sample 4 is skipped.
         ({"rank": 0, "world_size": 2, "batch_size": 2, "epochs": 2}, [[0, 2], [0, 2]]),
         ({"rank": 1, "world_size": 2, "batch_size": 2, "epochs": 2}, [[1, 3], [1, 3]]),
-        ({"rank": 1, "world_size": 2, "batch_size": 3, "epochs": 3}, [[1, 3, 1], [3, 1, 3]]),
-        # batch_size 4 over three epochs of five: 15 samples, the last batch holds 3.
-        ({"batch_size": 4, "epochs": 3}, [[0, 1, 2, 3], [4, 0, 1, 2], [3, 4, 0, 1], [2, 3, 4]]),
-        # batch_size 7 > 5: each batch spans epochs; 10 samples -> 7 + 3.
-        ({"batch_size": 7, "epochs": 2}, [[0, 1, 2, 3, 4, 0, 1], [2, 3, 4]]),
+        # A shard of two, batches of three: one full batch per epoch of the loop, spanning data epochs.
+        ({"rank": 1, "world_size": 2, "batch_size": 3, "epochs": 3}, [[1, 3, 1], [3, 1, 3], [1, 3, 1]]),
+        # batch_size 4, three epochs of five: two full batches an epoch, 24 samples (9 of data epochs 3, 4).
+        (
+            {"batch_size": 4, "epochs": 3},
+            [[0, 1, 2, 3], [4, 0, 1, 2], [3, 4, 0, 1], [2, 3, 4, 0], [1, 2, 3, 4], [0, 1, 2, 3]],
+        ),
+        # batch_size 7 > 5: one full batch an epoch, each spanning data epochs.
+        ({"batch_size": 7, "epochs": 2}, [[0, 1, 2, 3, 4, 0, 1], [2, 3, 4, 0, 1, 2, 3]]),
     ],
 )
 def test_hand_checked_wrap_plans(kwargs, expected):
@@ -521,3 +528,13 @@ def test_batch_length_matches_the_indices(n, batch_size, epochs, last_batch):
     order = Order(n=n, batch_size=batch_size, seed=1, epochs=epochs, last_batch=last_batch)
     for b in range(order.num_batches):
         assert order.batch_length(b) == len(order.batch_indices(b))
+
+
+@FAST
+@given(config=configs(epochs=st.one_of(st.none(), st.integers(1, 4))), data=st.data())
+def test_epoch_end_is_the_next_multiple_of_steps_per_epoch(config, data):
+    order = Order(**config)
+    assume(order.steps_per_epoch > 0)
+    b = data.draw(st.integers(0, 10**6), label="batch")
+    end = order.epoch_end(b)
+    assert end % order.steps_per_epoch == 0 and end - order.steps_per_epoch <= b < end
