@@ -20,7 +20,7 @@ RANK_SCRIPT = textwrap.dedent(
     rank, seed = int(sys.argv[1]), json.loads(sys.argv[2])
     try:
         loader = prefetch.Loader(np.arange({n}), batch_size=10, epochs=1, seed=seed, rank=rank, world_size=2,
-                                 workers=0)
+                                 last_batch="short", workers=0)  # one epoch: exactly the rank's shard
     except ValueError as error:
         print(json.dumps({{"error": str(error)}}))
         sys.exit(3)
