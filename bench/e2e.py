@@ -425,10 +425,20 @@ def training_env() -> dict[str, str]:
 
 
 def run_in_fresh_process(case: dict[str, Any], timeout_s: float = 600) -> dict[str, Any]:
-    """Run one case (``{"workload": ..., "system": ..., ...}``) in a new interpreter; its result."""
+    """Run one case (``{"workload": ..., "system": ..., ...}``) in a new interpreter; its result.
+
+    A case with ``"tree": PATH`` runs that checkout's own ``bench/e2e.py`` with its ``prefetch`` first on the
+    path: the code before a change, measured in the same rounds as the code after it."""
+    case = dict(case)
+    tree = case.pop("tree", None)
+    env = training_env()
+    script = Path(__file__)
+    if tree is not None:
+        script = Path(tree) / "bench" / "e2e.py"
+        env["PYTHONPATH"] = os.pathsep.join([str(tree), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     done = subprocess.run(
-        [sys.executable, str(Path(__file__)), "run", json.dumps(case)],
-        env=training_env(),
+        [sys.executable, str(script), "run", json.dumps(case)],
+        env=env,
         capture_output=True,
         text=True,
         timeout=timeout_s,
@@ -449,6 +459,21 @@ def compare(cases: dict[str, dict[str, Any]], rounds: int) -> dict[str, list[dic
         for label in labels:
             results[label].append(run_in_fresh_process(cases[label]))
     return results
+
+
+def baseline_tree() -> str | None:
+    """``BENCH_BASELINE_TREE``: a checkout of the code before a change, run as one more system (see
+    ``run_in_fresh_process``), or None."""
+    tree = os.environ.get("BENCH_BASELINE_TREE")
+    if tree and not (Path(tree) / "prefetch" / "__init__.py").exists():
+        raise RuntimeError(f"BENCH_BASELINE_TREE={tree!r} is not a prefetch checkout")
+    return tree or None
+
+
+def paired_ratio(runs: list[dict[str, Any]], base: list[dict[str, Any]], key: str) -> float:
+    """The median over rounds of ``run[key] / base[key]`` within each round: on a machine whose speed drifts
+    between rounds, systems compared inside a round say more than a ratio of medians does."""
+    return statistics.median(a[key] / b[key] for a, b in zip(runs, base, strict=True))
 
 
 def summary(values: list[float]) -> dict[str, float]:

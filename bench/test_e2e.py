@@ -43,6 +43,13 @@ def _cores(runs: list[dict[str, Any]]) -> tuple[float, float]:
     return loop, others
 
 
+def _add_baseline(cases: dict[str, dict[str, Any]], system: str) -> None:
+    """With ``BENCH_BASELINE_TREE`` set, the same case run by that checkout's code, as "<system> (baseline)"."""
+    tree = e2e.baseline_tree()
+    if tree is not None:
+        cases[f"{system} (baseline)"] = {**cases[system], "tree": tree}
+
+
 STEP_LABELS = {"none": "none (loader alone)", "default": "torch default threads", "1": "1 thread"}
 
 
@@ -60,6 +67,7 @@ def test_jpeg_training(benchmark: Any, results: Results, step: str) -> None:
         "torch": {"workload": "jpeg", "system": "torch", "step": step, "workers": 2},
         "prefetch": {"workload": "jpeg", "system": "prefetch", "step": step, "workers": -1},  # -1: default workers
     }
+    _add_baseline(cases, "prefetch")
     e2e.write_jpegs()
     runs = benchmark.pedantic(e2e.compare, args=(cases, ROUNDS), rounds=1, iterations=1)
     plain, torch = _median(runs["plain"], "images_per_s"), _median(runs["torch"], "images_per_s")
@@ -75,6 +83,8 @@ def test_jpeg_training(benchmark: Any, results: Results, step: str) -> None:
                 "min-max": _span(system_runs, "images_per_s", 1),
                 "vs plain": f"{rate / plain:.2f}x",
                 "vs DataLoader": f"{rate / torch:.2f}x",
+                "paired vs plain": f"{e2e.paired_ratio(system_runs, runs['plain'], 'images_per_s'):.2f}x",
+                "paired vs DataLoader": f"{e2e.paired_ratio(system_runs, runs['torch'], 'images_per_s'):.2f}x",
                 "first batch s": round(_median(system_runs, "first_batch_s"), 3),
                 "loop cores": round(loop, 2),
                 "worker cores": round(others, 2),
@@ -99,6 +109,7 @@ def test_keras_fit(benchmark: Any, results: Results, threads: str) -> None:
         "plain": {"workload": "keras", "system": "plain", "threads": threads},
         "prefetch": {"workload": "keras", "system": "prefetch", "threads": threads},
     }
+    _add_baseline(cases, "prefetch")
     runs = benchmark.pedantic(e2e.compare, args=(cases, ROUNDS), rounds=1, iterations=1)
     plain = _median(runs["plain"], "s_per_epoch")
     for system, system_runs in runs.items():
@@ -111,6 +122,7 @@ def test_keras_fit(benchmark: Any, results: Results, threads: str) -> None:
                 "s per epoch (median)": round(seconds, 3),
                 "min-max": _span(system_runs, "s_per_epoch", 3),
                 "epochs/s vs plain": f"{plain / seconds:.2f}x",
+                "paired vs plain": f"{1 / e2e.paired_ratio(system_runs, runs['plain'], 's_per_epoch'):.2f}x",
                 "rounds": len(system_runs),
             },
         )
