@@ -21,7 +21,7 @@ import threading
 import weakref
 from collections.abc import Generator
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Unpack
+from typing import TYPE_CHECKING, Any
 
 from .core.config import GeneratorOptions, LoaderConfig, LoaderOptions
 from .errors import ConcurrentIterationError, IteratorSupersededError, LoaderClosedError
@@ -29,6 +29,8 @@ from .stats import Stats, StatsRecorder
 from .validation import make_config
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack is 3.11+; annotations are strings, never evaluated
+
     from .consumer import Engine, InlineEngine
     from .executor import Executor
 
