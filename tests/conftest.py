@@ -68,6 +68,10 @@ def pytest_configure(config):
     config.addinivalue_line(
         "filterwarnings", r"ignore:1 more thread running in this process \('pytest_timeout:prefetch.PrefetchWarning"
     )
+    # Python 3.12+ says the same of that thread at every fork (prefetch itself starts no thread).
+    config.addinivalue_line(
+        "filterwarnings", r"ignore:This process \(pid=\d+\) is multi-threaded, use of fork\(\):DeprecationWarning"
+    )
 
 
 def pytest_generate_tests(metafunc):
