@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 import types
 
 import numpy as np
@@ -506,9 +505,9 @@ def consume_within_the_bound(loader, source: AheadSource, depth: int, batches: i
             source.take(taken)
             next(stream)  # not kept: working on it, the user holds nothing
             window = min(source.n, (taken + depth - 1) * source.batch_size)
-            wait_until(lambda: source.loaded() >= window, what=f"the workers fill the window: {window} samples loaded")
+            wait_until(lambda: source.loaded() >= window, what=f"the workers fill the window: {window} samples loaded")  # noqa: B023
             ahead = source.ahead()
-            assert ahead <= depth - 1, f"a load ran {ahead} batches ahead of the batch the user works on, not {depth - 1}"
+            assert ahead <= depth - 1, f"a load ran {ahead} batches ahead of the batch in hand, not {depth - 1}"
     finally:
         stream.close()
     assert source.ahead() == depth - 1  # the window was used to the full

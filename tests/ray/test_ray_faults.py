@@ -23,7 +23,8 @@ DATA_Y = np.arange(400)
 def test_prefetch_bounds_work_done_ahead_of_a_slow_consumer(local_ray, tmp_path):
     source = AheadSource(400, 4, str(tmp_path))
     depth = 4
-    with prefetch.Loader(source, batch_size=4, shuffle=False, workers=3, prefetch=depth, epochs=1, executor="ray") as loader:
+    options = {"batch_size": 4, "shuffle": False, "workers": 3, "prefetch": depth, "epochs": 1}
+    with prefetch.Loader(source, executor="ray", **options) as loader:
         consume_within_the_bound(loader, source, depth)
         assert loader.stats().max_fill <= depth
 
