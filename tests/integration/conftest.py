@@ -3,7 +3,8 @@
 On TensorFlow, Keras feeds ``fit`` from a generator through ``tf.data``, which pulls batches ahead of the
 steps it trains on (``loader.position`` ends past ``epochs * steps_per_epoch``: measured 50 to 53 for 48) and
 keeps the batches it pulled, as tensors over their memory, after ``fit`` returns and the loader is closed
-(their shared memory stays mapped in the process until TensorFlow lets go; no file and no process is left).
+(their shared memory stays mapped, and its descriptor open, until TensorFlow lets go; no file and no process
+is left).
 The Keras tests run there as everywhere, marked ``holds_batches``; the one that counts the batches pulled is
 an expected failure, strict: when it passes, the mark goes."""
 
