@@ -45,6 +45,7 @@ Python-object sources, a low open-files limit): see ``prefetch.doctor``.
 from __future__ import annotations
 
 import signal
+import sys
 import traceback
 from dataclasses import dataclass
 
@@ -164,6 +165,41 @@ class RemoteTraceback(Exception):
         return "\n\n" + self.text
 
 
+class BatchNote(Exception):
+    """Python 3.10 only: the note naming the batch of an exception raised in the calling process
+    (``workers=0``), chained as its ``__cause__`` (in front of its own cause) so that the printed
+    traceback shows it; 3.11 and later print the note itself."""
+
+
+def add_note(exc: BaseException, note: str) -> None:
+    """``exc.add_note(note)``. Python 3.10 has no ``add_note`` and prints no ``__notes__`` (unless a backport such
+    as ``exceptiongroup``, which pytest imports, taught ``traceback`` to): there the note is kept in ``__notes__``
+    all the same and, when ``traceback`` would not print it, also written where the printed traceback shows it --
+    at the end of the chained worker's ``RemoteTraceback``, else in a ``BatchNote`` chained in front of the
+    exception's own cause."""
+    if sys.version_info >= (3, 11):
+        exc.add_note(note)
+        return
+    exc.__notes__ = [*getattr(exc, "__notes__", []), note]  # type: ignore[attr-defined]
+    if _notes_printed():
+        return
+    cause = exc.__cause__
+    if isinstance(cause, RemoteTraceback):
+        cause.text = f"{cause.text.rstrip()}\n{note}"
+        cause.args = (cause.text,)
+        return
+    shown = BatchNote(note)
+    shown.__cause__ = cause
+    exc.__cause__ = shown
+
+
+def _notes_printed() -> bool:
+    """Whether ``traceback`` prints ``__notes__`` here (3.10: only once a backport patched it)."""
+    probe = Exception()
+    probe.__notes__ = ["probe"]  # type: ignore[attr-defined]
+    return "probe" in "".join(traceback.format_exception_only(type(probe), probe))
+
+
 @dataclass(frozen=True, slots=True)
 class Failure:
     """A user-code exception packed in a worker, small enough for a message."""
@@ -209,7 +245,7 @@ class Failure:
                 pid=pid,
             )
         exc.__cause__ = RemoteTraceback(self.traceback)
-        exc.add_note(note)
+        add_note(exc, note)
         return exc
 
 
@@ -228,7 +264,7 @@ def where_text(where: str) -> str:
 
 def annotate(exc: BaseException, where: str, batch: int) -> BaseException:
     """Add the in-process (``workers=0``) note that matches a worker's."""
-    exc.add_note(f"prefetch: raised in {where_text(where)} of batch {batch}, in the calling process (workers=0)")
+    add_note(exc, f"prefetch: raised in {where_text(where)} of batch {batch}, in the calling process (workers=0)")
     return exc
 
 

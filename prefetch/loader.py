@@ -21,7 +21,7 @@ import threading
 import weakref
 from collections.abc import Generator
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Unpack
+from typing import TYPE_CHECKING, Any
 
 from ._engine_slot import EngineSlot
 from ._tuning import settle_training_threads
@@ -31,6 +31,8 @@ from .stats import Stats, StatsRecorder
 from .validation import make_config
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack is 3.11+; annotations are strings, never evaluated
+
     from .consumer import Engine, InlineEngine
     from .executor import Executor
 

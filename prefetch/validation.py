@@ -12,7 +12,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Unpack
+from typing import TYPE_CHECKING, Any
 
 from .core.config import (
     COLLATE_MODES,
@@ -27,6 +27,9 @@ from .core.config import (
 )
 from .core.order import LAST_BATCH_MODES
 from .errors import PrefetchWarning
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack is 3.11+; annotations are strings, never evaluated
 
 
 def _start_methods() -> list[str]:

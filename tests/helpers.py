@@ -45,26 +45,52 @@ def as_list(batch) -> list:
     return batch
 
 
-class CountingSource:
-    """A source that appends one byte to a file per sample loaded (works across processes)."""
+class AheadSource:
+    """A source of ``n`` samples that records, at every load, how far the loaders run ahead of the consumer.
 
-    def __init__(self, n: int, path: str):
+    The consumer keeps the number of batches it has asked for in the file ``taken`` (``take``); every load
+    (in any worker process) appends its batch number and the number it read there to the file ``loads``. With
+    ``shuffle=False`` sample ``i`` belongs to batch ``i // batch_size``, so a load of batch ``b`` when ``t``
+    batches were taken is ``b + 1 - t`` batches ahead of the consumer: counted, not timed."""
+
+    def __init__(self, n: int, batch_size: int, directory: str):
         self.n = n
-        self.path = path
+        self.batch_size = batch_size
+        self.taken = os.path.join(directory, "taken")
+        self.loads_path = os.path.join(directory, "loads")
+        self.take(0)
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, i: int) -> np.ndarray:
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        with open(self.taken, "rb") as file:
+            taken = int.from_bytes(file.read(8), "little")
+        fd = os.open(self.loads_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         try:
-            os.write(fd, b"x")
+            os.write(fd, f"{i // self.batch_size} {taken}\n".encode())  # one write: whole lines from any process
         finally:
             os.close(fd)
         return np.full(4, i, dtype=np.int64)
 
+    def take(self, batches: int) -> None:
+        """Say that the consumer has asked for ``batches`` batches (before it asks for the last of them)."""
+        with open(self.taken, "r+b" if os.path.exists(self.taken) else "wb") as file:
+            file.write(batches.to_bytes(8, "little"))
+
+    def loads(self) -> list[tuple[int, int]]:
+        """``(batch, batches taken then)`` of every load so far."""
+        if not os.path.exists(self.loads_path):
+            return []
+        with open(self.loads_path) as file:
+            return [(int(batch), int(taken)) for batch, taken in (line.split() for line in file)]
+
     def loaded(self) -> int:
-        return os.path.getsize(self.path) if os.path.exists(self.path) else 0
+        return len(self.loads())
+
+    def ahead(self) -> int:
+        """The most batches any load so far ran ahead of the consumer."""
+        return max((batch + 1 - taken for batch, taken in self.loads()), default=0)
 
 
 class DictSource:
@@ -510,23 +536,6 @@ def reap(process: subprocess.Popen, pids, timeout_s: float) -> None:
     for name in segments_of(process.pid):
         os.unlink(os.path.join("/dev/shm", name))
     process.communicate(timeout=timeout_s)
-
-
-def consume_slowly_within_the_bound(
-    loader, source, batch_size: int, depth: int, step_s: float, settle_s: float
-) -> None:
-    """Take 15 batches with a slow "training step" of ``step_s`` each; after every one, and once more
-    after ``settle_s`` for the pipeline to fill, ``source`` (a ``CountingSource``) must have loaded no
-    more than ``prefetch`` batches beyond those taken: the workers never run ahead of the bound."""
-    consumed = 0
-    for _ in loader:
-        consumed += 1
-        time.sleep(step_s)
-        assert source.loaded() <= (consumed + depth) * batch_size
-        if consumed == 15:
-            break
-    time.sleep(settle_s)  # time to fill up to the bound, and no further
-    assert source.loaded() <= (consumed + depth) * batch_size
 
 
 @contextlib.contextmanager

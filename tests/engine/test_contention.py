@@ -1,19 +1,25 @@
 """The truth about sharing the cores: ``stats()`` says when the loop and the workers compete for them, and
-that a loop with no training step waits by design. Contention is injected for real: a loop that burns a
-fixed amount of CPU per batch, on one core with two CPU-bound workers."""
+that a loop with no training step waits by design.
+
+Two halves, each exact whatever else the machine runs. The figures: a loop that burns a fixed amount of CPU
+per batch, on one core with two CPU-bound workers, must be reported as at least the CPU seconds it burned
+(counted, not timed). The verdict: ``contention`` and the ``note`` row, from figures the test sets on either
+side of each threshold. (Whether other processes left the loop and the workers enough of the core to fill it
+is the machine's business, so the real run is not asked for the verdict.)"""
 
 from __future__ import annotations
 
 import re
 import time
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from helpers import burn_cpu, cpu_heavy, one_core
 
 import prefetch
-from prefetch._tuning import CONTENTION_SHARE
+from prefetch._tuning import CONTENTION_SHARE, IDLE_CONSUMER_CORES, WAITING_SHARE, WORKERS_BUSY_CORES
 from prefetch.stats import Stats
 
 DATA = np.arange(64 * 4, dtype=np.float32).reshape(64, 4)
@@ -21,8 +27,8 @@ BATCH = 8  # 8 samples of 2 ms of CPU: 16 ms of a worker's CPU per batch
 STEP_CPU_S = 0.015  # the training step: as much CPU per batch as making the batch takes
 
 
-def test_a_cpu_bound_loop_and_cpu_bound_workers_on_one_core_compete():
-    batches = 40
+def test_a_cpu_bound_loop_and_cpu_bound_workers_on_one_core_are_counted_in_full():
+    batches = 20
     with one_core(), prefetch.Loader(DATA, batch_size=BATCH, seed=0, workers=2, transform=cpu_heavy) as loader:
         started = time.perf_counter()
         for _ in _first(loader, batches):
@@ -32,28 +38,63 @@ def test_a_cpu_bound_loop_and_cpu_bound_workers_on_one_core_compete():
         text = str(stats)
     assert stats.cores == 1 and stats.batches == batches
     assert stats.elapsed_s == pytest.approx(wall, rel=0.2, abs=0.2)
-    # CPU seconds, whatever else runs on the machine: the loop burned 40 x 15 ms, the workers 320 x 2 ms
+    # CPU seconds, whatever else runs on the machine: the loop burned 20 x 15 ms, the workers 160 x 2 ms
     assert stats.consumer_cpu * stats.elapsed_s >= batches * STEP_CPU_S * 0.9
     assert stats.workers_cpu * stats.elapsed_s >= batches * BATCH * 0.002 * 0.9
     assert re.search(r"^cpu\s+loop [0-9.]+ cores \(\d+ threads\), workers [0-9.]+ cores, of 1 usable$", text, re.M)
-    assert not stats.idle_loop and "not a stall" not in text
-    used = stats.consumer_cpu + stats.workers_cpu
-    if used < CONTENTION_SHARE * stats.cores:
-        assert stats.contention is None  # the figures say they did not fill the core, and so does the sentence
-        pytest.skip(
-            f"other processes took the core: the loop and the workers got {used:.2f} of it, so they did not "
-            "compete with each other for it (run on a quiet machine)"
-        )
+    assert not stats.idle_loop and "not a stall" not in text  # the loop worked between batches
+    # the verdict is the rule's on these figures, and the table says it when there is one
+    assert (stats.contention is not None) == any(line.startswith("note") for line in text.splitlines())
+
+
+# figures on either side of each threshold: (consumer_cpu, workers_cpu, wait_fraction) on `cores` cores
+MARGIN = 0.02
+COMPETING = {
+    "one core, filled": (1, 0.5, 0.5, 0.3),
+    "one core, just enough": (1, CONTENTION_SHARE - 0.1, 0.1 + MARGIN, WAITING_SHARE - MARGIN),
+    "two cores, filled": (2, 1.2, 0.8, 0.1),
+}
+NOT_COMPETING = {
+    "the core not filled": (1, CONTENTION_SHARE - 0.1, 0.1 - MARGIN, 0.3),
+    "the loop waits for data": (1, 0.5, 0.5, WAITING_SHARE),
+    "the workers do nothing": (1, 1.0, WORKERS_BUSY_CORES - 0.01, 0.0),
+    "two cores, one filled": (2, 0.5, 0.5, 0.1),
+}
+
+
+@pytest.mark.parametrize("case", list(COMPETING))
+def test_a_step_and_workers_that_fill_the_cores_are_told_they_compete(case):
+    cores, consumer_cpu, workers_cpu, wait = COMPETING[case]
+    stats = _snapshot(cores=cores, consumer_cpu=consumer_cpu, workers_cpu=workers_cpu, wait_fraction=wait, batches=9)
     note = stats.contention
-    assert note is not None, f"no contention reported: {stats.to_dict()}"
-    assert note.startswith("the training step and the workers compete for 1 core"), note
+    assert note is not None and not stats.idle_loop
+    assert note.startswith(f"the training step and the workers compete for {cores} core{'s' if cores > 1 else ''}:")
+    assert f"used {consumer_cpu:.2f} cores" in note and f"the workers {workers_cpu:.2f}" in note
     assert "torch.set_num_threads" in note and "worker_nice" in note  # what to change
-    note_row = next(line for line in text.splitlines() if line.startswith("note"))
-    assert "compete for 1 core" in note_row
+    note_row = next(line for line in str(stats).splitlines() if line.startswith("note"))
+    assert f"compete for {cores} core" in note_row
+
+
+@pytest.mark.parametrize("case", list(NOT_COMPETING))
+def test_a_step_and_workers_that_leave_room_are_not_told_they_compete(case):
+    cores, consumer_cpu, workers_cpu, wait = NOT_COMPETING[case]
+    stats = _snapshot(cores=cores, consumer_cpu=consumer_cpu, workers_cpu=workers_cpu, wait_fraction=wait, batches=9)
+    assert stats.contention is None and not stats.idle_loop
+    assert "compete" not in str(stats) and not [line for line in str(stats).splitlines() if line.startswith("note")]
+
+
+def test_a_loop_without_work_that_waits_is_told_it_is_no_stall_whatever_the_cores_do():
+    idle = _snapshot(cores=1, consumer_cpu=IDLE_CONSUMER_CORES - MARGIN, workers_cpu=0.98, wait_fraction=WAITING_SHARE)
+    assert idle.idle_loop and idle.contention is not None
+    assert idle.contention.startswith("the loop does no work between batches")
+    busy = replace(idle, consumer_cpu=IDLE_CONSUMER_CORES + MARGIN)  # a loop that works is no idle loop
+    assert not busy.idle_loop and busy.contention is None  # and, waiting, it does not compete either
 
 
 def test_a_loop_that_does_nothing_between_batches_waits_by_design_not_a_stall():
-    loader = prefetch.Loader(DATA, batch_size=BATCH, seed=0, workers=2, transform=cpu_heavy, epochs=10)
+    # worker_nice=0: with no step to step back for, and so that other processes on a busy machine do not starve
+    # the workers of the CPU they need (0.26 s in all)
+    loader = prefetch.Loader(DATA, batch_size=BATCH, seed=0, workers=2, transform=cpu_heavy, epochs=2, worker_nice=0)
     with warnings.catch_warnings(record=True) as caught, loader:
         for _ in loader.stream():
             pass  # no training step

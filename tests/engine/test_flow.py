@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 import pytest
-from helpers import CountingSource, consume_slowly_within_the_bound, wait_until
+from helpers import AheadSource, consume_within_the_bound, wait_until
 
 import prefetch
 from prefetch.processes.segments import LOCK_NAME, SHM_DIR
@@ -14,10 +14,9 @@ from prefetch.processes.segments import LOCK_NAME, SHM_DIR
 
 @pytest.mark.parametrize(("workers", "depth"), [(2, 2), (3, 5)])
 def test_backpressure_bounds_the_work_done_ahead(tmp_path, workers, depth):
-    source = CountingSource(400, str(tmp_path / "count"))
-    batch_size = 4
-    with prefetch.Loader(source, batch_size=batch_size, workers=workers, prefetch=depth, epochs=1) as loader:
-        consume_slowly_within_the_bound(loader, source, batch_size, depth, step_s=0.02, settle_s=0.3)
+    source = AheadSource(400, 4, str(tmp_path))
+    with prefetch.Loader(source, batch_size=4, shuffle=False, workers=workers, prefetch=depth, epochs=1) as loader:
+        consume_within_the_bound(loader, source, depth)
 
 
 def test_holding_every_batch_of_an_epoch_neither_deadlocks_nor_corrupts():

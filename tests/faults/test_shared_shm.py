@@ -168,15 +168,19 @@ def test_a_live_loader_here_keeps_its_segments_and_a_dead_lockless_owner_is_swep
     assert names_of(os.getpid()) == []
 
 
-def test_a_lock_whose_owner_is_gone_is_swept_with_its_segments():
+def test_a_lock_whose_owner_is_gone_is_swept_with_its_segments(tmp_path, monkeypatch):
     """The owner is a forked child that claims a prefix, makes a segment and exits without cleaning up.
-    It stays a zombie (not reaped) until the end, so its pid exists: only the lock can tell it is gone."""
+    It stays a zombie (not reaped) until the end, so its pid exists: only the lock can tell it is gone.
+    In a directory of the test's own: any other loader on the machine sweeps /dev/shm too, and could
+    take the dead owner's files before this test's sweep does."""
+    shm_dir = str(tmp_path)
+    monkeypatch.setattr(prefetch.processes.segments, "SHM_DIR", shm_dir)
     read_end, write_end = os.pipe()
     child = os.fork()
     if child == 0:  # pragma: no cover - the child
         try:
             lock = claim_prefix()
-            open(os.path.join(SHM_DIR, lock.prefix + "0-1-0"), "wb").close()
+            open(os.path.join(shm_dir, lock.prefix + "0-1-0"), "wb").close()
             os.write(write_end, lock.prefix.encode())
         finally:
             os._exit(0)  # no cleanup: as if killed
@@ -185,10 +189,10 @@ def test_a_lock_whose_owner_is_gone_is_swept_with_its_segments():
         prefix = os.read(read_end, 200).decode()
         os.close(read_end)
         wait_until(lambda: psutil.Process(child).status() == psutil.STATUS_ZOMBIE, timeout_s=10)
-        left = sorted(name for name in os.listdir(SHM_DIR) if name.startswith(prefix))
+        left = sorted(name for name in os.listdir(shm_dir) if name.startswith(prefix))
         assert left == [prefix + "0-1-0", prefix + LOCK_NAME]
         remove_stale_segments()
-        assert not any(name.startswith(prefix) for name in os.listdir(SHM_DIR))
+        assert not any(name.startswith(prefix) for name in os.listdir(shm_dir))
     finally:
         os.waitpid(child, 0)
 

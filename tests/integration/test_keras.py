@@ -190,13 +190,13 @@ def test_stall_monitor_reports_cpu_busy_and_warns_once_when_the_step_and_the_wor
         assert share * wall >= 0.8 * steps * (step_cpu + BATCH * 0.002), (busy, burner.walls)
     said = _prefetch_warnings(caught)
     competed = [b >= CONTENTION_SHARE and s < WAITING_SHARE for b, s in zip(busy, stalls)]
-    if not any(competed):
-        assert not [m for m in said if "workers compete for" in m]
-        pytest.skip(f"other processes took the core (busy {busy}): the step and the workers did not fill it")
     compete = [m for m in said if "workers compete for" in m]
-    assert len(compete) == 1, said  # once per fit, not once per epoch
-    assert "the training step and the workers compete for 1 core" in compete[0]
-    assert compete[0].startswith(f"epoch {competed.index(True) + 1}: ")
+    # Other processes may take the core, so whether the step and the workers filled it is the machine's: the
+    # warning follows the figures either way (on figures set by the test: test_keras_warning.py).
+    assert len(compete) == (1 if any(competed) else 0), (busy, stalls, said)  # once per fit, not once per epoch
+    if any(competed):
+        assert "the training step and the workers compete for 1 core" in compete[0]
+        assert compete[0].startswith(f"epoch {competed.index(True) + 1}: ")
 
 
 def test_stall_monitor_does_not_warn_without_workers_to_compete_with(keras, data):

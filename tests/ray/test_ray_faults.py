@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import CountingSource, consume_slowly_within_the_bound
+from helpers import AheadSource, consume_within_the_bound
 from rayhelpers import Boom, alive_actors, digests, fail_at, owned_objects, processes_stream, slow
 
 import prefetch
@@ -21,10 +21,11 @@ DATA_Y = np.arange(400)
 
 
 def test_prefetch_bounds_work_done_ahead_of_a_slow_consumer(local_ray, tmp_path):
-    source = CountingSource(400, str(tmp_path / "count"))
-    batch_size, depth = 4, 4
-    with prefetch.Loader(source, batch_size=batch_size, workers=3, prefetch=depth, epochs=1, executor="ray") as loader:
-        consume_slowly_within_the_bound(loader, source, batch_size, depth, step_s=0.05, settle_s=0.5)
+    source = AheadSource(400, 4, str(tmp_path))
+    depth = 4
+    options = {"batch_size": 4, "shuffle": False, "workers": 3, "prefetch": depth, "epochs": 1}
+    with prefetch.Loader(source, executor="ray", **options) as loader:
+        consume_within_the_bound(loader, source, depth)
         assert loader.stats().max_fill <= depth
 
 
