@@ -538,6 +538,29 @@ def reap(process: subprocess.Popen, pids, timeout_s: float) -> None:
     process.communicate(timeout=timeout_s)
 
 
+def consume_within_the_bound(loader, source: AheadSource, depth: int, batches: int = 15) -> None:
+    """Take ``batches`` batches of ``loader`` (``shuffle=False``, over ``source``, ``prefetch=depth``, credits
+    going back one batch at a time), one at a time, and after each wait until the workers have loaded all
+    that the bound lets them: while the user works on batch ``k``, batches ``k+1 .. k+depth-1`` and no more
+    (docs/design.md, "Backpressure"). No load may run further ahead, and the window must fill up to there.
+
+    Exact, whatever the machine's load: the consumer raises its count *before* it asks for the next batch, so
+    a load never sees a count behind what the engine knows, and between two batches -- where an engine that
+    ignores the bound would run past it -- the test waits for the window to fill, never for a time."""
+    stream = loader.stream() if hasattr(loader, "stream") else iter(loader)
+    try:
+        for taken in range(1, batches + 1):
+            source.take(taken)
+            next(stream)  # not kept: working on it, the user holds nothing
+            window = min(source.n, (taken + depth - 1) * source.batch_size)
+            wait_until(lambda: source.loaded() >= window, what=f"the workers fill the window: {window} samples loaded")  # noqa: B023
+            ahead = source.ahead()
+            assert ahead <= depth - 1, f"a load ran {ahead} batches ahead of the batch in hand, not {depth - 1}"
+    finally:
+        stream.close()
+    assert source.ahead() == depth - 1  # the window was used to the full
+
+
 @contextlib.contextmanager
 def native_threads(count: int):
     """``count`` OS threads that Python does not know about, as a C library's thread pool would be: each
