@@ -6,7 +6,7 @@ is *parked* (no owner): its processes keep going, so the next ``iter(loader)`` i
 thread adopts it and starts without a process start-up and with its prefetch window full.
 It is stopped by ``close()``, ``load_state_dict``, a generator closed or dropped mid-epoch,
 the end of the loader's last epoch, the loader's finalizer and the atexit hook
-(``_lifecycle.live_engines``). See docs/design.md ("Epochs").
+(``consumer.live_engines``). See docs/design.md ("Epochs").
 """
 
 from __future__ import annotations

@@ -1,92 +1,102 @@
 """``background``: run an existing sequential generator in one background process, ahead of the loop.
 
-The smallest step from a plain generator: nothing in it changes, it just runs in
-another process while the training loop works on the previous items::
+The smallest step from a plain generator: nothing in it changes, it just runs in another process
+while the training loop works on the previous items::
 
     gen = prefetch.background(data_generator(32, x_train, y_train), depth=2)
     model.fit(gen, steps_per_epoch=len(x_train) // 32, epochs=10)
 
-It runs on the engine's parts, not beside them: the messages are ``processes.messages``'s,
-they travel as ``processes.channel`` frames, items cross in ``processes.slots`` slots under a
-``processes.segments`` prefix, and the producer lives and ends by ``lifetime``.
-How it works::
+It stands on the IPC wing beside the ``processes`` executor, with a protocol of its own (below):
+frames on two pipes (``ipc.channel``), items in slots under an owner's prefix (``ipc.slots``,
+``ipc.segments``), a producer that lives and ends by ``ipc.lifetime``. What it guarantees:
 
-    consumer (your process)                       producer process (forked)
-    -----------------------                       -------------------------
-    background(...) generator                     holds `depth` slots (credits)
-                                                  takes a free slot, then next(iterable),
-                                                  writes the item's arrays into the slot
-       <--------- ItemReady(slot, layout) ------  (shared memory), pickles the rest
-    copies the arrays out of the slot
-    ----------- SlotFree(slot) ------------->     the slot is free again
-       <------ Exhausted() / ItemFailed(...) --   exhausted / the iterable raised
-    ----------- Stop() --------------------->     (closing) stop between two items
+* at most ``depth`` items are made ahead: the producer takes a free slot *before* ``next`` runs, so
+  memory stays bounded however slow the loop is; items come in the iterable's order;
+* an item's arrays cross in a slot and are copied out of it (one ``memcpy``): an item the user holds
+  never changes; an exception in the iterable is raised in the consumer with its own type and the
+  producer's traceback as ``__cause__``;
+* neither process ever waits for the other to read (an ``Outbox`` on the consumer's side);
+* the producer continues from the consumer's ``random``, ``np.random`` and torch CPU generator states
+  (``core.rng.global_states``); a forked one runs torch with one thread (``lifetime.one_torch_thread``);
+* nothing is left: closing, exhausting or dropping the generator, an exception or interpreter exit
+  stop the producer (``Stop``, then ``join_or_kill``) and unlink its segments; a producer whose
+  consumer died exits by itself (``exit_with_parent``) and unlinks them.
 
-Two one-way pipes carry them (``items`` and ``credits``): the producer writes each message
-in one atomic write (``channel.send``, spilling a large one, e.g. a long traceback, to a
-file), the consumer reads with a ``PipeReader`` and answers through an ``Outbox``, so
-neither ever waits for the other to read.
-
-At most ``depth`` items are made ahead (a slot is taken *before* ``next`` runs),
-so memory stays bounded however slow the loop is. Items come in the iterable's
-order. Arrays cross through shared memory (``SlotWriter`` / ``SlotReader``), never
-pickled; the consumer copies them out of the slot (one ``memcpy``), so an item the
-user holds never changes. An exception in the iterable is re-raised in the consumer
-with its own type and the producer's traceback as ``__cause__``.
-
-The producer is forked, so a generator *object* (which cannot be pickled) is
-inherited as it is, with the module state it sees; it continues from the consumer's
-``random``, ``np.random`` and (when torch is imported) torch's CPU generator states at
-the first ``next()``, so a generator seeded with ``random.seed(...)`` or
-``torch.manual_seed(...)`` yields the same items as when run inline (the consumer's own
-states do not advance meanwhile); it runs torch with one thread (see
-``lifetime.one_torch_thread``), and warns about threads running at the fork. With
-``start_method="spawn"`` (and where fork does not exist) pass a zero-argument
-function that returns the iterable instead; it is pickled (with dill) to a spawned
-process, which copies no lock another thread holds and gets the same random states
-(torch's as bytes, set there if unpickling the function imported torch).
-
-Segments are named ``prefetch-<consumer pid>-<token>-...`` like a Loader's (see
-``docs/design.md``, *Shutdown*): closing, exhausting or dropping the generator, an
-exception, or interpreter exit stop the process (``Stop``, then ``join_or_kill``) and
-unlink them; a producer whose consumer died exits by itself and unlinks them
-(``exit_with_parent``: even in the middle of an item, whichever consumer thread started
-it; and it polls its parent while it waits).
-
-Use ``Loader`` instead when one process is not enough: it runs many workers,
-deterministically, and yields arrays without any copy.
+See ``docs/design.md`` ("background"). Use ``Loader`` when one process is not enough: it runs many
+workers, deterministically, and yields arrays without any copy.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import random
 import select
+import selectors
 import signal
-import sys
 import weakref
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, NamedTuple
 
-from .core.rng import torch_generator
+from .core.rng import adopt_global_states, global_states
 from .errors import Failure, ForkUnavailableError, WorkerDiedError, describe_exit
-
-if TYPE_CHECKING:  # the processes modules are imported when a producer starts, not with prefetch
-    from .processes.channel import Outbox
-    from .processes.messages import Message
-    from .processes.segments import PrefixLock
-    from .processes.slots import SlotReader
+from .ipc.channel import Outbox, PipeReader, encode, send
+from .ipc.lifetime import (
+    PARENT_CHECK_INTERVAL_S,
+    PRODUCER_JOIN_TIMEOUT_S,
+    exit_with_parent,
+    ignore_sigint,
+    join_or_kill,
+    one_torch_thread,
+    sigint_ignored,
+)
+from .ipc.segments import PrefixLock, claim_prefix, remove_stale_segments, unlink_prefix
+from .ipc.slots import SlotLayout, SlotReader, SlotWriter
+from .preflight import warn_threads_before_fork
 
 __all__ = ["background"]
 
+# --- the protocol: two one-way pipes ---------------------------------------------------------------
+#
+#   items    producer -> consumer    ItemReady, Exhausted, ItemFailed
+#   control  consumer -> producer    SlotFree, Stop
+
+
+class ItemReady(NamedTuple):
+    """Producer -> consumer: the iterable's next item is in ``slot``, laid out as ``layout`` says."""
+
+    slot: int
+    layout: SlotLayout
+
+
+class Exhausted(NamedTuple):
+    """Producer -> consumer: the iterable has no more items."""
+
+
+class ItemFailed(NamedTuple):
+    """Producer -> consumer: the iterable raised; ``failure`` packs the exception."""
+
+    failure: Failure
+
+
+class SlotFree(NamedTuple):
+    """Consumer -> producer: ``slot`` was read (copied out) and may be written again."""
+
+    slot: int
+
+
+class Stop(NamedTuple):
+    """Consumer -> producer: stop between two items."""
+
+
+# What a slot holds, and the fix when /dev/shm cannot hold one.
+SLOT_PURPOSE = ("an item of prefetch.background", "free space there, or lower depth (Docker: --shm-size)")
 
 # --- the producer process -----------------------------------------------------------------
 
 
 def _fork_available() -> bool:
-    import multiprocess
+    import multiprocess  # lazily: `import prefetch` does not import multiprocess
 
     return "fork" in multiprocess.get_all_start_methods()
 
@@ -95,36 +105,10 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)  # unwinds through the iterable to _produce's cleanup
 
 
-def _random_states() -> tuple[Any, Any, bytes | None]:
-    """The consumer's ``random``, ``np.random`` and torch CPU generator states, for the producer to
-    continue from. torch's travels as bytes: unpickling it must not import torch in a spawned producer."""
-    numpy = sys.modules.get("numpy")
-    generator = torch_generator()
-    torch_state = generator.get_state().numpy().tobytes() if generator is not None else None
-    return random.getstate(), (numpy.random.get_state() if numpy is not None else None), torch_state
-
-
-def _adopt_random_states(states: tuple[Any, Any, bytes | None]) -> None:
-    # A forked child's `random` is reseeded at fork (and a spawned one starts afresh): continue from the
-    # consumer's states instead, so the iterable's randomness is what it would be if it ran inline.
-    python_state, numpy_state, torch_state = states
-    random.setstate(python_state)
-    if numpy_state is not None:
-        import numpy
-
-        numpy.random.set_state(numpy_state)
-    generator = torch_generator()  # a spawned producer has torch if unpickling the iterable imported it
-    if torch_state is not None and generator is not None:
-        torch = sys.modules["torch"]
-        generator.set_state(torch.frombuffer(bytearray(torch_state), dtype=torch.uint8))
-
-
-class _Credits:
+class _FreeSlots:
     """The producer's free slots: ``depth`` at first, and one more with each ``SlotFree``."""
 
     def __init__(self, conn: Any, depth: int, parent_pid: int):
-        from .processes.channel import PipeReader
-
         self.inbox = PipeReader(conn)
         self.poller = select.poll()
         self.poller.register(self.inbox.fileno(), select.POLLIN)
@@ -134,9 +118,7 @@ class _Credits:
 
     def take(self) -> int | None:
         """A free slot, waiting for one while there is none; None once the producer is to stop."""
-        from .lifetime import PARENT_CHECK_INTERVAL_S
-
-        self._read()  # every time: a Stop is seen between items, and credits never pile up in the pipe
+        self._read()  # every time: a Stop is seen between items, and slots never pile up in the pipe
         while not self.free and not self.stopped:
             if self.poller.poll(round(PARENT_CHECK_INTERVAL_S * 1000)):
                 self._read()
@@ -145,8 +127,6 @@ class _Credits:
         return None if self.stopped else self.free.pop()
 
     def _read(self) -> None:
-        from .processes.messages import SlotFree, Stop
-
         try:
             arrived = self.inbox.read_available()
         except (EOFError, OSError):  # the consumer's end is closed
@@ -164,26 +144,20 @@ def _produce(
     depth: int,
     prefix: str,
     items: Any,
-    credits: Any,
+    control: Any,
     parent_pid: int,
     forked: bool,
     states: tuple[Any, Any, bytes | None],
 ) -> None:
     """The producer's life: take a free slot, make the next item into it, send it; until told to stop."""
-    from .lifetime import exit_with_parent, ignore_sigint, one_torch_thread
-    from .processes.channel import send
-    from .processes.messages import Exhausted, ItemFailed, ItemReady
-    from .processes.segments import unlink_prefix
-    from .processes.slots import SlotWriter
-
     ignore_sigint()
     signal.signal(signal.SIGTERM, _exit_on_sigterm)  # a SIGTERM unwinds to `finally`: the segments get unlinked
     exit_with_parent(parent_pid)  # unwinds to `finally` too, whichever consumer thread started us
     if forked:
         one_torch_thread()  # the only torch setting that works in a forked process (lifetime.one_torch_thread)
-    _adopt_random_states(states)
-    writer = SlotWriter(prefix)
-    free = _Credits(credits, depth, parent_pid)
+    adopt_global_states(states)
+    writer = SlotWriter(prefix, SLOT_PURPOSE)
+    free = _FreeSlots(control, depth, parent_pid)
     try:
         iterator = iter(source() if make else source)
         while (slot := free.take()) is not None:
@@ -210,33 +184,27 @@ _SPAWN_INSTEAD = (
     'pass start_method="spawn" and a function that returns the iterable, e.g. '
     'background(lambda: make_items(), start_method="spawn"): the producer then starts without them'
 )
+_ITEMS, _ENDED = "items", "producer ended"  # what a selector key's data says (the control pipe's: its Outbox)
 
 
 class _Producer:
     """The consumer's handle on the producer process; stopping it is idempotent and also runs at exit."""
 
     def __init__(self, source: Any, make: bool, depth: int, start_method: str):
-        import multiprocess
-
-        from .lifetime import sigint_ignored
-        from .processes.channel import Outbox, PipeReader
-        from .processes.segments import claim_prefix, remove_stale_segments
+        import multiprocess  # lazily: `import prefetch` does not import multiprocess
 
         remove_stale_segments()  # left by consumers that were killed (their producers clean up too)
-
         context = multiprocess.get_context(start_method)
-        if start_method == "fork":
-            from .preflight import warn_threads_before_fork
-
+        forked = start_method == "fork"
+        if forked:
             warn_threads_before_fork("the background process", _SPAWN_INSTEAD, stacklevel=3)  # the user's next()
         prefix_lock = claim_prefix()  # marks the segments as alive until _stop (see segments.PrefixLock)
         self.prefix = prefix_lock.prefix
         items_in, items_out = context.Pipe(duplex=False)
-        credits_in, credits_out = context.Pipe(duplex=False)
-        forked = start_method == "fork"
+        control_in, control_out = context.Pipe(duplex=False)
         self.process = context.Process(
             target=_produce,
-            args=(source, make, depth, self.prefix, items_out, credits_in, os.getpid(), forked, _random_states()),
+            args=(source, make, depth, self.prefix, items_out, control_in, os.getpid(), forked, global_states()),
             name="prefetch-background",
             daemon=True,
         )
@@ -245,21 +213,19 @@ class _Producer:
                 self.process.start()
         finally:
             items_out.close()
-            credits_in.close()
+            control_in.close()
         self.inbox = PipeReader(items_in)  # owns items_in
-        self.credits = Outbox(credits_out)  # writes through credits_out, which _stop closes
-        self.poller = select.poll()
-        self.poller.register(self.inbox.fileno(), select.POLLIN)
-        self.poller.register(self.process.sentinel, select.POLLIN)
-        self.watching_credits = False  # whether the poller waits for room in the credits pipe
-        self.arrived: deque[Message] = deque()
+        self.selector = selectors.DefaultSelector()
+        self.control = Outbox(control_out, selector=self.selector)  # writes through control_out, closed by _stop
+        self.selector.register(self.inbox.fileno(), selectors.EVENT_READ, _ITEMS)
+        self.selector.register(self.process.sentinel, selectors.EVENT_READ, _ENDED)
+        self.arrived: deque[Any] = deque()
         self.items = 0
-        self._stop = weakref.finalize(self, _stop, self.process, self.credits, (items_in, credits_out), prefix_lock)
+        conns = (items_in, control_out)
+        self._stop = weakref.finalize(self, _stop, self.process, self.control, self.selector, conns, prefix_lock)
 
     def next_item(self, reader: SlotReader) -> tuple[bool, Any]:
         """``(True, item)``, or ``(False, None)`` once the iterable is exhausted."""
-        from .processes.messages import Exhausted, ItemFailed, ItemReady, SlotFree, encode
-
         message = self._next_message()
         if isinstance(message, Exhausted):
             return False, None
@@ -268,40 +234,30 @@ class _Producer:
         assert isinstance(message, ItemReady)
         item, _ = reader.read(message.slot, message.layout, lease=False)
         with contextlib.suppress(OSError):  # a producer that died meanwhile is noticed at the next wait
-            self.credits.put(encode(SlotFree(message.slot)))
-        self._watch_credits()
+            self.control.put(encode(SlotFree(message.slot)))
         self.items += 1
         return True, item
 
-    def _next_message(self) -> Message:
+    def _next_message(self) -> Any:
         """The producer's next message, waiting for it; ``WorkerDiedError`` if it ended without one."""
         while not self.arrived:
-            ready = {fd for fd, _ in self.poller.poll()}
-            if self.credits.fileno() in ready:
-                with contextlib.suppress(OSError):
-                    self.credits.flush()
-                self._watch_credits()
-            if ready - {self.credits.fileno()}:
+            readable = ended = False
+            for key, _ in self.selector.select():
+                if key.data is self.control:
+                    with contextlib.suppress(OSError):
+                        self.control.flush()
+                else:
+                    readable, ended = True, ended or key.data is _ENDED
+            if readable:
                 try:
                     self.arrived.extend(self.inbox.read_available())
                 except (EOFError, OSError):  # every writer is gone: the process is
                     raise self._died() from None
-                if not self.arrived and self.process.sentinel in ready:  # it ended with nothing left to read
+                if not self.arrived and ended:  # it ended with nothing left to read
                     raise self._died()
         return self.arrived.popleft()
 
-    def _watch_credits(self) -> None:
-        """Have ``_next_message`` wake when the credits pipe has room, while frames wait for it."""
-        if self.credits.pending != self.watching_credits:
-            self.watching_credits = self.credits.pending
-            if self.watching_credits:
-                self.poller.register(self.credits.fileno(), select.POLLOUT)
-            else:
-                self.poller.unregister(self.credits.fileno())
-
     def _died(self) -> WorkerDiedError:
-        from .lifetime import PRODUCER_JOIN_TIMEOUT_S
-
         self.process.join(PRODUCER_JOIN_TIMEOUT_S)
         return WorkerDiedError(
             f"the background process (pid {self.process.pid}) {describe_exit(self.process.exitcode)}, "
@@ -314,15 +270,15 @@ class _Producer:
         self._stop()
 
 
-def _stop(process: Any, credits: Outbox, conns: tuple[Any, ...], prefix_lock: PrefixLock) -> None:
+def _stop(
+    process: Any, control: Outbox, selector: selectors.BaseSelector, conns: tuple[Any, ...], prefix_lock: PrefixLock
+) -> None:
     """Tell the producer to stop, escalate to kill, then unlink every segment it made, and the lock."""
-    from .lifetime import PRODUCER_JOIN_TIMEOUT_S, join_or_kill
-    from .processes.messages import Stop, encode
-
     with contextlib.suppress(OSError, ValueError):
-        credits.put(encode(Stop()))
+        control.put(encode(Stop()))
     join_or_kill([process], PRODUCER_JOIN_TIMEOUT_S)
-    credits.close()
+    control.close()
+    selector.close()
     for conn in conns:
         with contextlib.suppress(OSError):
             conn.close()
@@ -391,8 +347,6 @@ def _start_method(requested: str | None) -> str:
 def _run(source: Any, make: bool, depth: int, start_method: str) -> Generator[Any, None, None]:
     producer: _Producer | None = None
     try:
-        from .processes.slots import SlotReader
-
         producer = _Producer(source, make, depth, start_method)
         reader = SlotReader()
         while True:

@@ -13,12 +13,15 @@ pipeline, restoring the caller's global random state after each batch.
 
 from __future__ import annotations
 
+import atexit
 import os
 import threading
 import time
+import weakref
 from typing import Any
 
-from ._lifecycle import WakePipe, live_engines
+import multiprocess.util  # noqa: F401 - its atexit hook must be registered before ours (below)
+
 from ._tuning import ThreadTuner
 from .aliasing import SourceMemory
 from .core import rng
@@ -27,6 +30,7 @@ from .core.pipeline import BatchError, make_batch, uses_randomness
 from .core.reorder import ReorderBuffer
 from .errors import LoaderClosedError, annotate
 from .executor import Executor, Failed, Made, Result
+from .ipc.channel import WakePipe
 from .stats import Stats, StatsRecorder
 
 # How long the engine waits in one go before it rechecks its clocks (and the executor its processes).
@@ -34,6 +38,31 @@ POLL_S = 0.5
 
 # How long close() waits for a next() that another thread is blocked in to notice it.
 BUSY_WAIT_S = 2.0
+
+live_engines: weakref.WeakSet[Engine] = weakref.WeakSet()  # the engines running in this process
+
+
+def close_all_engines() -> None:
+    """Stop every running engine (at interpreter exit, before multiprocess joins its children, which
+    would otherwise wait forever for a coordinator nobody told to stop)."""
+    for engine in list(live_engines):
+        engine.close()
+
+
+# atexit runs hooks last-in, first-out: ours (registered after multiprocess was imported) runs first.
+atexit.register(close_all_engines)
+
+
+def _forget_engines_in_forked_child() -> None:
+    """In a child forked by user code, the parent's engines are the parent's: forget them, so that nothing
+    at this process's exit touches them -- neither our atexit hook nor multiprocess's, which would try to
+    join the parent's coordinators (they are in its list of children, copied by the fork)."""
+    for engine in list(live_engines):
+        engine.forget_in_forked_child()
+    live_engines.clear()
+
+
+os.register_at_fork(after_in_child=_forget_engines_in_forked_child)
 
 
 class InlineEngine:
@@ -181,7 +210,7 @@ class Engine:
         return self.recorder.snapshot(self.worker_pids(), self.helper_pid(), self.decisions(), nodes)
 
     def forget_in_forked_child(self) -> None:
-        """In a child forked from the owner: let go of this process's copies only (see ``_lifecycle``)."""
+        """In a child forked from the owner: let go of this process's copies only (see ``live_engines``)."""
         self.executor.forget()
 
     def close(self) -> None:

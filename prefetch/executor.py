@@ -38,8 +38,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 from .core.pipeline import Timings
 
 if TYPE_CHECKING:
-    from ._lifecycle import WakePipe
     from .core.config import LoaderConfig
+    from .ipc.channel import WakePipe
 
 
 class Made(NamedTuple):

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .errors import PrefetchWarning, ShmSpaceError
-from .lifetime import native_threads, other_threads
+from .ipc.lifetime import native_threads, other_threads
 
 if TYPE_CHECKING:
     from .core.config import LoaderConfig
@@ -78,7 +78,7 @@ def _mib(nbytes: float) -> str:
 
 
 def shm_dir() -> str:
-    from .processes.segments import SHM_DIR
+    from .ipc.segments import SHM_DIR
 
     return SHM_DIR
 

@@ -11,7 +11,7 @@ import psutil
 import pytest
 from helpers import FakeTorch
 
-from prefetch.processes.segments import NAME_ROOT, SHM_DIR
+from prefetch.ipc.segments import NAME_ROOT, SHM_DIR
 
 # multiprocess's own helpers live as long as the test session by design; they are not ours.
 _SESSION_HELPERS = ("resource_tracker", "forkserver")

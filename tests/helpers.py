@@ -327,7 +327,7 @@ def alive(pid: int) -> bool:
 
 def segments_of(pid: int) -> list[str]:
     """The /dev/shm segments of the loaders whose consumer is process ``pid``."""
-    from prefetch.processes.segments import NAME_ROOT, SHM_DIR
+    from prefetch.ipc.segments import NAME_ROOT, SHM_DIR
 
     return sorted(name for name in os.listdir(SHM_DIR) if name.startswith(f"{NAME_ROOT}{pid}-"))
 

@@ -93,6 +93,28 @@ def seeded_in_caller(seed: int, batch: int) -> Iterator[None]:
         _current.seed, _current.generator = None, None
 
 
+def global_states() -> tuple[Any, Any, bytes | None]:
+    """This process's ``random``, ``np.random`` and torch CPU generator states, for another process to
+    continue from (``adopt_global_states``): ``background``'s producer. torch's travels as bytes, so
+    unpickling it does not import torch in a spawned process."""
+    generator = torch_generator()
+    torch_state = generator.get_state().numpy().tobytes() if generator is not None else None
+    return random.getstate(), np.random.get_state(), torch_state
+
+
+def adopt_global_states(states: tuple[Any, Any, bytes | None]) -> None:
+    """Continue from ``global_states()`` of another process (a forked child's ``random`` is reseeded at
+    fork, a spawned one starts afresh): so the randomness is what it would be in that process. torch's
+    state is set if torch is imported here (a spawned process: if unpickling the iterable imported it)."""
+    python_state, numpy_state, torch_state = states
+    random.setstate(python_state)
+    np.random.set_state(numpy_state)
+    generator = torch_generator()
+    if torch_state is not None and generator is not None:
+        torch = sys.modules["torch"]
+        generator.set_state(torch.frombuffer(bytearray(torch_state), dtype=torch.uint8))
+
+
 def batch_rng() -> np.random.Generator:
     """The random generator of the batch being made, for use inside ``transform``/``batch_transform``.
 

@@ -1,7 +1,7 @@
 """The ``processes`` executor: a coordinator process, forked workers, shared-memory slots.
 
-Three roles, side by side, each over ``core`` and this package's shared parts (messages, channel,
-segments, slots, sources, lifetime), none importing another: the consumer's end
+Three roles, side by side, each over ``core``, the IPC wing (``ipc``) and this package's shared parts
+(messages, sources), none importing another: the consumer's end
 (``executor.ProcessExecutor``), the coordinator (``coordinator.coordinator_main``) and the
 worker (``worker.worker_main``). ``process_executor`` puts them together.
 """

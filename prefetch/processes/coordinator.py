@@ -33,7 +33,8 @@ import numpy as np
 from ..core.config import LoaderConfig
 from ..core.schedule import GiveUp, Schedule
 from ..errors import WorkersKeepDyingError, describe_exit
-from ..lifetime import (
+from ..ipc.channel import Outbox, PipeReader, atomic_body, encode, send
+from ..ipc.lifetime import (
     PARENT_CHECK_INTERVAL_S,
     WORKER_JOIN_TIMEOUT_S,
     batch_scheduling,
@@ -44,9 +45,8 @@ from ..lifetime import (
     pidfd_of,
     same_process_alive,
 )
+from ..ipc.segments import SegmentRef, unlink_prefix
 from . import messages
-from .channel import Outbox, PipeReader, atomic_body, send
-from .segments import unlink_prefix
 from .sources import resolve_sources
 
 # Workers that die with nothing to do (a broken environment, not a poison batch)
@@ -92,7 +92,7 @@ class Coordinator:
         self.prefix = prefix
         self.order = config.order
         self.schedule = Schedule(self.order, start, config.prefetch, config.max_slots, config.retries)
-        self.segments: dict[int, messages.SegmentRef] = {}
+        self.segments: dict[int, SegmentRef] = {}
         self.size_hint = 0
         self.idle_deaths = 0
         self.workers: list[_Worker] = []
@@ -114,8 +114,7 @@ class Coordinator:
                 self.selector.register(self.consumer_exit, selectors.EVENT_READ, _CONSUMER_EXIT)
         except (AttributeError, OSError):  # pragma: no cover - old kernel: a poll every 0.25 s
             pass
-        self.outbox = Outbox(results, private=True)  # this process's messages to the consumer
-        self.watched_writable: set[int] = set()  # outboxes' descriptors the selector waits on
+        self.outbox = Outbox(results, private=True, selector=self.selector)  # this process's messages to the consumer
 
     # --- workers ------------------------------------------------------------------------
 
@@ -129,7 +128,7 @@ class Coordinator:
         )
         process.start()
         tasks_out.close()
-        worker = _Worker(process, tasks_in, Outbox(tasks_in))
+        worker = _Worker(process, tasks_in, Outbox(tasks_in, selector=self.selector))
         self.workers.append(worker)
         self.selector.register(process.sentinel, selectors.EVENT_READ, worker)
 
@@ -138,7 +137,6 @@ class Coordinator:
         worker.process.join(WORKER_JOIN_TIMEOUT_S)
         self.selector.unregister(worker.process.sentinel)
         self.workers.remove(worker)
-        self._unwatch_writable(worker.outbox)
         worker.outbox.close()
         worker.tasks_conn.close()
         pid, exitcode = worker.process.pid, worker.process.exitcode
@@ -215,7 +213,7 @@ class Coordinator:
             task = messages.Task(batch, indices, slot, self.segments.get(slot), self.size_hint)
             worker.tasks.append(task)
             try:
-                worker.outbox.put(messages.encode(task))
+                worker.outbox.put(encode(task))
             except OSError:  # it just died: its sentinel reports it, and the task is redone with its others
                 pass
 
@@ -227,21 +225,6 @@ class Coordinator:
             self.outbox.put(atomic_body(message, self.prefix))
         except BrokenPipeError:
             raise _ConsumerGone() from None
-
-    def _watch_writable(self) -> None:
-        """Have the selector wake this loop when a pipe with queued frames gets room, and only then."""
-        for outbox in [self.outbox, *(worker.outbox for worker in self.workers)]:
-            watched = outbox.fileno() in self.watched_writable
-            if outbox.pending and not watched:
-                self.selector.register(outbox.fileno(), selectors.EVENT_WRITE, outbox)
-                self.watched_writable.add(outbox.fileno())
-            elif watched and not outbox.pending:
-                self._unwatch_writable(outbox)
-
-    def _unwatch_writable(self, outbox: Outbox) -> None:
-        if outbox.fileno() in self.watched_writable:
-            self.watched_writable.discard(outbox.fileno())
-            self.selector.unregister(outbox.fileno())
 
     def _flush(self, outbox: Outbox) -> None:
         try:
@@ -301,7 +284,6 @@ class Coordinator:
         next_parent_check = time.monotonic() + PARENT_CHECK_INTERVAL_S
         while True:
             self._dispatch()
-            self._watch_writable()
             wait_s = max(0.0, next_parent_check - time.monotonic()) if polling else None
             for key, _ in self.selector.select(wait_s):
                 if key.data is _CONTROL:
@@ -344,7 +326,7 @@ class Coordinator:
                 worker.process.kill()
                 continue
             try:
-                worker.outbox.put(messages.encode(messages.Stop()))
+                worker.outbox.put(encode(messages.Stop()))
             except OSError:  # it died meanwhile
                 pass
         join_or_kill([worker.process for worker in self.workers], WORKER_JOIN_TIMEOUT_S)

@@ -28,7 +28,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .._lifecycle import WakePipe
 from ..core.config import LoaderConfig
 from ..core.reorder import Leases
 from ..core.schedule import GiveUp
@@ -40,8 +39,10 @@ from ..errors import (
     WorkerTimeoutError,
 )
 from ..executor import Failed, Made, Result, WorkerInfo
-from ..lifetime import COORDINATOR_JOIN_TIMEOUT_S
-from .channel import Outbox, PipeReader
+from ..ipc.channel import Outbox, PipeReader, WakePipe, encode
+from ..ipc.lifetime import COORDINATOR_JOIN_TIMEOUT_S
+from ..ipc.segments import SegmentRef, claim_prefix, remove_stale_segments
+from ..ipc.slots import SlotReader
 from .launch import CoordinatorProcess
 from .messages import (
     BatchAbandoned,
@@ -51,22 +52,18 @@ from .messages import (
     CoordinatorFailed,
     CoordinatorReady,
     Lost,
-    SegmentRef,
     Stop,
     TimedOut,
     WorkerLost,
     WorkersStopped,
-    encode,
 )
-from .segments import claim_prefix, remove_stale_segments
-from .slots import SlotReader
 
 # With ``timeout``: how long the coordinator may take to act on a late batch (kill its worker
 # and fail it) before the consumer decides the coordinator itself is stuck or stopped.
 COORDINATOR_ANSWER_S = 0.5
 
-# What a selector key's data says the ready descriptor is.
-_RESULTS, _COORDINATOR_EXIT, _WAKE, _CONTROL_WRITABLE = "results", "coordinator exit", "wake", "control writable"
+# What a selector key's data says the ready descriptor is (the control pipe's key holds its Outbox).
+_RESULTS, _COORDINATOR_EXIT, _WAKE = "results", "coordinator exit", "wake"
 
 
 class ProcessExecutor:
@@ -107,12 +104,11 @@ class ProcessExecutor:
             self.prefix_lock.release()
             raise
         self.reader_pipe = PipeReader(self.coordinator.results)
-        self.control_out = Outbox(self.coordinator.control)
         self.selector = selectors.DefaultSelector()
+        self.control_out = Outbox(self.coordinator.control, selector=self.selector)
         self.selector.register(self.reader_pipe.fileno(), selectors.EVENT_READ, _RESULTS)
         self.selector.register(self.coordinator.ended_fd, selectors.EVENT_READ, _COORDINATOR_EXIT)
         self.selector.register(wake.fileno(), selectors.EVENT_READ, _WAKE)
-        self.watching_control = False
 
     @property
     def started(self) -> bool:
@@ -126,23 +122,12 @@ class ProcessExecutor:
             self.control_out.put(encode(message))
         except OSError:  # nobody reads the control pipe any more: the coordinator is gone
             self._coordinator_died()
-        self._watch_control()
-
-    def _watch_control(self) -> None:
-        """Have ``wait`` wake when the control pipe has room, while messages wait for it."""
-        if self.control_out.pending != self.watching_control:
-            self.watching_control = self.control_out.pending
-            if self.watching_control:
-                self.selector.register(self.control_out.fileno(), selectors.EVENT_WRITE, _CONTROL_WRITABLE)
-            else:
-                self.selector.unregister(self.control_out.fileno())
 
     def _flush_control(self) -> None:
         try:
             self.control_out.flush()
         except OSError:
             self._coordinator_died()
-        self._watch_control()
 
     def advance(self, position: int) -> None:
         """Credits and released slots go back every ``credit_step`` batches the consumer takes."""
@@ -178,7 +163,7 @@ class ProcessExecutor:
                 if deadline is not None:
                     seconds = max(0.0, min(seconds, deadline - time.perf_counter()))
             for key, _ in self.selector.select(seconds):
-                if key.data is _CONTROL_WRITABLE:
+                if key.data is self.control_out:
                     self._flush_control()
                 elif key.data is _COORDINATOR_EXIT:
                     coordinator_exited = True
@@ -334,8 +319,8 @@ class ProcessExecutor:
         stop = encode(Stop(self.position, self._received()))
         self.coordinator.stop(self.control_out, stop)
         self._last_words()
-        self.selector.close()
         self.control_out.close()
+        self.selector.close()
         self.coordinator.close()
         self.reader.close()  # unmapped now, or when the user drops the last batch still held
         self.prefix_lock.release()  # every segment, then the lock file

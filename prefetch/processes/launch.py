@@ -24,7 +24,8 @@ import psutil
 
 from ..core.config import LoaderConfig
 from ..errors import describe_exit
-from ..lifetime import (
+from ..ipc.channel import Outbox
+from ..ipc.lifetime import (
     COORDINATOR_JOIN_TIMEOUT_S,
     children_pidfds,
     close_process,
@@ -35,7 +36,6 @@ from ..lifetime import (
     start_ticks,
     wait_pidfds,
 )
-from .channel import Outbox
 from .sources import share_sources, ship_config
 
 

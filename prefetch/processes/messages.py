@@ -1,8 +1,8 @@
-"""The messages that cross process boundaries, and nothing else.
+"""The ``processes`` executor's protocol: the messages between its three roles, and nothing else.
 
 Every message is a small typed ``NamedTuple`` (immutable, and the cheapest typed
 record to pickle: the hot path sends a few per batch). Array data never travels in
-a message: it is in a shared-memory slot (``slots``). The pipes, and who writes what::
+a message: it is in a shared-memory slot (``ipc.slots``). The pipes, and who writes what::
 
     control  consumer -> coordinator      Consumed, Lost, TimedOut, Stop
     tasks    coordinator -> one worker    Task, Stop
@@ -10,12 +10,7 @@ a message: it is in a shared-memory slot (``slots``). The pipes, and who writes 
              coordinator -> consumer      CoordinatorReady, WorkerLost, BatchAbandoned, CoordinatorFailed,
                                           WorkersStopped
 
-``background()`` runs one producer process on two pipes of its own, with the same framing::
-
-    items    producer -> consumer         ItemReady, Exhausted, ItemFailed
-    credits  consumer -> producer         SlotFree, Stop
-
-Any of these may also arrive as ``Spilled`` (a message too large for one atomic write).
+Any of these may also arrive as ``ipc.channel.Spilled`` (a message too large for one atomic write).
 
 The results pipe has many writers and one reader. Each message goes in one
 ``write`` of at most ``PIPE_BUF`` bytes, which POSIX makes atomic (``channel``), so
@@ -27,19 +22,13 @@ which of its batches never came.
 
 from __future__ import annotations
 
-import pickle
 from typing import NamedTuple
 
 from ..core.pipeline import Timings
 from ..core.schedule import GiveUp
 from ..errors import Failure
-
-
-class SegmentRef(NamedTuple):
-    """A shared-memory segment: its file name in the shm directory and its size in bytes."""
-
-    name: str
-    size: int
+from ..ipc.segments import SegmentRef
+from ..ipc.slots import SlotLayout
 
 
 class Task(NamedTuple):
@@ -50,36 +39,6 @@ class Task(NamedTuple):
     slot: int
     segment: SegmentRef | None  # the slot's segment as last reported; None until one exists
     size_hint: int  # bytes of the largest slot so far: the size to create a new one with
-
-
-class SlotArrays(NamedTuple):
-    """A batch that is nothing but arrays stacked in its slot -- one array, a tuple or a dict
-    of them, the usual case -- described without pickle, which costs more than the rest of
-    a small batch's trip. ``arrays`` gives each array's ``(offset, dtype.str, shape)``;
-    ``tensors`` lists ``(position, torch dtype name)`` for the leaves that are ``torch.Tensor``s
-    viewing their array (``tensors.from_array``)."""
-
-    container: str  # "array", "tuple" or "dict"
-    keys: tuple[str, ...]  # the dict's keys, in order; () otherwise
-    arrays: tuple[tuple[int, str, tuple[int, ...]], ...]
-    tensors: tuple[tuple[int, str], ...] = ()
-
-
-class SlotLayout(NamedTuple):
-    """Where a batch sits in its slot: the one record of a batch's layout, from the writer (a worker,
-    ``background``'s producer) to the reader.
-
-    Either ``arrays`` describes it (``SlotArrays``), or ``payload`` is the batch pickled with
-    protocol 5, its array buffers out of band, and ``buffers`` gives each buffer's
-    ``(offset, nbytes)`` in ``segment``. A large payload is itself stored in the segment: then
-    ``payload`` is None and the last entry of ``buffers`` locates it. ``segment`` is None when
-    nothing was written to the slot (no arrays, small payload).
-    """
-
-    segment: SegmentRef | None
-    payload: bytes | None
-    buffers: tuple[tuple[int, int], ...]
-    arrays: SlotArrays | None = None
 
 
 class BatchReady(NamedTuple):
@@ -141,12 +100,6 @@ class CoordinatorFailed(NamedTuple):
     traceback: str
 
 
-class Spilled(NamedTuple):
-    """Any writer -> consumer: a message too large for one atomic write, stored in a file."""
-
-    segment: SegmentRef
-
-
 class Consumed(NamedTuple):
     """Consumer -> coordinator: ``position`` batches are yielded; ``released`` slots are free.
 
@@ -175,31 +128,8 @@ class TimedOut(NamedTuple):
     batch: int
 
 
-class ItemReady(NamedTuple):
-    """``background`` producer -> consumer: the iterable's next item is in ``slot``, laid out as ``layout`` says."""
-
-    slot: int
-    layout: SlotLayout
-
-
-class Exhausted(NamedTuple):
-    """``background`` producer -> consumer: the iterable has no more items."""
-
-
-class ItemFailed(NamedTuple):
-    """``background`` producer -> consumer: the iterable raised; ``failure`` packs the exception."""
-
-    failure: Failure
-
-
-class SlotFree(NamedTuple):
-    """Consumer -> ``background`` producer: ``slot`` was read (copied out) and may be written again."""
-
-    slot: int
-
-
 class Stop(NamedTuple):
-    """Consumer -> coordinator, coordinator -> worker, consumer -> ``background`` producer: shut down now.
+    """Consumer -> coordinator, coordinator -> worker: shut down now.
 
     From the consumer to the coordinator it says what the consumer has: every batch below ``position``,
     and ``received`` beyond it (results that arrived, taken or not). A worker whose batch is not among
@@ -225,23 +155,9 @@ Message = (
     | WorkerLost
     | CoordinatorReady
     | CoordinatorFailed
-    | Spilled
     | Consumed
     | Lost
     | TimedOut
-    | ItemReady
-    | Exhausted
-    | ItemFailed
-    | SlotFree
     | Stop
     | WorkersStopped
 )
-
-
-def encode(message: Message) -> bytes:
-    return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def decode(data: bytes) -> Message:
-    message: Message = pickle.loads(data)
-    return message

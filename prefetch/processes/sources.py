@@ -24,8 +24,7 @@ import numpy as np
 
 from ..core.config import LoaderConfig
 from ..errors import ShmSpaceError
-from .messages import SegmentRef
-from .segments import PAGE_BYTES, align, buffer_address, create_segment, open_segment, unlink_segment
+from ..ipc.segments import PAGE_BYTES, SegmentRef, align, buffer_address, create_segment, open_segment, unlink_segment
 
 
 @dataclass(frozen=True)

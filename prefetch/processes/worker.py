@@ -26,7 +26,8 @@ from ..core import rng
 from ..core.config import LoaderConfig
 from ..core.pipeline import BatchError, make_batch, uses_randomness
 from ..errors import Failure
-from ..lifetime import (
+from ..ipc.channel import PipeReader, send
+from ..ipc.lifetime import (
     PARENT_CHECK_INTERVAL_S,
     die_with_parent,
     ignore_sigint,
@@ -34,12 +35,13 @@ from ..lifetime import (
     normal_scheduling,
     wake_on_time,
 )
-from .channel import PipeReader, send
+from ..ipc.slots import SlotWriter
 from .messages import BatchFailed, BatchReady, Stop, Task
-from .slots import SlotWriter
 
 # How often an idle worker checks that its coordinator is still alive.
 PARENT_CHECK_INTERVAL_MS = round(PARENT_CHECK_INTERVAL_S * 1000)
+# What a slot holds, and the fix when /dev/shm cannot hold one (the error a full /dev/shm gives).
+SLOT_PURPOSE = ("a batch", "free space there, lower `prefetch` or the batch size (Docker: --shm-size)")
 
 
 def run_task(config: LoaderConfig, writer: SlotWriter, task: Task) -> BatchReady | BatchFailed:
@@ -72,7 +74,7 @@ def worker_main(tasks: Any, results: Any, config: LoaderConfig, prefix: str, par
         os.nice(config.worker_nice)  # the training step goes first (see _tuning)
     if config.limit_threads:
         limit_threads()
-    writer = SlotWriter(prefix)
+    writer = SlotWriter(prefix, SLOT_PURPOSE)
     inbox = PipeReader(tasks)
     poller = select.poll()
     poller.register(inbox.fileno(), select.POLLIN)

@@ -45,8 +45,8 @@ from ..executor import Made, Result, WorkerInfo
 from ..tensors import as_array, from_array, tensor_type
 
 if TYPE_CHECKING:
-    from .._lifecycle import WakePipe
     from ..core.config import LoaderConfig
+    from ..ipc.channel import WakePipe
     from .run import Run
 
 # Spread the actors over the cluster's nodes unless the user says otherwise.

@@ -32,7 +32,7 @@ from ..core import rng
 from ..core.config import LoaderConfig
 from ..core.pipeline import BatchError, Timings, make_batch, uses_randomness
 from ..errors import Failure
-from ..lifetime import limit_threads, wake_on_time
+from ..ipc.lifetime import limit_threads, wake_on_time
 from . import portable
 
 

@@ -18,9 +18,9 @@ from ..executor import Failed, Made, Result
 from .actor import BatchMaker, Fail, pack_sources, ship_config
 
 if TYPE_CHECKING:
-    from .._lifecycle import WakePipe
     from ..core.config import LoaderConfig
     from ..core.order import Order
+    from ..ipc.channel import WakePipe
 
 # ``wait`` looks at the wake pipe (``close()`` from another thread) at least this often.
 WAIT_SLICE_S = 0.05

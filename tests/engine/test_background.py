@@ -20,7 +20,7 @@ from helpers import ALPHABET_X, ALPHABET_Y, all_gone, segments_of, wait_until
 
 import prefetch
 from prefetch.errors import RemoteTraceback
-from prefetch.processes.segments import LOCK_NAME
+from prefetch.ipc.segments import LOCK_NAME
 
 # Poll interval and upper bound when waiting for the producer to reach a state it must reach.
 POLL_S = 0.005
@@ -199,7 +199,7 @@ def test_a_killed_consumer_leaves_no_producer_and_no_segment():
     import subprocess
     import sys
 
-    from prefetch.processes.segments import NAME_ROOT, SHM_DIR
+    from prefetch.ipc.segments import NAME_ROOT, SHM_DIR
 
     consumer = subprocess.Popen([sys.executable, "-c", KILLED_CONSUMER], stdout=subprocess.PIPE, text=True)
     try:

@@ -9,7 +9,7 @@ import pytest
 from helpers import AheadSource, consume_within_the_bound, wait_until
 
 import prefetch
-from prefetch.processes.segments import LOCK_NAME, SHM_DIR
+from prefetch.ipc.segments import LOCK_NAME, SHM_DIR
 
 
 @pytest.mark.parametrize(("workers", "depth"), [(2, 2), (3, 5)])

@@ -9,7 +9,7 @@ import os
 import numpy as np
 
 import prefetch
-from prefetch.processes.segments import NAME_ROOT, SHM_DIR
+from prefetch.ipc.segments import NAME_ROOT, SHM_DIR
 
 # 4 MiB batches: what the issue measured (24 MiB and 8 descriptors stayed after close())
 ROWS = 64

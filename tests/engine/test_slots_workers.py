@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 import prefetch
-from prefetch.processes import channel
-from prefetch.processes.messages import BatchReady, Spilled
+from prefetch.ipc import channel
+from prefetch.ipc.channel import Spilled
+from prefetch.processes.messages import BatchReady
 
 
 @pytest.mark.timeout(60)

@@ -12,7 +12,7 @@ import pytest
 from helpers import MixedTensorSource, fingerprint
 
 import prefetch
-from prefetch.processes.segments import NAME_ROOT, SHM_DIR
+from prefetch.ipc.segments import NAME_ROOT, SHM_DIR
 
 torch = pytest.importorskip("torch")
 

@@ -34,7 +34,7 @@ from helpers import (
 )
 
 import prefetch
-from prefetch.processes.channel import Outbox
+from prefetch.ipc.channel import Outbox
 
 TIMEOUT_S = 2.0
 # A fault the engine must see "at once": the time from the fault to the user's error.

@@ -30,7 +30,7 @@ from helpers import (
 )
 
 import prefetch
-from prefetch.lifetime import pidfd_of, same_process_alive, start_ticks
+from prefetch.ipc.lifetime import pidfd_of, same_process_alive, start_ticks
 
 DATA = np.arange(400 * 8, dtype=np.float32).reshape(400, 8)
 # "within a couple of seconds": the coordinator polls its parent every 0.25 s and gives its

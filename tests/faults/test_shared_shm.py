@@ -23,7 +23,7 @@ import pytest
 from helpers import wait_until
 
 import prefetch
-from prefetch.processes.segments import LOCK_NAME, NAME_ROOT, SHM_DIR, claim_prefix, remove_stale_segments
+from prefetch.ipc.segments import LOCK_NAME, NAME_ROOT, SHM_DIR, claim_prefix, remove_stale_segments
 
 # Runs as pid 1 of the new namespace: makes the next pid there the one the test chose, then runs the loader.
 LAUNCHER = """
@@ -58,7 +58,7 @@ SCENARIO = """
 import json, os, random, subprocess, sys, time
 import psutil
 from helpers import alive, wait_until
-from prefetch.processes.segments import NAME_ROOT, SHM_DIR, remove_stale_segments
+from prefetch.ipc.segments import NAME_ROOT, SHM_DIR, remove_stale_segments
 
 mode, start_method, launcher, script = sys.argv[1:5]
 
@@ -174,7 +174,7 @@ def test_a_lock_whose_owner_is_gone_is_swept_with_its_segments(tmp_path, monkeyp
     In a directory of the test's own: any other loader on the machine sweeps /dev/shm too, and could
     take the dead owner's files before this test's sweep does."""
     shm_dir = str(tmp_path)
-    monkeypatch.setattr(prefetch.processes.segments, "SHM_DIR", shm_dir)
+    monkeypatch.setattr(prefetch.ipc.segments, "SHM_DIR", shm_dir)
     read_end, write_end = os.pipe()
     child = os.fork()
     if child == 0:  # pragma: no cover - the child
@@ -221,7 +221,7 @@ COPY_SCENARIO = """
 import json, os, sys, time
 import numpy as np
 import prefetch
-from prefetch.processes.segments import SHM_DIR
+from prefetch.ipc.segments import SHM_DIR
 from prefetch.processes.sources import share_sources
 
 def scale(x):

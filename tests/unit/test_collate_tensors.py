@@ -19,8 +19,8 @@ import pytest
 from prefetch.aliasing import SourceMemory
 from prefetch.collate import collate_auto
 from prefetch.core.pipeline import make_batch
-from prefetch.processes.segments import new_prefix, unlink_prefix
-from prefetch.processes.slots import SlotReader, SlotWriter
+from prefetch.ipc.segments import new_prefix, unlink_prefix
+from prefetch.ipc.slots import SlotReader, SlotWriter
 from prefetch.validation import make_config
 
 torch = pytest.importorskip("torch")

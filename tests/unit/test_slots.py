@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from helpers import as_list
 
-from prefetch.processes.segments import new_prefix, unlink_prefix
-from prefetch.processes.slots import SlotReader, SlotWriter
+from prefetch.ipc.segments import new_prefix, unlink_prefix
+from prefetch.ipc.slots import SlotReader, SlotWriter
 
 DTYPES = ["float32", ">f4", "bool", "int8", "uint64", "complex64", "datetime64[ms]", "timedelta64[us]", "float16"]
 

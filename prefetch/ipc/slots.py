@@ -1,23 +1,21 @@
-"""Slots: where a batch is written by the process that makes it and read, without a copy, by the consumer.
+"""Slots: where a value of arrays is written by the process that makes it and read, without a copy, by another.
 
-A *slot* is a numbered place for one batch. Its bytes live in a segment (``segments``) that
-the writer and the consumer both map. Ownership moves with the messages:
+A *slot* is a numbered place for one value (a batch of the loader, an item of ``background``); its
+bytes live in a segment (``segments``) that the writer and the reader both map. Who owns a slot when
+is the caller's protocol; this module only writes and reads. Invariants (``docs/design.md``,
+"Shared memory: slots and leases"):
 
-* the coordinator hands a free slot to a worker with each ``Task`` (``background``'s producer
-  owns ``depth`` slots and gets each back with a ``SlotFree``);
-* the writer puts the batch's arrays into it (``SlotWriter``) -- stacking straight into the
-  slot where it can (``BatchSpace.alloc``) -- and creates a larger segment when the batch does
-  not fit (the old one is unlinked; segment names are never reused);
-* the consumer maps it and builds arrays that *view* the slot (``SlotReader``): no copy. A
-  per-batch *lease* array is the base of every array of the batch, and the slot goes back to
-  the coordinator only when the lease is garbage, i.e. when the user holds no array of the
-  batch any more.
-
-How a batch sits in its slot travels as a ``messages.SlotLayout``: plain arrays are described
-directly (``SlotArrays``), anything else is pickled with protocol 5 and its array buffers are
-placed out of band in the slot. A plain ``torch.Tensor`` travels as the array that views it,
-either way, and is rebuilt with ``torch.from_numpy`` (``tensors``): the consumer's tensor views
-the slot, and holds the lease as an array would.
+* the writer puts the value's arrays into the slot (``SlotWriter``) -- stacking straight into it
+  where it can (``SlotSpace.alloc``) -- and creates a larger segment when the value does not fit
+  (the old one is unlinked; segment names are never reused);
+* how the value sits in its slot travels as a ``SlotLayout``: a value made only of arrays placed in
+  the slot is described directly (``SlotArrays``), anything else is pickled with protocol 5, its
+  array buffers out of band in the slot; a payload above ``INLINE_PAYLOAD_MAX_BYTES`` goes in the
+  slot too, so a layout never needs more than one atomic pipe write;
+* the reader maps the segment and builds arrays that *view* the slot (``SlotReader``), all based on
+  one *lease* array per value, or copies them out;
+* a plain ``torch.Tensor`` travels as the array that views it (``core.tensors``) and is rebuilt over
+  the slot, holding the lease as an array would.
 """
 
 from __future__ import annotations
@@ -28,29 +26,59 @@ import mmap
 import os
 import pickle
 from itertools import count
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from ..tensors import as_array, from_array, tensor_type
-from .messages import SegmentRef, SlotArrays, SlotLayout
-from .segments import PAGE_BYTES, align, buffer_address, create_segment, open_segment, unlink_segment
+from .segments import PAGE_BYTES, SegmentRef, align, buffer_address, create_segment, open_segment, unlink_segment
 
 # Arrays in a slot start at multiples of this, so SIMD loads and stores stay aligned.
 ALIGN_BYTES = 64
-# A pickled batch payload larger than this goes into the slot too, so that its message stays
-# within one atomic pipe write (PIPE_BUF, 4096 bytes on Linux) and is never spilled to a file of
-# its own (``channel.atomic_body``): a BatchReady is about 250 bytes besides the payload, which
-# leaves room for a layout listing ~100 out-of-band buffers. Below it, the payload rides in the
-# message (no slot needed); above it, one copy into the slot, whose segment is reused.
+# A pickled payload larger than this goes into the slot too, so that its message stays within one
+# atomic pipe write (PIPE_BUF, 4096 bytes on Linux) and is never spilled to a file of its own
+# (``channel.atomic_body``): a message is about 250 bytes besides the payload, which leaves room for
+# a layout listing ~100 out-of-band buffers. Below it, the payload rides in the message (no slot
+# needed); above it, one copy into the slot, whose segment is reused.
 INLINE_PAYLOAD_MAX_BYTES = 2 * 1024
+# What a slot holds, and the fix when /dev/shm cannot hold one: a writer's callers say it in their words.
+SLOT_PURPOSE = ("a value", "free space there, or hold fewer values in shared memory at once (Docker: --shm-size)")
 
 
-# --- the writer's side (a worker, or background's producer) --------------------------------
+class SlotArrays(NamedTuple):
+    """A value that is nothing but arrays placed in its slot -- one array, a tuple or a dict of
+    them, the usual batch -- described without pickle, which costs more than the rest of a
+    small value's trip. ``arrays`` gives each array's ``(offset, dtype.str, shape)``;
+    ``tensors`` lists ``(position, torch dtype name)`` for the leaves that are ``torch.Tensor``s
+    viewing their array (``tensors.from_array``)."""
+
+    container: str  # "array", "tuple" or "dict"
+    keys: tuple[str, ...]  # the dict's keys, in order; () otherwise
+    arrays: tuple[tuple[int, str, tuple[int, ...]], ...]
+    tensors: tuple[tuple[int, str], ...] = ()
+
+
+class SlotLayout(NamedTuple):
+    """Where a value sits in its slot: the one record of its layout, from the writer to the reader.
+
+    Either ``arrays`` describes it (``SlotArrays``), or ``payload`` is the value pickled with
+    protocol 5, its array buffers out of band, and ``buffers`` gives each buffer's
+    ``(offset, nbytes)`` in ``segment``. A large payload is itself stored in the segment: then
+    ``payload`` is None and the last entry of ``buffers`` locates it. ``segment`` is None when
+    nothing was written to the slot (no arrays, small payload).
+    """
+
+    segment: SegmentRef | None
+    payload: bytes | None
+    buffers: tuple[tuple[int, int], ...]
+    arrays: SlotArrays | None = None
+
+
+# --- the writer's side ----------------------------------------------------------------------
 
 
 class _Mapping:
-    """One worker's mapping of a slot's segment."""
+    """The writer's mapping of a slot's segment."""
 
     def __init__(self, ref: SegmentRef, mm: mmap.mmap):
         self.ref = ref
@@ -66,8 +94,8 @@ class _Mapping:
             pass
 
 
-class BatchSpace:
-    """The free space of one slot while a batch is written: a bump allocator that
+class SlotSpace:
+    """The free space of one slot while a value is written: a bump allocator that
     remembers where each array it handed out lies."""
 
     def __init__(self, mapping: _Mapping | None):
@@ -150,13 +178,13 @@ class BatchSpace:
         return SlotArrays(container, keys, tuple(arrays), tuple(tensors))
 
 
-class _BatchPickler(pickle.Pickler):
-    """Pickles a batch with its arrays out of band. Non-contiguous arrays are first made contiguous in the
+class _OutOfBandPickler(pickle.Pickler):
+    """Pickles a value with its arrays out of band. Non-contiguous arrays are first made contiguous in the
     slot, and so are read-only ones (a view of a source shared read-only with spawned workers): pickle
     would otherwise carry the read-only flag to the consumer, whose arrays must be writable. A plain
     tensor is pickled as its numpy view, so its bytes go out of band too."""
 
-    def __init__(self, file: io.BytesIO, space: BatchSpace, buffers: list[pickle.PickleBuffer]):
+    def __init__(self, file: io.BytesIO, space: SlotSpace, buffers: list[pickle.PickleBuffer]):
         super().__init__(file, protocol=5, buffer_callback=buffers.append)
         self._space = space
         self._tensor = tensor_type()
@@ -177,14 +205,17 @@ class _BatchPickler(pickle.Pickler):
 
 
 class SlotWriter:
-    """A worker's writer into slots; keeps each slot's segment mapped between batches."""
+    """A process's writer into slots; keeps each slot's segment mapped between values.
 
-    def __init__(self, prefix: str):
+    ``purpose`` is ``(what a slot holds, the fix)`` for the error when ``/dev/shm`` cannot hold one."""
+
+    def __init__(self, prefix: str, purpose: tuple[str, str] = SLOT_PURPOSE):
         self._prefix = prefix
+        self._purpose = purpose
         self._maps: dict[int, _Mapping] = {}
         self._names = count()
 
-    def space(self, slot: int, segment: SegmentRef | None, size_hint: int) -> BatchSpace:
+    def space(self, slot: int, segment: SegmentRef | None, size_hint: int) -> SlotSpace:
         """The space to build a batch in, for a task that names ``slot`` and its current segment."""
         mapping = self._maps.get(slot)
         if segment is None:
@@ -196,7 +227,7 @@ class SlotWriter:
             except FileNotFoundError:  # replaced by a batch whose report was lost: start afresh
                 mapping = self._create(slot, max(size_hint, segment.size), old=None)
             self._maps[slot] = mapping
-        return BatchSpace(mapping)
+        return SlotSpace(mapping)
 
     def close(self) -> None:
         """Unmap every slot this writer keeps mapped (the segments themselves stay)."""
@@ -208,13 +239,13 @@ class SlotWriter:
         name = f"{self._prefix}{slot}-{os.getpid()}-{next(self._names)}"
         size = max(align(size, PAGE_BYTES), PAGE_BYTES)  # at least a page: a batch of 0-byte arrays still has a slot
         ref = SegmentRef(name, size)
-        mapping = _Mapping(ref, create_segment(name, size))
+        mapping = _Mapping(ref, create_segment(name, size, self._purpose))
         if old is not None:
             unlink_segment(old.ref.name)
         self._maps[slot] = mapping
         return mapping
 
-    def write(self, slot: int, space: BatchSpace, batch: Any) -> SlotLayout:
+    def write(self, slot: int, space: SlotSpace, batch: Any) -> SlotLayout:
         """Put ``batch`` in the slot: arrays out of band (growing the slot if needed), the rest pickled."""
         arrays = space.describe(batch)
         if arrays is not None:  # already in the slot: nothing to write
@@ -222,7 +253,7 @@ class SlotWriter:
             return SlotLayout(space.mapping.ref, None, (), arrays)
         buffers: list[pickle.PickleBuffer] = []
         file = io.BytesIO()
-        _BatchPickler(file, space, buffers).dump(batch)
+        _OutOfBandPickler(file, space, buffers).dump(batch)
         payload = file.getvalue()
         raws = [buffer.raw() for buffer in buffers]
         if len(payload) > INLINE_PAYLOAD_MAX_BYTES:
@@ -246,7 +277,7 @@ class SlotWriter:
         inline = None if len(raws) > len(buffers) else payload
         return SlotLayout(space.mapping.ref, inline, tuple(placed))
 
-    def _write_grown(self, slot: int, space: BatchSpace, payload: bytes, raws: list[memoryview]) -> SlotLayout:
+    def _write_grown(self, slot: int, space: SlotSpace, payload: bytes, raws: list[memoryview]) -> SlotLayout:
         needed = sum(align(raw.nbytes, ALIGN_BYTES) for raw in raws)
         old = space.mapping
         size = needed if old is None else max(needed, old.ref.size + old.ref.size // 4)
@@ -261,11 +292,11 @@ class SlotWriter:
         return SlotLayout(mapping.ref, inline, tuple(placed))
 
 
-# --- the consumer side --------------------------------------------------------------------
+# --- the reader's side ----------------------------------------------------------------------
 
 
 class SlotReader:
-    """The consumer's reader of slots; keeps each slot's segment mapped until ``close``.
+    """A process's reader of slots; keeps each slot's segment mapped until ``close``.
 
     A mapping is shared by the reader (its cache) and by the arrays of every batch read from it
     (their numpy base is the ``mmap``), so it is unmapped, and its descriptor closed, when both

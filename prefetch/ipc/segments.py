@@ -1,23 +1,20 @@
 """Segments: the files in the shm directory that shared memory lives in, and who owns them.
 
-A *segment* is a file in ``SHM_DIR`` (``/dev/shm`` on Linux, a tmpfs) that several processes
-map. This module makes, opens and unlinks them, and keeps track of whose they are, so that
-nothing is left behind however a process ends:
+A *segment* is a file in ``SHM_DIR`` (``/dev/shm`` on Linux, a tmpfs) that several processes map.
+This module makes, opens and unlinks them, and keeps track of whose they are, so that nothing is
+left behind however a process ends. Invariants (``docs/design.md``, "Shutdown"):
 
-* every segment of one owner (a loader, or ``background``'s producer) is named
-  ``prefetch-<consumer pid>-<token>-...``, so cleanup never needs a list: whoever shuts down
-  last unlinks the prefix (``unlink_prefix``);
-* the owner holds an exclusive ``flock`` on ``<prefix>lock`` while it lives (``PrefixLock``,
-  taken by ``claim_prefix`` before any segment exists), and a later owner removes the prefixes
-  whose lock it can take, i.e. whose owner died (``remove_stale_segments``) -- which works
-  across PID namespaces, where a pid says nothing;
+* every segment of one owner is named ``prefetch-<owner pid>-<token>-...``, so cleanup never needs
+  a list: whoever shuts down last unlinks the prefix (``unlink_prefix``);
+* the owner holds an exclusive ``flock`` on ``<prefix>lock`` while it lives (``PrefixLock``, taken
+  by ``claim_prefix`` before any segment exists), and the lock file is unlinked last; a later owner
+  removes the prefixes whose lock it can take, i.e. whose owner died (``remove_stale_segments``),
+  which works across PID namespaces, where a pid says nothing;
 * segments are allocated with ``posix_fallocate``, so a full ``/dev/shm`` fails at once with
-  ``ENOSPC`` instead of a ``SIGBUS`` later.
+  ``ENOSPC`` (and the caller's fix) instead of a ``SIGBUS`` later.
 
-Spill files (``write_file_segment`` / ``read_file_segment``) are segments too: they carry a
-message too large for one atomic pipe write (see ``channel``), under the same prefix, so
-they are cleaned up with the rest. What is *in* a segment is the business of ``slots`` (a
-batch) and ``sources`` (a numpy source shared with a spawned coordinator).
+Spill files (``write_file_segment`` / ``read_file_segment``) are segments too, under the same prefix.
+What is *in* a segment is the business of ``slots`` and ``handles``.
 """
 
 from __future__ import annotations
@@ -27,12 +24,18 @@ import mmap
 import os
 import secrets
 import tempfile
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import psutil
 
-from .messages import SegmentRef
+
+class SegmentRef(NamedTuple):
+    """A segment: its file name in the shm directory and its size in bytes."""
+
+    name: str
+    size: int
+
 
 SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 NAME_ROOT = "prefetch-"
@@ -53,11 +56,7 @@ def _path(name: str) -> str:
     return os.path.join(SHM_DIR, name)
 
 
-# What a segment is for, and what to do when /dev/shm cannot hold it (``create_segment``'s default: a slot).
-FOR_A_BATCH = ("a batch", "free space there, lower `prefetch` or the batch size (Docker: --shm-size)")
-
-
-def create_segment(name: str, size: int, purpose: tuple[str, str] = FOR_A_BATCH) -> mmap.mmap:
+def create_segment(name: str, size: int, purpose: tuple[str, str]) -> mmap.mmap:
     """Create segment ``name`` of ``size`` bytes (reserved now: ``ENOSPC`` here, not SIGBUS later).
     ``purpose`` is ``(what it holds, the fix)``, for the error when there is no room."""
     fd = os.open(_path(name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
@@ -181,9 +180,9 @@ def _owner_prefix(name: str) -> tuple[str, str] | None:
     return f"{NAME_ROOT}{parts[0]}-{parts[1]}-", parts[0]
 
 
-def _owner_is_gone(prefix: str) -> bool:
-    """Whether the lock of ``prefix`` can be taken (its owner died); a lock file that vanished
-    meanwhile means its owner is removing its segments itself."""
+def _remove_if_orphaned(prefix: str) -> bool:
+    """Remove every segment of ``prefix`` if its lock can be taken (its owner died); True if it was.
+    A lock file that vanished meanwhile means its owner is removing its segments itself."""
     try:
         fd = os.open(_path(prefix + LOCK_NAME), os.O_RDWR)
     except FileNotFoundError:
@@ -215,7 +214,7 @@ def remove_stale_segments() -> int:
     removed = 0
     for prefix, pid in prefixes.items():
         if os.path.exists(_path(prefix + LOCK_NAME)):
-            if _owner_is_gone(prefix):
+            if _remove_if_orphaned(prefix):
                 removed += 1
         elif not psutil.pid_exists(int(pid)):
             unlink_prefix(prefix)
@@ -223,7 +222,7 @@ def remove_stale_segments() -> int:
     return removed
 
 
-# --- spill files: messages too large for one atomic pipe write (see channel) --------------------
+# --- spill files: messages too large for one atomic pipe write (see channel) ---------------------
 
 
 def write_file_segment(name: str, data: bytes) -> SegmentRef:
