@@ -14,7 +14,7 @@ See ``docs/design.md`` for how it works.
 """
 
 from .background import background
-from .collate import collate_auto, collate_list
+from .core.collate import collate_auto, collate_list
 from .core.rng import batch_rng
 from .doctor import doctor
 from .errors import (

@@ -23,10 +23,9 @@ from typing import Any
 import multiprocess.util  # noqa: F401 - its atexit hook must be registered before ours (below)
 
 from ._tuning import ThreadTuner
-from .aliasing import SourceMemory
-from .core import rng
+from .core.aliasing import SourceMemory
 from .core.config import LoaderConfig
-from .core.pipeline import BatchError, make_batch, uses_randomness
+from .core.pipeline import UserCodeRaised, make_numbered_batch
 from .core.reorder import ReorderBuffer
 from .errors import LoaderClosedError, annotate
 from .executor import Executor, Failed, Made, Result
@@ -73,7 +72,6 @@ class InlineEngine:
         self.order = config.order
         self.position = start
         self.recorder = StatsRecorder()
-        self.randomness = uses_randomness(config)
         self.source_memory = SourceMemory(config.sources)  # batches must not alias the sources
 
     def next_batch(self) -> Any:
@@ -81,12 +79,8 @@ class InlineEngine:
         indices = self.order.batch_indices(batch_number)
         started = time.perf_counter()
         try:
-            if self.randomness:
-                with rng.seeded_in_caller(self.config.seed, batch_number):
-                    batch, _ = make_batch(self.config, indices, private=self.source_memory)
-            else:
-                batch, _ = make_batch(self.config, indices, private=self.source_memory)
-        except BatchError as error:
+            batch, _ = make_numbered_batch(self.config, batch_number, indices, private=self.source_memory)
+        except UserCodeRaised as error:
             raise annotate(error.original, error.failure.where, batch_number) from error.original.__cause__
         self.position += 1
         self.recorder.delivered(len(indices), time.perf_counter() - started, 0, None, None)

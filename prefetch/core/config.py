@@ -14,6 +14,8 @@ from functools import cached_property
 from types import MappingProxyType
 from typing import Any, NamedTuple, TypedDict
 
+import numpy as np
+
 from .._tuning import DEFAULT_WORKER_NICE
 from .order import Order
 
@@ -148,9 +150,18 @@ class LoaderConfig:
             world_size=self.world_size,
         )
 
+    @cached_property
+    def runs_user_code(self) -> bool:
+        """Whether user code runs while a batch is made (a transform, a collate function, or a source class
+        whose ``__getitem__`` may draw random numbers): then the global random generators are seeded per
+        batch (``pipeline.make_numbered_batch``). Plain lists, tuples, ranges and arrays need no seeding."""
+        plain = all(isinstance(s, (np.ndarray, list, tuple, range)) for s in self.sources)
+        return not plain or self.transform is not None or self.batch_transform is not None or callable(self.collate)
+
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state.pop("order", None)
+        state.pop("order", None)  # made again on arrival (see ``order``)
+        state.pop("runs_user_code", None)  # a spawned coordinator's sources are placeholders until resolved
         return state
 
     # --- the memory bound: every figure derived from ``prefetch`` is here ------------------------

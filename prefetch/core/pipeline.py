@@ -1,16 +1,17 @@
-"""The batch pipeline: load samples by index, transform, collate, ``batch_transform``.
+"""The batch pipeline, and batch number ``b`` made the way every executor must make it.
 
-``make_batch`` is the whole per-batch work, written once and run by every executor (a worker
-process, a Ray actor) and by ``workers=0`` in the caller's process, so they all produce the same
-batches. It touches no process, pipe or shared memory: where the batch's arrays are stacked is the
-caller's ``alloc``. ``uses_randomness`` says whether the caller must seed the global generators
-before a batch (``rng``).
+``make_numbered_batch`` is the executor contract as code: batch ``b``'s indices from the order, the
+global generators seeded for ``b`` (``rng``; restored after in the calling process), then
+``make_batch`` -- load, transform, collate, ``batch_transform``. Every executor (a worker process, a
+Ray actor) and ``workers=0`` call it, so they all make the same bytes. It touches no process, pipe
+or shared memory: where the batch's arrays are stacked is the caller's ``alloc``.
 
 Every exception user code raises while a batch is made -- any ``BaseException`` subclass,
-``KeyboardInterrupt`` included -- comes out as ``BatchError`` naming the stage and the sample, and is
-raised in the consumer as itself; it is never mistaken for a worker crash, so user code never runs
-twice because of it. ``SystemExit`` is the one exception: ``sys.exit()`` in user code ends a worker
-process, like ``os._exit()``, and is handled as a worker death.
+``KeyboardInterrupt`` included -- comes out as ``UserCodeRaised``, packed as a ``Failure`` naming the
+stage and the sample, and is raised in the consumer as itself; it is never mistaken for a worker
+crash, so user code never runs twice because of it. ``SystemExit`` is the one exception:
+``sys.exit()`` in user code ends a worker process, like ``os._exit()``, and is handled as a worker
+death. See ``docs/design.md`` ("Where a new executor goes", "Failures").
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..aliasing import SourceMemory
-from ..collate import Alloc, StreamingStack, collate_auto, collate_list, private_alloc
 from ..errors import Failure
+from . import rng
+from .aliasing import SourceMemory
+from .collate import Alloc, StreamingStack, collate_auto, collate_list, private_alloc
 from .config import LoaderConfig
 
 
@@ -40,8 +42,9 @@ class Timings(NamedTuple):
     transfer: float = 0.0
 
 
-class BatchError(Exception):
-    """User code failed while making a batch; ``failure`` is the packed exception."""
+class UserCodeRaised(Exception):
+    """User code raised while a batch was made: ``failure`` is the exception packed for the trip to the
+    consumer, ``original`` the exception itself (raised as it is with ``workers=0``)."""
 
     def __init__(self, failure: Failure, original: BaseException):
         super().__init__(failure.text)
@@ -102,14 +105,14 @@ def _transform_all(
 
 @contextmanager
 def _user_code(where: Callable[[], str]) -> Iterator[None]:
-    """Run user code: what it raises comes out as ``BatchError`` naming ``where()`` (computed only
+    """Run user code: what it raises comes out as ``UserCodeRaised`` naming ``where()`` (computed only
     then). ``SystemExit`` passes: ``sys.exit()`` in user code ends a worker (module docstring)."""
     try:
         yield
     except SystemExit:
         raise
     except BaseException as exc:  # any user exception, KeyboardInterrupt too
-        raise BatchError(Failure.capture(exc, where()), exc) from exc
+        raise UserCodeRaised(Failure.capture(exc, where()), exc) from exc
 
 
 def _load(sources: tuple[Any, ...], indices: np.ndarray) -> list[Any]:
@@ -136,8 +139,8 @@ def make_batch(
 ) -> tuple[Any, Timings]:
     """Batch ``indices``: load each sample, transform it, collate, then ``batch_transform``.
 
-    The caller seeds the random generators first. User-code exceptions come out as
-    ``BatchError`` naming the stage and the sample index. With ``private`` (the calling
+    The caller seeds the random generators first (``make_numbered_batch`` does). User-code exceptions
+    come out as ``UserCodeRaised`` naming the stage and the sample index. With ``private`` (the calling
     process, ``workers=0``) the parts of the batch that alias a source are copied, as a
     worker's slot would (see ``SourceMemory``); the whole-batch ``np.take`` never aliases.
     """
@@ -177,9 +180,28 @@ def make_batch(
     return batch, Timings(load_s, transform_s, collate_s)
 
 
-def uses_randomness(config: LoaderConfig) -> bool:
-    """Whether user code runs while a batch is made (a transform, a collate function, or a
-    source class whose ``__getitem__`` may draw random numbers): then the global random
-    generators are seeded per batch. Plain lists, tuples and arrays need no seeding."""
-    plain = all(isinstance(s, (np.ndarray, list, tuple, range)) for s in config.sources)
-    return not plain or config.transform is not None or config.batch_transform is not None or callable(config.collate)
+def make_numbered_batch(
+    config: LoaderConfig,
+    batch: int,
+    indices: np.ndarray | None = None,
+    alloc: Alloc = private_alloc,
+    private: SourceMemory | None = None,
+) -> tuple[Any, Timings]:
+    """Batch number ``batch``, made as every executor must make it (the module docstring):
+
+    * from its sample indices, ``config.order.batch_indices(batch)`` (or ``indices``, the same ones as
+      they travelled to a worker);
+    * with the global generators seeded for ``batch`` first when user code runs
+      (``config.runs_user_code``): ``rng.seed_globals``, or, in the calling process (``private`` given:
+      ``workers=0``), ``rng.seeded_in_caller``, which gives the caller its own states back after;
+    * by ``make_batch``: user code's exceptions come out as ``UserCodeRaised``.
+    """
+    if indices is None:
+        indices = config.order.batch_indices(batch)
+    if not config.runs_user_code:
+        return make_batch(config, indices, alloc, private)
+    if private is not None:
+        with rng.seeded_in_caller(config.seed, batch):
+            return make_batch(config, indices, alloc, private)
+    rng.seed_globals(config.seed, batch)
+    return make_batch(config, indices, alloc)

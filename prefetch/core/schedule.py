@@ -14,22 +14,43 @@ from collections.abc import Iterable, Sequence
 from enum import Enum
 from typing import NamedTuple
 
+from ..errors import WorkerDiedError, WorkerError, WorkerTimeoutError
 from .order import Order
 
 
-class GiveUp(Enum):
-    """Why a batch will not be made again."""
+class Why(Enum):
+    """Why a batch is given up on."""
 
     DIED = "died"  # its worker died, and it has killed more workers than ``retries`` allows
     LATE = "late"  # the consumer waited longer than ``timeout`` for it and its worker was stopped
 
 
-class Verdict(NamedTuple):
-    """A lost batch given up on: ``attempts`` workers died making it."""
+class GiveUp(NamedTuple):
+    """A batch given up on: it will not be made (again). The schedule decides it (``batch``, ``why``,
+    ``attempts``), the executor adds the worker that had it (``pid``, ``who``) and how that worker
+    ended (``how``), and the consumer raises ``error()``: the one record of a give-up in every executor
+    (the ``processes`` coordinator sends it on the results pipe), and the one place its text is made."""
 
     batch: int
-    why: GiveUp
-    attempts: int
+    why: Why
+    attempts: int = 0  # workers that died making it
+    pid: int | None = None  # the worker that had it; None when no worker had it
+    who: str = ""  # that worker in words: "worker pid 12", "Ray actor pid 12 on node ..."
+    how: str = ""  # how it ended (``Why.DIED``): "killed by SIGKILL: ...", a Ray error's first line
+
+    def error(self, indices: Sequence[int], timeout: float | None, retries: int) -> WorkerError:
+        """The error the user gets at this batch (``indices``: its sample indices)."""
+        shown, batch = list(indices), self.batch
+        if self.why is Why.LATE:
+            head = f"batch {batch} (sample indices {shown}) was not ready within timeout={timeout}s"
+            tail = f"; {self.who}, which had it, was killed" if self.who else ", and no worker was making it"
+            text = head + tail
+            return WorkerTimeoutError(text, batch=batch, indices=tuple(shown), pid=self.pid)
+        text = (
+            f"{self.who} {self.how}, while making batch {batch} (sample indices {shown}); "
+            f"it killed {self.attempts} worker(s), retries={retries}"
+        )
+        return WorkerDiedError(text, batch=batch, indices=tuple(shown), pid=self.pid)
 
 
 class Schedule:
@@ -98,7 +119,7 @@ class Schedule:
             del self.attempts[batch]
         return True
 
-    def lost(self, tasks: Sequence[tuple[int, int]]) -> Verdict | None:
+    def lost(self, tasks: Sequence[tuple[int, int]]) -> GiveUp | None:
         """A worker died; ``tasks`` are its ``(batch, slot)`` the consumer never received, in the order
         it made them. Their slots are free again; all are redone, except the first -- the one it was
         making -- when it was stopped for ``timeout`` or has now killed more than ``retries`` workers:
@@ -110,11 +131,11 @@ class Schedule:
         verdict = None
         if head in self.late:
             self.late.discard(head)
-            verdict = Verdict(head, GiveUp.LATE, self.attempts.get(head, 0))
+            verdict = GiveUp(head, Why.LATE, self.attempts.get(head, 0))
         else:
             self.attempts[head] = self.attempts.get(head, 0) + 1
             if self.attempts[head] > self.retries:
-                verdict = Verdict(head, GiveUp.DIED, self.attempts[head])
+                verdict = GiveUp(head, Why.DIED, self.attempts[head])
             else:
                 self.redo.append(head)
         self.redo.extend(rest)

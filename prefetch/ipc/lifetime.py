@@ -11,7 +11,7 @@ the ``processes`` executor, ``background`` and the Ray actors alike.
 * ``ignore_sigint`` / ``sigint_ignored``: Ctrl-C is the consumer's alone to handle.
 * ``batch_scheduling`` / ``normal_scheduling``: the coordinator's wake-ups do not preempt the loop.
 * ``limit_threads``: one BLAS/OpenMP thread per worker; ``one_torch_thread``: the one torch setting
-  that works in a forked process.
+  that works in a forked process; ``worker_prologue``: all a batch-making process does first.
 * ``join_or_kill``: the one shutdown escalation -- wait, then SIGKILL, then wait for the end --
   used for workers, coordinators and ``background``'s producer alike; ``close_process`` lets go
   of an ended process's descriptors.
@@ -171,6 +171,23 @@ def limit_threads() -> None:
     except ImportError:  # pragma: no cover - a dependency; only the environment then
         return
     threadpool_limits(1)
+
+
+def worker_prologue(nice: int, limit: bool, *, ignore_interrupts: bool = True) -> None:
+    """What every process that runs user code to make batches does first, wherever it runs (a forked
+    worker, a Ray actor): Ctrl-C is left to the consumer (``ignore_interrupts``; Ray handles its own
+    signals), timed waits end on time (``wake_on_time``: this thread's), the normal scheduling policy
+    (not its parent's), ``nice`` steps it back from the training step, and ``limit`` gives it one
+    BLAS/OpenMP thread and one torch thread (``limit_threads``). See ``docs/design.md``, "Where a new
+    executor goes"."""
+    if ignore_interrupts:
+        ignore_sigint()
+    wake_on_time()
+    normal_scheduling()
+    if nice:
+        os.nice(nice)
+    if limit:
+        limit_threads()
 
 
 def join_or_kill(processes: Iterable[Any], timeout_s: float) -> None:

@@ -30,7 +30,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..tensors import as_array, from_array, tensor_type
+from ..core.structure import flatten, unflatten
+from ..core.tensors import as_array, from_array, tensor_type
 from .segments import PAGE_BYTES, SegmentRef, align, buffer_address, create_segment, open_segment, unlink_segment
 
 # Arrays in a slot start at multiples of this, so SIMD loads and stores stay aligned.
@@ -46,11 +47,11 @@ SLOT_PURPOSE = ("a value", "free space there, or hold fewer values in shared mem
 
 
 class SlotArrays(NamedTuple):
-    """A value that is nothing but arrays placed in its slot -- one array, a tuple or a dict of
-    them, the usual batch -- described without pickle, which costs more than the rest of a
-    small value's trip. ``arrays`` gives each array's ``(offset, dtype.str, shape)``;
+    """A value that is nothing but arrays placed in its slot -- one array, a tuple or a dict of them
+    (``core.structure.flatten``), the usual batch -- described without pickle, which costs more than
+    the rest of a small value's trip. ``arrays`` gives each array's ``(offset, dtype.str, shape)``;
     ``tensors`` lists ``(position, torch dtype name)`` for the leaves that are ``torch.Tensor``s
-    viewing their array (``tensors.from_array``)."""
+    viewing their array (``core.tensors.from_array``)."""
 
     container: str  # "array", "tuple" or "dict"
     keys: tuple[str, ...]  # the dict's keys, in order; () otherwise
@@ -90,7 +91,7 @@ class _Mapping:
         del self.view
         try:
             self.mm.close()
-        except BufferError:  # an array of a batch still views it: unmapped when that array goes
+        except BufferError:  # an array of a value still views it: unmapped when that array goes
             pass
 
 
@@ -151,18 +152,14 @@ class SlotSpace:
             return None
         return array, name
 
-    def describe(self, batch: Any) -> SlotArrays | None:
-        """``batch`` as ``SlotArrays`` if it is one array, a tuple or a str-keyed dict of arrays
-        that ``alloc`` placed in the slot, or of tensors viewing them (and nothing else); None otherwise."""
-        keys: tuple[str, ...] = ()
-        if type(batch) is tuple:
-            container, leaves = "tuple", batch
-        elif type(batch) is dict:
-            container, keys, leaves = "dict", tuple(batch), tuple(batch.values())
-            if not all(type(key) is str for key in keys):
-                return None
-        else:
-            container, leaves = "array", (batch,)
+    def describe(self, value: Any) -> SlotArrays | None:
+        """``value`` as ``SlotArrays`` if it is one array, a tuple or a str-keyed dict of arrays
+        (``core.structure.flatten``) that ``alloc`` placed in the slot, or of tensors viewing them;
+        None otherwise."""
+        flat = flatten(value)
+        if flat is None:
+            return None
+        kind, keys, leaves = flat
         arrays, tensors = [], []
         for position, leaf in enumerate(leaves):
             where = self._where(leaf)
@@ -175,13 +172,13 @@ class SlotSpace:
                     return None
                 tensors.append((position, under[1]))
             arrays.append(where)
-        return SlotArrays(container, keys, tuple(arrays), tuple(tensors))
+        return SlotArrays("array" if kind == "leaf" else kind, keys, tuple(arrays), tuple(tensors))
 
 
 class _OutOfBandPickler(pickle.Pickler):
     """Pickles a value with its arrays out of band. Non-contiguous arrays are first made contiguous in the
-    slot, and so are read-only ones (a view of a source shared read-only with spawned workers): pickle
-    would otherwise carry the read-only flag to the consumer, whose arrays must be writable. A plain
+    slot, and so are read-only ones (a view of read-only shared memory): pickle would otherwise carry
+    the read-only flag to the reader, whose arrays must be writable. A plain
     tensor is pickled as its numpy view, so its bytes go out of band too."""
 
     def __init__(self, file: io.BytesIO, space: SlotSpace, buffers: list[pickle.PickleBuffer]):
@@ -216,7 +213,8 @@ class SlotWriter:
         self._names = count()
 
     def space(self, slot: int, segment: SegmentRef | None, size_hint: int) -> SlotSpace:
-        """The space to build a batch in, for a task that names ``slot`` and its current segment."""
+        """The space to build a value in, in ``slot`` whose segment is ``segment`` (None: none yet; then one of
+        ``size_hint`` bytes is made if that is > 0)."""
         mapping = self._maps.get(slot)
         if segment is None:
             if mapping is None and size_hint > 0:
@@ -224,7 +222,7 @@ class SlotWriter:
         elif mapping is None or mapping.ref != segment:
             try:
                 mapping = _Mapping(segment, open_segment(segment))
-            except FileNotFoundError:  # replaced by a batch whose report was lost: start afresh
+            except FileNotFoundError:  # replaced by a value whose report was lost: start afresh
                 mapping = self._create(slot, max(size_hint, segment.size), old=None)
             self._maps[slot] = mapping
         return SlotSpace(mapping)
@@ -237,7 +235,7 @@ class SlotWriter:
 
     def _create(self, slot: int, size: int, old: _Mapping | None) -> _Mapping:
         name = f"{self._prefix}{slot}-{os.getpid()}-{next(self._names)}"
-        size = max(align(size, PAGE_BYTES), PAGE_BYTES)  # at least a page: a batch of 0-byte arrays still has a slot
+        size = max(align(size, PAGE_BYTES), PAGE_BYTES)  # at least a page: 0-byte arrays still have a slot
         ref = SegmentRef(name, size)
         mapping = _Mapping(ref, create_segment(name, size, self._purpose))
         if old is not None:
@@ -245,15 +243,15 @@ class SlotWriter:
         self._maps[slot] = mapping
         return mapping
 
-    def write(self, slot: int, space: SlotSpace, batch: Any) -> SlotLayout:
-        """Put ``batch`` in the slot: arrays out of band (growing the slot if needed), the rest pickled."""
-        arrays = space.describe(batch)
+    def write(self, slot: int, space: SlotSpace, value: Any) -> SlotLayout:
+        """Put ``value`` in the slot: arrays out of band (growing the slot if needed), the rest pickled."""
+        arrays = space.describe(value)
         if arrays is not None:  # already in the slot: nothing to write
             assert space.mapping is not None
             return SlotLayout(space.mapping.ref, None, (), arrays)
         buffers: list[pickle.PickleBuffer] = []
         file = io.BytesIO()
-        _OutOfBandPickler(file, space, buffers).dump(batch)
+        _OutOfBandPickler(file, space, buffers).dump(value)
         payload = file.getvalue()
         raws = [buffer.raw() for buffer in buffers]
         if len(payload) > INLINE_PAYLOAD_MAX_BYTES:
@@ -298,10 +296,10 @@ class SlotWriter:
 class SlotReader:
     """A process's reader of slots; keeps each slot's segment mapped until ``close``.
 
-    A mapping is shared by the reader (its cache) and by the arrays of every batch read from it
+    A mapping is shared by the reader (its cache) and by the arrays of every value read from it
     (their numpy base is the ``mmap``), so it is unmapped, and its descriptor closed, when both
-    have let go: ``close`` drops the cache and unmaps at once what no batch uses; a mapping a
-    batch the user holds still uses goes when the user drops the last array of that batch.
+    have let go: ``close`` drops the cache and unmaps at once what no value uses; a mapping a
+    value the user holds still uses goes when the user drops the last array of that value.
     """
 
     def __init__(self) -> None:
@@ -313,11 +311,11 @@ class SlotReader:
         for _, mm in maps.values():
             try:
                 mm.close()
-            except BufferError:  # a batch the user holds views it: unmapped when that batch is dropped
+            except BufferError:  # a value the user holds views it: unmapped when that value is dropped
                 pass
 
     def read(self, slot: int, layout: SlotLayout, lease: bool) -> tuple[Any, np.ndarray | None]:
-        """Rebuild a batch. With ``lease`` its arrays view the slot, and the returned lease
+        """Rebuild a value. With ``lease`` its arrays view the slot, and the returned lease
         array is their common base; without, they are copies and the slot is free at once."""
         segment, payload, buffers, arrays = layout
         if segment is None:
@@ -328,7 +326,7 @@ class SlotReader:
             if cached is not None:  # the slot grew into a new segment: let the old one go
                 try:
                     cached[1].close()
-                except BufferError:  # still viewed by a held batch, unmapped when that goes
+                except BufferError:  # still viewed by a held value, unmapped when that goes
                     pass
             cached = (segment, open_segment(segment))
             self._maps[slot] = cached
@@ -339,13 +337,8 @@ class SlotReader:
                 leaves = [leaf.copy() for leaf in leaves]
             for position, name in arrays.tensors:
                 leaves[position] = from_array(leaves[position], name)
-            if arrays.container == "tuple":
-                batch: Any = tuple(leaves)
-            elif arrays.container == "dict":
-                batch = dict(zip(arrays.keys, leaves, strict=True))
-            else:
-                batch = leaves[0]
-            return batch, (whole if lease else None)
+            kind = "leaf" if arrays.container == "array" else arrays.container
+            return unflatten(kind, arrays.keys, leaves), (whole if lease else None)
         end = max(offset + nbytes for offset, nbytes in buffers)
         whole = np.frombuffer(cached[1], np.uint8, count=max(end, 1))
         views = [whole[offset : offset + nbytes] for offset, nbytes in buffers]

@@ -31,7 +31,7 @@ import multiprocess
 import numpy as np
 
 from ..core.config import LoaderConfig
-from ..core.schedule import GiveUp, Schedule
+from ..core.schedule import GiveUp, Schedule, Why
 from ..errors import WorkersKeepDyingError, describe_exit
 from ..ipc.channel import Outbox, PipeReader, atomic_body, encode, send
 from ..ipc.lifetime import (
@@ -168,37 +168,25 @@ class Coordinator:
         if late is not None:  # killed for ``late``: the others are redone, none counted against
             self.schedule.requeue(message.tasks, late)
             return
-        verdict = self.schedule.lost(message.tasks)  # never LATE here: late batches are answered at once
-        if verdict is not None:
-            indices = list(self.order.batch_indices(verdict.batch).tolist())
-            text = (
-                f"worker pid {message.pid} {describe_exit(message.exitcode)}, while making batch {verdict.batch} "
-                f"(sample indices {indices}); it killed {verdict.attempts} worker(s), retries={self.config.retries}"
-            )
-            self._fail(verdict.batch, GiveUp.DIED, message.pid, text)
-
-    def _fail(self, batch: int, why: GiveUp, pid: int, text: str) -> None:
-        indices = tuple(self.order.batch_indices(batch).tolist())
-        self._post(messages.BatchAbandoned(batch, indices, pid, why, text))
+        give_up = self.schedule.lost(message.tasks)  # never LATE here: late batches are answered at once
+        if give_up is not None:
+            who, how = f"worker pid {message.pid}", describe_exit(message.exitcode)
+            self._post(give_up._replace(pid=message.pid, who=who, how=how))
 
     def _on_timed_out(self, batch: int) -> None:
         """Kill the worker making the late ``batch`` and answer at once: the batch is given up now, not
         when the death is seen (a worker stuck in an uninterruptible read, or tearing down a large
         memory, may take long to die). Its slot comes back with the death (``_on_lost``): until then
-        the dying worker may still write to it. If no worker has the batch, it fails now too."""
-        indices = list(self.order.batch_indices(batch).tolist())
-        limit = f"was not ready within timeout={self.config.timeout}s"
+        the dying worker may still write to it. If no worker has the batch, it is given up now too."""
         for worker in self.workers:
             if worker.killed_for is None and any(task.batch == batch for task in worker.tasks):
                 worker.killed_for = batch
                 worker.process.kill()  # the sentinel reports it later: _lose_worker, then _on_lost
                 pid = worker.process.pid
-                text = f"batch {batch} (sample indices {indices}) {limit}; worker pid {pid}, which had it, was killed"
-                self._fail(batch, GiveUp.LATE, pid, text)
+                self._post(GiveUp(batch, Why.LATE, pid=pid, who=f"worker pid {pid}"))
                 return
         self.schedule.cancel(batch)
-        text = f"batch {batch} (sample indices {indices}) {limit}, and no worker was making it"
-        self._fail(batch, GiveUp.LATE, os.getpid(), text)
+        self._post(GiveUp(batch, Why.LATE))
 
     # --- dispatch -----------------------------------------------------------------------
 

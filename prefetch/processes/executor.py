@@ -3,7 +3,7 @@
 It starts the coordinator (``coordinator.coordinator_main``, which forks the workers,
 ``worker.worker_main``; the three roles never import each other: ``processes/__init__.py``
 wires them together),
-reads ``BatchReady``/``BatchFailed``/``BatchAbandoned`` from the shared results pipe and
+reads ``BatchReady``/``BatchFailed``/``GiveUp`` from the shared results pipe and
 turns them into the engine's ``Made``/``Failed`` (``executor.py``), and returns credits and
 free slots in ``Consumed`` messages.
 
@@ -31,13 +31,7 @@ from typing import Any
 from ..core.config import LoaderConfig
 from ..core.reorder import Leases
 from ..core.schedule import GiveUp
-from ..errors import (
-    CoordinatorDiedError,
-    CoordinatorTimeoutError,
-    StartTimeoutError,
-    WorkerDiedError,
-    WorkerTimeoutError,
-)
+from ..errors import CoordinatorDiedError, CoordinatorTimeoutError, StartTimeoutError
 from ..executor import Failed, Made, Result, WorkerInfo
 from ..ipc.channel import Outbox, PipeReader, WakePipe, encode
 from ..ipc.lifetime import COORDINATOR_JOIN_TIMEOUT_S
@@ -45,7 +39,6 @@ from ..ipc.segments import SegmentRef, claim_prefix, remove_stale_segments
 from ..ipc.slots import SlotReader
 from .launch import CoordinatorProcess
 from .messages import (
-    BatchAbandoned,
     BatchFailed,
     BatchReady,
     Consumed,
@@ -197,11 +190,10 @@ class ProcessExecutor:
             self.released.append((message.slot, None))  # nothing in it
             error = message.failure.to_exception(message.batch, message.indices, message.pid)
             return Failed(message.batch, error)
-        if isinstance(message, BatchAbandoned):
+        if isinstance(message, GiveUp):
             self.coordinator_acts += 1
-            kind = WorkerTimeoutError if message.why is GiveUp.LATE else WorkerDiedError
-            error = kind(message.message, batch=message.batch, indices=message.indices, pid=message.pid)
-            return Failed(message.batch, error)
+            indices = self.config.order.batch_indices(message.batch).tolist()
+            return Failed(message.batch, message.error(indices, self.config.timeout, self.config.retries))
         if isinstance(message, WorkerLost):
             self.coordinator_acts += 1
             self.restarts += 1

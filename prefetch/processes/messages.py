@@ -7,8 +7,8 @@ a message: it is in a shared-memory slot (``ipc.slots``). The pipes, and who wri
     control  consumer -> coordinator      Consumed, Lost, TimedOut, Stop
     tasks    coordinator -> one worker    Task, Stop
     results  workers -> consumer          BatchReady, BatchFailed
-             coordinator -> consumer      CoordinatorReady, WorkerLost, BatchAbandoned, CoordinatorFailed,
-                                          WorkersStopped
+             coordinator -> consumer      CoordinatorReady, WorkerLost, GiveUp (core.schedule),
+                                          CoordinatorFailed, WorkersStopped
 
 Any of these may also arrive as ``ipc.channel.Spilled`` (a message too large for one atomic write).
 
@@ -60,18 +60,6 @@ class BatchFailed(NamedTuple):
     indices: tuple[int, ...]
     pid: int
     failure: Failure
-
-
-class BatchAbandoned(NamedTuple):
-    """Coordinator -> consumer: batch ``batch`` will not be made (``why``); ``message`` is the text of
-    the consumer's error. Its slot is the coordinator's again already -- a late batch's once the death
-    of the worker killed for it is seen (until then that worker may still write to it)."""
-
-    batch: int
-    indices: tuple[int, ...]
-    pid: int | None
-    why: GiveUp
-    message: str
 
 
 class WorkerLost(NamedTuple):
@@ -151,7 +139,7 @@ Message = (
     Task
     | BatchReady
     | BatchFailed
-    | BatchAbandoned
+    | GiveUp
     | WorkerLost
     | CoordinatorReady
     | CoordinatorFailed

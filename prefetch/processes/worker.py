@@ -22,19 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from ..core import rng
 from ..core.config import LoaderConfig
-from ..core.pipeline import BatchError, make_batch, uses_randomness
+from ..core.pipeline import UserCodeRaised, make_numbered_batch
 from ..errors import Failure
 from ..ipc.channel import PipeReader, send
-from ..ipc.lifetime import (
-    PARENT_CHECK_INTERVAL_S,
-    die_with_parent,
-    ignore_sigint,
-    limit_threads,
-    normal_scheduling,
-    wake_on_time,
-)
+from ..ipc.lifetime import PARENT_CHECK_INTERVAL_S, die_with_parent, worker_prologue
 from ..ipc.slots import SlotWriter
 from .messages import BatchFailed, BatchReady, Stop, Task
 
@@ -46,13 +38,11 @@ SLOT_PURPOSE = ("a batch", "free space there, lower `prefetch` or the batch size
 
 def run_task(config: LoaderConfig, writer: SlotWriter, task: Task) -> BatchReady | BatchFailed:
     """Make one batch into its slot and say how it went."""
-    if uses_randomness(config):
-        rng.seed_globals(config.seed, task.batch)
     space = writer.space(task.slot, task.segment, task.size_hint)
     indices = np.frombuffer(task.indices, np.int64)
     try:
-        batch, timings = make_batch(config, indices, space.alloc)
-    except BatchError as error:
+        batch, timings = make_numbered_batch(config, task.batch, indices, space.alloc)
+    except UserCodeRaised as error:
         return BatchFailed(task.batch, task.slot, tuple(indices.tolist()), os.getpid(), error.failure)
     start = time.perf_counter()
     try:
@@ -66,14 +56,8 @@ def run_task(config: LoaderConfig, writer: SlotWriter, task: Task) -> BatchReady
 
 def worker_main(tasks: Any, results: Any, config: LoaderConfig, prefix: str, parent_pid: int) -> None:
     """A worker process's life: tasks in, results out, until told to stop or orphaned."""
-    ignore_sigint()
-    die_with_parent()
-    wake_on_time()
-    normal_scheduling()  # the coordinator's policy is inherited: undo it
-    if config.worker_nice:
-        os.nice(config.worker_nice)  # the training step goes first (see _tuning)
-    if config.limit_threads:
-        limit_threads()
+    die_with_parent()  # started by the coordinator's only thread (see lifetime.die_with_parent)
+    worker_prologue(config.worker_nice, config.limit_threads)
     writer = SlotWriter(prefix, SLOT_PURPOSE)
     inbox = PipeReader(tasks)
     poller = select.poll()

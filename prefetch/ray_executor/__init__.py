@@ -35,14 +35,11 @@ Ray is imported when a loader starts, never by ``import prefetch``.
 
 from __future__ import annotations
 
-import warnings
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 from ..errors import PrefetchError
 from ..executor import Made, Result, WorkerInfo
-from ..tensors import as_array, from_array, tensor_type
+from .transfer import writable
 
 if TYPE_CHECKING:
     from ..core.config import LoaderConfig
@@ -53,61 +50,6 @@ if TYPE_CHECKING:
 DEFAULT_ACTOR_OPTIONS: dict[str, Any] = {"scheduling_strategy": "SPREAD"}
 # prefetch redoes a lost actor's batches itself: Ray must neither restart actors nor retry calls.
 FORCED_ACTOR_OPTIONS: dict[str, Any] = {"max_restarts": 0, "max_task_retries": 0}
-
-
-class TensorArray:
-    """A plain tensor on its way from an actor to the consumer: the ``array`` viewing it, and the
-    name of its dtype (``tensors.as_array``)."""
-
-    __slots__ = ("array", "name")
-
-    def __init__(self, array: np.ndarray, name: str):
-        self.array = array
-        self.name = name
-
-
-def _map_leaves(batch: Any, leaf: Any) -> Any:
-    """``batch`` with ``leaf(x)`` for each ``x`` of it that is not a tuple, list or dict (those are walked)."""
-    if isinstance(batch, tuple):
-        items = [_map_leaves(item, leaf) for item in batch]
-        return type(batch)(*items) if hasattr(batch, "_fields") else tuple(items)
-    if isinstance(batch, list):
-        return [_map_leaves(item, leaf) for item in batch]
-    if isinstance(batch, dict):
-        return type(batch)((key, _map_leaves(value, leaf)) for key, value in batch.items())
-    return leaf(batch)
-
-
-def portable(batch: Any) -> Any:
-    """In the actor: ``batch`` with each plain tensor as a ``TensorArray`` (nothing to do without torch)."""
-    tensor = tensor_type()
-    if tensor is None:
-        return batch
-
-    def leaf(value: Any) -> Any:
-        viewed = as_array(value) if type(value) is tensor else None
-        return value if viewed is None else TensorArray(*viewed)
-
-    return _map_leaves(batch, leaf)
-
-
-def writable(batch: Any, copy: bool = True) -> Any:
-    """``batch`` as the user gets it: each ``TensorArray`` a tensor again and, with ``copy``, every
-    read-only array (a tensor's too) replaced by a writable copy (tuples, lists, dicts walked)."""
-
-    def leaf(value: Any) -> Any:
-        if isinstance(value, np.ndarray):
-            return value if value.flags.writeable or not copy else value.copy()
-        if isinstance(value, TensorArray):
-            array = value.array
-            if array.flags.writeable or copy:
-                return from_array(array if array.flags.writeable else array.copy(), value.name)
-            with warnings.catch_warnings():  # copy=False: torch warns that the array is read-only
-                warnings.simplefilter("ignore", UserWarning)
-                return from_array(array, value.name)
-        return value
-
-    return _map_leaves(batch, leaf)
 
 
 class RayExecutor:

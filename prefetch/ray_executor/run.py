@@ -12,10 +12,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..core.schedule import GiveUp, Schedule, Verdict
-from ..errors import PrefetchError, WorkerDiedError, WorkerTimeoutError
+from ..core.schedule import GiveUp, Schedule, Why
+from ..errors import Failure, PrefetchError
 from ..executor import Failed, Made, Result
-from .actor import BatchMaker, Fail, pack_sources, ship_config
+from .actor import BatchMaker
+from .transfer import actor_config, pack_sources
 
 if TYPE_CHECKING:
     from ..core.config import LoaderConfig
@@ -69,7 +70,7 @@ class Run:
         self.answers: list[Result] = []  # results decided without an actor (a late batch nobody had)
         self.local_node = ray.get_runtime_context().get_node_id()
         sources, self.array_refs = pack_sources(config.sources, ray.put)
-        self.config_ref: Any = ray.put(ship_config(_with_sources(config, sources)))
+        self.config_ref: Any = ray.put(actor_config(config, sources))
         self.actor_class = ray.remote(BatchMaker).options(**actor_options)
         self.actors: list[_Actor] = [self._spawn() for _ in range(max(1, config.workers))]
         self.all_started = False
@@ -174,7 +175,7 @@ class Run:
         task = actor.queue[0]
         try:
             value = values.pop(task.ref) if task.ref in values else self.ray.get(task.ref)
-        except self.ray.exceptions.RayTaskError as error:  # not user code (that is ``Fail``): a bug of ours
+        except self.ray.exceptions.RayTaskError as error:  # not user code (that is a ``Failure``): a bug of ours
             actor.queue.popleft()
             self.released.append(task.slot)
             return Failed(task.batch, error)
@@ -182,9 +183,10 @@ class Run:
             actor.death = error
             return _LOST
         actor.queue.popleft()
-        if isinstance(value, Fail):
+        if isinstance(value, Failure):
             self.released.append(task.slot)
-            return Failed(task.batch, value.failure.to_exception(task.batch, value.indices, actor.pid))
+            indices = tuple(self.order.batch_indices(task.batch).tolist())
+            return Failed(task.batch, value.to_exception(task.batch, indices, actor.pid))
         batch, timings = value
         return Made(task.batch, timings, actor.pid or 0, (task.slot, batch))
 
@@ -204,23 +206,15 @@ class Run:
             tasks.remove(late[0])
             tasks.insert(0, late[0])
         actor.queue.clear()
-        verdict = self.schedule.lost(tasks)
-        return [] if verdict is None else [self._give_up(verdict, actor, error)]
+        give_up = self.schedule.lost(tasks)
+        if give_up is None:
+            return []
+        who = f"Ray actor pid {actor.pid} on node {actor.address} ({(actor.node or '?')[:12]})"
+        return [self._failed(give_up._replace(pid=actor.pid, who=who, how=f"died ({_first_line(error)})"))]
 
-    def _give_up(self, verdict: Verdict, actor: _Actor, error: Any) -> Failed:
-        indices = tuple(self.order.batch_indices(verdict.batch).tolist())
-        where = f"Ray actor pid {actor.pid} on node {actor.address} ({(actor.node or '?')[:12]})"
-        if verdict.why is GiveUp.LATE:
-            text = (
-                f"batch {verdict.batch} (sample indices {list(indices)}) was not ready within "
-                f"timeout={self.config.timeout}s; {where}, which had it, was killed"
-            )
-            return Failed(verdict.batch, WorkerTimeoutError(text, batch=verdict.batch, indices=indices, pid=actor.pid))
-        text = (
-            f"{where} died while making batch {verdict.batch} (sample indices {list(indices)}): "
-            f"{_first_line(error)}; it killed {verdict.attempts} actor(s), retries={self.config.retries}"
-        )
-        return Failed(verdict.batch, WorkerDiedError(text, batch=verdict.batch, indices=indices, pid=actor.pid))
+    def _failed(self, give_up: GiveUp) -> Failed:
+        indices = self.order.batch_indices(give_up.batch).tolist()
+        return Failed(give_up.batch, give_up.error(indices, self.config.timeout, self.config.retries))
 
     def _check_start(self) -> None:
         """Note when every actor has started; give up on actors Ray cannot place or start."""
@@ -250,9 +244,7 @@ class Run:
                     _kill(self.ray, actor.handle)  # its calls now fail: ``_lose`` reports the batch
                     return
         self.schedule.cancel(batch)
-        indices = tuple(self.order.batch_indices(batch).tolist())
-        text = f"batch {batch} was not ready within timeout={self.config.timeout}s, and no Ray actor was making it"
-        self.answers.append(Failed(batch, WorkerTimeoutError(text, batch=batch, indices=indices, pid=None)))
+        self.answers.append(self._failed(GiveUp(batch, Why.LATE)))
 
     def stop(self) -> None:
         """Kill every actor, drop every reference; wait for this node's actor processes to end."""
@@ -274,12 +266,6 @@ class Run:
 
 
 _LOST = object()  # what ``_answer`` returns for a call whose actor is gone
-
-
-def _with_sources(config: LoaderConfig, sources: tuple[Any, ...]) -> LoaderConfig:
-    from dataclasses import replace
-
-    return replace(config, sources=sources)
 
 
 def _ready(ray: Any, ref: Any) -> bool:

@@ -7,7 +7,7 @@ from collections import namedtuple
 import numpy as np
 import pytest
 
-from prefetch.collate import StreamingStack, collate_auto, collate_list
+from prefetch.core.collate import StreamingStack, collate_auto, collate_list
 from prefetch.core.pipeline import make_batch
 from prefetch.validation import make_config
 
@@ -27,7 +27,7 @@ def test_list_gives_the_seed_lists():
 
 @pytest.fixture(autouse=True)
 def stream_every_size(monkeypatch):
-    monkeypatch.setattr("prefetch.collate.STREAM_MIN_SAMPLE_BYTES", 0)
+    monkeypatch.setattr("prefetch.core.collate.STREAM_MIN_SAMPLE_BYTES", 0)
 
 
 def _stream(samples):

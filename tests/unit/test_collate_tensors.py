@@ -16,8 +16,8 @@ from collections import namedtuple
 import numpy as np
 import pytest
 
-from prefetch.aliasing import SourceMemory
-from prefetch.collate import collate_auto
+from prefetch.core.aliasing import SourceMemory
+from prefetch.core.collate import collate_auto
 from prefetch.core.pipeline import make_batch
 from prefetch.ipc.segments import new_prefix, unlink_prefix
 from prefetch.ipc.slots import SlotReader, SlotWriter
@@ -311,7 +311,7 @@ def test_without_jax_such_objects_stay_a_list():
 
 
 def test_ray_batches_carry_tensors_as_arrays_and_open_them_over_a_writable_copy():
-    from prefetch.ray_executor import TensorArray, portable, writable
+    from prefetch.ray_executor.transfer import TensorArray, portable, writable
 
     pair = (torch.ones(2, dtype=torch.bfloat16), "s")
     batch = {"x": torch.arange(6.0).reshape(2, 3), "pair": pair, "n": np.arange(3)}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from prefetch.core.order import Order
-from prefetch.core.schedule import GiveUp, Schedule, Verdict
+from prefetch.core.schedule import GiveUp, Schedule, Why
 
 
 def make(start: int = 0, prefetch: int = 4, max_slots: int = 9, retries: int = 1, epochs: int | None = None):
@@ -63,7 +63,7 @@ def test_a_batch_that_kills_more_than_retries_workers_is_given_up():
     assert schedule.lost([first]) is None  # one death: redone
     again = drain(schedule)
     assert again[0][0] == 0
-    assert schedule.lost([again[0]]) == Verdict(0, GiveUp.DIED, 2)
+    assert schedule.lost([again[0]]) == GiveUp(0, Why.DIED, 2)
     assert 0 not in [batch for batch, _ in drain(schedule)]
 
 
@@ -71,7 +71,7 @@ def test_a_late_batch_is_given_up_once_its_worker_is_gone_and_its_followers_are_
     schedule = make()
     tasks = drain(schedule)
     schedule.mark_late(0)
-    assert schedule.lost(tasks[:2]) == Verdict(0, GiveUp.LATE, 0)
+    assert schedule.lost(tasks[:2]) == GiveUp(0, Why.LATE, 0)
     assert [batch for batch, _ in drain(schedule)] == [1]
 
 

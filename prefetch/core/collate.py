@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from .structure import is_namedtuple, rebuilt
 from .tensors import array_dtype, dtype_name, from_array, in_memory, is_jax_array, is_tensor
 
 Alloc = Callable[[tuple[int, ...], np.dtype], np.ndarray]
@@ -142,19 +143,16 @@ def collate_auto(samples: Sequence[Any], alloc: Alloc = private_alloc, field: st
                     f"{type(sample).__name__} of length {len(sample) if hasattr(sample, '__len__') else '?'}, the one "
                     f"at position 0 a tuple of {width} ({_WHERE})"
                 )
-        fields = [collate_auto([s[i] for s in samples], alloc, f"{field}[{i}]") for i in range(width)]
-        if hasattr(first, "_fields"):  # namedtuple
-            return type(first)(*fields)
-        return tuple(fields)
+        return rebuilt(first, [collate_auto([s[i] for s in samples], alloc, f"{field}[{i}]") for i in range(width)])
     if isinstance(first, Mapping):
-        out = {}
+        fields = []
         for key in first:
             try:
                 column = [s[key] for s in samples]
             except (KeyError, TypeError) as exc:
                 raise ValueError(f"cannot collate{field}: a sample of the batch lacks key {key!r}") from exc
-            out[key] = collate_auto(column, alloc, f"{field}[{key!r}]")
-        return out if type(first) is dict else _rebuild_mapping(first, out)
+            fields.append(collate_auto(column, alloc, f"{field}[{key!r}]"))
+        return rebuilt(first, fields)
     if is_tensor(first):
         return _stack_tensors(samples, alloc, field)
     if is_jax_array(first):  # numpy arrays: what jax.device_put takes, and what a slot can hold
@@ -205,17 +203,10 @@ def _check_tensors(samples: Sequence[Any], field: str) -> None:
         )
 
 
-def _rebuild_mapping(example: Mapping[Any, Any], fields: dict[Any, Any]) -> Any:
-    try:
-        return type(example)(fields)  # type: ignore[call-arg]
-    except Exception:
-        return fields
-
-
 def collate_list(samples: Sequence[Any], alloc: Alloc = private_alloc) -> Any:
     """The seed generator's batches: a list, or a tuple of lists for tuple samples."""
     first = samples[0]
-    if isinstance(first, tuple) and not hasattr(first, "_fields"):
+    if isinstance(first, tuple) and not is_namedtuple(first):
         return tuple([s[i] for s in samples] for i in range(len(first)))
     return list(samples)
 

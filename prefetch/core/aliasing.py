@@ -16,10 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from .structure import ATOMIC_TYPES, children, is_container, map_structure
 from .tensors import copy_tensor, is_tensor, storage_bounds
 
-# Leaves that cannot alias anything mutable: skipped at once by ``SourceMemory``'s walks.
-_ATOMIC_TYPES = frozenset({int, float, complex, bool, str, bytes, type(None)})
 # A pathologically long ``base`` chain is cut here: what was seen is enough.
 _MAX_CHAIN = 16
 
@@ -96,19 +95,16 @@ class BatchSafety:
         while pending:
             value = pending.pop()
             kind = type(value)
-            if kind in _ATOMIC_TYPES:
+            if kind in ATOMIC_TYPES:
                 continue
-            if kind is tuple:
-                pending.extend(value)
+            if is_container(value):
+                if not isinstance(value, tuple):  # a list or dict: the batch must not share it (tuples cannot change)
+                    owned[id(value)] = value
+                pending.extend(children(value))
             elif isinstance(value, np.ndarray):
                 _remember(owned, value)
                 if value.dtype.hasobject:
                     pending.extend(value.flat)
-            elif isinstance(value, (list, dict)):
-                owned[id(value)] = value
-                pending.extend(value.values() if isinstance(value, dict) else value)
-            elif isinstance(value, tuple):
-                pending.extend(value)
             elif is_tensor(value):
                 owned[id(value)] = value
 
@@ -141,54 +137,30 @@ class BatchSafety:
         return self.spans.overlaps(*bounds)
 
     def detach(self, value: Any) -> Any:
-        """``value`` with every part that aliases a source replaced by a copy."""
-        kind = type(value)
-        if kind in _ATOMIC_TYPES:
+        """``value`` with every part that aliases a source replaced by a copy: a list or dict a sample held
+        is a new one, and so is any container around a copy (``core.structure.map_structure``)."""
+        return map_structure(self._detach_leaf, value, renew=self._held, memo=self.copies)
+
+    def _held(self, container: Any) -> bool:
+        return id(container) in self.owned
+
+    def _detach_leaf(self, value: Any) -> Any:
+        if type(value) in ATOMIC_TYPES:
             return value
-        if kind is np.ndarray and not value.dtype.hasobject and not self._aliases(value):
-            return value
-        key = id(value)
-        if key in self.copies:  # one object twice in a batch stays one object, as pickle keeps it
-            return self.copies[key]
-        result = value
         if isinstance(value, np.ndarray):
-            owned = self._aliases(value)
-            if value.dtype.hasobject:  # its items may alias the sources too
-                items = [self.detach(item) for item in value.flat]
-                if owned or any(a is not b for a, b in zip(items, value.flat)):
-                    result = np.empty(value.shape, value.dtype)
-                    flat = result.reshape(-1)
-                    for position, item in enumerate(items):
-                        flat[position] = item
-            elif owned:
-                result = value.copy(order="K")
-        elif isinstance(value, list):
-            items = [self.detach(item) for item in value]
-            if id(value) in self.owned or any(a is not b for a, b in zip(items, value)):
-                result = _rebuilt(value, items)
-        elif isinstance(value, dict):
-            fields = {k: self.detach(v) for k, v in value.items()}
-            if id(value) in self.owned or any(fields[k] is not v for k, v in value.items()):
-                result = _rebuilt(value, fields)
-        elif isinstance(value, tuple):
-            items = [self.detach(item) for item in value]
-            if any(a is not b for a, b in zip(items, value)):
-                result = _rebuilt(value, items)
-        elif is_tensor(value) and self._tensor_aliases(value):
-            result = copy_tensor(value)
-        self.copies[key] = result
-        return result
-
-
-def _rebuilt(container: Any, items: Any) -> Any:
-    """A new container of ``container``'s type holding ``items`` (a plain one if the type resists)."""
-    kind = type(container)
-    try:
-        if isinstance(container, tuple) and hasattr(container, "_fields"):
-            return kind(*items)
-        return kind(items)
-    except Exception:
-        return tuple(items) if isinstance(container, tuple) else items
+            if not value.dtype.hasobject:
+                return value.copy(order="K") if self._aliases(value) else value
+            items = [self.detach(item) for item in value.flat]  # its items may alias the sources too
+            if self._aliases(value) or any(a is not b for a, b in zip(items, value.flat)):
+                result = np.empty(value.shape, value.dtype)
+                flat = result.reshape(-1)
+                for position, item in enumerate(items):
+                    flat[position] = item
+                return result
+            return value
+        if is_tensor(value) and self._tensor_aliases(value):
+            return copy_tensor(value)
+        return value
 
 
 class _Spans:
