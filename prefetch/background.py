@@ -197,7 +197,7 @@ class _Producer:
         context = multiprocess.get_context(start_method)
         forked = start_method == "fork"
         if forked:
-            warn_threads_before_fork("the background process", _SPAWN_INSTEAD, stacklevel=3)  # the user's next()
+            warn_threads_before_fork("the background process", _SPAWN_INSTEAD)
         prefix_lock = claim_prefix()  # marks the segments as alive until _stop (see segments.PrefixLock)
         self.prefix = prefix_lock.prefix
         items_in, items_out = context.Pipe(duplex=False)

@@ -1,11 +1,11 @@
 """The consumer's engine: what ``Loader``'s generator pulls batches from.
 
-``Engine`` drives an executor (``executor.py``: where batches are made) and owns what the
-user sees, whatever the executor: the reorder buffer (batches strictly by number, so the
+``Engine`` drives one run of an executor (``executor.py``: where batches are made) and owns what
+the user sees, whatever the executor: the reorder buffer (batches strictly by number, so the
 stream is the same for any number of workers), the ``timeout`` clock, the thread tuner,
 statistics, and closing -- from any thread, at exit, never in a forked child. ``close()``
-from another thread wakes a ``next_batch`` blocked in ``executor.wait`` (it raises
-``LoaderClosedError``), waits for it to leave, then stops the executor.
+from another thread wakes a ``next_batch`` blocked in ``run.wait`` (it raises
+``LoaderClosedError``), waits for it to leave, then stops the run.
 
 ``InlineEngine`` (``workers=0``) makes each batch in the calling process with the same
 pipeline, restoring the caller's global random state after each batch.
@@ -28,7 +28,7 @@ from .core.config import LoaderConfig
 from .core.pipeline import UserCodeRaised, make_numbered_batch
 from .core.reorder import ReorderBuffer
 from .errors import LoaderClosedError, annotate
-from .executor import Executor, Failed, Made, Result
+from .executor import Executor, Failed, Made, Result, Run
 from .ipc.channel import WakePipe
 from .stats import Stats, StatsRecorder
 
@@ -98,7 +98,6 @@ class Engine:
 
     def __init__(self, config: LoaderConfig, start: int, executor: Executor):
         self.config = config
-        self.executor = executor
         self.order = config.order
         self.reorder: ReorderBuffer[Result] = ReorderBuffer(start)
         self.recorder = StatsRecorder()
@@ -108,7 +107,7 @@ class Engine:
         self.close_lock = threading.Lock()
         self.wake = WakePipe()  # close() in another thread wakes a blocked next_batch through it
         try:
-            executor.start(config, start, self.wake)
+            self.run: Run = executor.start(config, start, self.wake)
         except BaseException:
             self.wake.close()
             raise
@@ -123,7 +122,7 @@ class Engine:
     def _file(self, results: list[Result]) -> None:
         for result in results:
             if not self.reorder.put(result) and isinstance(result, Made):
-                self.executor.drop(result)  # a duplicate of a redone batch
+                self.run.drop(result)  # a duplicate of a redone batch
 
     def _wait_for_next(self) -> float:
         """Block until the next batch is here; return the seconds waited.
@@ -134,11 +133,11 @@ class Engine:
         """
         started = time.perf_counter()
         timeout_s = self.config.timeout
-        deadline = started + timeout_s if timeout_s is not None and self.executor.started else None
+        deadline = started + timeout_s if timeout_s is not None and self.run.started else None
         told = False  # the executor has been told the batch is late
         while not self.reorder.ready():
             wait_s = POLL_S if deadline is None else max(0.0, min(POLL_S, deadline - time.perf_counter()))
-            results = self.executor.wait(wait_s)
+            results = self.run.wait(wait_s)
             if self.wake.woken:
                 raise LoaderClosedError(
                     f"the loader was closed (from another thread, or at exit) while waiting for batch {self.position}"
@@ -147,10 +146,10 @@ class Engine:
             if self.reorder.ready():
                 break
             now = time.perf_counter()
-            if deadline is None and timeout_s is not None and not told and self.executor.started:
+            if deadline is None and timeout_s is not None and not told and self.run.started:
                 deadline = now + timeout_s  # the executor's start-up does not count against a batch
             elif deadline is not None and now >= deadline:
-                self.executor.late(self.position)
+                self.run.late(self.position)
                 told, deadline = True, None
         return time.perf_counter() - started
 
@@ -168,26 +167,26 @@ class Engine:
     def _next_batch(self) -> Any:
         # Credits go back when the user asks for the next batch, not when the last one was yielded:
         # the batch the user works on keeps its place in the window (see docs/design.md).
-        self.executor.advance(self.position)
+        self.run.advance(self.position)
         fill = len(self.reorder)
-        self._file(self.executor.wait(0))
+        self._file(self.run.wait(0))
         if self.tuner is not None:
             self.tuner.tick(len(self.reorder))
         waited = self._wait_for_next() if not self.reorder.ready() else 0.0
         result = self.reorder.take()
         if isinstance(result, Failed):
-            self.executor.advance(self.position)
+            self.run.advance(self.position)
             raise result.error
-        batch = self.executor.open(result)
+        batch = self.run.open(result)
         self.recorder.delivered(self.order.batch_length(result.batch), waited, fill, result.timings, result.worker)
         return batch
 
     def worker_pids(self) -> list[int]:
         """The workers on this machine (whose processes can be looked up here)."""
-        return [worker.pid for worker in self.executor.workers() if worker.here]
+        return [worker.pid for worker in self.run.workers() if worker.here]
 
     def helper_pid(self) -> int | None:
-        return self.executor.helper_pid()
+        return self.run.helper_pid()
 
     def decisions(self) -> tuple[str, ...]:
         """What the engine decided about sharing the cores with the training step, and why."""
@@ -199,13 +198,13 @@ class Engine:
         return tuple(made)
 
     def stats(self) -> Stats:
-        self.recorder.restarts = self.executor.restarts
-        nodes = {worker.pid: worker.node for worker in self.executor.workers() if worker.node is not None}
+        self.recorder.restarts = self.run.restarts
+        nodes = {worker.pid: worker.node for worker in self.run.workers() if worker.node is not None}
         return self.recorder.snapshot(self.worker_pids(), self.helper_pid(), self.decisions(), nodes)
 
     def forget_in_forked_child(self) -> None:
         """In a child forked from the owner: let go of this process's copies only (see ``live_engines``)."""
-        self.executor.forget()
+        self.run.forget()
 
     def close(self) -> None:
         """Stop the executor; idempotent, from any thread.
@@ -233,7 +232,7 @@ class Engine:
         if self.tuner is not None:
             self.tuner.release()  # from another thread: given back in the loop's thread (see _tuning)
         try:
-            self.executor.stop()
+            self.run.stop()
         finally:
             self.wake.close()
             self.reorder.clear()

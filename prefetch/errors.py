@@ -44,9 +44,11 @@ Python-object sources, a low open-files limit): see ``prefetch.doctor``.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import traceback
+import warnings
 from dataclasses import dataclass
 
 
@@ -124,6 +126,18 @@ class ShmSpaceError(PrefetchError, OSError):
 
 class PrefetchWarning(UserWarning):
     """Warned by the pre-flight check when a loader starts: it will run, but something may go wrong."""
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn(message: str) -> None:
+    """Warn with ``PrefetchWarning`` at the user's line: the first caller outside prefetch (a ``for``
+    loop that started a loader, the call that made one), however deep inside prefetch the cause was found."""
+    frame, level = sys._getframe(0), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, PrefetchWarning, stacklevel=level)
 
 
 class WorkerError(PrefetchError):

@@ -1,34 +1,24 @@
-"""The seam between the consumer and wherever batches are made: the ``Executor`` interface.
+"""The seam between the consumer and wherever batches are made: an ``Executor`` starts a ``Run``.
 
-The consumer's engine (``consumer.Engine``) owns what the user sees: the reorder buffer,
-the ``timeout`` clock, closing from any thread, statistics. An executor owns where batches
-are made and how they travel back: ``processes`` (a coordinator process, forked workers,
-shared-memory slots) or ``ray`` (Ray actors, the object store). Both use the same
-process-free core (``core.order``, ``core.pipeline``, ``core.schedule``), so a batch is the
-same whichever executor made it.
+The consumer's engine (``consumer.Engine``) owns what the user sees: the reorder buffer, the
+``timeout`` clock, closing from any thread, statistics. An executor owns where batches are made and
+how they travel back: ``processes`` (a coordinator process, forked workers, shared-memory slots) or
+``ray`` (Ray actors, the object store). An ``Executor`` is a template (what the user configured:
+``executor="processes"``, ``RayExecutor(address=...)``); its ``start`` makes one ``Run``, one
+start-to-stop, which the engine drives. The conversation, from the engine's side::
 
-The conversation, from the engine's side::
+    run = executor.start(config, start, wake)   make batches start, start + 1, ... ahead of the consumer
+    run.advance(position)              the consumer wants batch `position`: all before it are taken
+    run.wait(seconds)   -> [Made | Failed, ...]   results in completion order (maybe none)
+    run.late(batch)                    `timeout` passed for `batch`: stop whoever makes it
+    run.open(made)      -> batch       the user's batch, from a result the engine kept
+    run.drop(made)                     a result nobody will open (a duplicate of a redone batch)
+    run.stop()                         end everything
+    run.forget()                       in a forked child: let go of our copies, touch nothing
 
-    executor.start(config, start, wake)   make batches start, start + 1, ... ahead of the consumer
-    executor.advance(position)            the consumer wants batch `position`: all before it are taken
-    executor.wait(seconds)   -> [Made | Failed, ...]   results in completion order (maybe none)
-    executor.late(batch)                  `timeout` passed for `batch`: stop whoever makes it
-    executor.open(made)      -> batch     the user's batch, from a result the engine kept
-    executor.drop(made)                   a result nobody will open (a duplicate of a redone batch)
-    executor.stop()                       end everything
-    executor.forget()                     in a forked child: let go of our copies, touch nothing
-
-Rules every executor keeps (``docs/design.md`` says why):
-
-* at most ``config.prefetch`` batches are ready or in flight beyond ``position``;
-* batch ``b`` is made with ``core.pipeline.make_batch`` from ``config.order.batch_indices(b)``,
-  the global generators seeded by ``core.rng`` for ``b`` first;
-* a lost worker's batches are redone (the one it was making at most ``config.retries`` times),
-  so the output does not change; past that, ``Failed`` with ``WorkerDiedError``;
-* after ``late(b)`` a ``Failed(b, WorkerTimeoutError)`` follows; an executor that cannot
-  deliver it raises an error from ``wait`` instead (never leaves the engine waiting);
-* ``wait`` returns early, with what it has, once ``wake`` is woken (``close()`` from another thread);
-* ``stop`` leaves no process, actor or shared-memory segment of the loader behind.
+The rules every run keeps are in ``docs/design.md`` ("Where a new executor goes"); the contract's
+steps are code it calls: ``core.pipeline.make_numbered_batch``, ``ipc.lifetime.worker_prologue``,
+``core.schedule.Schedule`` and ``GiveUp``.
 """
 
 from __future__ import annotations
@@ -43,12 +33,13 @@ if TYPE_CHECKING:
 
 
 class Made(NamedTuple):
-    """Batch ``batch`` is made; ``where`` is the executor's own note of where it is (a slot, an object)."""
+    """Batch ``batch`` is made; ``payload`` is the run's own typed record of where it is (the processes
+    executor's ``BatchReady``: a slot and its layout; the Ray executor's ``Fetched``: a value)."""
 
     batch: int
     timings: Timings
     worker: int  # the pid of the process that made it (per-worker figures in ``Stats``)
-    where: Any
+    payload: Any
 
 
 class Failed(NamedTuple):
@@ -71,7 +62,15 @@ class WorkerInfo(NamedTuple):
 
 
 class Executor(Protocol):
-    """Where batches are made. See the module docstring for the conversation and its rules."""
+    """Where batches are made: a template, started once per engine (see the module docstring)."""
+
+    def start(self, config: LoaderConfig, start: int, wake: WakePipe) -> Run:
+        """Start making batches ``start, start + 1, ...``; ``wake`` is woken by ``close()`` from another thread."""
+        ...
+
+
+class Run(Protocol):
+    """One start-to-stop of an executor, driven by one engine. See the module docstring."""
 
     @property
     def started(self) -> bool:
@@ -82,8 +81,6 @@ class Executor(Protocol):
     def restarts(self) -> int:
         """Workers lost and replaced so far."""
         ...
-
-    def start(self, config: LoaderConfig, start: int, wake: WakePipe) -> None: ...
 
     def advance(self, position: int) -> None: ...
 
@@ -98,12 +95,12 @@ class Executor(Protocol):
     def workers(self) -> list[WorkerInfo]: ...
 
     def helper_pid(self) -> int | None:
-        """A process of the executor's that is not a worker (the coordinator), for ``Stats.memory``."""
+        """A process of the run's that is not a worker (the coordinator), for ``Stats.memory``."""
         ...
 
     def forget(self) -> None:
         """In a child forked from the owner (user code called ``os.fork()``): let go of this
-        process's copies of what the executor holds, and touch nothing the parent still uses."""
+        process's copies of what the run holds, and touch nothing the parent still uses."""
         ...
 
     def stop(self) -> None: ...

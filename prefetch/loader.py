@@ -15,7 +15,6 @@ workers and any executor. ``docs/design.md`` tells the whole story, including sh
 
 from __future__ import annotations
 
-import copy
 import numbers
 import threading
 import weakref
@@ -294,22 +293,18 @@ class Loader:
         return Engine(self._config, self._position, self._executor())
 
     def _executor(self) -> Executor:
-        """A fresh executor for an engine, as ``executor=`` says: an executor object is a template,
-        copied for each engine, so that every iteration starts from its options alone."""
+        """The executor ``executor=`` names, or the one it is: a template, whose ``start`` makes the
+        engine's run (every iteration starts from the template's options alone)."""
         choice = self._config.executor
         if choice == "processes":
-            from ._checks import check_main_guarded
-            from .preflight import preflight
-            from .processes import process_executor
+            from .processes import ProcessExecutor
 
-            check_main_guarded(self._config)  # spawn/forkserver from an unguarded script: say so, start nothing
-            preflight(self._config)  # fails fast on a full /dev/shm; warns about threads before fork, ...
-            return process_executor()
+            return ProcessExecutor()
         if choice == "ray":
             from .ray_executor import RayExecutor
 
             return RayExecutor()
-        return copy.copy(choice)
+        return choice
 
     # --- state --------------------------------------------------------------------------
 

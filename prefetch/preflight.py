@@ -37,11 +37,10 @@ from __future__ import annotations
 import os
 import sys
 import threading
-import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .errors import PrefetchWarning, ShmSpaceError
+from .errors import ShmSpaceError, warn
 from .ipc.lifetime import native_threads, other_threads
 
 if TYPE_CHECKING:
@@ -304,23 +303,22 @@ def check_sources(config: LoaderConfig) -> Finding:
     )
 
 
-def warn_threads_before_fork(forked: str, fix: str, stacklevel: int) -> None:
+def warn_threads_before_fork(forked: str, fix: str) -> None:
     """Warn (``PrefetchWarning``) if ``fork_hazard`` finds something, for a process that forks ``forked``
     without a loader configuration (``background``'s producer: it runs torch with one thread)."""
     hazard = fork_hazard(torch_in_child=False)
     if hazard is not None:
-        warnings.warn(f"{fork_warning(hazard, forked)}; {fix}", PrefetchWarning, stacklevel=stacklevel + 1)
+        warn(f"{fork_warning(hazard, forked)}; {fix}")
 
 
 # --- the automatic check ----------------------------------------------------------------------------
 
 
-def preflight(config: LoaderConfig, stacklevel: int = 4) -> None:
+def preflight(config: LoaderConfig) -> None:
     """The cheap check run whenever a loader starts its processes (see the module docstring).
 
     Raises ``ShmSpaceError`` when ``/dev/shm`` cannot hold ``prefetch`` batches of a size known
-    exactly; warns with ``PrefetchWarning`` otherwise. ``stacklevel`` points the warning at the
-    user's ``for`` loop (``preflight`` <- the loader's engine start <- the generator <- the loop)."""
+    exactly; warns with ``PrefetchWarning`` otherwise, at the user's ``for`` loop (``errors.warn``)."""
     if config.workers == 0:
         return
     findings: list[Finding] = []
@@ -338,4 +336,4 @@ def preflight(config: LoaderConfig, stacklevel: int = 4) -> None:
             raise ShmSpaceError(f"{finding.what}; {finding.fix}")
     for finding in findings:
         if finding.level == "warn":
-            warnings.warn(f"{finding.what}; {finding.fix}", PrefetchWarning, stacklevel=stacklevel)
+            warn(f"{finding.what}; {finding.fix}")

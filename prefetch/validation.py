@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
-import sys
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +23,7 @@ from .core.config import (
     usable_cores,
 )
 from .core.order import LAST_BATCH_MODES
-from .errors import PrefetchWarning
+from .errors import warn
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing.Unpack is 3.11+; annotations are strings, never evaluated
@@ -51,15 +48,6 @@ def _need_int(name: str, value: Any, minimum: int, what: str) -> int:
     return int(value)
 
 
-def _caller_outside_prefetch() -> int:
-    """The ``stacklevel`` that makes a warning point at the user's line, not at prefetch's own."""
-    package = os.path.dirname(__file__)
-    frame, level = sys._getframe(1), 1
-    while frame.f_back is not None and os.path.dirname(frame.f_code.co_filename) == package:
-        frame, level = frame.f_back, level + 1
-    return level
-
-
 def _warn_batch_larger_than_shard(batch_size: int, shard: int, world_size: int, rank: int, **stream: Any) -> None:
     """Warn (once, at construction) that a batch cannot be made of distinct samples of one epoch."""
     what = "the data" if world_size == 1 else f"rank {rank}'s shard"
@@ -70,11 +58,9 @@ def _warn_batch_larger_than_shard(batch_size: int, shard: int, world_size: int, 
             "with last_batch='wrap' each batch is completed from the next epochs, so it holds some samples "
             "more than once"
         )
-    warnings.warn(
+    warn(
         f"batch_size={batch_size} is larger than the {shard} samples of {what}: {happens}. "
-        f"Use batch_size <= {shard} to get batches of distinct samples.",
-        PrefetchWarning,
-        stacklevel=_caller_outside_prefetch(),
+        f"Use batch_size <= {shard} to get batches of distinct samples."
     )
 
 

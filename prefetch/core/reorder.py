@@ -55,21 +55,30 @@ class ReorderBuffer(Generic[R]):
 
 
 class Leases:
-    """The places whose batch the user still holds, and those given back since last asked.
-
-    When the user drops the last array of a batch, the callback (in whatever thread drops it)
-    moves the place to ``released``. Both steps are single dict/deque operations, atomic under
-    the GIL.
+    """The places whose batch the user still holds, and those given back since last asked: the one
+    owner of both. A place comes back when the user drops the last array of its batch (a weak
+    reference's callback on the batch's lease object, in whatever thread drops it) or at once
+    (``give_back``: a batch copied out, dropped, or failed); ``given_back`` hands them over.
+    Every step is a single dict or deque operation, atomic under the GIL.
     """
 
     def __init__(self) -> None:
         self.held: dict[int, tuple[weakref.ref[Any], int, Any]] = {}
-        self.released: deque[tuple[int, Any]] = deque()
+        self.released: deque[tuple[int, Any]] = deque()  # (place, note), in the order they came back
 
     def add(self, lease: Any, place: int, note: Any) -> None:
         """Watch ``lease``; when it is gone, ``(place, note)`` goes to ``released``."""
         ref = weakref.ref(lease, self._dropped)
         self.held[id(ref)] = (ref, place, note)
+
+    def give_back(self, place: int, note: Any = None) -> None:
+        """``place`` is free now: nothing of it is leased."""
+        self.released.append((place, note))
+
+    def given_back(self) -> list[tuple[int, Any]]:
+        """Every ``(place, note)`` given back since the last call, oldest first."""
+        released = self.released
+        return [released.popleft() for _ in range(len(released))]
 
     def _dropped(self, ref: weakref.ref[Any]) -> None:
         entry = self.held.pop(id(ref), None)

@@ -1,8 +1,19 @@
-"""One start-to-stop of a ``RayExecutor`` (``ray_executor.py`` says how the Ray executor works).
+"""One start-to-stop of a ``RayExecutor``, in the consumer's process: ``RayRun``.
 
-``Run`` holds the actors, the ``Schedule`` and the calls in flight: it dispatches batches to the
+It holds the actors, the ``Schedule`` and the calls in flight: it dispatches batches to the
 least-loaded actor, collects answers in completion order, replaces lost actors and redoes their
-batches, and kills everything at the end. It lives in the consumer's process.
+batches, and kills everything at the end. What it keeps (``docs/design.md``, "The Ray executor"):
+
+* **Bound.** A ``Schedule`` place is an in-flight token here: a batch holds one from dispatch until
+  the engine opens or drops it (``Leases.give_back``), at most ``prefetch`` of them.
+* **Lost actors.** Ray runs an actor's calls in submission order, so when an actor dies the calls it
+  had not answered are, in order, the batch it was making and those queued behind it: they go to
+  ``Schedule.lost``, are redone on a replacement actor, and the one it was making is given up after
+  ``retries`` deaths (a ``GiveUp``).
+* **Timeout.** ``late(b)`` kills the actor that has ``b``; its loss then gives ``b`` up as late and
+  redoes the others.
+* **Stop.** Every actor is killed and every reference dropped; ``stop`` waits for the actor processes
+  on this node to end.
 """
 
 from __future__ import annotations
@@ -10,13 +21,14 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
+from ..core.reorder import Leases
 from ..core.schedule import GiveUp, Schedule, Why
 from ..errors import Failure, PrefetchError
-from ..executor import Failed, Made, Result
+from ..executor import Failed, Made, Result, WorkerInfo
 from .actor import BatchMaker
-from .transfer import actor_config, pack_sources
+from .transfer import actor_config, pack_sources, writable
 
 if TYPE_CHECKING:
     from ..core.config import LoaderConfig
@@ -31,10 +43,18 @@ ACTOR_START_S = 120.0
 STOP_WAIT_S = 5.0
 
 
+class Fetched(NamedTuple):
+    """A made batch as the run keeps it (``Made.payload``): the schedule's place it holds, and the value
+    Ray returned (read-only arrays viewing the object store, tensors as ``transfer.TensorArray``)."""
+
+    place: int
+    value: Any
+
+
 @dataclass
 class _Task:
     batch: int
-    slot: int
+    place: int
     ref: Any  # the ObjectRef of ``BatchMaker.make``
 
 
@@ -53,20 +73,22 @@ class _Actor:
     death: Any = None  # the Ray error that said it is gone
 
 
-class Run:
+class RayRun:
     """One start-to-stop of a ``RayExecutor``: the actors, the schedule, the calls in flight."""
 
-    def __init__(self, actor_options: dict[str, Any], config: LoaderConfig, start: int, wake: WakePipe):
+    def __init__(self, actor_options: dict[str, Any], copy: bool, config: LoaderConfig, start: int, wake: WakePipe):
         import ray
 
         self.ray = ray
         self.actor_options = actor_options
+        self.copy = copy  # writable copies of the arrays Ray returns (``transfer.writable``)
         self.restarts = 0  # actors lost and replaced
         self.config = config
         self.wake = wake
+        self.forgotten = False  # in a forked child: the actors are the parent's
         self.order: Order = config.order
         self.schedule = Schedule(self.order, start, config.prefetch, config.max_slots, config.retries)
-        self.released: list[int] = []
+        self.leases = Leases()  # places given back (batches are copied out: none is leased)
         self.answers: list[Result] = []  # results decided without an actor (a late batch nobody had)
         self.local_node = ray.get_runtime_context().get_node_id()
         sources, self.array_refs = pack_sources(config.sources, ray.put)
@@ -81,28 +103,49 @@ class Run:
 
     # --- dispatch -----------------------------------------------------------------------
 
+    @property
+    def started(self) -> bool:
+        return self.all_started
+
     def dispatch(self) -> None:
         """Send every batch the schedule allows to the least-loaded actor."""
-        if self.released:
-            self.schedule.consumed(self.schedule.position, self.released, 0)
-            self.released = []
+        self.schedule.consumed(self.schedule.position, self._given_back(), 0)
         candidates = [actor for actor in self.actors if not actor.dying]
         while candidates:
             task = self.schedule.next_task()
             if task is None:
                 return
-            batch, slot = task
+            batch, place = task
             actor = min(candidates, key=lambda a: len(a.queue))
             indices = self.order.batch_indices(batch).tobytes()  # bytes: the cheapest argument for Ray to pack
-            actor.queue.append(_Task(batch, slot, actor.handle.make.remote(batch, indices)))
+            actor.queue.append(_Task(batch, place, actor.handle.make.remote(batch, indices)))
+
+    def _given_back(self) -> list[int]:
+        return [place for place, _ in self.leases.given_back()]
 
     def advance(self, position: int) -> None:
-        self.schedule.consumed(position, self.released, 0)
-        self.released = []
+        self.schedule.consumed(position, self._given_back(), 0)
         self.dispatch()
 
-    def release(self, slot: int) -> None:
-        self.released.append(slot)
+    def open(self, made: Made) -> Any:
+        fetched: Fetched = made.payload
+        self.leases.give_back(fetched.place)
+        return writable(fetched.value, self.copy)
+
+    def drop(self, made: Made) -> None:
+        self.leases.give_back(made.payload.place)
+
+    def workers(self) -> list[WorkerInfo]:
+        here = self.local_node
+        return [WorkerInfo(a.pid, a.node, a.node == here) for a in self.actors if a.pid is not None]
+
+    def helper_pid(self) -> int | None:
+        return None  # no process besides the actors: the schedule runs in the consumer
+
+    def forget(self) -> None:
+        """In a child forked from the owner: touch no actor (they are the parent's; Ray's connection is
+        not usable in a forked child anyway)."""
+        self.forgotten = True
 
     # --- collecting ---------------------------------------------------------------------
 
@@ -177,18 +220,18 @@ class Run:
             value = values.pop(task.ref) if task.ref in values else self.ray.get(task.ref)
         except self.ray.exceptions.RayTaskError as error:  # not user code (that is a ``Failure``): a bug of ours
             actor.queue.popleft()
-            self.released.append(task.slot)
+            self.leases.give_back(task.place)
             return Failed(task.batch, error)
         except self.ray.exceptions.RayError as error:  # the actor, or its node, is gone
             actor.death = error
             return _LOST
         actor.queue.popleft()
         if isinstance(value, Failure):
-            self.released.append(task.slot)
+            self.leases.give_back(task.place)
             indices = tuple(self.order.batch_indices(task.batch).tolist())
             return Failed(task.batch, value.to_exception(task.batch, indices, actor.pid))
         batch, timings = value
-        return Made(task.batch, timings, actor.pid or 0, (task.slot, batch))
+        return Made(task.batch, timings, actor.pid or 0, Fetched(task.place, batch))
 
     def _lose(self, actor: _Actor) -> list[Result]:
         """``actor`` died: replace it, redo its unanswered batches, fail the one it killed too often."""
@@ -199,8 +242,9 @@ class Run:
         self.actors[self.actors.index(actor)] = self._spawn()
         self.restarts += 1
         position = self.schedule.position
-        tasks = [(t.batch, t.slot) for t in actor.queue if t.batch >= position]
-        self.released.extend(t.slot for t in actor.queue if t.batch < position)
+        tasks = [(t.batch, t.place) for t in actor.queue if t.batch >= position]
+        for done in (t for t in actor.queue if t.batch < position):
+            self.leases.give_back(done.place)
         late = [task for task in tasks if task[0] in self.schedule.late]
         if late:  # the batch it was killed for is the one it answers for, wherever it was queued
             tasks.remove(late[0])
@@ -250,6 +294,8 @@ class Run:
         """Kill every actor, drop every reference; wait for this node's actor processes to end."""
         import psutil
 
+        if self.forgotten:
+            return
         local = []
         for actor in self.actors:
             _kill(self.ray, actor.handle)

@@ -52,6 +52,27 @@ def test_threads_running_before_fork_warn_and_suggest_forkserver():
         thread.join()
 
 
+def test_a_pre_flight_warning_points_at_the_users_loop():
+    """The warning is found deep inside prefetch (the engine's start, in the executor's ``start``), but
+    the line it names is the user's own: the ``next()`` that started the loader."""
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait, name="user-thread")
+    thread.start()
+    try:
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            with prefetch.Loader(DATA, batch_size=4, workers=1, start_method="fork") as loader:
+                line = sys._getframe().f_lineno + 1
+                next(iter(loader))
+    finally:
+        stop.set()
+        thread.join()
+    warned = [w for w in record if issubclass(w.category, prefetch.PrefetchWarning) and "user-thread" in str(w.message)]
+    assert warned and (warned[0].filename, warned[0].lineno) == (__file__, line), [
+        (w.filename, w.lineno) for w in warned
+    ]
+
+
 def loader_warnings(**options) -> list[str]:
     """The PrefetchWarnings a loader's first batch gives."""
     with warnings.catch_warnings(record=True) as record:

@@ -27,7 +27,7 @@ from helpers import (
 import prefetch
 from prefetch import _tuning
 from prefetch._tuning import TUNE_ROUNDS, TUNE_WARMUP_BATCHES, TUNE_WINDOW_BATCHES
-from prefetch.processes import executor as executor_module
+from prefetch.processes import run as run_module
 
 DATA = np.random.default_rng(3).random((96, 6)).astype(np.float32)
 LABELS = np.arange(96)
@@ -124,7 +124,7 @@ def test_an_engine_that_fails_to_start_leaves_the_users_threads(fake_torch, monk
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", "/dev/shm/prefetch-...")
 
-    monkeypatch.setattr(executor_module, "CoordinatorProcess", no_space)
+    monkeypatch.setattr(run_module, "CoordinatorProcess", no_space)
     with (
         prefetch.Loader(DATA, batch_size=4, workers=2, train_threads=1) as loader,
         pytest.raises(OSError, match="No space left on device"),

@@ -492,7 +492,7 @@ def test_a_timeout_racing_a_delivered_batch_blames_nobody_and_the_stream_goes_on
         wait_until(marker.exists, timeout_s=20)  # the worker made batch 1 and is stuck in batch 2
         engine = loader.engine
         assert engine is not None
-        engine.executor.late(1)  # what the consumer's clock does at batch 1's deadline
+        engine.run.late(1)  # what the consumer's clock does at batch 1's deadline
         got += [batch[0].tolist() for batch in iterator]
         assert loader.stats().restarts == 1
     assert got == expected

@@ -401,7 +401,7 @@ def test_after_a_complete_run_every_worker_stops_on_its_own(start_method):
     for _ in loader:
         engine = engine or loader.engine
     assert engine is not None and not loader_processes()
-    executor = engine.executor
+    executor = engine.run
     assert len(executor.worker_exits) == 2 and set(executor.worker_exits.values()) == {0}, executor.worker_exits
     assert executor.coordinator.exitcode == 0
     loader.close()
@@ -426,10 +426,10 @@ def test_an_early_close_kills_only_the_worker_stuck_in_a_transform_and_is_prompt
     closing = time.monotonic()
     loader.close()
     assert time.monotonic() - closing < 1.5  # no waiting for the stuck worker
-    exits = engine.executor.worker_exits
+    exits = engine.run.worker_exits
     assert sorted(exits.values()) == [-signal.SIGKILL, 0], exits
     assert set(exits) == set(workers)
-    assert engine.executor.coordinator.exitcode == 0
+    assert engine.run.coordinator.exitcode == 0
 
 
 # --- a process is known by more than its pid ----------------------------------------------------------------

@@ -59,40 +59,39 @@ COORDINATOR_ANSWER_S = 0.5
 _RESULTS, _COORDINATOR_EXIT, _WAKE = "results", "coordinator exit", "wake"
 
 
-class ProcessExecutor:
-    """Batches made by worker processes under a coordinator, delivered through shared memory."""
+class ProcessRun:
+    """One start-to-stop of the ``processes`` executor, in the consumer: batches made by worker processes
+    under a coordinator, delivered through shared memory."""
 
-    def __init__(self, coordinator_main: Callable[..., None], worker_main: Callable[..., None]):
-        self.coordinator_main = coordinator_main  # the coordinator process's entry point
-        self.worker_main = worker_main  # each worker's, handed to the coordinator
+    def __init__(
+        self,
+        config: LoaderConfig,
+        start: int,
+        wake: WakePipe,
+        coordinator_main: Callable[..., None],
+        worker_main: Callable[..., None],
+    ):
+        # with ``timeout``: when the coordinator must be ready; the clock starts with the user's request
+        self.start_by = None if config.timeout is None else time.perf_counter() + config.timeout
+        self.config = config
         self.coordinator_ready = False  # until it says its workers are started (``started``)
         self.coordinator_acts = 0  # messages from the coordinator itself: it is alive and acting
         self.answer_by: float | None = None  # after ``late``: when the coordinator must have acted
         self.acts_seen = 0  # ``coordinator_acts`` when ``answer_by`` was last set
         self.late_batch = -1
         self.restarts = 0  # workers lost and replaced
-        self.start_by: float | None = None  # with ``timeout``: when the coordinator must be ready
         self.worker_exits: dict[int, int | None] = {}  # after ``stop``: how each last worker ended
         self.worker_pids: tuple[int, ...] = ()  # as the coordinator last said (CoordinatorReady, WorkerLost)
-
-    # --- starting -----------------------------------------------------------------------
-
-    def start(self, config: LoaderConfig, start: int, wake: WakePipe) -> None:
-        if config.timeout is not None:  # the clock starts with the user's request (this call)
-            self.start_by = time.perf_counter() + config.timeout
-        self.config = config
         self.position = start  # the batch the consumer wants next
         self.sent_position = start  # the position the coordinator was last told
         self.delivered: set[int] = set()  # batches passed on, at or beyond ``position``
         self.reader = SlotReader()
-        self.leases = Leases()
-        self.released = self.leases.released
+        self.leases = Leases()  # slots the user's batches hold, and those given back since the last report
         self.reported_segments: dict[int, SegmentRef] = {}  # each slot's segment as last told
         remove_stale_segments()
         self.prefix_lock = claim_prefix()  # held until stop(): marks this loader's segments as alive
-        self.prefix = self.prefix_lock.prefix
         try:
-            self.coordinator = CoordinatorProcess(config, start, self.prefix, self.coordinator_main, self.worker_main)
+            self.coordinator = CoordinatorProcess(config, start, self.prefix_lock.prefix, coordinator_main, worker_main)
         except BaseException:
             self.prefix_lock.release()
             raise
@@ -132,17 +131,14 @@ class ProcessExecutor:
 
     def _report(self) -> None:
         """Return credits and released slots to the coordinator."""
-        if self.position == self.sent_position and not self.released:
+        released = self.leases.given_back()
+        if self.position == self.sent_position and not released:
             return
-        released = []
-        while self.released:
-            slot, segment = self.released.popleft()
-            if segment is not None:
-                if self.reported_segments.get(slot) == segment:
-                    segment = None  # the coordinator has it already: a shorter message
-                else:
-                    self.reported_segments[slot] = segment
-            released.append((slot, segment))
+        for position, (slot, segment) in enumerate(released):
+            if segment is not None and self.reported_segments.get(slot) == segment:
+                released[position] = (slot, None)  # the coordinator has it already: a shorter message
+            elif segment is not None:
+                self.reported_segments[slot] = segment
         self._tell(Consumed(self.position, tuple(released), len(self.leases)))
         self.sent_position = self.position
 
@@ -187,7 +183,7 @@ class ProcessExecutor:
         if isinstance(message, BatchReady):
             return Made(message.batch, message.timings, message.pid, message)
         if isinstance(message, BatchFailed):
-            self.released.append((message.slot, None))  # nothing in it
+            self.leases.give_back(message.slot, None)  # nothing in it
             error = message.failure.to_exception(message.batch, message.indices, message.pid)
             return Failed(message.batch, error)
         if isinstance(message, GiveUp):
@@ -209,18 +205,18 @@ class ProcessExecutor:
         return None
 
     def open(self, made: Made) -> Any:
-        ready: BatchReady = made.where
+        ready: BatchReady = made.payload
         lease_ok = len(self.leases) < self.config.prefetch
         batch, lease = self.reader.read(ready.slot, ready.layout, lease_ok)
         if lease is not None:
             self.leases.add(lease, ready.slot, ready.layout.segment)
         else:  # copied out, or nothing was in the slot: free at once
-            self.released.append((ready.slot, ready.layout.segment))
+            self.leases.give_back(ready.slot, ready.layout.segment)
         return batch
 
     def drop(self, made: Made) -> None:
-        ready: BatchReady = made.where
-        self.released.append((ready.slot, ready.layout.segment))
+        ready: BatchReady = made.payload
+        self.leases.give_back(ready.slot, ready.layout.segment)
 
     # --- a late batch, a dead or stuck coordinator --------------------------------------
 
