@@ -35,10 +35,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-# How far workers step back from the training step (nice increment; 19 is the most, 0 is none).
-# Measured on 2 cores (bench/e2e.py, Keras fit and the JPEG pipeline): 0 makes training slower than the
-# plain generator; 10 beat 19 on both (19 starves the workers while the step's threads spin).
-DEFAULT_WORKER_NICE = 10
 # The tuner's schedule: batches before it measures anything (start-up, caches), batches per window,
 # and how many windows each candidate gets (alternated: a, b, a, b, a, b), all of which count: a setting that
 # runs the step fast by starving the workers drains the buffer, and that only shows over time.

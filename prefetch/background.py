@@ -41,24 +41,23 @@ from typing import Any, NamedTuple
 from .core.rng import adopt_global_states, global_states
 from .errors import Failure, ForkUnavailableError, WorkerDiedError, describe_exit
 from .ipc.channel import Outbox, PipeReader, encode, send
+from .ipc.ending import join_or_kill
 from .ipc.lifetime import (
     PARENT_CHECK_INTERVAL_S,
-    PRODUCER_JOIN_TIMEOUT_S,
     exit_with_parent,
     ignore_sigint,
-    join_or_kill,
     one_torch_thread,
     sigint_ignored,
+    warn_threads_before_fork,
 )
 from .ipc.segments import PrefixLock, claim_prefix, remove_stale_segments, unlink_prefix
 from .ipc.slots import SlotLayout, SlotReader, SlotWriter
-from .preflight import warn_threads_before_fork
 
 __all__ = ["background"]
 
 # --- the protocol: two one-way pipes ---------------------------------------------------------------
 #
-#   items    producer -> consumer    ItemReady, Exhausted, ItemFailed
+#   items    producer -> consumer    ItemReady, Exhausted, ItemFailure
 #   control  consumer -> producer    SlotFree, Stop
 
 
@@ -73,7 +72,7 @@ class Exhausted(NamedTuple):
     """Producer -> consumer: the iterable has no more items."""
 
 
-class ItemFailed(NamedTuple):
+class ItemFailure(NamedTuple):
     """Producer -> consumer: the iterable raised; ``failure`` packs the exception."""
 
     failure: Failure
@@ -89,6 +88,9 @@ class Stop(NamedTuple):
     """Consumer -> producer: stop between two items."""
 
 
+# How long the producer told to stop may take: it notices ``Stop`` only between items, so it is given
+# time to finish the one its iterable is making.
+PRODUCER_JOIN_TIMEOUT_S = 2.0
 # What a slot holds, and the fix when /dev/shm cannot hold one.
 SLOT_PURPOSE = ("an item of prefetch.background", "free space there, or lower depth (Docker: --shm-size)")
 
@@ -171,7 +173,7 @@ def _produce(
         raise  # sys.exit() in the iterable, or the consumer died: the process ends, as a worker's would
     except BaseException as exc:  # anything else the iterable raises keeps its type, KeyboardInterrupt too
         with contextlib.suppress(OSError):
-            send(items, ItemFailed(Failure.capture(exc, "the background iterable")), prefix)
+            send(items, ItemFailure(Failure.capture(exc, "the background iterable")), prefix)
     finally:
         # The consumer unlinks the segments when it stops us; if it is gone, nobody else will.
         if os.getppid() != parent_pid:
@@ -229,7 +231,7 @@ class _Producer:
         message = self._next_message()
         if isinstance(message, Exhausted):
             return False, None
-        if isinstance(message, ItemFailed):
+        if isinstance(message, ItemFailure):
             raise message.failure.to_exception(self.items, (), self.process.pid)
         assert isinstance(message, ItemReady)
         item, _ = reader.read(message.slot, message.layout, lease=False)

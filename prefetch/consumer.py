@@ -28,7 +28,7 @@ from .core.config import LoaderConfig
 from .core.pipeline import UserCodeRaised, make_numbered_batch
 from .core.reorder import ReorderBuffer
 from .errors import LoaderClosedError, annotate
-from .executor import Executor, Failed, Made, Result, Run
+from .executor import Executor, Made, Result, Run, Unmade
 from .ipc.channel import WakePipe
 from .stats import Stats, StatsRecorder
 
@@ -174,7 +174,7 @@ class Engine:
             self.tuner.tick(len(self.reorder))
         waited = self._wait_for_next() if not self.reorder.ready() else 0.0
         result = self.reorder.take()
-        if isinstance(result, Failed):
+        if isinstance(result, Unmade):
             self.run.advance(self.position)
             raise result.error
         batch = self.run.open(result)

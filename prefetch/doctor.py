@@ -21,6 +21,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .ipc.lifetime import THREAD_ENV_VARS
 from .preflight import Finding, check_fds, check_shm, check_sources, check_threads
 
 if TYPE_CHECKING:
@@ -61,10 +62,6 @@ class Report:
         return "\n".join(lines)
 
 
-# The environment variables that size the training framework's thread pools (OpenMP, MKL, OpenBLAS).
-THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-
-
 def framework_threads() -> int | None:
     """PyTorch's intra-op threads in this process, or None when PyTorch is not imported (never imports it)."""
     from ._tuning import torch_threads
@@ -77,8 +74,7 @@ def _count(n: int, word: str) -> str:
 
 
 def _check_cores(config: LoaderConfig | None) -> Finding:
-    from ._tuning import DEFAULT_WORKER_NICE
-    from .core.config import usable_cores
+    from .core.config import DEFAULT_WORKER_NICE, usable_cores
 
     cores = usable_cores()
     workers = config.workers if config is not None else cores

@@ -9,7 +9,7 @@ start-to-stop, which the engine drives. The conversation, from the engine's side
 
     run = executor.start(config, start, wake)   make batches start, start + 1, ... ahead of the consumer
     run.advance(position)              the consumer wants batch `position`: all before it are taken
-    run.wait(seconds)   -> [Made | Failed, ...]   results in completion order (maybe none)
+    run.wait(seconds)   -> [Made | Unmade, ...]   results in completion order (maybe none)
     run.late(batch)                    `timeout` passed for `batch`: stop whoever makes it
     run.open(made)      -> batch       the user's batch, from a result the engine kept
     run.drop(made)                     a result nobody will open (a duplicate of a redone batch)
@@ -42,14 +42,15 @@ class Made(NamedTuple):
     payload: Any
 
 
-class Failed(NamedTuple):
-    """Batch ``batch`` cannot be made; ``error`` is raised to the user when they reach it."""
+class Unmade(NamedTuple):
+    """Batch ``batch`` will not be made: ``error`` is raised to the user when they reach it (a user
+    exception rebuilt from its ``Failure``, or the error of a ``GiveUp``)."""
 
     batch: int
     error: BaseException
 
 
-Result = Made | Failed
+Result = Made | Unmade
 
 
 class WorkerInfo(NamedTuple):

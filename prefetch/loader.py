@@ -1,31 +1,25 @@
-"""``Loader`` and ``data_generator``: what the user iterates.
+"""``Loader`` and ``data_generator``: what the user iterates, and the top of the data path.
 
-The data path, top down::
-
-    Loader / its generator        the API: options, position, state_dict, threads
-      -> consumer.Engine          reorder buffer, timeout clock, close from any thread, Stats
-        -> an Executor            where batches are made (executor.py, the seam):
-             processes/           a coordinator process, forked workers, shared-memory slots
-             ray_executor/        Ray actors, the object store
-               -> core/           process-free: order, per-batch seeding, make_batch, schedule
-
-The loader yields strictly by batch number, so the stream is the same for any number of
-workers and any executor. ``docs/design.md`` tells the whole story, including shutdown.
+A loader holds its validated configuration and its position; its generators (``iter(loader)``: one
+epoch, ``stream()``: all of them) take batches from an engine (``consumer``) that drives the executor
+``executor=`` names, strictly by batch number, so the stream is the same for any number of workers
+and any executor. One thread iterates a loader at a time; ``close()`` works from any thread; the
+engine is kept between epochs (``holder``). See ``docs/design.md`` ("The layout", "Epochs",
+"Threads and forks").
 """
 
 from __future__ import annotations
 
-import numbers
 import threading
 import weakref
 from collections.abc import Generator
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
-from ._engine_slot import EngineSlot
 from ._tuning import settle_training_threads
 from .core.config import GeneratorOptions, LoaderConfig, LoaderOptions
 from .errors import ConcurrentIterationError, IteratorSupersededError, LoaderClosedError, LoaderExhaustedError
+from .holder import EngineHolder
 from .stats import Stats, StatsRecorder
 from .validation import make_config
 
@@ -35,8 +29,6 @@ if TYPE_CHECKING:
     from .consumer import Engine, InlineEngine
     from .executor import Executor
 
-STATE_FORMAT = 1
-
 # How long close() waits for another thread that is starting an engine for this loader.
 CLOSE_WAIT_S = 10.0
 
@@ -44,6 +36,31 @@ CLOSE_WAIT_S = 10.0
 # ``Loader.of``. An entry lives as long as its generator, and keeps the loader (which never refers to the
 # generator) that long: a running generator's frame holds it anyway.
 _loader_of: weakref.WeakKeyDictionary[Generator[Any, None, None], Loader] = weakref.WeakKeyDictionary()
+
+
+T = TypeVar("T")
+
+
+class _FromConfig(Generic[T]):
+    """A read-only attribute of ``Loader``: the option of the same name, as its configuration holds it."""
+
+    def __init__(self, doc: str):
+        self.__doc__ = doc
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, loader: None, owner: type | None = None) -> _FromConfig[T]: ...
+
+    @overload
+    def __get__(self, loader: Loader, owner: type | None = None) -> T: ...
+
+    def __get__(self, loader: Loader | None, owner: type | None = None) -> T | _FromConfig[T]:
+        return self if loader is None else getattr(loader.config, self.name)
+
+    def __set__(self, loader: Loader, value: object) -> None:
+        raise AttributeError(f"{self.name} is read-only: it is loader.config.{self.name}")
 
 
 class Loader:
@@ -66,17 +83,17 @@ class Loader:
 
     def __init__(self, *sources: Any, **options: Unpack[LoaderOptions]):
         self._config: LoaderConfig = make_config(sources, **options)
-        from ._checks import check_picklable
+        from .processes.spawn import check_picklable
 
         check_picklable(self._config)  # spawn/forkserver: what the coordinator cannot receive fails here
         self._position = 0
         self._closed = False
-        self._running = EngineSlot()
+        self._holder = EngineHolder()
         self._newest_iterator: object | None = None
         # Held while a generator of this loader takes a batch: a second thread that tries
         # meanwhile gets ConcurrentIterationError instead of a share of the engine.
         self._turn = threading.Lock()
-        self._finalizer = weakref.finalize(self, EngineSlot.stop, self._running)
+        self._finalizer = weakref.finalize(self, EngineHolder.stop, self._holder)
 
     # --- what the loader is -------------------------------------------------------------
 
@@ -90,24 +107,14 @@ class Loader:
     def engine(self) -> Engine | InlineEngine | None:
         """The engine (None when stopped; kept between the epochs of an epoch loop): its ``stats()``,
         ``worker_pids()`` and ``helper_pid()`` (the coordinator), for monitoring and fault injection."""
-        return self._running.engine
+        return self._holder.engine
 
-    @property
-    def seed(self) -> int:
-        """The seed of the order and of the transforms' randomness (drawn when ``seed=None``)."""
-        return self._config.seed
-
-    @property
-    def batch_size(self) -> int:
-        return self._config.batch_size
-
-    @property
-    def workers(self) -> int:
-        return self._config.workers
-
-    @property
-    def prefetch(self) -> int:
-        return self._config.prefetch
+    seed: _FromConfig[int] = _FromConfig("The seed of the order and of the transforms' randomness (drawn when None).")
+    batch_size: _FromConfig[int] = _FromConfig(
+        "Samples per batch (the last of an epoch may have fewer: ``last_batch``)."
+    )
+    workers: _FromConfig[int] = _FromConfig("Worker processes (or actors) making batches; 0: in the calling process.")
+    prefetch: _FromConfig[int] = _FromConfig("Batches ready or in flight ahead of the consumer, at most.")
 
     @property
     def steps_per_epoch(self) -> int:
@@ -201,7 +208,7 @@ class Loader:
 
     def _run(self, me: object, owns_loader: bool, one_epoch: bool) -> Generator[Any, None, None]:
         """The generator behind ``iter(loader)`` (``one_epoch``) and ``stream()``; it owns the engine while
-        it runs, and parks it when its epoch ends with more to come (see ``_engine_slot``).
+        it runs, and parks it when its epoch ends with more to come (see ``holder``).
 
         A newer ``iter(loader)`` in the same thread takes the engine over (this one then
         raises), and ``load_state_dict`` stops it (this one then goes on from the new
@@ -230,20 +237,20 @@ class Loader:
                 yield made.pop()
             finished = True
         finally:
-            if self._running.owner is me:
+            if self._holder.owner is me:
                 total = self._config.order.num_batches
                 if finished and (total is None or self._position < total) and not self._closed:
-                    self._running.park()  # the next epoch's iteration adopts it
+                    self._holder.park()  # the next epoch's iteration adopts it
                 else:
-                    self._running.stop(keep_stats=True)
+                    self._holder.stop(keep_stats=True)
             if owns_loader:
                 self.close()
-            settle_training_threads(getattr(self._running.last, "tuner", None))  # this thread's torch setting
+            settle_training_threads(getattr(self._holder.last, "tuner", None))  # this thread's torch setting
 
     def _own_engine(self, me: object) -> InlineEngine | Engine:
         """The engine, owned by the generator ``me``: its own, a parked one it adopts, or a new one."""
-        running = self._running
-        if running.owner is not me:
+        holder = self._holder
+        if holder.owner is not me:
             if self._newest_iterator is not me:
                 raise IteratorSupersededError(
                     "this iterator was superseded by a newer iter(loader) of the same loader: "
@@ -255,23 +262,23 @@ class Loader:
                     "a time (close that iteration first, give each thread its own Loader, or hand "
                     "batches over with a queue)"
                 )
-            if not running.adopt(me, self._position):
-                running.stop()
-                running.install(self._start_engine(), me)
+            if not holder.adopt(me, self._position):
+                holder.stop()
+                holder.install(self._start_engine(), me)
                 if self._closed:  # close() ran in another thread meanwhile
-                    running.stop()
+                    holder.stop()
                     self._check_open()
-        engine = running.engine
+        engine = holder.engine
         assert engine is not None
-        running.thread = threading.current_thread()
+        holder.thread = threading.current_thread()
         return engine
 
     def _owned_by_another_live_thread(self) -> bool:
         """Whether a generator that last ran in another thread, still alive, owns the engine."""
-        running = self._running
-        thread = running.thread
+        holder = self._holder
+        thread = holder.thread
         return (
-            running.owner is not None
+            holder.owner is not None
             and thread is not None
             and thread is not threading.current_thread()
             and thread.is_alive()
@@ -311,35 +318,16 @@ class Loader:
     def state_dict(self) -> dict[str, Any]:
         """The loader's position: small, no data. ``load_state_dict`` on a fresh loader of the
         same configuration continues with exactly the next batch."""
-        return {
-            "format": STATE_FORMAT,
-            "seed": self._config.seed,
-            "position": self._position,
-            "config": self._config.fingerprint(),
-        }
+        return self._config.saved_state(self._position)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a saved position (the saved seed is adopted; any running iteration stops)."""
         self._check_open()
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise ValueError(f"not a prefetch Loader state (format {STATE_FORMAT}): {state!r}")
-        mine = self._config.fingerprint()
-        for key, value in state["config"].items():
-            if mine.get(key) != value:
-                raise ValueError(
-                    f"the state was saved by a loader with {key}={value!r}, this one has {key}={mine.get(key)!r}; "
-                    "resume with the same configuration"
-                )
-        position = state["position"]
-        total = self._config.order.num_batches
-        if isinstance(position, numbers.Integral) and not isinstance(position, bool):
-            position = int(position)  # e.g. an np.int64 from a saved array
-        if not isinstance(position, int) or position < 0 or (total is not None and position > total):
-            raise ValueError(f"state position {position!r} is outside this loader's {total} batches")
+        seed, position = self._config.resumed(state)
         self._take_turn()
         try:
-            self._running.stop()
-            self._config = replace(self._config, seed=int(state["seed"]))  # and its order
+            self._holder.stop()
+            self._config = replace(self._config, seed=seed)  # and its order
             self._position = position
         finally:
             self._turn.release()
@@ -348,10 +336,10 @@ class Loader:
 
     def stats(self) -> Stats:
         """Figures of the current (or last) iteration: throughput, data stall, worker use, memory."""
-        running = self._running
-        if running.engine is None and running.final is not None:
-            return running.final  # the iteration ended: its figures as it stopped
-        engine = running.engine or running.last
+        holder = self._holder
+        if holder.engine is None and holder.final is not None:
+            return holder.final  # the iteration ended: its figures as it stopped
+        engine = holder.engine or holder.last
         if engine is None:
             return StatsRecorder().snapshot([], None)
         return engine.stats()
@@ -364,7 +352,7 @@ class Loader:
         from the one that made the loader it frees nothing: the loader is the parent's.
         """
         self._closed = True
-        stopped = self._running.stop(keep_stats=True)  # takes it first: no generator's own clean-up races this one
+        stopped = self._holder.stop(keep_stats=True)  # takes it first: no generator's own clean-up races this one
         if not stopped and self._turn.locked() and self._turn.acquire(timeout=CLOSE_WAIT_S):
             self._turn.release()  # another thread was starting an engine: it has stopped it again
 

@@ -35,13 +35,12 @@ below both ``loader`` and ``doctor``, which import it and never each other.
 from __future__ import annotations
 
 import os
-import sys
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .errors import ShmSpaceError, warn
-from .ipc.lifetime import native_threads, other_threads
+from .ipc.lifetime import fork_hazard, fork_unsafe_runtimes, fork_warning
 
 if TYPE_CHECKING:
     from .core.config import LoaderConfig
@@ -55,9 +54,11 @@ SMALL_SHM_BYTES = 1 << 30
 BASE_FDS = 16
 # Warn when the engine's estimated descriptors exceed this share of the soft limit.
 FD_SHARE_WARN = 0.5
-# Runtimes whose own native threads may hold a lock when the process forks, so that a forked process
-# that calls them hangs: (module, name). JAX says so itself at every fork; TensorFlow's thread pools too.
-FORK_UNSAFE_RUNTIMES = (("tensorflow", "TensorFlow"), ("jax", "JAX"))
+# What to do when /dev/shm cannot hold the copy of a numpy source a spawned coordinator gets.
+SOURCE_COPY_FIX = (
+    "np.memmap the source from a file (it is then reopened, not copied), give /dev/shm more room (Docker: "
+    '--shm-size), or start_method="fork" (the sources are then inherited, never copied)'
+)
 
 
 @dataclass(frozen=True)
@@ -150,38 +151,6 @@ def large_object_sources(config: LoaderConfig) -> list[tuple[int, int]]:
     ]
 
 
-def fork_unsafe_runtimes(torch_in_child: bool) -> list[str]:
-    """The loaded runtimes whose threads can leave a forked process hanging; torch's only if the forked
-    process runs torch with its inherited setting (``torch_in_child``; see ``lifetime.one_torch_thread``)."""
-    loaded = [name for module, name in FORK_UNSAFE_RUNTIMES if module in sys.modules]
-    return loaded + (["PyTorch"] if torch_in_child and "torch" in sys.modules else [])
-
-
-def fork_hazard(torch_in_child: bool) -> str | None:
-    """What runs in this process besides the calling thread that may hold a lock at a fork, or None."""
-    python = other_threads()
-    runtimes = fork_unsafe_runtimes(torch_in_child)
-    native = native_threads() if runtimes else 0
-    found = []
-    if python:
-        names = ", ".join(repr(name) for name in python[:5]) + (", ..." if len(python) > 5 else "")
-        found.append(f"{len(python)} more thread{'s' if len(python) > 1 else ''} running in this process ({names})")
-    if native:
-        found.append(
-            f"{native} native thread{'s' if native > 1 else ''} with {' and '.join(runtimes)} loaded "
-            f"({len(os.listdir('/proc/self/task'))} OS threads in all)"
-        )
-    return " and ".join(found) if found else None
-
-
-def fork_warning(hazard: str, forked: str) -> str:
-    """The warning's first half: ``hazard`` (``fork_hazard``) and what it means for ``forked``."""
-    return (
-        f"{hazard} when {forked} is forked: a lock one of them holds at that moment stays locked in "
-        f"{forked}, which hangs if it needs it (the library the lock belongs to, called by your code)"
-    )
-
-
 # --- the checks -----------------------------------------------------------------------------------
 
 
@@ -209,8 +178,6 @@ def check_shm(config: LoaderConfig | None) -> Finding:
     if copies:
         copied = _copies_text(config, copies)
         if free < copies:  # certain, whatever the transforms do
-            from .processes.sources import SOURCE_COPY_FIX
-
             return Finding("error", f"{path} has {_mib(free)} free, but {copied}", SOURCE_COPY_FIX)
         sized += f" ({_mib(slots.window)}) and {copied}: in all they"
     if free < need:
@@ -301,14 +268,6 @@ def check_sources(config: LoaderConfig) -> Finding:
         "(reference counts are writes), so memory grows by up to a copy of the data per worker",
         "pass a numpy array instead (np.asarray(items), or np.stack for arrays), or a np.memmap of a file",
     )
-
-
-def warn_threads_before_fork(forked: str, fix: str) -> None:
-    """Warn (``PrefetchWarning``) if ``fork_hazard`` finds something, for a process that forks ``forked``
-    without a loader configuration (``background``'s producer: it runs torch with one thread)."""
-    hazard = fork_hazard(torch_in_child=False)
-    if hazard is not None:
-        warn(f"{fork_warning(hazard, forked)}; {fix}")
 
 
 # --- the automatic check ----------------------------------------------------------------------------

@@ -156,13 +156,7 @@ class Stats:
         if note is not None:
             rows.append(("note", note))
         if "uss_total" in self.memory:
-            rows.append(
-                (
-                    "",
-                    "(rss counts shared pages -- libraries, slots, sources -- in every process that maps them; "
-                    "uss_total counts each process's own pages once, so it can be below one process's rss)",
-                )
-            )
+            rows.append(("", USS_NOTE))
         width = max(len(name) for name, _ in rows)
         return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 

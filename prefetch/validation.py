@@ -1,7 +1,10 @@
-"""Checking the user's options at construction: ``make_config``.
+"""Checking the user's arguments at construction: ``make_config``.
 
 Validation happens here, in the user's call, so a bad argument fails with a message that names
-the option, the value received and what is accepted -- never later inside a worker.
+the option, the value received and what is accepted -- never later inside a worker. There is one
+check per option, ``_check_<option>``, and ``make_config`` runs them in the order of
+``LoaderConfig``'s fields (the option list, written once in ``core/config.py``): each check sees
+the options checked before it (``rank`` sees ``world_size``, ``prefetch`` sees ``workers``).
 """
 
 from __future__ import annotations
@@ -28,46 +31,40 @@ from .errors import warn
 if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing.Unpack is 3.11+; annotations are strings, never evaluated
 
-
-def _start_methods() -> list[str]:
-    import multiprocessing  # lazily: `import prefetch` stays fast
-
-    return multiprocessing.get_all_start_methods()
-
-
-def _is_int(value: Any) -> bool:
-    """Any integer (``int``, ``np.int64``, ``np.uint8``, ...: every ``numbers.Integral``), but not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+Check = Callable[[Any, Mapping[str, Any]], Any]
+# option name -> its check: ``check(value, checked)`` returns the value the configuration holds;
+# ``checked`` has ``sources`` and every option before this one, already checked.
+CHECKS: dict[str, Check] = {}
 
 
-def _need_int(name: str, value: Any, minimum: int, what: str) -> int:
-    if not _is_int(value):
-        raise TypeError(f"{name} must be an int {what}; got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int {what}; got {value!r}")
-    return int(value)
+def _checks_option(check: Check) -> Check:
+    """Register ``check`` for the option its name ends with (``_check_workers`` checks ``workers``)."""
+    CHECKS[check.__name__.removeprefix("_check_")] = check
+    return check
 
 
-def _warn_batch_larger_than_shard(batch_size: int, shard: int, world_size: int, rank: int, **stream: Any) -> None:
-    """Warn (once, at construction) that a batch cannot be made of distinct samples of one epoch."""
-    what = "the data" if world_size == 1 else f"rank {rank}'s shard"
-    if stream["last_batch"] == "short":
-        happens = f"with last_batch='short' every batch is a whole epoch of {shard} samples, not {batch_size}"
-    else:
-        happens = (
-            "with last_batch='wrap' each batch is completed from the next epochs, so it holds some samples "
-            "more than once"
-        )
-    warn(
-        f"batch_size={batch_size} is larger than the {shard} samples of {what}: {happens}. "
-        f"Use batch_size <= {shard} to get batches of distinct samples."
-    )
+def make_config(sources: tuple[Any, ...], **options: Unpack[LoaderOptions]) -> LoaderConfig:
+    """Validate the user's sources and options (any of ``LoaderOptions``; ``DEFAULTS`` for the
+    rest) and return the loader's configuration. A bad value raises ``TypeError`` or ``ValueError``
+    naming the option; an unknown option raises ``TypeError`` naming it."""
+    _reject_unknown(options)
+    _check_sources(sources)
+    given = {**DEFAULTS, **options}
+    checked: dict[str, Any] = {"sources": tuple(sources)}
+    for name in DEFAULTS:  # LoaderConfig's fields, in order
+        checked[name] = CHECKS[name](given[name], checked)
+    return LoaderConfig(**checked)
 
 
-def _need_callable(name: str, value: Any) -> Any:
-    if value is not None and not callable(value):
-        raise TypeError(f"{name} must be a callable or None; got {value!r} ({type(value).__name__})")
-    return value
+def _reject_unknown(options: Mapping[str, Any]) -> None:
+    """``TypeError`` for an option ``Loader`` does not have, as Python words it for a keyword argument."""
+    import difflib
+
+    for name in options:
+        if name not in DEFAULTS:
+            close = difflib.get_close_matches(name, DEFAULTS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise TypeError(f"Loader() got an unexpected keyword argument {name!r}{hint}")
 
 
 def _check_sources(sources: tuple[Any, ...]) -> None:
@@ -89,47 +86,50 @@ def _check_sources(sources: tuple[Any, ...]) -> None:
         raise ValueError(f"all sources must have the same length (sample i is source[i] of each); got {shown}")
 
 
+# --- the kinds of value ----------------------------------------------------------------------------
+
+
+def _is_int(value: Any) -> bool:
+    """Any integer (``int``, ``np.int64``, ``np.uint8``, ...: every ``numbers.Integral``), but not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _need_int(name: str, value: Any, minimum: int, what: str) -> int:
+    if not _is_int(value):
+        raise TypeError(f"{name} must be an int {what}; got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int {what}; got {value!r}")
+    return int(value)
+
+
 def _need_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False; got {value!r} ({type(value).__name__})")
     return value
 
 
-def _reject_unknown(options: Mapping[str, Any]) -> None:
-    """``TypeError`` for an option ``Loader`` does not have, as Python words it for a keyword argument."""
-    import difflib
-
-    for name in options:
-        if name not in DEFAULTS:
-            close = difflib.get_close_matches(name, DEFAULTS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise TypeError(f"Loader() got an unexpected keyword argument {name!r}{hint}")
+def _need_callable(name: str, value: Any) -> Any:
+    if value is not None and not callable(value):
+        raise TypeError(f"{name} must be a callable or None; got {value!r} ({type(value).__name__})")
+    return value
 
 
-# --- one check per option (in the order they are checked) ---------------------------------------
+# --- the stream: which samples make up each batch ------------------------------------------------
 
 
-def _check_seed(seed: Any) -> int:
-    if seed is None:
-        import secrets
-
-        seed = secrets.randbits(63)
-    return _need_int("seed", seed, 0, ">= 0 (or None to draw one)")
+@_checks_option
+def _check_batch_size(batch_size: Any, checked: Mapping[str, Any]) -> int:
+    return _need_int("batch_size", batch_size, 1, ">= 1")
 
 
-def _check_epochs(epochs: Any) -> int | None:
-    if epochs is None:
-        return None
-    return _need_int("epochs", epochs, 1, ">= 1 (or None for an endless stream)")
+@_checks_option
+def _check_shuffle(shuffle: Any, checked: Mapping[str, Any]) -> bool:
+    return _need_bool("shuffle", shuffle)
 
 
-def _check_last_batch(last_batch: Any) -> str:
-    if last_batch not in LAST_BATCH_MODES:
-        raise ValueError(f"last_batch must be one of {', '.join(map(repr, LAST_BATCH_MODES))}; got {last_batch!r}")
-    return str(last_batch)
-
-
-def _check_world_size(world_size: Any, n: int) -> int:
+@_checks_option
+def _check_world_size(world_size: Any, checked: Mapping[str, Any]) -> int:
+    n = len(checked["sources"][0])
     world_size = _need_int("world_size", world_size, 1, ">= 1")
     if world_size > n:
         raise ValueError(
@@ -139,27 +139,51 @@ def _check_world_size(world_size: Any, n: int) -> int:
     return world_size
 
 
-def _check_rank(rank: Any, world_size: int) -> int:
+@_checks_option
+def _check_rank(rank: Any, checked: Mapping[str, Any]) -> int:
+    world_size = checked["world_size"]
     rank = _need_int("rank", rank, 0, f"in [0, world_size={world_size})")
     if rank >= world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}); got {rank}")
     return rank
 
 
-def _check_shared_seed(seed: Any, world_size: int, rank: int) -> None:
+@_checks_option
+def _check_seed(seed: Any, checked: Mapping[str, Any]) -> int:
     """Sharding splits one permutation among the ranks: they must agree on its seed (never draw their own)."""
+    world_size = checked["world_size"]
     if world_size > 1 and seed is None:
         raise ValueError(
-            f"seed=None with world_size={world_size} (this is rank {rank}): each rank would draw a seed of its "
-            "own and shuffle differently, so the ranks' shards would overlap and miss samples. Pass the same "
-            "seed on every rank, e.g. seed=1234 on every rank, or your training script's own seed"
+            f"seed=None with world_size={world_size} (this is rank {checked['rank']}): each rank would draw a "
+            "seed of its own and shuffle differently, so the ranks' shards would overlap and miss samples. Pass "
+            "the same seed on every rank, e.g. seed=1234 on every rank, or your training script's own seed"
         )
+    if seed is None:
+        import secrets
+
+        seed = secrets.randbits(63)
+    return _need_int("seed", seed, 0, ">= 0 (or None to draw one)")
 
 
-def _check_batch_fits_shard(stream: dict[str, Any], n: int) -> None:
-    """A batch larger than the rank's shard: an error when no batch would come, else a warning."""
+@_checks_option
+def _check_epochs(epochs: Any, checked: Mapping[str, Any]) -> int | None:
+    if epochs is None:
+        return None
+    return _need_int("epochs", epochs, 1, ">= 1 (or None for an endless stream)")
+
+
+@_checks_option
+def _check_last_batch(last_batch: Any, checked: Mapping[str, Any]) -> str:
+    if last_batch not in LAST_BATCH_MODES:
+        raise ValueError(f"last_batch must be one of {', '.join(map(repr, LAST_BATCH_MODES))}; got {last_batch!r}")
+    _check_batch_fits_shard({**checked, "last_batch": last_batch})
+    return str(last_batch)
+
+
+def _check_batch_fits_shard(stream: Mapping[str, Any]) -> None:
+    """A batch larger than the rank's shard: an error when no batch would come, else a warning (once)."""
     batch_size, world_size, last_batch = stream["batch_size"], stream["world_size"], stream["last_batch"]
-    shard = n // world_size
+    shard = len(stream["sources"][0]) // world_size
     if batch_size <= shard:
         return
     if last_batch == "drop":
@@ -167,34 +191,70 @@ def _check_batch_fits_shard(stream: dict[str, Any], n: int) -> None:
             f"last_batch='drop' with batch_size={batch_size} larger than the {shard} samples of "
             "this rank's shard would never yield a batch; use a smaller batch_size or last_batch='short'/'wrap'"
         )
-    _warn_batch_larger_than_shard(batch_size, shard, world_size, stream["rank"], last_batch=last_batch)
+    what = "the data" if world_size == 1 else f"rank {stream['rank']}'s shard"
+    if last_batch == "short":
+        happens = f"with last_batch='short' every batch is a whole epoch of {shard} samples, not {batch_size}"
+    else:
+        happens = (
+            "with last_batch='wrap' each batch is completed from the next epochs, so it holds some samples "
+            "more than once"
+        )
+    warn(
+        f"batch_size={batch_size} is larger than the {shard} samples of {what}: {happens}. "
+        f"Use batch_size <= {shard} to get batches of distinct samples."
+    )
 
 
-def _check_collate(collate: Any) -> str | Callable[[list[Any]], Any]:
+# --- the user's code: what makes a batch out of samples --------------------------------------------
+
+
+@_checks_option
+def _check_transform(transform: Any, checked: Mapping[str, Any]) -> Any:
+    return _need_callable("transform", transform)
+
+
+@_checks_option
+def _check_batch_transform(batch_transform: Any, checked: Mapping[str, Any]) -> Any:
+    return _need_callable("batch_transform", batch_transform)
+
+
+@_checks_option
+def _check_collate(collate: Any, checked: Mapping[str, Any]) -> str | Callable[[list[Any]], Any]:
     if not callable(collate) and collate not in COLLATE_MODES:
         raise ValueError(f"collate must be 'auto', 'list' or a callable; got {collate!r}")
     return collate
 
 
-def _check_workers(workers: Any) -> int:
+# --- how batches are made: processes, depth, time limits, CPU sharing ------------------------------
+
+
+@_checks_option
+def _check_workers(workers: Any, checked: Mapping[str, Any]) -> int:
     return usable_cores() if workers is None else _need_int("workers", workers, 0, ">= 0 (0 runs in-process)")
 
 
-def _check_prefetch(prefetch: Any, workers: int) -> int:
+@_checks_option
+def _check_prefetch(prefetch: Any, checked: Mapping[str, Any]) -> int:
+    workers = checked["workers"]
     if prefetch is None:
         per_worker = SMALL_POOL_PREFETCH_PER_WORKER if workers < SMALL_POOL_WORKERS else PREFETCH_PER_WORKER
         prefetch = per_worker * max(workers, 1)
     return _need_int("prefetch", prefetch, 1, ">= 1 (batches ready or in flight)")
 
 
-def _check_start_method(start_method: Any) -> str | None:
-    if start_method is not None and start_method not in _start_methods():
-        accepted = ", ".join(map(repr, _start_methods()))
+@_checks_option
+def _check_start_method(start_method: Any, checked: Mapping[str, Any]) -> str | None:
+    import multiprocessing  # lazily: `import prefetch` stays fast
+
+    methods = multiprocessing.get_all_start_methods()
+    if start_method is not None and start_method not in methods:
+        accepted = ", ".join(map(repr, methods))
         raise ValueError(f"start_method must be None or one of {accepted} on this platform; got {start_method!r}")
     return start_method
 
 
-def _check_timeout(timeout: Any) -> float | None:
+@_checks_option
+def _check_timeout(timeout: Any, checked: Mapping[str, Any]) -> float | None:
     if timeout is None:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
@@ -205,20 +265,33 @@ def _check_timeout(timeout: Any) -> float | None:
     return seconds
 
 
-def _check_worker_nice(worker_nice: Any) -> int:
+@_checks_option
+def _check_retries(retries: Any, checked: Mapping[str, Any]) -> int:
+    return _need_int("retries", retries, 0, ">= 0 (times a batch is redone after its worker died)")
+
+
+@_checks_option
+def _check_limit_threads(limit_threads: Any, checked: Mapping[str, Any]) -> bool:
+    return _need_bool("limit_threads", limit_threads)
+
+
+@_checks_option
+def _check_worker_nice(worker_nice: Any, checked: Mapping[str, Any]) -> int:
     worker_nice = _need_int("worker_nice", worker_nice, 0, "in [0, 19] (0: workers as urgent as the training loop)")
     if worker_nice > 19:
         raise ValueError(f"worker_nice must be an int in [0, 19]; got {worker_nice}")
     return worker_nice
 
 
-def _check_train_threads(train_threads: Any) -> str | int | None:
+@_checks_option
+def _check_train_threads(train_threads: Any, checked: Mapping[str, Any]) -> str | int | None:
     if train_threads == "auto" or train_threads is None:
         return train_threads
     return _need_int("train_threads", train_threads, 1, ">= 1, 'auto' or None")
 
 
-def _check_executor(executor: Any) -> Any:
+@_checks_option
+def _check_executor(executor: Any, checked: Mapping[str, Any]) -> Any:
     """A name (``"processes"``, ``"ray"``) or an executor object, kept as given."""
     accepted = f"one of {', '.join(map(repr, EXECUTORS))} or an executor object"
     if isinstance(executor, str):
@@ -227,58 +300,3 @@ def _check_executor(executor: Any) -> Any:
     elif executor is None or isinstance(executor, (bool, numbers.Number)):
         raise TypeError(f"executor must be {accepted}; got {executor!r} ({type(executor).__name__})")
     return executor
-
-
-# --- the groups, and make_config ------------------------------------------------------------------
-
-
-def _check_stream(options: Mapping[str, Any], n: int) -> dict[str, Any]:
-    """The options that fix which samples make up each batch."""
-    stream: dict[str, Any] = {"batch_size": _need_int("batch_size", options["batch_size"], 1, ">= 1")}
-    stream["shuffle"] = _need_bool("shuffle", options["shuffle"])
-    stream["seed"] = _check_seed(options["seed"])
-    stream["epochs"] = _check_epochs(options["epochs"])
-    stream["last_batch"] = _check_last_batch(options["last_batch"])
-    stream["world_size"] = _check_world_size(options["world_size"], n)
-    stream["rank"] = _check_rank(options["rank"], stream["world_size"])
-    _check_shared_seed(options["seed"], stream["world_size"], stream["rank"])
-    _check_batch_fits_shard(stream, n)
-    return stream
-
-
-def _check_user_code(options: Mapping[str, Any]) -> dict[str, Any]:
-    """The user's functions that make a batch out of samples."""
-    return {
-        "transform": _need_callable("transform", options["transform"]),
-        "batch_transform": _need_callable("batch_transform", options["batch_transform"]),
-        "collate": _check_collate(options["collate"]),
-    }
-
-
-def _check_running(options: Mapping[str, Any]) -> dict[str, Any]:
-    """The options of how batches are made: processes, depth, time limits, CPU sharing."""
-    running: dict[str, Any] = {"workers": _check_workers(options["workers"])}
-    running["prefetch"] = _check_prefetch(options["prefetch"], running["workers"])
-    running["start_method"] = _check_start_method(options["start_method"])
-    running["timeout"] = _check_timeout(options["timeout"])
-    running["retries"] = _need_int(
-        "retries", options["retries"], 0, ">= 0 (times a batch is redone after its worker died)"
-    )
-    running["limit_threads"] = _need_bool("limit_threads", options["limit_threads"])
-    running["worker_nice"] = _check_worker_nice(options["worker_nice"])
-    running["train_threads"] = _check_train_threads(options["train_threads"])
-    running["executor"] = _check_executor(options["executor"])
-    return running
-
-
-def make_config(sources: tuple[Any, ...], **options: Unpack[LoaderOptions]) -> LoaderConfig:
-    """Validate the user's sources and options (any of ``LoaderOptions``; ``DEFAULTS`` for the
-    rest) and return the loader's configuration. A bad value raises ``TypeError`` or ``ValueError``
-    naming the option; an unknown option raises ``TypeError`` naming it."""
-    _reject_unknown(options)
-    _check_sources(sources)
-    given = {**DEFAULTS, **options}
-    n = len(sources[0])
-    return LoaderConfig(
-        sources=tuple(sources), **_check_stream(given, n), **_check_user_code(given), **_check_running(given)
-    )

@@ -1,25 +1,28 @@
 """One frozen, validated configuration: what every process of a loader is handed.
 
-The options are listed once (``LoaderOptions``, with ``DEFAULTS``); ``validation.make_config``
-checks them at construction and builds the ``LoaderConfig``, which holds the stream's ``Order``
-and works out the memory bound (``max_slots``, ``shm_bytes_needed``) in one place.
+The options of ``Loader`` are listed once: the fields of ``LoaderConfig``, each with its default
+(``DEFAULTS`` is derived from them; ``LoaderOptions`` repeats the names for type checkers, and a
+test holds the two together). ``validation.make_config`` checks them at construction, in the
+fields' order, and builds the ``LoaderConfig``, which holds the stream's ``Order`` and works out
+the memory bound (``max_slots``, ``shm_bytes_needed``) in one place.
 """
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from functools import cached_property
 from types import MappingProxyType
 from typing import Any, NamedTuple, TypedDict
 
 import numpy as np
 
-from .._tuning import DEFAULT_WORKER_NICE
 from .order import Order
 
 COLLATE_MODES = ("auto", "list")
+STATE_FORMAT = 1  # of ``LoaderConfig.saved_state``: ``Loader.state_dict()``
 EXECUTORS = ("processes", "ray")
 # Default ready-or-in-flight batches per worker: one being made, one waiting, so a
 # worker never idles between batches.
@@ -31,6 +34,10 @@ PREFETCH_PER_WORKER = 2
 # with 2 ms samples reach 97 % of ideal at prefetch=16 and 71 % at 18).
 SMALL_POOL_WORKERS = 4
 SMALL_POOL_PREFETCH_PER_WORKER = 3
+# How far workers step back from the training step (nice increment; 19 is the most, 0 is none).
+# Measured on 2 cores (bench/e2e.py, Keras fit and the JPEG pipeline): 0 makes training slower than the
+# plain generator; 10 beat 19 on both (19 starves the workers while the step's threads spin).
+DEFAULT_WORKER_NICE = 10
 
 
 def usable_cores() -> int:
@@ -43,13 +50,14 @@ def usable_cores() -> int:
 
 class GeneratorOptions(TypedDict, total=False):
     """The options ``data_generator`` takes by keyword: all of ``Loader``'s but its positional
-    ``batch_size`` and ``shuffle``. What each means: ``docs/api.md``; defaults: ``DEFAULTS``."""
+    ``batch_size`` and ``shuffle``. For type checkers only: the list itself is ``LoaderConfig``'s
+    fields (a test holds the two together). What each means: ``docs/api.md``."""
 
+    world_size: int
+    rank: int
     seed: int | None
     epochs: int | None
     last_batch: str
-    rank: int
-    world_size: int
     transform: Callable[[Any], Any] | None
     batch_transform: Callable[[Any], Any] | None
     collate: str | Callable[[list[Any]], Any]
@@ -65,36 +73,16 @@ class GeneratorOptions(TypedDict, total=False):
 
 
 class LoaderOptions(GeneratorOptions, total=False):
-    """Every option of ``Loader``, by name: the one list of them (``Loader(*sources, **options)``)."""
+    """Every option of ``Loader``, by name (``Loader(*sources, **options)``), for type checkers."""
 
     batch_size: int
     shuffle: bool
 
 
-# Each option's default, as the user may leave it out; ``make_config`` validates what it becomes.
-DEFAULTS: Mapping[str, Any] = MappingProxyType(
-    {
-        "batch_size": 32,
-        "shuffle": True,
-        "seed": None,  # drawn at construction
-        "epochs": None,  # endless
-        "last_batch": "wrap",
-        "rank": 0,
-        "world_size": 1,
-        "transform": None,
-        "batch_transform": None,
-        "collate": "auto",
-        "workers": None,  # the usable cores
-        "prefetch": None,  # per worker, see PREFETCH_PER_WORKER
-        "start_method": None,  # the platform's default
-        "timeout": None,
-        "retries": 1,
-        "limit_threads": True,
-        "worker_nice": DEFAULT_WORKER_NICE,
-        "train_threads": "auto",
-        "executor": "processes",
-    }
-)
+def option(default: Any) -> Any:
+    """A field of ``LoaderConfig`` that is an option of ``Loader``: ``default`` is what the user gets by
+    leaving it out, before validation (``seed=None`` becomes a drawn seed, ``workers=None`` the cores)."""
+    return field(metadata={"default": default})
 
 
 class ShmNeed(NamedTuple):
@@ -106,32 +94,34 @@ class ShmNeed(NamedTuple):
 
 @dataclass(frozen=True)
 class LoaderConfig:
-    """Everything that defines a loader's stream and how it is made; ``make_config`` builds it.
+    """Everything that defines a loader's stream and how it is made; ``validation.make_config`` builds it.
 
-    Derived from the fields, each in one place: ``order`` (the batch plan, made once and held) and
-    the memory bound (``credit_step``, ``max_slots``, ``shm_bytes_needed``).
+    Its fields after ``sources`` are the options of ``Loader``, listed once, each with its default
+    (``DEFAULTS``), in the order they are checked: a check sees the options before it. Derived from
+    the fields, each in one place: ``order`` (the batch plan, made once and held), ``runs_user_code``
+    and the memory bound (``credit_step``, ``max_slots``, ``shm_bytes_needed``).
     """
 
     sources: tuple[Any, ...]
-    batch_size: int
-    shuffle: bool
-    seed: int
-    epochs: int | None
-    last_batch: str
-    rank: int
-    world_size: int
-    transform: Callable[[Any], Any] | None
-    batch_transform: Callable[[Any], Any] | None
-    collate: str | Callable[[list[Any]], Any]
-    workers: int
-    prefetch: int
-    start_method: str | None
-    timeout: float | None
-    retries: int
-    limit_threads: bool = True
-    worker_nice: int = DEFAULT_WORKER_NICE  # how far workers step back from the training step (os.nice)
-    train_threads: str | int | None = "auto"  # the training framework's intra-op threads (see _tuning)
-    executor: Any = "processes"  # what runs the batches: "processes", "ray", or an executor object
+    batch_size: int = option(32)
+    shuffle: bool = option(True)
+    world_size: int = option(1)
+    rank: int = option(0)
+    seed: int = option(None)  # None: drawn at construction
+    epochs: int | None = option(None)  # None: endless
+    last_batch: str = option("wrap")
+    transform: Callable[[Any], Any] | None = option(None)
+    batch_transform: Callable[[Any], Any] | None = option(None)
+    collate: str | Callable[[list[Any]], Any] = option("auto")
+    workers: int = option(None)  # None: the usable cores
+    prefetch: int = option(None)  # None: per worker, see PREFETCH_PER_WORKER
+    start_method: str | None = option(None)  # None: the platform's default
+    timeout: float | None = option(None)
+    retries: int = option(1)
+    limit_threads: bool = option(True)
+    worker_nice: int = option(DEFAULT_WORKER_NICE)  # how far workers step back from the training step (os.nice)
+    train_threads: str | int | None = option("auto")  # the training framework's intra-op threads (see _tuning)
+    executor: Any = option("processes")  # what runs the batches: "processes", "ray", or an executor object
 
     @cached_property
     def order(self) -> Order:
@@ -189,6 +179,29 @@ class LoaderConfig:
     def n(self) -> int:
         return len(self.sources[0])
 
+    def saved_state(self, position: int) -> dict[str, Any]:
+        """``Loader.state_dict()``: the position, the seed, and the fields the position depends on."""
+        return {"format": STATE_FORMAT, "seed": self.seed, "position": position, "config": self.fingerprint()}
+
+    def resumed(self, state: Any) -> tuple[int, int]:
+        """``(seed, position)`` of a ``saved_state`` that this configuration can continue (``ValueError``
+        naming what differs otherwise): the same fields, a position within the stream."""
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ValueError(f"not a prefetch Loader state (format {STATE_FORMAT}): {state!r}")
+        mine = self.fingerprint()
+        for key, value in state["config"].items():
+            if mine.get(key) != value:
+                raise ValueError(
+                    f"the state was saved by a loader with {key}={value!r}, this one has {key}={mine.get(key)!r}; "
+                    "resume with the same configuration"
+                )
+        position, total = state["position"], self.order.num_batches
+        if isinstance(position, numbers.Integral) and not isinstance(position, bool):
+            position = int(position)  # e.g. an np.int64 from a saved array
+        if not isinstance(position, int) or position < 0 or (total is not None and position > total):
+            raise ValueError(f"state position {position!r} is outside this loader's {total} batches")
+        return int(state["seed"]), position
+
     def fingerprint(self) -> dict[str, Any]:
         """The fields a saved position is only valid for (``load_state_dict`` compares them)."""
         return {
@@ -200,3 +213,9 @@ class LoaderConfig:
             "rank": self.rank,
             "world_size": self.world_size,
         }
+
+
+# Each option's default, as the user may leave it out, in the order they are checked: from the fields.
+DEFAULTS: Mapping[str, Any] = MappingProxyType(
+    {f.name: f.metadata["default"] for f in fields(LoaderConfig) if "default" in f.metadata}
+)

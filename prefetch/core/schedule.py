@@ -1,9 +1,11 @@
-"""What to make next: the credit window, the slot budget, redoing lost batches.
+"""What to make next: the credit window, the place budget, redoing lost batches.
 
 ``Schedule`` is plain state with no process, pipe or clock in it, so every rule of
 backpressure and recovery can be tested on its own. An executor asks it for the next
 task (``next_task``), tells it what the consumer took and gave back (``consumed``), and
-what a lost worker left undone (``lost``); it answers with batch numbers and slot numbers.
+what a lost worker left undone (``lost``); it answers with batch numbers and place numbers. A
+*place* is where a batch is kept from dispatch until the consumer gives it back: a shared-memory
+slot in the ``processes`` executor (place ``p`` is slot ``p``), an in-flight token in Ray's.
 The ``processes`` executor runs it in the coordinator; the ``ray`` executor in the consumer.
 """
 
@@ -57,24 +59,24 @@ class Schedule:
     """The dispatch state of one engine, from batch ``start`` on.
 
     Batch ``b`` is dispatched only while ``b < position + prefetch`` (the credit window), and
-    only with a slot to put it in. The pool grows lazily to ``prefetch`` slots plus one per
-    batch the user holds, never beyond ``max_slots``.
+    only with a place to put it in. The pool grows lazily to ``prefetch`` places plus one per
+    batch the user holds, never beyond ``max_places`` (``LoaderConfig.max_slots``).
     """
 
-    def __init__(self, order: Order, start: int, prefetch: int, max_slots: int, retries: int):
+    def __init__(self, order: Order, start: int, prefetch: int, max_places: int, retries: int):
         self.order = order  # batch number -> sample indices
         self.total = order.num_batches  # batches in the stream; None when endless
         self.prefetch = prefetch  # the window: batches ready or in flight beyond ``position``
-        self.max_slots = max_slots  # the pool's ceiling, whatever the user holds
+        self.max_places = max_places  # the pool's ceiling, whatever the user holds
         self.retries = retries  # times a batch may be redone after its worker died
         self.position = start  # batches the consumer has taken: everything below is done with
         self.next_batch = start  # the first batch never dispatched
         self.redo: deque[int] = deque()  # lost batches to make again, before any new one
         self.attempts: dict[int, int] = {}  # batch -> workers that died making it
         self.late: set[int] = set()  # batches whose worker was stopped for ``timeout``
-        self.free_slots: list[int] = []  # slots with nothing in them
-        self.slot_count = 0  # slots made so far, numbered 0 .. slot_count - 1
-        self.held = 0  # batches the user holds, as last reported (each keeps its slot)
+        self.free_places: list[int] = []  # places with nothing in them
+        self.place_count = 0  # places made so far, numbered 0 .. place_count - 1
+        self.held = 0  # batches the user holds, as last reported (each keeps its place)
 
     def _next_batch(self) -> int | None:
         if self.redo:
@@ -84,34 +86,34 @@ class Schedule:
             return self.next_batch
         return None
 
-    def _take_slot(self) -> int | None:
-        if self.free_slots:
-            return self.free_slots.pop()
-        if self.slot_count < min(self.max_slots, self.prefetch + self.held):
-            self.slot_count += 1
-            return self.slot_count - 1
+    def _take_place(self) -> int | None:
+        if self.free_places:
+            return self.free_places.pop()
+        if self.place_count < min(self.max_places, self.prefetch + self.held):
+            self.place_count += 1
+            return self.place_count - 1
         return None
 
     def next_task(self) -> tuple[int, int] | None:
-        """The next ``(batch, slot)`` to dispatch, or None: the window is full, no slot is free, or
+        """The next ``(batch, place)`` to dispatch, or None: the window is full, no place is free, or
         the stream is done. Lost batches come first."""
         batch = self._next_batch()
         if batch is None:
             return None
-        slot = self._take_slot()
-        if slot is None:
+        place = self._take_place()
+        if place is None:
             return None
         if self.redo:
             self.redo.popleft()
         else:
             self.next_batch += 1
-        return batch, slot
+        return batch, place
 
     def consumed(self, position: int, released: Iterable[int], held: int) -> bool:
-        """The consumer took every batch below ``position``, gave ``released`` slots back and holds
+        """The consumer took every batch below ``position``, gave ``released`` places back and holds
         ``held`` batches. True when the position moved (done batches can be forgotten)."""
         self.held = held
-        self.free_slots.extend(released)
+        self.free_places.extend(released)
         if position <= self.position:
             return False
         self.position = position
@@ -120,11 +122,11 @@ class Schedule:
         return True
 
     def lost(self, tasks: Sequence[tuple[int, int]]) -> GiveUp | None:
-        """A worker died; ``tasks`` are its ``(batch, slot)`` the consumer never received, in the order
-        it made them. Their slots are free again; all are redone, except the first -- the one it was
+        """A worker died; ``tasks`` are its ``(batch, place)`` the consumer never received, in the order
+        it made them. Their places are free again; all are redone, except the first -- the one it was
         making -- when it was stopped for ``timeout`` or has now killed more than ``retries`` workers:
         then it is given up on, and returned."""
-        self.free_slots.extend(slot for _, slot in tasks)
+        self.free_places.extend(place for _, place in tasks)
         if not tasks:
             return None
         head, rest = tasks[0][0], [batch for batch, _ in tasks[1:]]
@@ -143,10 +145,10 @@ class Schedule:
 
     def requeue(self, tasks: Sequence[tuple[int, int]], given_up: int) -> None:
         """A worker killed because ``given_up`` was late (and answered as such already) is gone; ``tasks``
-        are its ``(batch, slot)`` the consumer never received. Their slots are free again; every one
+        are its ``(batch, place)`` the consumer never received. Their places are free again; every one
         but ``given_up`` is redone, none counted against: the worker died of the kill, not of them
         (if ``given_up`` had arrived after all, the batch it was making is simply made again)."""
-        self.free_slots.extend(slot for _, slot in tasks)
+        self.free_places.extend(place for _, place in tasks)
         self.redo.extend(batch for batch, _ in tasks if batch != given_up)
 
     def mark_late(self, batch: int) -> None:

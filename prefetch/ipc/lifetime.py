@@ -1,24 +1,19 @@
-"""How a process of the engine lives and ends: one place for every OS-level process helper, used by
-the ``processes`` executor, ``background`` and the Ray actors alike.
+"""How a process of ours lives: one place for the OS mechanics of a process's life, used by the
+``processes`` executor, ``background`` and the Ray actors alike (how it ends: ``ending``).
 
 * ``die_with_parent`` / ``exit_with_parent``: Linux signals this process when its parent dies
   (``PR_SET_PDEATHSIG``). The signal comes when the *thread* that started the process ends, so
   ``die_with_parent`` is only for a process started by its parent's only thread (a worker, by its
   coordinator); a process that a multi-threaded parent starts from any thread (``background``'s
-  producer) uses ``exit_with_parent``, which ignores the end of a mere thread. See ``docs/design.md``,
-  *Shutdown* (who dies with whom).
-* ``wake_on_time``: timed waits in user code end within 1 us of their deadline.
+  producer) uses ``exit_with_parent``, which ignores the end of a mere thread.
 * ``ignore_sigint`` / ``sigint_ignored``: Ctrl-C is the consumer's alone to handle.
-* ``batch_scheduling`` / ``normal_scheduling``: the coordinator's wake-ups do not preempt the loop.
-* ``limit_threads``: one BLAS/OpenMP thread per worker; ``one_torch_thread``: the one torch setting
-  that works in a forked process; ``worker_prologue``: all a batch-making process does first.
-* ``join_or_kill``: the one shutdown escalation -- wait, then SIGKILL, then wait for the end --
-  used for workers, coordinators and ``background``'s producer alike; ``close_process`` lets go
-  of an ended process's descriptors.
-* Knowing a process by more than its pid, which the system reuses once the process is reaped:
-  ``pidfd_of`` (a pidfd names one process for its life; the start time, ``start_ticks``, checks
-  that it is the one meant), ``children_pidfds`` and ``wait_pidfds`` for processes that are not
-  our children (an orphaned worker), ``same_process_alive`` where pidfds do not exist.
+* ``batch_scheduling`` / ``normal_scheduling``: a coordinator's wake-ups do not preempt the loop.
+* ``wake_on_time``, ``limit_threads``, ``one_torch_thread`` and ``worker_prologue``: what a process that
+  runs user code does first (timed waits on time, one BLAS/OpenMP and torch thread, stepped back).
+* Threads at a fork: ``other_threads``, ``native_threads`` and ``fork_hazard`` (what may hold a lock
+  that a forked process would find locked forever), ``warn_threads_before_fork``.
+
+See ``docs/design.md`` ("Shutdown": who dies with whom; "Sharing the cores with the training step").
 """
 
 from __future__ import annotations
@@ -26,15 +21,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import select
 import signal
 import sys
 import threading
-import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
-import psutil
+from ..errors import warn
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_TIMERSLACK = 29
@@ -53,15 +46,8 @@ PARENT_DIED_EXIT = 128 + signal.SIGTERM
 # ``die_with_parent`` does not exist, or the parent died before it was called).
 PARENT_CHECK_INTERVAL_S = 0.25
 
-# How long a worker told to stop may take before it is killed.
-WORKER_JOIN_TIMEOUT_S = 1.0
-# How long a coordinator told to stop may take (it gives its workers WORKER_JOIN_TIMEOUT_S).
-COORDINATOR_JOIN_TIMEOUT_S = 3.0
-# How long ``background``'s producer told to stop may take: it notices ``Stop`` only between
-# items, so it is given time to finish the one its iterable is making.
-PRODUCER_JOIN_TIMEOUT_S = 2.0
-
-# The environment variables the common BLAS and OpenMP runtimes read when they start.
+# The environment variables the common BLAS and OpenMP runtimes read when they start (set to 1 in a
+# process with ``limit_threads``; ``doctor`` shows the ones the user set).
 THREAD_ENV_VARS = (
     "OMP_NUM_THREADS",
     "OPENBLAS_NUM_THREADS",
@@ -190,138 +176,6 @@ def worker_prologue(nice: int, limit: bool, *, ignore_interrupts: bool = True) -
         limit_threads()
 
 
-def join_or_kill(processes: Iterable[Any], timeout_s: float) -> None:
-    """Wait up to ``timeout_s`` in all for ``processes`` (``multiprocess.Process`` objects, our children,
-    already asked to stop) to end; SIGKILL whichever has not, and wait up to ``timeout_s`` more for those."""
-    processes = list(processes)
-    _join(processes, timeout_s)
-    left = [process for process in processes if process.is_alive()]  # reaps those that ended
-    for process in left:
-        process.kill()
-    _join(left, timeout_s)
-    for process in left:
-        process.is_alive()
-
-
-def _join(processes: list[Any], timeout_s: float) -> None:
-    """Wait up to ``timeout_s`` until ``processes`` have exited, on pidfds: a pidfd says so as soon as
-    the process has exited, while its sentinel waits until every copy of it is closed -- and a process
-    it forked (a helper that a transform started) may hold one. Where pidfds do not exist, on sentinels."""
-    fds = []
-    deadline = time.monotonic() + timeout_s
-    for process in processes:
-        if process.exitcode is not None:  # ended, and reaped now
-            continue
-        try:
-            fds.append(os.pidfd_open(process.pid))  # an unreaped child: its pid is its own
-        except (AttributeError, OSError):  # pragma: no cover - no pidfds
-            process.join(max(0.0, deadline - time.monotonic()))
-    wait_pidfds(fds, max(0.0, deadline - time.monotonic()))
-
-
-def close_process(process: Any) -> None:
-    """Let go of a ``multiprocess.Process`` that has ended: its sentinel pipe's two descriptors stay
-    open until ``Process.close()`` (or until the object is garbage collected). A process still running
-    (a kill that did not take yet) keeps them: its object's finalizer closes them later."""
-    try:
-        process.close()
-    except ValueError:
-        pass
-
-
-def start_ticks(pid: int) -> int | None:
-    """When process ``pid`` started, in clock ticks since boot (``/proc/<pid>/stat``, field 22); None if
-    there is no such process. A pid may be reused once its process is reaped; a pid and its start time
-    name one process for good."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as file:
-            stat = file.read()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(b")") + 2 :].split()  # after the command name, which may hold anything
-    return int(fields[19])
-
-
-def _state_and_parent(pid: int) -> tuple[str, int] | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as file:
-            stat = file.read()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(b")") + 2 :].split()
-    return fields[0].decode(), int(fields[1])
-
-
-def same_process_alive(pid: int, ticks: int | None) -> bool:
-    """Whether the process that is ``pid`` and started at ``ticks`` still runs (a zombie has ended):
-    where pidfds do not exist, a poll that a reused pid cannot fool. (``ticks`` None, where there is
-    no ``/proc`` to read it from: the pid alone, as the best there is.)"""
-    if ticks is None:  # pragma: no cover - no /proc
-        try:
-            return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
-        except psutil.Error:
-            return False
-    state = _state_and_parent(pid)
-    return state is not None and state[0] != "Z" and start_ticks(pid) == ticks
-
-
-def pidfd_of(pid: int, ticks: int | None = None) -> int | None:
-    """A pidfd of process ``pid`` -- the one that started at ``ticks``, when given -- readable once it has
-    exited; None when that process is gone already. Raises ``OSError`` (or ``AttributeError``) where
-    pidfds do not exist (Linux < 5.3, other systems).
-
-    A pidfd names one process for its whole life, whatever happens to its pid later. Opened by pid it
-    names the process that had the pid at that moment: reading the start time after opening tells
-    whether that was the one meant (it had the pid before and after, so it is the one the pidfd names)."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return None
-    if ticks is not None and start_ticks(pid) != ticks:
-        os.close(fd)
-        return None
-    return fd
-
-
-def children_pidfds(parent_pid: int) -> list[int]:
-    """Pidfds of the children of ``parent_pid``, which must be an unreaped child of this process (so that
-    its pid is its own). A child is checked to be one after its pidfd is opened: then the pidfd names it
-    even if it died and its pid was reused in between. Raises like ``pidfd_of``."""
-    fds = []
-    try:
-        children = [child.pid for child in psutil.Process(parent_pid).children()]
-    except psutil.Error:
-        return []
-    for pid in children:
-        fd = pidfd_of(pid)
-        if fd is None:
-            continue
-        state = _state_and_parent(pid)
-        if state is not None and state[1] == parent_pid:
-            fds.append(fd)
-        else:
-            os.close(fd)
-    return fds
-
-
-def wait_pidfds(fds: list[int], timeout_s: float) -> bool:
-    """Wait up to ``timeout_s`` until every process of ``fds`` (pidfds) has exited, then close them.
-    A zombie has exited: an orphaned worker stays one until init reaps it. True if all had."""
-    deadline = time.monotonic() + timeout_s
-    pending = list(fds)
-    try:
-        while pending:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            ready, _, _ = select.select(pending, [], [], left)
-            pending = [fd for fd in pending if fd not in ready]
-        return True
-    finally:
-        for fd in fds:
-            os.close(fd)
-
-
 def import_before_forking(limit_threads: bool) -> None:
     """Import what every worker needs once, in the process that forks them, so that they inherit it:
     numpy imports ``numpy.random`` lazily (13 ms here, on the path to the first batch otherwise twice:
@@ -333,6 +187,9 @@ def import_before_forking(limit_threads: bool) -> None:
             import threadpoolctl  # noqa: F401
         except ImportError:  # pragma: no cover - a dependency
             pass
+
+
+# --- threads at a fork ----------------------------------------------------------------------------
 
 
 def other_threads() -> list[str]:
@@ -349,3 +206,48 @@ def native_threads() -> int:
     except (OSError, ValueError):
         return 0
     return len(tasks - {t.native_id for t in threading.enumerate()})
+
+
+# Runtimes whose own native threads may hold a lock when the process forks, so that a forked process
+# that calls them hangs: (module, name). JAX says so itself at every fork; TensorFlow's thread pools too.
+FORK_UNSAFE_RUNTIMES = (("tensorflow", "TensorFlow"), ("jax", "JAX"))
+
+
+def fork_unsafe_runtimes(torch_in_child: bool) -> list[str]:
+    """The loaded runtimes whose threads can leave a forked process hanging; torch's only if the forked
+    process runs torch with its inherited setting (``torch_in_child``; see ``one_torch_thread``)."""
+    loaded = [name for module, name in FORK_UNSAFE_RUNTIMES if module in sys.modules]
+    return loaded + (["PyTorch"] if torch_in_child and "torch" in sys.modules else [])
+
+
+def fork_hazard(torch_in_child: bool) -> str | None:
+    """What runs in this process besides the calling thread that may hold a lock at a fork, or None."""
+    python = other_threads()
+    runtimes = fork_unsafe_runtimes(torch_in_child)
+    native = native_threads() if runtimes else 0
+    found = []
+    if python:
+        names = ", ".join(repr(name) for name in python[:5]) + (", ..." if len(python) > 5 else "")
+        found.append(f"{len(python)} more thread{'s' if len(python) > 1 else ''} running in this process ({names})")
+    if native:
+        found.append(
+            f"{native} native thread{'s' if native > 1 else ''} with {' and '.join(runtimes)} loaded "
+            f"({len(os.listdir('/proc/self/task'))} OS threads in all)"
+        )
+    return " and ".join(found) if found else None
+
+
+def fork_warning(hazard: str, forked: str) -> str:
+    """The warning's first half: ``hazard`` (``fork_hazard``) and what it means for ``forked``."""
+    return (
+        f"{hazard} when {forked} is forked: a lock one of them holds at that moment stays locked in "
+        f"{forked}, which hangs if it needs it (the library the lock belongs to, called by your code)"
+    )
+
+
+def warn_threads_before_fork(forked: str, fix: str) -> None:
+    """Warn (``PrefetchWarning``) if ``fork_hazard`` finds something, for a process that forks ``forked``
+    without a loader configuration (``background``'s producer: it runs torch with one thread)."""
+    hazard = fork_hazard(torch_in_child=False)
+    if hazard is not None:
+        warn(f"{fork_warning(hazard, forked)}; {fix}")

@@ -24,10 +24,10 @@ class ProcessExecutor:
     """Batches made by worker processes under a coordinator: ``executor="processes"``, the default."""
 
     def start(self, config: LoaderConfig, start: int, wake: WakePipe) -> ProcessRun:
-        from .._checks import check_main_guarded
         from ..preflight import preflight
         from .coordinator import coordinator_main
         from .run import ProcessRun
+        from .spawn import check_main_guarded
         from .worker import worker_main
 
         check_main_guarded(config)  # spawn/forkserver from an unguarded script: say so, start nothing

@@ -34,24 +34,17 @@ from ..core.config import LoaderConfig
 from ..core.schedule import GiveUp, Schedule, Why
 from ..errors import WorkersKeepDyingError, describe_exit
 from ..ipc.channel import Outbox, PipeReader, atomic_body, encode, send
-from ..ipc.lifetime import (
-    PARENT_CHECK_INTERVAL_S,
-    WORKER_JOIN_TIMEOUT_S,
-    batch_scheduling,
-    close_process,
-    ignore_sigint,
-    import_before_forking,
-    join_or_kill,
-    pidfd_of,
-    same_process_alive,
-)
+from ..ipc.ending import close_process, join_or_kill, pidfd_of, same_process_alive
+from ..ipc.lifetime import PARENT_CHECK_INTERVAL_S, batch_scheduling, ignore_sigint, import_before_forking
 from ..ipc.segments import SegmentRef, unlink_prefix
 from . import messages
-from .sources import resolve_sources
+from .spawn import resolve_sources
 
 # Workers that die with nothing to do (a broken environment, not a poison batch)
 # are replaced this many times, then the coordinator gives up.
 IDLE_DEATHS_ALLOWED = 8
+# How long a worker told to stop may take before it is killed.
+WORKER_JOIN_TIMEOUT_S = 1.0
 
 
 # What a selector key's data says the ready descriptor is (a worker's key holds its _Worker).
@@ -334,7 +327,7 @@ def coordinator_main(
     consumer: tuple[int, int | None],
     worker_main: Callable[..., None],
 ) -> None:
-    """The coordinator process's entry point (``config`` as is when forked, from ``ship_config`` when spawned;
+    """The coordinator process's entry point (``config`` as is when forked, from ``spawn.pickle_config`` when spawned;
     ``consumer`` is the consumer's pid and start time, ``lifetime.start_ticks``).
 
     ``worker_main`` is what each forked worker runs; the launcher passes it, so that the coordinator and
@@ -353,7 +346,7 @@ def coordinator_main(
         coordinator = Coordinator(control, results, config, prefix, start, consumer, worker_main)
         coordinator.run()
     except BaseException:
-        failure = messages.CoordinatorFailed(traceback.format_exc())
+        failure = messages.CoordinatorCrashed(traceback.format_exc())
         if coordinator is not None:
             coordinator.last_word(failure)
         else:

@@ -25,18 +25,12 @@ import psutil
 from ..core.config import LoaderConfig
 from ..errors import describe_exit
 from ..ipc.channel import Outbox
-from ..ipc.lifetime import (
-    COORDINATOR_JOIN_TIMEOUT_S,
-    children_pidfds,
-    close_process,
-    join_or_kill,
-    native_threads,
-    other_threads,
-    sigint_ignored,
-    start_ticks,
-    wait_pidfds,
-)
-from .sources import share_sources, ship_config
+from ..ipc.ending import children_pidfds, close_process, join_or_kill, start_ticks, wait_pidfds
+from ..ipc.lifetime import native_threads, other_threads, sigint_ignored
+from .spawn import pickle_config, share_sources
+
+# How long a coordinator told to stop may take (it gives its workers ``coordinator.WORKER_JOIN_TIMEOUT_S``).
+COORDINATOR_JOIN_TIMEOUT_S = 3.0
 
 
 def thread_census() -> tuple[list[str], int]:
@@ -68,7 +62,7 @@ class CoordinatorProcess:
         control_in, self.control = ctx.Pipe(duplex=False)
         self.results, results_out = ctx.Pipe(duplex=False)
         try:
-            shipped = config if forked else ship_config(config)
+            shipped = config if forked else pickle_config(config)
             self.process = ctx.Process(
                 target=coordinator_main,
                 args=(control_in, results_out, shipped, prefix, start, consumer, worker_main),

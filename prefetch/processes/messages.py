@@ -6,9 +6,9 @@ a message: it is in a shared-memory slot (``ipc.slots``). The pipes, and who wri
 
     control  consumer -> coordinator      Consumed, Lost, TimedOut, Stop
     tasks    coordinator -> one worker    Task, Stop
-    results  workers -> consumer          BatchReady, BatchFailed
+    results  workers -> consumer          BatchReady, BatchFailure
              coordinator -> consumer      CoordinatorReady, WorkerLost, GiveUp (core.schedule),
-                                          CoordinatorFailed, WorkersStopped
+                                          CoordinatorCrashed, WorkersStopped
 
 Any of these may also arrive as ``ipc.channel.Spilled`` (a message too large for one atomic write).
 
@@ -51,7 +51,7 @@ class BatchReady(NamedTuple):
     pid: int
 
 
-class BatchFailed(NamedTuple):
+class BatchFailure(NamedTuple):
     """Worker -> consumer: user code raised while batch ``batch`` was made (``failure`` holds it);
     slot ``slot`` has nothing in it."""
 
@@ -82,8 +82,9 @@ class CoordinatorReady(NamedTuple):
     workers: tuple[int, ...] = ()
 
 
-class CoordinatorFailed(NamedTuple):
-    """Coordinator -> consumer: the coordinator itself failed; ``traceback`` says where."""
+class CoordinatorCrashed(NamedTuple):
+    """Coordinator -> consumer: the coordinator itself raised (not user code: prefetch's own error, or
+    ``WorkersKeepDyingError``); ``traceback`` says where. The loader cannot go on."""
 
     traceback: str
 
@@ -138,11 +139,11 @@ class WorkersStopped(NamedTuple):
 Message = (
     Task
     | BatchReady
-    | BatchFailed
+    | BatchFailure
     | GiveUp
     | WorkerLost
     | CoordinatorReady
-    | CoordinatorFailed
+    | CoordinatorCrashed
     | Consumed
     | Lost
     | TimedOut

@@ -3,8 +3,8 @@
 It starts the coordinator (``coordinator.coordinator_main``, which forks the workers,
 ``worker.worker_main``; the three roles never import each other: ``processes/__init__.py``
 wires them together),
-reads ``BatchReady``/``BatchFailed``/``GiveUp`` from the shared results pipe and
-turns them into the engine's ``Made``/``Failed`` (``executor.py``), and returns credits and
+reads ``BatchReady``/``BatchFailure``/``GiveUp`` from the shared results pipe and
+turns them into the engine's ``Made``/``Unmade`` (``executor.py``), and returns credits and
 free slots in ``Consumed`` messages.
 
 Each opened batch's arrays view its shared-memory slot through a per-batch *lease*
@@ -32,17 +32,16 @@ from ..core.config import LoaderConfig
 from ..core.reorder import Leases
 from ..core.schedule import GiveUp
 from ..errors import CoordinatorDiedError, CoordinatorTimeoutError, StartTimeoutError
-from ..executor import Failed, Made, Result, WorkerInfo
+from ..executor import Made, Result, Unmade, WorkerInfo
 from ..ipc.channel import Outbox, PipeReader, WakePipe, encode
-from ..ipc.lifetime import COORDINATOR_JOIN_TIMEOUT_S
 from ..ipc.segments import SegmentRef, claim_prefix, remove_stale_segments
 from ..ipc.slots import SlotReader
-from .launch import CoordinatorProcess
+from .launch import COORDINATOR_JOIN_TIMEOUT_S, CoordinatorProcess
 from .messages import (
-    BatchFailed,
+    BatchFailure,
     BatchReady,
     Consumed,
-    CoordinatorFailed,
+    CoordinatorCrashed,
     CoordinatorReady,
     Lost,
     Stop,
@@ -182,14 +181,14 @@ class ProcessRun:
     def _result(self, message: Any) -> Result | None:
         if isinstance(message, BatchReady):
             return Made(message.batch, message.timings, message.pid, message)
-        if isinstance(message, BatchFailed):
+        if isinstance(message, BatchFailure):
             self.leases.give_back(message.slot, None)  # nothing in it
             error = message.failure.to_exception(message.batch, message.indices, message.pid)
-            return Failed(message.batch, error)
+            return Unmade(message.batch, error)
         if isinstance(message, GiveUp):
             self.coordinator_acts += 1
             indices = self.config.order.batch_indices(message.batch).tolist()
-            return Failed(message.batch, message.error(indices, self.config.timeout, self.config.retries))
+            return Unmade(message.batch, message.error(indices, self.config.timeout, self.config.retries))
         if isinstance(message, WorkerLost):
             self.coordinator_acts += 1
             self.restarts += 1
@@ -200,7 +199,7 @@ class ProcessRun:
             self.coordinator_ready = True
             self.start_by = None
             self.worker_pids = message.workers
-        elif isinstance(message, CoordinatorFailed):
+        elif isinstance(message, CoordinatorCrashed):
             raise CoordinatorDiedError("the coordinator process failed:\n" + message.traceback)
         return None
 
@@ -280,7 +279,7 @@ class ProcessRun:
         except (EOFError, OSError):
             arrived = []
         got = set(self.delivered)
-        got.update(m.batch for m in arrived if isinstance(m, (BatchReady, BatchFailed)) and m.batch >= self.position)
+        got.update(m.batch for m in arrived if isinstance(m, (BatchReady, BatchFailure)) and m.batch >= self.position)
         for message in arrived:
             if isinstance(message, WorkersStopped):  # the coordinator stopped already (it failed)
                 self.worker_exits = dict(message.exits)

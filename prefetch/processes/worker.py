@@ -1,7 +1,7 @@
 """A worker process: take a ``Task``, make the batch into its slot, answer; until ``Stop``.
 
 The per-batch work is ``core.pipeline.make_batch``; this module is the loop around it in a
-worker process: take a ``Task`` from the coordinator, answer ``BatchReady`` or ``BatchFailed``
+worker process: take a ``Task`` from the coordinator, answer ``BatchReady`` or ``BatchFailure``
 on the shared results pipe, until ``Stop``, a closed pipe or the death of the coordinator.
 
 A worker reads its task pipe only between batches; the coordinator never waits for
@@ -28,7 +28,7 @@ from ..errors import Failure
 from ..ipc.channel import PipeReader, send
 from ..ipc.lifetime import PARENT_CHECK_INTERVAL_S, die_with_parent, worker_prologue
 from ..ipc.slots import SlotWriter
-from .messages import BatchFailed, BatchReady, Stop, Task
+from .messages import BatchFailure, BatchReady, Stop, Task
 
 # How often an idle worker checks that its coordinator is still alive.
 PARENT_CHECK_INTERVAL_MS = round(PARENT_CHECK_INTERVAL_S * 1000)
@@ -36,20 +36,20 @@ PARENT_CHECK_INTERVAL_MS = round(PARENT_CHECK_INTERVAL_S * 1000)
 SLOT_PURPOSE = ("a batch", "free space there, lower `prefetch` or the batch size (Docker: --shm-size)")
 
 
-def run_task(config: LoaderConfig, writer: SlotWriter, task: Task) -> BatchReady | BatchFailed:
+def run_task(config: LoaderConfig, writer: SlotWriter, task: Task) -> BatchReady | BatchFailure:
     """Make one batch into its slot and say how it went."""
     space = writer.space(task.slot, task.segment, task.size_hint)
     indices = np.frombuffer(task.indices, np.int64)
     try:
         batch, timings = make_numbered_batch(config, task.batch, indices, space.alloc)
     except UserCodeRaised as error:
-        return BatchFailed(task.batch, task.slot, tuple(indices.tolist()), os.getpid(), error.failure)
+        return BatchFailure(task.batch, task.slot, tuple(indices.tolist()), os.getpid(), error.failure)
     start = time.perf_counter()
     try:
         written = writer.write(task.slot, space, batch)
     except Exception as exc:  # e.g. /dev/shm full, or an object that cannot be pickled
         failure = Failure.capture(exc, f"writing the batch of samples {indices.tolist()} to shared memory")
-        return BatchFailed(task.batch, task.slot, tuple(indices.tolist()), os.getpid(), failure)
+        return BatchFailure(task.batch, task.slot, tuple(indices.tolist()), os.getpid(), failure)
     timings = timings._replace(transfer=time.perf_counter() - start)
     return BatchReady(task.batch, task.slot, written, timings, os.getpid())
 

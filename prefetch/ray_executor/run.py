@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from ..core.reorder import Leases
 from ..core.schedule import GiveUp, Schedule, Why
 from ..errors import Failure, PrefetchError
-from ..executor import Failed, Made, Result, WorkerInfo
+from ..executor import Made, Result, Unmade, WorkerInfo
 from .actor import BatchMaker
 from .transfer import actor_config, pack_sources, writable
 
@@ -214,14 +214,14 @@ class RayRun:
         actor.hello = None
 
     def _answer(self, actor: _Actor, values: dict[Any, Any]) -> Any:
-        """The front call of ``actor`` has answered: a ``Made``, a ``Failed``, or ``_LOST``."""
+        """The front call of ``actor`` has answered: a ``Made``, an ``Unmade``, or ``_LOST``."""
         task = actor.queue[0]
         try:
             value = values.pop(task.ref) if task.ref in values else self.ray.get(task.ref)
         except self.ray.exceptions.RayTaskError as error:  # not user code (that is a ``Failure``): a bug of ours
             actor.queue.popleft()
             self.leases.give_back(task.place)
-            return Failed(task.batch, error)
+            return Unmade(task.batch, error)
         except self.ray.exceptions.RayError as error:  # the actor, or its node, is gone
             actor.death = error
             return _LOST
@@ -229,7 +229,7 @@ class RayRun:
         if isinstance(value, Failure):
             self.leases.give_back(task.place)
             indices = tuple(self.order.batch_indices(task.batch).tolist())
-            return Failed(task.batch, value.to_exception(task.batch, indices, actor.pid))
+            return Unmade(task.batch, value.to_exception(task.batch, indices, actor.pid))
         batch, timings = value
         return Made(task.batch, timings, actor.pid or 0, Fetched(task.place, batch))
 
@@ -254,11 +254,11 @@ class RayRun:
         if give_up is None:
             return []
         who = f"Ray actor pid {actor.pid} on node {actor.address} ({(actor.node or '?')[:12]})"
-        return [self._failed(give_up._replace(pid=actor.pid, who=who, how=f"died ({_first_line(error)})"))]
+        return [self._unmade(give_up._replace(pid=actor.pid, who=who, how=f"died ({_first_line(error)})"))]
 
-    def _failed(self, give_up: GiveUp) -> Failed:
+    def _unmade(self, give_up: GiveUp) -> Unmade:
         indices = self.order.batch_indices(give_up.batch).tolist()
-        return Failed(give_up.batch, give_up.error(indices, self.config.timeout, self.config.retries))
+        return Unmade(give_up.batch, give_up.error(indices, self.config.timeout, self.config.retries))
 
     def _check_start(self) -> None:
         """Note when every actor has started; give up on actors Ray cannot place or start."""
@@ -288,7 +288,7 @@ class RayRun:
                     _kill(self.ray, actor.handle)  # its calls now fail: ``_lose`` reports the batch
                     return
         self.schedule.cancel(batch)
-        self.answers.append(self._failed(GiveUp(batch, Why.LATE)))
+        self.answers.append(self._unmade(GiveUp(batch, Why.LATE)))
 
     def stop(self) -> None:
         """Kill every actor, drop every reference; wait for this node's actor processes to end."""

@@ -30,7 +30,7 @@ from helpers import (
 )
 
 import prefetch
-from prefetch.ipc.lifetime import pidfd_of, same_process_alive, start_ticks
+from prefetch.ipc.ending import pidfd_of, same_process_alive, start_ticks
 
 DATA = np.arange(400 * 8, dtype=np.float32).reshape(400, 8)
 # "within a couple of seconds": the coordinator polls its parent every 0.25 s and gives its
@@ -170,7 +170,7 @@ def test_a_finished_finite_loader_stops_its_processes_by_itself():
 
 def test_a_killed_coordinator_is_a_clear_error_promptly():
     loader, gen, pids = running_loader(prefetch=2)
-    engine = loader._running.engine
+    engine = loader._holder.engine
     assert engine is not None
     coordinator = engine.helper_pid()
     assert coordinator in pids

@@ -222,7 +222,7 @@ import json, os, sys, time
 import numpy as np
 import prefetch
 from prefetch.ipc.segments import SHM_DIR
-from prefetch.processes.sources import share_sources
+from prefetch.processes.spawn import share_sources
 
 def scale(x):
     return x * 2

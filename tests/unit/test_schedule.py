@@ -12,9 +12,9 @@ from prefetch.core.order import Order
 from prefetch.core.schedule import GiveUp, Schedule, Why
 
 
-def make(start: int = 0, prefetch: int = 4, max_slots: int = 9, retries: int = 1, epochs: int | None = None):
+def make(start: int = 0, prefetch: int = 4, max_places: int = 9, retries: int = 1, epochs: int | None = None):
     order = Order(n=40, batch_size=4, seed=0, shuffle=True, epochs=epochs, last_batch="wrap", rank=0, world_size=1)
-    return Schedule(order, start, prefetch, max_slots, retries)
+    return Schedule(order, start, prefetch, max_places, retries)
 
 
 def drain(schedule: Schedule) -> list[tuple[int, int]]:
@@ -32,17 +32,17 @@ def test_the_window_holds_prefetch_batches_and_moves_with_the_consumer():
 
 
 def test_slots_grow_lazily_to_the_window_plus_what_the_user_holds_and_never_past_the_ceiling():
-    schedule = make(prefetch=3, max_slots=5)
+    schedule = make(prefetch=3, max_places=5)
     assert sorted(slot for _, slot in drain(schedule)) == [0, 1, 2]
     schedule.consumed(3, released=[], held=3)  # the user holds all three batches
     assert sorted(slot for _, slot in drain(schedule)) == [3, 4]  # two new slots: the ceiling
-    assert schedule.slot_count == 5
+    assert schedule.place_count == 5
     schedule.consumed(3, released=[1], held=2)
     assert drain(schedule) == [(5, 1)]  # a released slot is used again, no new one made
 
 
 def test_a_finite_stream_ends():
-    schedule = make(prefetch=100, max_slots=300, epochs=1)
+    schedule = make(prefetch=100, max_places=300, epochs=1)
     assert [batch for batch, _ in drain(schedule)] == list(range(10))
 
 
@@ -93,16 +93,16 @@ def test_attempts_are_forgotten_once_the_consumer_is_past_the_batch():
 
 
 def test_a_report_that_does_not_move_the_position_still_frees_slots():
-    schedule = make(prefetch=2, max_slots=2)
+    schedule = make(prefetch=2, max_places=2)
     drain(schedule)
     assert not schedule.consumed(0, released=[0], held=0)
-    assert schedule.free_slots == [0]
+    assert schedule.free_places == [0]
 
 
 @pytest.mark.parametrize("held", [0, 1, 5])
 def test_while_the_consumer_waits_a_slot_is_always_available(held):
     """The budget argument of docs/design.md, on the pure state: with the next batch undispatched and
     every slot free or held, the schedule can always place it."""
-    schedule = make(prefetch=3, max_slots=2 * 3 + 1 + 1)
+    schedule = make(prefetch=3, max_places=2 * 3 + 1 + 1)
     schedule.consumed(0, released=[], held=held)
     assert schedule.next_task() is not None

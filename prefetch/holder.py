@@ -28,7 +28,7 @@ def final_stats(engine: InlineEngine | Engine) -> Stats | None:
         return None
 
 
-class EngineSlot:
+class EngineHolder:
     """The loader's engine, running or parked, and who owns it.
 
     Threads: ``install``, ``adopt``, ``park`` and ``take`` swap the engine and its owner under a

@@ -1,23 +1,29 @@
-"""Checks for loaders whose coordinator starts in a fresh Python process (spawn, forkserver).
+"""A coordinator in a fresh interpreter (start method spawn or forkserver): what it is sent, and the
+mistakes caught in the user's call instead of inside it.
 
-Such a coordinator gets the loader's options by pickling (dill), and its interpreter imports
-the user's ``__main__`` script again. Two mistakes then surface only inside the child, as a
-bare pickling error or a dead coordinator; these checks name them, with the fix, in the
-user's own call:
+What it is sent: the configuration, pickled once with dill (``pickle_config``), with the numpy
+sources replaced by small handles first (``share_sources``: a memmap is reopened by path, any other
+array copied once into a segment under the loader's prefix, ``ipc.handles``), which the coordinator
+opens again (``resolve_sources``) before it forks its workers, who inherit them. Nothing is copied
+per worker, and a segment lives only as long as its mappings.
 
-* ``check_picklable`` (at construction): every option or source that will be pickled must
-  pickle. Numpy sources are not pickled (they are shared through a segment, see
-  ``processes.sources.share_sources``), so they are not tested; everything else is pickled
-  into a sink that stops after ``PICKLE_PROBE_BYTES``, so a large list source costs at most
-  that much work.
-* ``check_main_guarded`` (when the engine starts): the code that starts the loader must not run
-  at the top level of the ``__main__`` script outside ``if __name__ == "__main__":``, or the
-  child would run it again while it boots (multiprocessing's "bootstrapping phase" error).
+What is caught first, with the fix:
+
+* ``check_picklable`` (at construction): every option or source that will be pickled must pickle.
+  Numpy sources are not pickled (they are shared through a segment), so they are not tested;
+  everything else is pickled into a sink that stops after ``PICKLE_PROBE_BYTES``, so a large list
+  source costs at most that much work.
+* ``check_main_guarded`` (when the engine starts): the code that starts the loader must not run at
+  the top level of the ``__main__`` script outside ``if __name__ == "__main__":``, or the child would
+  run it again while it boots (multiprocessing's "bootstrapping phase" error).
+
+See ``docs/design.md`` ("Processes and the data path", "Failures").
 """
 
 from __future__ import annotations
 
 import ast
+import io
 import os
 import sys
 from types import FrameType
@@ -25,8 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from .core.config import LoaderConfig
-from .errors import MainGuardError
+from ..core.config import LoaderConfig
+from ..errors import MainGuardError, ShmSpaceError
+from ..ipc.handles import MemmapFile, SharedArray
+from ..preflight import SOURCE_COPY_FIX
 
 # How much of a pickled option or source the construction check writes before it trusts the
 # rest: an unpicklable part usually fails at once (a generator, a connection, a lock), and the
@@ -34,6 +42,60 @@ from .errors import MainGuardError
 PICKLE_PROBE_BYTES = 64 * 1024
 # A pickling error's text can be a page long (dill's trace for a sqlite3.Connection): keep its start.
 REASON_MAX_CHARS = 200
+
+
+# --- what it is sent ---------------------------------------------------------------------
+
+
+def copy_purpose(position: int, source: np.ndarray) -> tuple[str, str]:
+    """What the segment of source ``position`` holds, and the fix when it does not fit (``create_segment``)."""
+    what = (
+        f"the copy of the data set that start_method spawn/forkserver makes there: source {position}, "
+        f"{source.nbytes / 2**20:.1f} MiB ({source.dtype} {source.shape})"
+    )
+    return what, SOURCE_COPY_FIX
+
+
+def share_sources(sources: tuple[Any, ...], prefix: str) -> tuple[Any, ...]:
+    """Replace numpy sources by small handles before the coordinator is spawned (others pickle as they are)."""
+    shared: list[Any] = []
+    for position, source in enumerate(sources):
+        handle: Any = source
+        if isinstance(source, np.memmap):
+            handle = MemmapFile.of(source) or source
+        if isinstance(handle, np.ndarray) and not handle.dtype.hasobject:
+            try:
+                handle = SharedArray.copy_of(handle, f"{prefix}source{position}", copy_purpose(position, handle))
+            except OSError as exc:
+                raise ShmSpaceError(exc.errno, exc.strerror) from exc
+        shared.append(handle)
+    return tuple(shared)
+
+
+def resolve_sources(sources: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Turn handles back into read-only arrays (in the coordinator; its workers inherit them)."""
+    return tuple(source.open() if isinstance(source, (SharedArray, MemmapFile)) else source for source in sources)
+
+
+def pickle_config(config: LoaderConfig) -> bytes:
+    """The configuration pickled for a coordinator that is spawned (not forked): with dill, so lambdas and
+    closures travel. Arrays and dtypes inside it (a list of arrays as a source, an array in a closure) go
+    through numpy's own protocol-5 reduction: dill's rebuilds an array of non-native byte order ('>i4')
+    with the native one."""
+    import dill
+
+    class ConfigPickler(dill.Pickler):
+        def reducer_override(self, obj: Any) -> Any:
+            if type(obj) is np.ndarray or isinstance(obj, np.dtype):
+                return obj.__reduce_ex__(5)
+            return NotImplemented
+
+    buffer = io.BytesIO()
+    ConfigPickler(buffer, protocol=5).dump(config)
+    return buffer.getvalue()
+
+
+# --- what is caught first ------------------------------------------------------------------
 
 
 class _ProbeFull(Exception):
