@@ -9,9 +9,8 @@ from typing import Any
 
 import numpy as np
 
-import prefetch
-
 from .core.config import usable_cores
+from .loader import Loader, data_generator
 
 
 def plain_data_generator(
@@ -69,7 +68,7 @@ def alphabet() -> None:
     )
     x = [chr(i) for i in range(ord("a"), ord("a") + 26)]
     y = [chr(i) for i in range(ord("A"), ord("A") + 26)]
-    gen = prefetch.data_generator(batch_size=ALPHABET_BATCH_SIZE, data_x=x, data_y=y, shuffle=True, seed=ALPHABET_SEED)
+    gen = data_generator(batch_size=ALPHABET_BATCH_SIZE, data_x=x, data_y=y, shuffle=True, seed=ALPHABET_SEED)
     for _ in range(ALPHABET_BATCHES):
         print(f"   {next(gen)}")
     gen.close()
@@ -92,7 +91,7 @@ def pipeline(batches: int = 120, batch_size: int = 32) -> None:
     plain_s = time.perf_counter() - started
     print(f"   plain generator:          {batches * batch_size / plain_s:8.0f} samples/s")
 
-    with prefetch.Loader(images, labels, batch_size=batch_size, transform=augment, workers=workers) as loader:
+    with Loader(images, labels, batch_size=batch_size, transform=augment, workers=workers) as loader:
         batch_iter = loader.stream()  # the batches may be more than an epoch
         next(batch_iter)
         started = time.perf_counter()

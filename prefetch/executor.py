@@ -29,7 +29,16 @@ from .core.pipeline import Timings
 
 if TYPE_CHECKING:
     from .core.config import LoaderConfig
-    from .ipc.channel import WakePipe
+
+
+class Wake(Protocol):
+    """What a run watches to return early from ``wait``: readable once ``close()`` in another thread
+    woke it, and ``woken`` then (the engine's ``ipc.channel.WakePipe``)."""
+
+    @property
+    def woken(self) -> bool: ...
+
+    def fileno(self) -> int: ...
 
 
 class Made(NamedTuple):
@@ -65,7 +74,7 @@ class WorkerInfo(NamedTuple):
 class Executor(Protocol):
     """Where batches are made: a template, started once per engine (see the module docstring)."""
 
-    def start(self, config: LoaderConfig, start: int, wake: WakePipe) -> Run:
+    def start(self, config: LoaderConfig, start: int, wake: Wake) -> Run:
         """Start making batches ``start, start + 1, ...``; ``wake`` is woken by ``close()`` from another thread."""
         ...
 

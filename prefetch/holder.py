@@ -13,14 +13,29 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import Generic, Protocol, TypeVar
 
-if TYPE_CHECKING:
-    from .consumer import Engine, InlineEngine
-    from .stats import Stats
+from .stats import Stats, StatsRecorder
 
 
-def final_stats(engine: InlineEngine | Engine) -> Stats | None:
+class HeldEngine(Protocol):
+    """What the holder needs of an engine (``consumer.Engine``, ``consumer.InlineEngine``)."""
+
+    @property
+    def position(self) -> int: ...
+
+    @property
+    def recorder(self) -> StatsRecorder: ...
+
+    def stats(self) -> Stats: ...
+
+    def close(self) -> None: ...
+
+
+E = TypeVar("E", bound=HeldEngine)
+
+
+def final_stats(engine: HeldEngine) -> Stats | None:
     """An engine's figures as it stops or parks (a courtesy: never let them stop a shutdown)."""
     try:
         return engine.stats()
@@ -28,7 +43,7 @@ def final_stats(engine: InlineEngine | Engine) -> Stats | None:
         return None
 
 
-class EngineHolder:
+class EngineHolder(Generic[E]):
     """The loader's engine, running or parked, and who owns it.
 
     Threads: ``install``, ``adopt``, ``park`` and ``take`` swap the engine and its owner under a
@@ -37,14 +52,14 @@ class EngineHolder:
     """
 
     def __init__(self) -> None:
-        self.engine: InlineEngine | Engine | None = None
-        self.last: InlineEngine | Engine | None = None  # for stats() after it stopped
+        self.engine: E | None = None
+        self.last: E | None = None  # for stats() after it stopped
         self.final: Stats | None = None  # the figures as the last engine stopped (see ``stop``)
         self.owner: object | None = None  # the generator that runs it; None while parked
         self.thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def install(self, engine: InlineEngine | Engine, owner: object) -> None:
+    def install(self, engine: E, owner: object) -> None:
         with self._lock:
             self.engine, self.owner, self.thread = engine, owner, threading.current_thread()
 
@@ -72,7 +87,7 @@ class EngineHolder:
             if engine is not None:
                 engine.recorder.paused = (time.perf_counter(), time.process_time())
 
-    def take(self) -> InlineEngine | Engine | None:
+    def take(self) -> E | None:
         """Remove the engine (to close it); None if there is none."""
         with self._lock:
             engine, self.engine, self.owner = self.engine, None, None

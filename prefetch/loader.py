@@ -88,7 +88,7 @@ class Loader:
         check_picklable(self._config)  # spawn/forkserver: what the coordinator cannot receive fails here
         self._position = 0
         self._closed = False
-        self._holder = EngineHolder()
+        self._holder: EngineHolder[InlineEngine | Engine] = EngineHolder()
         self._newest_iterator: object | None = None
         # Held while a generator of this loader takes a batch: a second thread that tries
         # meanwhile gets ConcurrentIterationError instead of a share of the engine.

@@ -2,7 +2,8 @@
 
 Validation happens here, in the user's call, so a bad argument fails with a message that names
 the option, the value received and what is accepted -- never later inside a worker. There is one
-check per option, ``_check_<option>``, and ``make_config`` runs them in the order of
+check per option (``CHECKS``: ``_check_<option>``, or one line for a plain int, bool or callable),
+and ``make_config`` runs them in the order of
 ``LoaderConfig``'s fields (the option list, written once in ``core/config.py``): each check sees
 the options checked before it (``rank`` sees ``world_size``, ``prefetch`` sees ``workers``).
 """
@@ -41,6 +42,19 @@ def _checks_option(check: Check) -> Check:
     """Register ``check`` for the option its name ends with (``_check_workers`` checks ``workers``)."""
     CHECKS[check.__name__.removeprefix("_check_")] = check
     return check
+
+
+def _int_option(name: str, minimum: int, what: str) -> None:
+    """Register the check of an option that is an int ``>= minimum`` (``what`` says what is accepted)."""
+    CHECKS[name] = lambda value, checked: _need_int(name, value, minimum, what)
+
+
+def _bool_option(name: str) -> None:
+    CHECKS[name] = lambda value, checked: _need_bool(name, value)
+
+
+def _callable_option(name: str) -> None:
+    CHECKS[name] = lambda value, checked: _need_callable(name, value)
 
 
 def make_config(sources: tuple[Any, ...], **options: Unpack[LoaderOptions]) -> LoaderConfig:
@@ -114,17 +128,17 @@ def _need_callable(name: str, value: Any) -> Any:
     return value
 
 
+# --- the options a kind alone checks -----------------------------------------------------------------
+
+_int_option("batch_size", 1, ">= 1")
+_bool_option("shuffle")
+_callable_option("transform")
+_callable_option("batch_transform")
+_int_option("retries", 0, ">= 0 (times a batch is redone after its worker died)")
+_bool_option("limit_threads")
+
+
 # --- the stream: which samples make up each batch ------------------------------------------------
-
-
-@_checks_option
-def _check_batch_size(batch_size: Any, checked: Mapping[str, Any]) -> int:
-    return _need_int("batch_size", batch_size, 1, ">= 1")
-
-
-@_checks_option
-def _check_shuffle(shuffle: Any, checked: Mapping[str, Any]) -> bool:
-    return _need_bool("shuffle", shuffle)
 
 
 @_checks_option
@@ -209,16 +223,6 @@ def _check_batch_fits_shard(stream: Mapping[str, Any]) -> None:
 
 
 @_checks_option
-def _check_transform(transform: Any, checked: Mapping[str, Any]) -> Any:
-    return _need_callable("transform", transform)
-
-
-@_checks_option
-def _check_batch_transform(batch_transform: Any, checked: Mapping[str, Any]) -> Any:
-    return _need_callable("batch_transform", batch_transform)
-
-
-@_checks_option
 def _check_collate(collate: Any, checked: Mapping[str, Any]) -> str | Callable[[list[Any]], Any]:
     if not callable(collate) and collate not in COLLATE_MODES:
         raise ValueError(f"collate must be 'auto', 'list' or a callable; got {collate!r}")
@@ -263,16 +267,6 @@ def _check_timeout(timeout: Any, checked: Mapping[str, Any]) -> float | None:
     if not (math.isfinite(seconds) and seconds > 0):
         raise ValueError(f"timeout must be a finite number of seconds > 0 or None; got {timeout!r}")
     return seconds
-
-
-@_checks_option
-def _check_retries(retries: Any, checked: Mapping[str, Any]) -> int:
-    return _need_int("retries", retries, 0, ">= 0 (times a batch is redone after its worker died)")
-
-
-@_checks_option
-def _check_limit_threads(limit_threads: Any, checked: Mapping[str, Any]) -> bool:
-    return _need_bool("limit_threads", limit_threads)
 
 
 @_checks_option

@@ -16,20 +16,21 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ..core.config import LoaderConfig
-    from ..ipc.channel import WakePipe
+    from ..executor import Wake
     from .run import ProcessRun
 
 
 class ProcessExecutor:
     """Batches made by worker processes under a coordinator: ``executor="processes"``, the default."""
 
-    def start(self, config: LoaderConfig, start: int, wake: WakePipe) -> ProcessRun:
+    def start(self, config: LoaderConfig, start: int, wake: Wake) -> ProcessRun:
         from ..preflight import preflight
         from .coordinator import coordinator_main
+        from .launch import Roles
         from .run import ProcessRun
         from .spawn import check_main_guarded
         from .worker import worker_main
 
         check_main_guarded(config)  # spawn/forkserver from an unguarded script: say so, start nothing
         preflight(config)  # fails fast on a full /dev/shm; warns about threads before fork, ...
-        return ProcessRun(config, start, wake, coordinator_main, worker_main)
+        return ProcessRun(config, start, wake, Roles(coordinator_main, worker_main))

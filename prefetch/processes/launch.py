@@ -18,6 +18,7 @@ import os
 import select
 from collections.abc import Callable
 from dataclasses import replace
+from typing import NamedTuple
 
 import multiprocess
 import psutil
@@ -40,17 +41,18 @@ def thread_census() -> tuple[list[str], int]:
     return names, len(names) + native_threads()
 
 
+class Roles(NamedTuple):
+    """The entry points of the processes a run starts: handed in by the template (``processes/__init__``),
+    so that the consumer's end, the coordinator and the worker never import each other."""
+
+    coordinator: Callable[..., None]  # ``coordinator.coordinator_main``
+    worker: Callable[..., None]  # ``worker.worker_main``, handed on to the coordinator
+
+
 class CoordinatorProcess:
     """One coordinator process, from its start to the closing of everything it held in the consumer."""
 
-    def __init__(
-        self,
-        config: LoaderConfig,
-        start: int,
-        prefix: str,
-        coordinator_main: Callable[..., None],
-        worker_main: Callable[..., None],
-    ):
+    def __init__(self, config: LoaderConfig, start: int, prefix: str, roles: Roles):
         ctx = multiprocess.get_context(config.start_method)
         self.method = str(ctx.get_start_method())
         self.timeout = config.timeout
@@ -64,8 +66,8 @@ class CoordinatorProcess:
         try:
             shipped = config if forked else pickle_config(config)
             self.process = ctx.Process(
-                target=coordinator_main,
-                args=(control_in, results_out, shipped, prefix, start, consumer, worker_main),
+                target=roles.coordinator,
+                args=(control_in, results_out, shipped, prefix, start, consumer, roles.worker),
                 name="prefetch-coordinator",
             )
             with sigint_ignored():  # a Ctrl-C while it boots is the consumer's alone

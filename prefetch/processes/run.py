@@ -25,18 +25,17 @@ from __future__ import annotations
 
 import selectors
 import time
-from collections.abc import Callable
 from typing import Any
 
 from ..core.config import LoaderConfig
 from ..core.reorder import Leases
 from ..core.schedule import GiveUp
 from ..errors import CoordinatorDiedError, CoordinatorTimeoutError, StartTimeoutError
-from ..executor import Made, Result, Unmade, WorkerInfo
-from ..ipc.channel import Outbox, PipeReader, WakePipe, encode
+from ..executor import Made, Result, Unmade, Wake, WorkerInfo
+from ..ipc.channel import Outbox, PipeReader, encode
 from ..ipc.segments import SegmentRef, claim_prefix, remove_stale_segments
 from ..ipc.slots import SlotReader
-from .launch import COORDINATOR_JOIN_TIMEOUT_S, CoordinatorProcess
+from .launch import COORDINATOR_JOIN_TIMEOUT_S, CoordinatorProcess, Roles
 from .messages import (
     BatchFailure,
     BatchReady,
@@ -62,14 +61,7 @@ class ProcessRun:
     """One start-to-stop of the ``processes`` executor, in the consumer: batches made by worker processes
     under a coordinator, delivered through shared memory."""
 
-    def __init__(
-        self,
-        config: LoaderConfig,
-        start: int,
-        wake: WakePipe,
-        coordinator_main: Callable[..., None],
-        worker_main: Callable[..., None],
-    ):
+    def __init__(self, config: LoaderConfig, start: int, wake: Wake, roles: Roles):
         # with ``timeout``: when the coordinator must be ready; the clock starts with the user's request
         self.start_by = None if config.timeout is None else time.perf_counter() + config.timeout
         self.config = config
@@ -90,7 +82,7 @@ class ProcessRun:
         remove_stale_segments()
         self.prefix_lock = claim_prefix()  # held until stop(): marks this loader's segments as alive
         try:
-            self.coordinator = CoordinatorProcess(config, start, self.prefix_lock.prefix, coordinator_main, worker_main)
+            self.coordinator = CoordinatorProcess(config, start, self.prefix_lock.prefix, roles)
         except BaseException:
             self.prefix_lock.release()
             raise

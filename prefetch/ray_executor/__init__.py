@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ..core.config import LoaderConfig
-    from ..ipc.channel import WakePipe
+    from ..executor import Wake
     from .run import RayRun
 
 # Spread the actors over the cluster's nodes unless the user says otherwise.
@@ -50,7 +50,7 @@ class RayExecutor:
     def __repr__(self) -> str:
         return f"RayExecutor(address={self.address!r}, actor_options={self.actor_options!r}, copy={self.copy})"
 
-    def start(self, config: LoaderConfig, start: int, wake: WakePipe) -> RayRun:
+    def start(self, config: LoaderConfig, start: int, wake: Wake) -> RayRun:
         """Join (or start) Ray, start the actors and send them their first batches."""
         import ray
 

@@ -33,7 +33,7 @@ from .transfer import actor_config, pack_sources, writable
 if TYPE_CHECKING:
     from ..core.config import LoaderConfig
     from ..core.order import Order
-    from ..ipc.channel import WakePipe
+    from ..executor import Wake
 
 # ``wait`` looks at the wake pipe (``close()`` from another thread) at least this often.
 WAIT_SLICE_S = 0.05
@@ -76,7 +76,7 @@ class _Actor:
 class RayRun:
     """One start-to-stop of a ``RayExecutor``: the actors, the schedule, the calls in flight."""
 
-    def __init__(self, actor_options: dict[str, Any], copy: bool, config: LoaderConfig, start: int, wake: WakePipe):
+    def __init__(self, actor_options: dict[str, Any], copy: bool, config: LoaderConfig, start: int, wake: Wake):
         import ray
 
         self.ray = ray
