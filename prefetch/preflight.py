@@ -2,14 +2,14 @@
 
 Each check returns a ``Finding`` (``ok``, ``warn`` or ``error``, with what was found and how
 to fix it); ``prefetch.doctor`` reports them all, and ``preflight(config)`` is the cheap part
-that runs automatically whenever a loader starts its processes (``Loader``'s engine start):
+that runs automatically whenever a loader starts its processes (``ProcessExecutor.start``):
 
 * **/dev/shm space.** Batches live in shared-memory segments there: a loader needs
   ``prefetch`` batches' worth (and up to ``LoaderConfig.max_slots`` when the user keeps batches
   alive; ``LoaderConfig.shm_bytes_needed`` has both). Docker gives containers 64 MB by default;
   too little space is a ``SIGBUS`` or ``ENOSPC`` later, so it is better to fail at once with the
   fix (``--shm-size``): ``preflight`` raises ``ShmSpaceError`` when the batch size is known exactly.
-  With spawn/forkserver the numpy sources are copied there too (``processes/sources.py``): a copy
+  With spawn/forkserver the numpy sources are copied there too (``processes/spawn.py``): a copy
   that cannot fit is an error whatever the transforms do, naming the copy, its size and the fixes.
 * **Open-files limit.** The engine's pipes, and each slot a process maps, against
   ``RLIMIT_NOFILE``.
@@ -20,16 +20,16 @@ that runs automatically whenever a loader starts its processes (``Loader``'s eng
   (``/proc/self/task``) and says which may hold such a lock: every other Python thread, and the
   native threads of a runtime known to leave a forked process hanging (``FORK_UNSAFE_RUNTIMES``).
   Native threads alone are not a warning: numpy's BLAS pool runs in every program and survives a
-  fork, and torch's is made safe where the engine forks (``lifetime.one_torch_thread``) -- except in
+  fork, and torch's is made safe where the engine forks (``ipc.lifetime.one_torch_thread``) -- except in
   workers with ``limit_threads=False``, where it is warned about.
 * **Large Python-object sources.** Workers are forked (from the coordinator), so they share the
   source's pages -- until they read the objects: reference counting writes to every object
   touched, and each worker ends up with its own copy of a list of Python objects
   (copy-on-read). A numpy array has one buffer and no per-item objects: it stays shared.
 
-``preflight`` warns (``PrefetchWarning``) about everything but a certain lack of ``/dev/shm``.
-It makes a few system calls: well under a millisecond. This module sits
-below both ``loader`` and ``doctor``, which import it and never each other.
+``preflight`` warns (``PrefetchWarning``, at the user's line: ``errors.warn``) about everything but a
+certain lack of ``/dev/shm``. It makes a few system calls: well under a millisecond. See
+``docs/design.md`` ("Failures": before it starts).
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
-"""The process-free core: what every executor and ``workers=0`` share.
+"""The process-free core: the per-batch work every executor and ``workers=0`` share.
 
-``order`` (batch number -> sample indices), ``rng`` (per-batch seeding), ``pipeline`` (the
-per-batch work), ``schedule`` (what to make next: the credit window, slots, redo) and
-``reorder`` (results in completion order -> batches in order). Nothing here starts a process,
-opens a pipe or maps shared memory.
+``config`` (the option list, one validated configuration), ``order`` (batch number -> sample
+indices), ``rng`` (per-batch seeding), ``pipeline`` (``make_numbered_batch``: the executor contract,
+and the batch pipeline), ``collate``, ``aliasing`` (``workers=0``'s copies), ``tensors`` (torch and JAX
+leaves), ``structure`` (the one walker over nested batches), ``schedule`` (what to make next: credits,
+places, redo, give-ups) and ``reorder`` (completion order -> batch order, leases). Nothing here starts
+a process, opens a pipe or maps shared memory, and nothing here imports the rest of the package but
+``errors`` (``tests/unit/test_design_rules.py``). See ``docs/design.md`` ("The layout").
 """

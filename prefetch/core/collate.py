@@ -2,7 +2,7 @@
 
 ``collate_auto`` stacks numpy arrays, numpy scalars and Python numbers into one
 array per field, recursing into tuples, namedtuples and dicts (the container type
-is kept); anything else (strings, None, lists, objects) becomes a list. The arrays
+is kept: ``core.structure.rebuilt``); anything else (strings, None, lists, objects) becomes a list. The arrays
 of one field must agree in shape and dtype (a batch's dtype must not depend on
 which samples it drew); when they do not, the error lists which positions of the
 batch have which shape or dtype. ``torch.Tensor`` samples are stacked the same way

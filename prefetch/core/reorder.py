@@ -2,9 +2,10 @@
 
 ``ReorderBuffer`` keeps what arrived early until its turn: the consumer takes batch ``position``
 and nothing else, so the stream is the same whatever order the workers finish in. ``Leases``
-tracks which batches the user still holds: a weak reference with a callback on each batch's
-lease object, so the place a batch occupies (a shared-memory slot) is given back exactly when
-the user has dropped every array of it.
+is the one owner of the places the consumer gives back: a weak reference with a callback on each
+held batch's lease object gives its place (a shared-memory slot) back exactly when the user has
+dropped every array of it, and a place nothing leases is given back at once. See ``docs/design.md``
+("Shared memory: slots and leases", "Backpressure").
 """
 
 from __future__ import annotations

@@ -36,23 +36,21 @@ def is_container(value: Any) -> bool:
 
 
 def flatten(value: Any) -> tuple[str, tuple[str, ...], tuple[Any, ...]] | None:
-    """``(kind, keys, leaves)`` of a value that is one leaf (``"leaf"``), an exact ``tuple`` of leaves
-    (``"tuple"``) or an exact ``dict`` of leaves with ``str`` keys (``"dict"``, ``keys`` in order):
-    a value that ``unflatten`` rebuilds with no type of the user's in it (the slot layout's pickle-free
-    path, every batch: one level, exact types, no walk). None for anything else."""
+    """The top level of a plain value: ``(kind, keys, items)`` for one leaf (``"leaf"``, the value as its
+    one item), an exact ``tuple`` (``"tuple"``) or an exact ``dict`` with ``str`` keys (``"dict"``, its keys
+    in order); None for any other container. Its items are not looked into (the caller does: the slot
+    layout takes only arrays placed in the slot). ``unflatten`` rebuilds it with no type of the user's,
+    one level, exact types: the slot layout's pickle-free path, for every batch."""
     kind = type(value)
     if kind is tuple:
-        leaves: tuple[Any, ...] = value
-        keys: tuple[str, ...] = ()
-    elif kind is dict:
-        keys, leaves = tuple(value), tuple(value.values())
-        if not all(type(key) is str for key in keys):
-            return None
-    else:
-        return None if isinstance(value, _CONTAINERS) else ("leaf", (), (value,))
-    if any(isinstance(leaf, _CONTAINERS) for leaf in leaves):
-        return None
-    return kind.__name__, keys, leaves
+        return "tuple", (), value
+    if kind is dict:
+        keys = tuple(value)
+        for key in keys:
+            if type(key) is not str:
+                return None
+        return "dict", keys, tuple(value.values())
+    return None if isinstance(value, _CONTAINERS) else ("leaf", (), (value,))
 
 
 def unflatten(kind: str, keys: tuple[str, ...], leaves: Sequence[Any]) -> Any:

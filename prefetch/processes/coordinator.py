@@ -1,7 +1,7 @@
 """The coordinator process: owns the order, dispatches index batches, supervises workers.
 
 It alone decides what is made next (a ``core.schedule.Schedule``: the credit window, the
-slot pool, redoing lost batches) and keeps each worker's outstanding tasks, in the order it
+slots as its places, redoing lost batches, the give-ups) and keeps each worker's outstanding tasks, in the order it
 makes them; a new task goes to the worker with the fewest. Workers send their results
 straight to the consumer on the shared results pipe; the coordinator never touches batch data.
 
@@ -13,7 +13,8 @@ arrived, and those are redone by a fresh worker -- the one it was making at most
 ``retries`` times. A late batch (``TimedOut``) is answered at once, as its worker is killed,
 not when the death is seen. At shutdown only a worker still making a batch is killed; idle
 workers are told to stop. Workers are forked from the coordinator, a fresh single-threaded
-process, whatever start method started it. ``docs/design.md`` tells the whole story.
+process, whatever start method started it. See ``docs/design.md`` ("Processes and the data
+path", "Who writes to whom", "Failures", "Shutdown").
 """
 
 from __future__ import annotations

@@ -1,24 +1,19 @@
-"""The ``processes`` executor: the consumer's end of a coordinator process and its workers.
+"""One start-to-stop of the ``processes`` executor, in the consumer: ``ProcessRun``.
 
-It starts the coordinator (``coordinator.coordinator_main``, which forks the workers,
-``worker.worker_main``; the three roles never import each other: ``processes/__init__.py``
-wires them together),
-reads ``BatchReady``/``BatchFailure``/``GiveUp`` from the shared results pipe and
-turns them into the engine's ``Made``/``Unmade`` (``executor.py``), and returns credits and
-free slots in ``Consumed`` messages.
+It starts the coordinator (``launch.CoordinatorProcess``, running the entry point the template hands
+it), reads ``BatchReady``/``BatchFailure``/``GiveUp`` from the shared results pipe and turns them into
+the engine's ``Made``/``Unmade``, and returns credits and free slots in ``Consumed`` messages. What it
+keeps (``docs/design.md``: "Who writes to whom", "Shared memory: slots and leases", "Shutdown"):
 
-Each opened batch's arrays view its shared-memory slot through a per-batch *lease*
-(``core.reorder.Leases``); when the user drops the batch the slot goes back with the next
-``Consumed``. If the user keeps ``prefetch`` leased batches alive, further batches are
-copied out of their slot instead, so holding batches never starves the pool.
-
-Writes to the coordinator go through an ``Outbox`` (never blocking); a write that finds
-it gone is ``CoordinatorDiedError``. After ``late(b)`` the coordinator must act within
-``COORDINATOR_ANSWER_S`` (each ``WorkerLost`` shows it at work and extends that), or it is
-killed and ``wait`` raises ``CoordinatorTimeoutError``. With ``timeout``, the engine must also
-have started (``CoordinatorReady``) within ``timeout`` of ``start`` -- the user's first request
--- or the coordinator is killed and ``wait`` raises ``StartTimeoutError``, naming the likely cause.
-The coordinator process itself (starting, knowing, ending it) is ``launch.CoordinatorProcess``.
+* an opened batch's arrays view its slot through a per-batch lease; the slot goes back, through
+  ``core.reorder.Leases``, with the next ``Consumed`` after the user drops the batch. Past ``prefetch``
+  leased batches, batches are copied out instead, so holding batches never starves the pool;
+* its writes never block (an ``Outbox``); one that finds the coordinator gone is ``CoordinatorDiedError``;
+* after ``late(b)`` the coordinator must act within ``COORDINATOR_ANSWER_S`` (each ``WorkerLost`` shows it
+  at work and extends that), or it is killed and ``wait`` raises ``CoordinatorTimeoutError``; with
+  ``timeout``, the coordinator must be ready within ``timeout`` of the start, or ``StartTimeoutError``;
+* ``stop`` leaves no process and no segment: the coordinator is asked, then killed, its workers waited
+  for, every segment unlinked and every descriptor closed.
 """
 
 from __future__ import annotations

@@ -1,15 +1,16 @@
 """A worker process: take a ``Task``, make the batch into its slot, answer; until ``Stop``.
 
-The per-batch work is ``core.pipeline.make_batch``; this module is the loop around it in a
-worker process: take a ``Task`` from the coordinator, answer ``BatchReady`` or ``BatchFailure``
-on the shared results pipe, until ``Stop``, a closed pipe or the death of the coordinator.
+It keeps the executor contract: ``ipc.lifetime.worker_prologue`` once, then each batch by
+``core.pipeline.make_numbered_batch`` into its slot (``ipc.slots``); this module is the loop around
+it: take a ``Task`` from the coordinator, answer ``BatchReady`` or ``BatchFailure`` on the shared
+results pipe, until ``Stop``, a closed pipe or the death of the coordinator.
 
 A worker reads its task pipe only between batches; the coordinator never waits for
 it to (its writes are queued in an ``Outbox``). The worker's own answers are plain
 atomic writes to the results pipe: one waits only while the consumer has not read
 ``prefetch`` answers yet -- the backpressure -- and never past the engine's end,
 since the coordinator kills its workers when the consumer dies, and a worker dies
-with the coordinator (``PR_SET_PDEATHSIG``).
+with the coordinator (``PR_SET_PDEATHSIG``). See ``docs/design.md`` ("Who writes to whom").
 """
 
 from __future__ import annotations
