@@ -22,8 +22,6 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
-import secrets
-import tempfile
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -37,7 +35,15 @@ class SegmentRef(NamedTuple):
     size: int
 
 
-SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+def _shm_dir() -> str:
+    if os.path.isdir("/dev/shm"):
+        return "/dev/shm"
+    import tempfile  # not on Linux: the temporary directory (imported only there: it costs an import time)
+
+    return tempfile.gettempdir()
+
+
+SHM_DIR = _shm_dir()
 NAME_ROOT = "prefetch-"
 PAGE_BYTES = mmap.PAGESIZE
 
@@ -146,7 +152,7 @@ def _is_file(fd: int, path: str) -> bool:
 def claim_prefix() -> PrefixLock:
     """A fresh prefix for this process's segments, with its lock taken (before any segment exists)."""
     for _ in range(CLAIM_ATTEMPTS):
-        prefix = new_prefix(secrets.token_hex(4))
+        prefix = new_prefix(os.urandom(4).hex())  # a fresh token (os.urandom: no import of secrets)
         path = _path(prefix + LOCK_NAME)
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)

@@ -1,13 +1,26 @@
 """The ``processes`` executor: a coordinator process, forked workers, shared-memory slots.
 
-``ProcessExecutor`` is the template; each ``start`` checks this machine and the script
-(``preflight``, the spawn checks) and makes one ``run.ProcessRun``. Three roles, side by side, each
-over ``core``, the IPC wing (``ipc``) and this package's shared parts (``messages``, ``sources``),
-none importing another: the consumer's end (``run.ProcessRun``), the coordinator
-(``coordinator.coordinator_main``) and the worker (``worker.worker_main``). ``start`` wires them:
-the run is handed the coordinator's entry point, and hands the coordinator the worker's. They are
-imported when a loader starts: ``import prefetch`` pulls in no multiprocess.
-See ``docs/design.md`` ("Processes and the data path").
+::
+
+    consumer (ProcessRun)            coordinator                         workers (forked by it)
+      |--- control: Consumed, Lost, TimedOut, Stop -->|
+      |                                               |--- tasks: Task, Stop (one pipe each) --->|
+      |<------------ results (one pipe): BatchReady, BatchFailure --------------------------------|
+      |<------------ results: CoordinatorReady, WorkerLost, GiveUp, CoordinatorCrashed, WorkersStopped
+      views each batch in its slot (/dev/shm)                         write each batch into a slot
+
+* ``ProcessExecutor`` (here), the template: ``start`` checks the script and the machine
+  (``spawn.check_main_guarded``, ``preflight``) and wires the three roles into one run: the run is
+  handed the coordinator's entry point, and hands the coordinator the worker's (``launch.Roles``);
+* ``run.ProcessRun``, the consumer's end: results in, credits and slots back, the coordinator watched;
+* ``launch.CoordinatorProcess``: the coordinator process as the consumer sees it (started, known, ended);
+* ``coordinator``: runs the ``Schedule``, dispatches tasks, supervises and replaces workers;
+* ``worker``: the worker prologue, then one ``make_numbered_batch`` per task, into its slot;
+* ``messages``: the protocol; ``spawn``: what a coordinator in a fresh interpreter is sent and checked for.
+
+The roles never import each other (``tests/unit/test_design_rules.py``), and are imported when a
+loader starts: ``import prefetch`` pulls in no multiprocess. See ``docs/design.md`` ("Processes and
+the data path", "Messages", "Shutdown").
 """
 
 from __future__ import annotations
