@@ -105,23 +105,34 @@ def map_structure(
     A container is rebuilt (``rebuilt``) when one of its items changed, or when ``renew(container)``
     says it must be a new one; otherwise it is returned as it is. With ``memo`` (id -> result, kept
     by the caller for one walk) an object met twice is mapped once, so two places that held one object
-    hold one result, as pickle would keep them."""
+    hold one result, as pickle would keep them (atomic leaves, which hold nothing, are not memoized)."""
     if renew is None and memo is None:
         return _map(fn, value)
-    if memo is not None:
-        done = memo.get(id(value), memo)
-        if done is not memo:
-            return done
-    if isinstance(value, _CONTAINERS):
-        items = children(value)
-        mapped = [map_structure(fn, item, renew=renew, memo=memo) for item in items]
-        changed = any(new is not old for new, old in zip(mapped, items))
-        result = rebuilt(value, mapped) if changed or (renew is not None and renew(value)) else value
-    else:
-        result = fn(value)
-    if memo is not None:
-        memo[id(value)] = result
-    return result
+    done = {} if memo is None else memo
+
+    def walk(value: Any) -> Any:
+        if type(value) in ATOMIC_TYPES:
+            return fn(value)
+        key = id(value)
+        if key in done:
+            return done[key]
+        if isinstance(value, _CONTAINERS):
+            items = value if not isinstance(value, dict) else list(value.values())
+            mapped = [walk(item) for item in items]
+            result = value
+            for new, old in zip(mapped, items):
+                if new is not old:
+                    result = rebuilt(value, mapped)
+                    break
+            else:
+                if renew is not None and renew(value):
+                    result = rebuilt(value, mapped)
+        else:
+            result = fn(value)
+        done[key] = result
+        return result
+
+    return walk(value)
 
 
 def _map(fn: Callable[[Any], Any], value: Any) -> Any:
