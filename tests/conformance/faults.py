@@ -43,14 +43,15 @@ class DieAt:
 
 
 class HangAt:
-    """A transform that hangs at sample ``index`` (for ``FAULT_HOLD_S`` at most)."""
+    """A transform that hangs at sample ``index`` for ``seconds``."""
 
-    def __init__(self, index: int):
+    def __init__(self, index: int, seconds: float = FAULT_HOLD_S):
         self.index = index
+        self.seconds = seconds
 
     def __call__(self, sample: tuple[Any, Any]) -> tuple[Any, Any]:
         if int(sample[1]) == self.index:
-            time.sleep(FAULT_HOLD_S)
+            time.sleep(self.seconds)
         return sample
 
 
