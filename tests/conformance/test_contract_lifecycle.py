@@ -9,8 +9,8 @@ import gc
 
 import pytest
 import registry
-from faults import Boom
 from helpers import wait_until
+from injected import Boom
 from workloads import BATCH_SIZE, DATA_X, LABELS, SEED
 
 

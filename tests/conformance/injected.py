@@ -1,4 +1,4 @@
-"""Faults for the conformance suite, each a transform of ``(x, label)`` samples that strikes at the sample
+"""Injected faults for the conformance suite, each a transform of ``(x, label)`` samples that strikes at the sample
 whose label is ``index``. Spawned workers and Ray actors import this module by name: it imports no torch,
 so the fault tests' workers start without it.
 """

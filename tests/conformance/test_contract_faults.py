@@ -10,8 +10,8 @@ import traceback
 
 import pytest
 import registry
-from faults import Boom, DieAt, HangAt, HoldOnce, RaiseAt
 from helpers import alive, wait_until
+from injected import Boom, DieAt, HangAt, HoldOnce, RaiseAt
 from workloads import DATA_X, LABELS, OPTIONS, batch_of, digest, reference
 
 import prefetch
