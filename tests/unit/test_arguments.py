@@ -175,3 +175,22 @@ def test_sharding_without_a_seed_is_refused_saying_to_pass_one_seed_on_every_ran
         assert "Pass the same seed on every rank, e.g. seed=1234 on every rank" in text
     make(rank=rank, world_size=2, seed=7).close()  # one seed, given on every rank: fine
     make(seed=None).close()  # unsharded: a drawn seed is fine
+
+
+def test_a_shuffled_state_of_the_old_order_is_refused_saying_what_to_do():
+    """States of format 1 were saved with 0.2's permutations: resuming one mid-epoch with this version's order
+    would repeat and skip samples, so it is refused, with the way out; unshuffled ones kept their order."""
+    with make(batch_size=2, epochs=3) as loader:
+        state = {**loader.state_dict(), "format": 1, "position": 7}
+        with pytest.raises(ValueError, match=r"saved by prefetch 0\.2 \(state format 1\)") as info:
+            loader.load_state_dict(state)
+        assert "repeat some samples" in str(info.value)
+        state["format"] = 2
+        state["position"] -= state["position"] % len(loader)  # the way out the message gives
+        loader.load_state_dict(state)
+        assert loader.position == 5
+    with make(batch_size=2, epochs=3, shuffle=False) as loader:
+        state = {**loader.state_dict(), "format": 1, "position": 7}
+        state["config"] = {key: value for key, value in state["config"].items() if key != "block_size"}
+        loader.load_state_dict(state)
+        assert loader.position == 7
