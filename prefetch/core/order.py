@@ -64,8 +64,8 @@ DEFAULT_BLOCK_SIZE = 256
 # of each of 8 blocks instead of 32 of one.
 WINDOW_BLOCKS = 8
 # Shard positions whose indices are computed at once and kept: one numpy pass over 4096 positions
-# costs ~0.6 ms, about what 7 passes over a batch of 32 cost (each numpy call has a fixed cost of
-# ~0.5 us, and a pass makes ~120), so a batch of 32 costs ~5 us instead of ~80 us. 32 KiB each.
+# costs ~0.25 ms, what 3-4 passes over a batch of 32 cost (each numpy call has a fixed cost of ~0.5 us,
+# and a pass makes ~110), so a batch of 32 costs ~2 us of it instead of ~75 us. 32 KiB each.
 CHUNK_SAMPLES = 4096
 # Chunks kept per Order: a batch within one epoch spans at most two (when batch_size <= CHUNK_SAMPLES),
 # and one that straddles an epoch boundary takes the end of one epoch and the start of the next.

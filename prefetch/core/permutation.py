@@ -12,13 +12,14 @@ How (see ``docs/design.md``, "Order and determinism", for why each choice):
   beyond ``size``. A round splits ``x`` into ``hi, lo = divmod(x, r)`` and returns
   ``lo * s + (hi + F(lo)) % s``, with ``(r, s)`` alternating between ``(a, b)`` and ``(b, a)``: each
   round is a bijection of ``[0, D)`` whatever ``F`` is, and is undone by subtracting ``F`` again.
-* **Mixing.** ``F(lo) = mix64(lo + key)`` (splitmix64's finaliser), one 64-bit key per round from
-  NumPy's ``SeedSequence`` hash of ``(seed, epoch, salt)``. ``ROUNDS`` rounds.
+* **Mixing.** ``F(lo)`` is the top 32 bits of splitmix64's finaliser of ``lo + key``, scaled to
+  ``[0, s)``; one 64-bit key per round from NumPy's ``SeedSequence`` hash of ``(seed, epoch, salt)``.
+  ``ROUNDS`` rounds.
 * **Cycle-walking.** A value the network sends to ``[size, D)`` is sent through the network again
   until it lands in ``[0, size)``: the result is a bijection of ``[0, size)``. A walk steps only over
-  values outside ``[0, size)``, each of which lies on the walk of exactly one value (its cycle's), so
-  one epoch's walks together take at most ``D - size < a`` extra passes, and one value's at most
-  ``D - size``; a value needs a second pass with probability ``(D - size) / D < 1 / a``.
+  values outside ``[0, size)``, each of which lies on the walk of one value at most (the one before it
+  on its cycle), so one epoch's walks together take at most ``D - size < a`` extra passes, and one
+  value's at most ``D - size``; a value needs a second pass with probability ``(D - size) / D < 1 / a``.
 
 Everything is vectorised over ``uint64`` arrays (products wrap modulo 2^64, which the mixing wants);
 ``size`` and the keys may be one value for all of ``x`` or one per element (the windows of
@@ -36,7 +37,7 @@ Network = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 # Feistel rounds. Simple statistics of whole permutations (tests/unit/test_permutation.py) tell 3
 # rounds from random (the gaps between neighbours' images) and 4 (pairs ``a`` apart, which share their
-# low half); 5 and more pass. Twice the last broken count: a batch of 4096 costs ~0.6 ms, 5 us per 32.
+# low half); 5 and more pass. Twice the last broken count: 4096 values cost ~0.25 ms, 2 us per 32.
 ROUNDS = 8
 
 _U64 = np.uint64
