@@ -395,7 +395,7 @@ def _check_format(state: Any) -> None:
 
 
 def data_generator(
-    batch_size: int, data_x: Any, data_y: Any, shuffle: bool = True, **options: Unpack[GeneratorOptions]
+    batch_size: int, data_x: Any, data_y: Any, shuffle: bool | str = True, **options: Unpack[GeneratorOptions]
 ) -> Generator[tuple[Any, Any], None, None]:
     """The seed's ``data_generator``, in parallel: an endless generator of ``(batch_x, batch_y)``.
 
