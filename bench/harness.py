@@ -53,6 +53,7 @@ SECTION_ORDER = (
     "memory",
     "copy-on-read",
     "stats",
+    "order",
 )
 SECTION_TEXT = {
     "e2e-jpeg": (
@@ -90,6 +91,14 @@ SECTION_TEXT = {
         "A source that is a Python list of 1M floats, 2 forked workers: their USS at the first batch and after "
         "one epoch. Reading an object writes its reference count, which copies its page into the worker; a "
         "numpy array source has no such growth (prefetch.doctor() warns about large list sources).",
+    ),
+    "order": (
+        "The order at any size (`test_order`)",
+        "A source that reports a huge len and holds no data (sample i: four int64s made on demand), batch 32, "
+        "shuffled. Each case a fresh interpreter under an address-space limit (RLIMIT_AS) and a timeout; first "
+        "batch = from constructing the loader to holding batch 0, after a loader of 10 samples has paid the "
+        "imports; peak RSS added = the process's peak RSS (VmHWM, reset just before) less its RSS then; children = "
+        "the coordinator or workers. A case that fails under the limit says how.",
     ),
     "stats": (
         "Cost of loader.stats()",

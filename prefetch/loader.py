@@ -36,7 +36,8 @@ if TYPE_CHECKING:
     from .consumer import Engine, InlineEngine
     from .executor import Executor
 
-STATE_FORMAT = 1
+# 2 since the order became a bijection (0.3): format 1 was saved with 0.2's permutations (see _check_format).
+STATE_FORMAT = 2
 
 # How long close() waits for another thread that is starting an engine for this loader.
 CLOSE_WAIT_S = 10.0
@@ -326,8 +327,7 @@ class Loader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a saved position (the saved seed is adopted; any running iteration stops)."""
         self._check_open()
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise ValueError(f"not a prefetch Loader state (format {STATE_FORMAT}): {state!r}")
+        _check_format(state)
         mine = self._config.fingerprint()
         for key, value in state["config"].items():
             if mine.get(key) != value:
@@ -380,8 +380,22 @@ class Loader:
         self.close()
 
 
+def _check_format(state: Any) -> None:
+    """A state this version can resume: its own format, or 0.2's (format 1) with ``shuffle=False``,
+    whose order did not change; a shuffled 0.2 state would repeat and skip samples of its epoch."""
+    if not isinstance(state, dict) or state.get("format") not in (1, STATE_FORMAT):
+        raise ValueError(f"not a prefetch Loader state (format {STATE_FORMAT}): {state!r}")
+    if state["format"] == 1 and state.get("config", {}).get("shuffle") is not False:
+        raise ValueError(
+            "this state was saved by prefetch 0.2 (state format 1), whose shuffled order differs from this "
+            "version's: resuming it here would repeat some samples of its epoch and skip others. Resume it with "
+            "prefetch 0.2, or start this version at the beginning of that epoch: "
+            "state['format'] = 2; state['position'] -= state['position'] % len(loader)"
+        )
+
+
 def data_generator(
-    batch_size: int, data_x: Any, data_y: Any, shuffle: bool = True, **options: Unpack[GeneratorOptions]
+    batch_size: int, data_x: Any, data_y: Any, shuffle: bool | str = True, **options: Unpack[GeneratorOptions]
 ) -> Generator[tuple[Any, Any], None, None]:
     """The seed's ``data_generator``, in parallel: an endless generator of ``(batch_x, batch_y)``.
 

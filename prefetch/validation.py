@@ -25,7 +25,7 @@ from .core.config import (
     LoaderOptions,
     usable_cores,
 )
-from .core.order import LAST_BATCH_MODES
+from .core.order import DEFAULT_BLOCK_SIZE, LAST_BATCH_MODES
 from .errors import PrefetchWarning
 
 if TYPE_CHECKING:
@@ -129,6 +129,28 @@ def _check_seed(seed: Any) -> int:
 
         seed = secrets.randbits(63)
     return _need_int("seed", seed, 0, ">= 0 (or None to draw one)")
+
+
+def _check_shuffle(shuffle: Any) -> bool | str:
+    if isinstance(shuffle, bool) or (isinstance(shuffle, str) and shuffle == "block"):
+        return shuffle
+    error = ValueError if isinstance(shuffle, str) else TypeError
+    raise error(f"shuffle must be True, False or 'block'; got {shuffle!r} ({type(shuffle).__name__})")
+
+
+def _check_block_size(block_size: Any, shuffle: bool | str) -> int | None:
+    """Samples per block of ``shuffle="block"`` (its default when None); refused with any other shuffle,
+    where it would do nothing."""
+    if shuffle != "block":
+        if block_size is not None:
+            raise ValueError(
+                f"block_size={block_size!r} applies to shuffle='block' only, and shuffle={shuffle!r}: pass "
+                "shuffle='block' to read blocks of consecutive samples, or leave block_size out"
+            )
+        return None
+    if block_size is None:
+        return DEFAULT_BLOCK_SIZE
+    return _need_int("block_size", block_size, 1, ">= 1 (consecutive samples per block of shuffle='block')")
 
 
 def _check_epochs(epochs: Any) -> int | None:
@@ -249,7 +271,8 @@ def _check_executor(executor: Any) -> Any:
 def _check_stream(options: Mapping[str, Any], n: int) -> dict[str, Any]:
     """The options that fix which samples make up each batch."""
     stream: dict[str, Any] = {"batch_size": _need_int("batch_size", options["batch_size"], 1, ">= 1")}
-    stream["shuffle"] = _need_bool("shuffle", options["shuffle"])
+    stream["shuffle"] = _check_shuffle(options["shuffle"])
+    stream["block_size"] = _check_block_size(options["block_size"], stream["shuffle"])
     stream["seed"] = _check_seed(options["seed"])
     stream["epochs"] = _check_epochs(options["epochs"])
     stream["last_batch"] = _check_last_batch(options["last_batch"])

@@ -15,7 +15,7 @@ from types import MappingProxyType
 from typing import Any, NamedTuple, TypedDict
 
 from .._tuning import DEFAULT_WORKER_NICE
-from .order import Order
+from .order import DEFAULT_BLOCK_SIZE, Order
 
 COLLATE_MODES = ("auto", "list")
 EXECUTORS = ("processes", "ray")
@@ -44,6 +44,7 @@ class GeneratorOptions(TypedDict, total=False):
     ``batch_size`` and ``shuffle``. What each means: ``docs/api.md``; defaults: ``DEFAULTS``."""
 
     seed: int | None
+    block_size: int | None
     epochs: int | None
     last_batch: str
     rank: int
@@ -66,7 +67,7 @@ class LoaderOptions(GeneratorOptions, total=False):
     """Every option of ``Loader``, by name: the one list of them (``Loader(*sources, **options)``)."""
 
     batch_size: int
-    shuffle: bool
+    shuffle: bool | str
 
 
 # Each option's default, as the user may leave it out; ``make_config`` validates what it becomes.
@@ -75,6 +76,7 @@ DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "batch_size": 32,
         "shuffle": True,
         "seed": None,  # drawn at construction
+        "block_size": None,  # shuffle="block" only: then order.DEFAULT_BLOCK_SIZE
         "epochs": None,  # endless
         "last_batch": "wrap",
         "rank": 0,
@@ -112,7 +114,7 @@ class LoaderConfig:
 
     sources: tuple[Any, ...]
     batch_size: int
-    shuffle: bool
+    shuffle: bool | str
     seed: int
     epochs: int | None
     last_batch: str
@@ -130,18 +132,20 @@ class LoaderConfig:
     worker_nice: int = DEFAULT_WORKER_NICE  # how far workers step back from the training step (os.nice)
     train_threads: str | int | None = "auto"  # the training framework's intra-op threads (see _tuning)
     executor: Any = "processes"  # what runs the batches: "processes", "ray", or an executor object
+    block_size: int | None = None  # samples per block with shuffle="block"; None otherwise
 
     @cached_property
     def order(self) -> Order:
         """The batch plan (``order.batch_indices(b)``, ``num_batches``, ``steps_per_epoch``): made once,
         when first asked for, and kept. ``dataclasses.replace`` gives a configuration that makes its own.
-        It is left out of the pickled state (its epoch cache can be large) and made again on arrival:
+        It is left out of the pickled state (its caches are of no use elsewhere) and made again on arrival:
         on its way to a spawned coordinator the sources are placeholders, resolved there first."""
         return Order(
             n=self.n,
             batch_size=self.batch_size,
             seed=self.seed,
             shuffle=self.shuffle,
+            block_size=self.block_size or DEFAULT_BLOCK_SIZE,
             epochs=self.epochs,
             last_batch=self.last_batch,
             rank=self.rank,
@@ -184,6 +188,7 @@ class LoaderConfig:
             "n": self.n,
             "batch_size": self.batch_size,
             "shuffle": self.shuffle,
+            "block_size": self.block_size,
             "epochs": self.epochs,
             "last_batch": self.last_batch,
             "rank": self.rank,
