@@ -77,3 +77,17 @@ def resumed_digests(source, taken: int, **options) -> list[str]:
     with prefetch.Loader(source, **settings) as second:
         second.load_state_dict(state)
         return [hashlib.sha256(pickle.dumps(fingerprint(batch))).hexdigest() for batch in second.stream()]
+
+
+class TableKind:
+    """A source over a Hugging Face ``Dataset`` whose samples say what kind of Arrow table the process reading them
+    holds: in a worker, whether the data set arrived memory-mapped or as a copy of its rows."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[int, str]:
+        return self.dataset[i]["id"], type(self.dataset.data).__name__

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dill
 import numpy as np
 import pytest
-from shardhelpers import resumed_digests, row_transform, stream_digests
+from shardhelpers import TableKind, resumed_digests, row_transform, stream_digests
 
 import prefetch
 
@@ -41,6 +41,14 @@ def test_the_dataset_is_memory_mapped_and_pickles_without_its_table(on_disk):
     assert len(dill.dumps(on_disk)) < ROWS * TEXT_BYTES / 100
     in_memory = datasets.Dataset.from_dict(on_disk[:])  # the same rows, held in memory: pickled whole
     assert len(dill.dumps(in_memory)) > ROWS * TEXT_BYTES
+
+
+def test_workers_read_the_memory_mapped_table(on_disk, start_method):
+    """A worker's copy of the data set maps the same Arrow files (forked: inherited; spawned: reopened)."""
+    assert type(on_disk.data).__name__ == "MemoryMappedTable"
+    with prefetch.Loader(TableKind(on_disk), batch_size=50, epochs=1, workers=2, start_method=start_method) as loader:
+        ids, kinds = zip(*(sample for batch in loader for sample in zip(*batch)))
+    assert sorted(ids) == list(range(ROWS)) and set(kinds) == {"MemoryMappedTable"}
 
 
 @pytest.mark.parametrize("workers", [0, 2])

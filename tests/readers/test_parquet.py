@@ -6,6 +6,7 @@ import os
 import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from shardhelpers import resumed_digests, row_transform, stream_digests
@@ -105,9 +106,13 @@ def test_resume_mid_epoch(parquet_files):
     assert resumed_digests(rows, 6, workers=2, transform=row_transform) == whole[6:]
 
 
-def test_a_file_that_is_not_parquet_is_named(parquet_files, tmp_path):
+@pytest.mark.parametrize("damage", ["not parquet", "truncated"])
+def test_a_file_that_is_not_parquet_is_named(parquet_files, tmp_path, damage):
     bad = tmp_path / "bad.parquet"
-    bad.write_bytes(b"PAR1 but not really" * 10)
+    if damage == "truncated":  # a copy that stopped early: the footer is gone
+        bad.write_bytes(Path(parquet_files[0]).read_bytes()[:-100])
+    else:
+        bad.write_bytes(b"PAR1 but not really" * 10)
     with pytest.raises(prefetch.ShardError, match="not a readable Parquet file") as raised:
         prefetch.ParquetRows([*parquet_files, bad])
     assert raised.value.path == str(bad)
