@@ -219,7 +219,7 @@ def index_shard(path: str) -> ShardIndex:
         os.close(fd)
 
 
-def _walk(path: str, read: Callable[[int, int], bytes], file_size: int, stamp: tuple[int, int]) -> ShardIndex:
+def _refuse_what_is_not_a_tar(path: str, read: Callable[[int, int], bytes], file_size: int) -> None:
     if file_size == 0:
         raise ShardError(
             f"shard {path!r} is an empty file (0 bytes), not a tar archive (a copy that failed?); "
@@ -234,59 +234,76 @@ def _walk(path: str, read: Callable[[int, int], bytes], file_size: int, stamp: t
                 "uncompressed tar. Decompress the shards (their images and audio are compressed already)",
                 path=path,
             )
-    headers: list[int] = []
-    first_members: list[int] = []
-    data: list[int] = []
-    sizes: list[int] = []
-    extension_ids: list[int] = []
-    extensions: dict[str, int] = {}
-    key: str | None = None
-    in_sample: set[str] = set()
+
+
+class _Samples:
+    """Members grouped into samples as they come (module docstring), in the lists ``ShardIndex`` is made of."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.headers: list[int] = []
+        self.first_members: list[int] = []
+        self.data: list[int] = []
+        self.sizes: list[int] = []
+        self.extension_ids: list[int] = []
+        self.extensions: dict[str, int] = {}
+        self.key: str | None = None
+        self._in_sample: set[str] = set()
+
+    def add(self, member: Member, key: str, extension: str) -> None:
+        if key != self.key:
+            self.key, self._in_sample = key, set()
+            self.headers.append(member.header)
+            self.first_members.append(len(self.data))
+        if extension in self._in_sample or extension in RESERVED:
+            raise ShardError(
+                f"shard {self.path!r}: sample {key!r} has two members with extension {extension!r} "
+                f"(the second is {member.name!r}); webdataset refuses it too",
+                path=self.path,
+                key=key,
+            )
+        self._in_sample.add(extension)
+        self.data.append(member.data)
+        self.sizes.append(member.size)
+        self.extension_ids.append(self.extensions.setdefault(extension, len(self.extensions)))
+
+    def index(self, stamp: tuple[int, int]) -> ShardIndex:
+        return ShardIndex(
+            np.array(self.headers, np.int64),
+            np.array([*self.first_members, len(self.data)], np.int64),
+            np.array(self.data, np.int64),
+            np.array(self.sizes, np.int64),
+            np.array(self.extension_ids, np.int32),
+            list(self.extensions),
+            stamp,
+        )
+
+
+def _walk(path: str, read: Callable[[int, int], bytes], file_size: int, stamp: tuple[int, int]) -> ShardIndex:
+    _refuse_what_is_not_a_tar(path, read, file_size)
+    samples = _Samples(path)
     offset = 0
     while True:
         try:
             member = read_member(read, offset)
         except Corrupt as exc:
-            where = f"after sample {len(headers) - 1} (key {key!r})" if headers else "before its first sample"
+            count = len(samples.headers)
+            where = f"after sample {count - 1} (key {samples.key!r})" if count else "before its first sample"
             raise ShardError(f"shard {path!r} is corrupt at byte {offset}, {where}: {exc}", path=path) from None
         if member is None:
-            break
+            return samples.index(stamp)
         offset = member.end
-        if member.kind not in REGULAR:
-            if member.kind == b"S":
-                raise ShardError(f"shard {path!r}: member {member.name!r} is a sparse file (not supported)", path=path)
-            continue
-        parts = split_name(member.name)
+        if member.kind == b"S":
+            raise ShardError(f"shard {path!r}: member {member.name!r} is a sparse file (not supported)", path=path)
+        parts = split_name(member.name) if member.kind in REGULAR else None
         if parts is None:
             continue
         if member.data + member.size > file_size:
             raise ShardError(
-                f"shard {path!r} is truncated: member {member.name!r} (key {parts[0]!r}, sample {len(headers)} "
-                f"of the shard) needs bytes up to {member.data + member.size}, the file has {file_size}",
+                f"shard {path!r} is truncated: member {member.name!r} (key {parts[0]!r}, sample "
+                f"{len(samples.headers) - (parts[0] == samples.key)} of the shard) needs bytes up to "
+                f"{member.data + member.size}, the file has {file_size}",
                 path=path,
                 key=parts[0],
             )
-        if parts[0] != key:
-            key, in_sample = parts[0], set()
-            headers.append(member.header)
-            first_members.append(len(data))
-        if parts[1] in in_sample or parts[1] in RESERVED:
-            raise ShardError(
-                f"shard {path!r}: sample {key!r} has two members with extension {parts[1]!r} "
-                f"(the second is {member.name!r}); webdataset refuses it too",
-                path=path,
-                key=key,
-            )
-        in_sample.add(parts[1])
-        data.append(member.data)
-        sizes.append(member.size)
-        extension_ids.append(extensions.setdefault(parts[1], len(extensions)))
-    return ShardIndex(
-        np.array(headers, np.int64),
-        np.array([*first_members, len(data)], np.int64),
-        np.array(data, np.int64),
-        np.array(sizes, np.int64),
-        np.array(extension_ids, np.int32),
-        list(extensions),
-        stamp,
-    )
+        samples.add(member, *parts)
