@@ -6,6 +6,7 @@ import gzip
 import os
 import pickle
 import tarfile
+import threading
 import warnings
 
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 from shardhelpers import decode, resumed_digests, sample_shards, stream_digests, write_tar
 
 import prefetch
+from prefetch.readers import tar as tar_module
 from prefetch.readers import tarindex
 
 LONG_DIRECTORY = "d" * 120  # past ustar's 100-byte name field: GNU long-name blocks, pax path records
@@ -98,6 +100,19 @@ def test_the_index_reads_headers_not_data(tmp_path, monkeypatch):
     assert len(shards) == 8 and shards[5]["b"] == bytes([5]) * big
     assert sum(read) <= 17 * tarindex.HEADER_READ_BYTES  # one read per member header (16) and the end block
     assert sum(read) < os.path.getsize(path) / 100
+
+
+def test_many_shards_are_indexed_in_threads_that_end_with_the_constructor(tmp_path, monkeypatch):
+    paths = sample_shards(tmp_path, shards=6, per_shard=3)
+    threads = set()
+    real = tarindex.index_shard
+    spy = lambda path: threads.add(threading.current_thread().name) or real(path)  # noqa: E731
+    monkeypatch.setattr(tar_module, "index_shard", spy)
+    before = threading.active_count()
+    shards = prefetch.TarShards(paths)
+    assert threading.active_count() == before  # no thread left running for a later fork to copy
+    assert all(name.startswith("prefetch-index") for name in threads)
+    assert [shards[i]["__key__"] for i in range(len(shards))] == [f"s{k // 3}/{k:05d}" for k in range(18)]
 
 
 def test_it_pickles_small_without_its_open_files(tmp_path):
