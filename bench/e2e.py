@@ -217,7 +217,11 @@ def _descendants() -> list[int]:
 
 
 def _jpeg_stream(system: str, workers: int, options: dict[str, Any]) -> tuple[Any, Any]:
-    """``(batches, closer)`` of ``system`` over the JPEG files."""
+    """``(batches, closer)`` of ``system`` over the JPEG files (or, for ``e2e_shards.SYSTEMS``, tar shards of them)."""
+    if system in ("prefetch-tar", "webdataset"):
+        import e2e_shards
+
+        return e2e_shards.shard_stream(system, workers, options)
     paths = write_jpegs()
     labels = jpeg_labels(len(paths))
     if system == "plain":
@@ -300,7 +304,7 @@ def run_jpeg(system: str, step: str, workers: int = 2, **options: Any) -> dict[s
         elapsed = time.perf_counter() - t0
         cpu_after = _cpu_seconds(pids)
         sched_after = scheduler_figures(pids)
-        if system == "prefetch":
+        if system.startswith("prefetch"):
             import prefetch
 
             info["stats"] = str(prefetch.Loader.of(batches).stats())
