@@ -306,8 +306,12 @@ def process_cpus() -> int:
 # --- bytes --------------------------------------------------------------------------------------
 
 
-def _mib(nbytes: float) -> str:
-    return f"{nbytes / 2**20:,.1f} MiB"
+def _size(nbytes: float) -> str:
+    """Bytes in words: ``64 B``, ``1.5 KiB``, ``9.2 MiB``, ``1.2 GiB``."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:,.1f} {unit}"
+    return f"{nbytes:.0f} B"
 
 
 class Ceiling(NamedTuple):
@@ -332,10 +336,10 @@ def prefetch_ceiling(
     there is nothing to bound by (no figure read, or an empty batch)."""
     rooms = []
     if shm is not None:
-        rooms.append((SHM_SHARE * shm / ranks, f"/dev/shm has {_mib(shm)} free"))
+        rooms.append((SHM_SHARE * shm / ranks, f"/dev/shm has {_size(shm)} free"))
     if memory is not None:
         rooms.append(
-            (MEMORY_SHARE * memory / ranks, f"{MEMORY_SHARE:.0%} of available memory is {_mib(MEMORY_SHARE * memory)}")
+            (MEMORY_SHARE * memory / ranks, f"{MEMORY_SHARE:.0%} of available memory is {_size(MEMORY_SHARE * memory)}")
         )
     if not rooms or batch_bytes <= 0:
         return None
@@ -349,14 +353,14 @@ def prefetch_ceiling(
             high = middle - 1
     # Bound below ``most``: a multiple of the workers, as the per-worker depths are (batches come back in order).
     depth = low if low == most or low < workers or workers <= 0 else low - low % workers
-    share = f" ({_mib(room)} for each of {ranks} ranks)" if ranks > 1 else ""
+    share = f" ({_size(room)} for each of {ranks} ranks)" if ranks > 1 else ""
     slots = slots_for(depth)
     fit = (
         f"the {slots} slots of prefetch={depth} fit"
         if slots * batch_bytes <= room
         else f"not even the {slots} slots of prefetch=1 fit"
     )
-    return Ceiling(depth, f"{where}{share}, a batch is {_mib(batch_bytes)}: {fit}")
+    return Ceiling(depth, f"{where}{share}, a batch is {_size(batch_bytes)}: {fit}")
 
 
 def byte_ceiling(config: LoaderConfig, shm_dir: str) -> Ceiling | str:
