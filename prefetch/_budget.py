@@ -53,11 +53,8 @@ def _read(path: str) -> str | None:
 
 
 def _read_int(path: str) -> int | None:
-    text = _read(path)
-    try:
-        return int(text.strip()) if text is not None else None
-    except ValueError:
-        return None
+    text = (_read(path) or "").strip()
+    return int(text) if text.removeprefix("-").isdecimal() else None
 
 
 def _under(root: str, path: str) -> str:
@@ -223,10 +220,7 @@ def local_ranks(given: int | None, environ: Mapping[str, str] | None = None) -> 
     raw = (os.environ if environ is None else environ).get(LOCAL_RANKS_VAR)
     if raw is None:
         return Ranks(1, f"{LOCAL_RANKS_VAR} unset")
-    try:
-        count = int(raw.strip())
-    except ValueError:
-        count = 0
+    count = int(raw) if raw.strip().isdecimal() else 0
     if count < 1:
         return Ranks(1, f"{LOCAL_RANKS_VAR}={raw!r} ignored", ignored=raw)
     return Ranks(count, f"{LOCAL_RANKS_VAR}={count}")
