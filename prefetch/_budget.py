@@ -161,18 +161,21 @@ def cgroup_cpu_quota(root: str = "/") -> float | None:
     return min(limits) if limits else None
 
 
-def _memory_room(version: int, directory: str) -> int | None:
+def _memory_room(version: int, directory: str, enough: int | None) -> int | None:
     """Bytes one cgroup may still take before its limit: the limit less what it uses, page cache that can be
-    dropped (inactive files) counted as room. None for no limit there."""
+    dropped (inactive files) counted as room. None for no limit there. ``memory.stat`` (costly to read) is
+    read only when the room without it is below ``enough`` (what is available anyway)."""
     names = ("memory.limit_in_bytes", "memory.usage_in_bytes") if version == 1 else ("memory.max", "memory.current")
     limit, usage = (_read_int(os.path.join(directory, name)) for name in names)  # v2's "max": None
     if limit is None or usage is None:
         return None
+    if enough is not None and limit - usage >= enough:
+        return limit - usage
     key = "total_inactive_file" if version == 1 else "inactive_file"
     inactive = 0
     for line in (_read(os.path.join(directory, "memory.stat")) or "").splitlines():
         name, _, value = line.partition(" ")
-        if name == key and value.strip().isdigit():
+        if name == key and value.strip().isdecimal():
             inactive = int(value)
     return max(0, limit - usage + inactive)
 
@@ -182,12 +185,11 @@ def available_memory(root: str = "/") -> int | None:
     parent) is closer to its limit. None when neither can be read."""
     available = None
     for line in (_read(_under(root, "proc/meminfo")) or "").splitlines():
-        if line.startswith("MemAvailable:"):
-            fields = line.split()
-            if len(fields) >= 2 and fields[1].isdigit():
-                available = int(fields[1]) * 1024  # kB
+        fields = line.split()
+        if fields[:1] == ["MemAvailable:"] and len(fields) >= 2 and fields[1].isdecimal():
+            available = int(fields[1]) * 1024  # kB
     version, directories = cgroup_dirs("memory", root)
-    rooms = [room for room in (_memory_room(version, d) for d in directories) if room is not None]
+    rooms = [room for room in (_memory_room(version, d, available) for d in directories) if room is not None]
     figures = [figure for figure in (available, min(rooms) if rooms else None) if figure is not None]
     return min(figures) if figures else None
 
