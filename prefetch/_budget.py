@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
@@ -192,6 +193,11 @@ def available_memory(root: str = "/") -> int | None:
     rooms = [room for room in (_memory_room(version, d, available) for d in directories) if room is not None]
     figures = [figure for figure in (available, min(rooms) if rooms else None) if figure is not None]
     return min(figures) if figures else None
+
+
+def shm_dir() -> str:
+    """Where the slots live: ``processes.segments.SHM_DIR``'s rule, without importing the engine (multiprocess)."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 
 def shm_free(path: str) -> int | None:

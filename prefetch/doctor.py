@@ -84,7 +84,6 @@ def _check_budget(config: LoaderConfig | None) -> Finding:
     """Where the loader's workers and prefetch came from (a default loader's, without one); a depth deeper than
     the byte budget allows now is a warning."""
     from . import _budget
-    from .preflight import shm_dir
 
     if config is None:
         budget = _budget.cpu_budget()
@@ -96,7 +95,7 @@ def _check_budget(config: LoaderConfig | None) -> Finding:
             f"pass local_ranks=<ranks on this node>, or fix {_budget.LOCAL_RANKS_VAR}" if level == "warn" else "",
         )
     what = "sized: " + "; ".join(config.provenance)
-    ceiling = _budget.byte_ceiling(config, shm_dir())
+    ceiling = _budget.byte_ceiling(config, _budget.shm_dir())
     if isinstance(ceiling, str) or config.prefetch <= ceiling.depth:
         return Finding("ok", what)
     return Finding(

@@ -328,8 +328,6 @@ def make_config(sources: tuple[Any, ...], **options: Unpack[LoaderOptions]) -> L
 
 def _size_prefetch(config: LoaderConfig) -> LoaderConfig:
     """The default depth (per worker), within the byte budget (``_budget.size_prefetch``)."""
-    from .preflight import shm_dir
-
     workers_from, prefetch_from = config.provenance
-    prefetch, prefetch_from = _budget.size_prefetch(config, prefetch_from, shm_dir())
+    prefetch, prefetch_from = _budget.size_prefetch(config, prefetch_from, _budget.shm_dir())
     return replace(config, prefetch=prefetch, provenance=(workers_from, prefetch_from))

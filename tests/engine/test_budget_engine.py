@@ -144,6 +144,24 @@ def test_a_loader_in_a_cgroup_with_a_one_cpu_quota_starts_one_worker(one_cpu_gro
     assert "of 1 usable" in found["stats"]  # the cores stats() weighs the loop and the workers against
 
 
+def test_sizing_a_default_loader_imports_no_engine():
+    """Reading the budget at construction must not import the engine (multiprocess and dill load slowly)."""
+    code = (
+        "import sys, numpy as np, prefetch\n"
+        "prefetch.Loader(np.zeros((8, 2)), batch_size=2)\n"
+        "print(sorted(m for m in ('multiprocess', 'dill', 'prefetch.processes') if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PYTHONPATH": PACKAGE},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
 # --- ranks on the node ----------------------------------------------------------------------------------------
 
 

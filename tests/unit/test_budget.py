@@ -305,3 +305,9 @@ def test_the_ceiling_is_at_least_one_and_says_when_even_that_does_not_fit():
 def test_no_figures_no_ceiling():
     assert _budget.prefetch_ceiling(MIB, slots, most=6, workers=2, shm=None, memory=None) is None
     assert _budget.prefetch_ceiling(0, slots, most=6, workers=2, shm=MIB, memory=MIB) is None
+
+
+def test_the_budget_reads_the_directory_the_slots_live_in():
+    from prefetch.processes.segments import SHM_DIR
+
+    assert _budget.shm_dir() == SHM_DIR  # the same rule, without importing the engine at construction
