@@ -109,9 +109,12 @@ def _check_budget(config: LoaderConfig | None) -> Finding:
 def _rank_cores(config: LoaderConfig | None) -> tuple[int, str, int]:
     """``(cores, in words, a default loader's workers)``: the cores this rank shares with its training step --
     those this process may use, divided among the ranks on the node."""
-    from ._budget import Ranks, cpu_budget
+    from ._budget import Ranks, cpu_budget, local_ranks
 
-    budget = cpu_budget(None if config is None else Ranks(config.local_ranks, f"local_ranks={config.local_ranks}"))
+    ranks = local_ranks(None)  # the environment's; the loader's own if it was given another
+    if config is not None and config.local_ranks != ranks.count:
+        ranks = Ranks(config.local_ranks, f"local_ranks={config.local_ranks}")
+    budget = cpu_budget(ranks)
     usable = budget.process_cpus
     if budget.ranks.count == 1:
         return usable, f"cores: {usable} usable", budget.cpus

@@ -257,6 +257,14 @@ def test_doctor_weighs_the_cores_of_this_rank(container, monkeypatch):
     (cores,) = [f for f in prefetch.doctor().findings if f.what.startswith("cores:")]
     assert cores.what.startswith("cores: 4 for this rank (16 usable / 4 ranks, LOCAL_WORLD_SIZE=4);")
     assert "a default loader: 4 workers" in cores.what
+    for loader, source in [
+        (prefetch.Loader(DATA, batch_size=4), "LOCAL_WORLD_SIZE=4"),
+        (prefetch.Loader(DATA, batch_size=4, local_ranks=2), "local_ranks=2"),
+    ]:
+        (cores,) = [f for f in prefetch.doctor(loader).findings if f.what.startswith("cores:")]
+        ranks = loader.config.local_ranks
+        assert cores.what.startswith(f"cores: {16 // ranks} for this rank (16 usable / {ranks} ranks, {source});")
+        assert f"the loader: {16 // ranks} workers" in cores.what
 
 
 def test_doctor_warns_about_a_local_world_size_it_cannot_read(container, monkeypatch):
