@@ -44,6 +44,7 @@ SYSTEM_LABELS = {
 SECTION_ORDER = (
     "e2e-jpeg",
     "e2e-keras",
+    "e2e-container",
     "cpu",
     "latency",
     "bigarray",
@@ -71,6 +72,14 @@ SECTION_TEXT = {
         "Keras fit (torch backend, all defaults) for 3 epochs of 48 steps: 8x8 digits upsampled to 32x32, a ~1 ms/"
         "sample numpy augmentation (pad/crop, flip, noise, blur), a small CNN, batch 32; the seed's plain generator "
         "against prefetch.data_generator with all defaults. Wall time per epoch, first epoch (start-up) included.",
+    ),
+    "e2e-container": (
+        "End to end in a 1-CPU container (`e2e`, issue 20)",
+        "The JPEG pipeline into the torch step (default threads) with every run confined to one CPU: a cgroup "
+        "with a CPU quota of 1 CPU that the bench makes and removes (or `taskset -c` to one core when cgroups are "
+        "not writable; the table says which). Plain generator, DataLoader at its default (num_workers=0) and at "
+        "num_workers=1, prefetch at all its defaults. Target: prefetch's default starts 1 worker (the quota, not "
+        "the host's cores) and is never slower than the plain generator (paired per-round ratio >= 1).",
     ),
     "startup": (
         "Start-up",

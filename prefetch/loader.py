@@ -358,7 +358,7 @@ class Loader:
             return running.final  # the iteration ended: its figures as it stopped
         engine = running.engine or running.last
         if engine is None:
-            return StatsRecorder().snapshot([], None)
+            return StatsRecorder(self._config.provenance).snapshot([], None)
         return engine.stats()
 
     def close(self) -> None:

@@ -12,8 +12,11 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from . import _budget
+from ._budget import Ranks
 from .core.config import (
     COLLATE_MODES,
     DEFAULTS,
@@ -23,7 +26,6 @@ from .core.config import (
     SMALL_POOL_WORKERS,
     LoaderConfig,
     LoaderOptions,
-    usable_cores,
 )
 from .core.order import DEFAULT_BLOCK_SIZE, LAST_BATCH_MODES
 from .errors import PrefetchWarning
@@ -212,15 +214,37 @@ def _check_collate(collate: Any) -> str | Callable[[list[Any]], Any]:
     return collate
 
 
-def _check_workers(workers: Any) -> int:
-    return usable_cores() if workers is None else _need_int("workers", workers, 0, ">= 0 (0 runs in-process)")
+def _check_local_ranks(local_ranks: Any) -> Ranks:
+    if local_ranks is not None:
+        local_ranks = _need_int("local_ranks", local_ranks, 1, ">= 1 (ranks on this node) or None (LOCAL_WORLD_SIZE)")
+    ranks = _budget.local_ranks(local_ranks)
+    if ranks.ignored is not None:
+        warnings.warn(
+            f"{_budget.LOCAL_RANKS_VAR}={ranks.ignored!r} is not an int >= 1, so it is ignored: the loader sizes its "
+            "workers and memory as if this were the only rank on the node. Pass local_ranks=<ranks on this node>, "
+            f"or fix {_budget.LOCAL_RANKS_VAR} in the launcher's environment",
+            PrefetchWarning,
+            stacklevel=_caller_outside_prefetch(),
+        )
+    return ranks
 
 
-def _check_prefetch(prefetch: Any, workers: int) -> int:
+def _check_workers(workers: Any, ranks: Ranks) -> tuple[int, str]:
+    """The worker count, and where it came from."""
+    if workers is None:
+        budget = _budget.cpu_budget(ranks)
+        return budget.cpus, f"workers={budget.cpus}: {budget.describe()}"
+    workers = _need_int("workers", workers, 0, ">= 0 (0 runs in-process)")
+    return workers, f"workers={workers}: as given"
+
+
+def _check_prefetch(prefetch: Any, workers: int) -> tuple[int, str]:
+    """The depth (the per-worker default before its byte ceiling, ``_budget.size_prefetch``), and where it came from."""
     if prefetch is None:
         per_worker = SMALL_POOL_PREFETCH_PER_WORKER if workers < SMALL_POOL_WORKERS else PREFETCH_PER_WORKER
-        prefetch = per_worker * max(workers, 1)
-    return _need_int("prefetch", prefetch, 1, ">= 1 (batches ready or in flight)")
+        return per_worker * max(workers, 1), f"{per_worker} per worker"
+    prefetch = _need_int("prefetch", prefetch, 1, ">= 1 (batches ready or in flight)")
+    return prefetch, f"prefetch={prefetch}: as given"
 
 
 def _check_start_method(start_method: Any) -> str | None:
@@ -294,8 +318,11 @@ def _check_user_code(options: Mapping[str, Any]) -> dict[str, Any]:
 
 def _check_running(options: Mapping[str, Any]) -> dict[str, Any]:
     """The options of how batches are made: processes, depth, time limits, CPU sharing."""
-    running: dict[str, Any] = {"workers": _check_workers(options["workers"])}
-    running["prefetch"] = _check_prefetch(options["prefetch"], running["workers"])
+    ranks = _check_local_ranks(options["local_ranks"])
+    running: dict[str, Any] = {"local_ranks": ranks.count}
+    running["workers"], workers_from = _check_workers(options["workers"], ranks)
+    running["prefetch"], prefetch_from = _check_prefetch(options["prefetch"], running["workers"])
+    running["provenance"] = (workers_from, prefetch_from)  # a default depth's is completed by _size_prefetch
     running["start_method"] = _check_start_method(options["start_method"])
     running["timeout"] = _check_timeout(options["timeout"])
     running["retries"] = _need_int(
@@ -316,6 +343,14 @@ def make_config(sources: tuple[Any, ...], **options: Unpack[LoaderOptions]) -> L
     _check_sources(sources)
     given = {**DEFAULTS, **options}
     n = len(sources[0])
-    return LoaderConfig(
+    config = LoaderConfig(
         sources=tuple(sources), **_check_stream(given, n), **_check_user_code(given), **_check_running(given)
     )
+    return config if given["prefetch"] is not None else _size_prefetch(config)
+
+
+def _size_prefetch(config: LoaderConfig) -> LoaderConfig:
+    """The default depth (per worker), within the byte budget (``_budget.size_prefetch``)."""
+    workers_from, prefetch_from = config.provenance
+    prefetch, prefetch_from = _budget.size_prefetch(config, prefetch_from, _budget.shm_dir())
+    return replace(config, prefetch=prefetch, provenance=(workers_from, prefetch_from))

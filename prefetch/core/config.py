@@ -7,7 +7,6 @@ and works out the memory bound (``max_slots``, ``shm_bytes_needed``) in one plac
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -32,11 +31,10 @@ SMALL_POOL_PREFETCH_PER_WORKER = 3
 
 
 def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, not the machine's total)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
+    """CPUs this process may use: its affinity mask, or its cgroup CPU quota if that allows fewer (``_budget``)."""
+    from .._budget import process_cpus
+
+    return process_cpus()
 
 
 class GeneratorOptions(TypedDict, total=False):
@@ -54,6 +52,7 @@ class GeneratorOptions(TypedDict, total=False):
     collate: str | Callable[[list[Any]], Any]
     workers: int | None
     prefetch: int | None
+    local_ranks: int | None
     start_method: str | None
     timeout: float | None
     retries: int
@@ -84,8 +83,9 @@ DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "transform": None,
         "batch_transform": None,
         "collate": "auto",
-        "workers": None,  # the usable cores
-        "prefetch": None,  # per worker, see PREFETCH_PER_WORKER
+        "workers": None,  # the CPUs this rank may use (``_budget.cpu_budget``)
+        "prefetch": None,  # per worker (PREFETCH_PER_WORKER), within the byte budget (``_budget.size_prefetch``)
+        "local_ranks": None,  # LOCAL_WORLD_SIZE, else 1
         "start_method": None,  # the platform's default
         "timeout": None,
         "retries": 1,
@@ -133,6 +133,8 @@ class LoaderConfig:
     train_threads: str | int | None = "auto"  # the training framework's intra-op threads (see _tuning)
     executor: Any = "processes"  # what runs the batches: "processes", "ray", or an executor object
     block_size: int | None = None  # samples per block with shuffle="block"; None otherwise
+    local_ranks: int = 1  # ranks sharing this node's CPUs, /dev/shm and memory (the defaults' budget)
+    provenance: tuple[str, ...] = ()  # where workers and prefetch came from, in words (``_budget``)
 
     @cached_property
     def order(self) -> Order:
