@@ -217,7 +217,11 @@ def _descendants() -> list[int]:
 
 
 def _jpeg_stream(system: str, workers: int, options: dict[str, Any]) -> tuple[Any, Any]:
-    """``(batches, closer)`` of ``system`` over the JPEG files."""
+    """``(batches, closer)`` of ``system`` over the JPEG files (or, for ``e2e_shards.SYSTEMS``, tar shards of them)."""
+    if system in ("prefetch-tar", "webdataset"):
+        import e2e_shards
+
+        return e2e_shards.shard_stream(system, workers, options)
     paths = write_jpegs()
     labels = jpeg_labels(len(paths))
     if system == "plain":
@@ -243,7 +247,7 @@ def _jpeg_stream(system: str, workers: int, options: dict[str, Any]) -> tuple[An
             shuffle=True,
             num_workers=workers,
             generator=generator,
-            persistent_workers=True,
+            persistent_workers=workers > 0,  # DataLoader refuses it without workers (its default, 0)
         )
 
         def endless() -> Any:
@@ -300,10 +304,13 @@ def run_jpeg(system: str, step: str, workers: int = 2, **options: Any) -> dict[s
         elapsed = time.perf_counter() - t0
         cpu_after = _cpu_seconds(pids)
         sched_after = scheduler_figures(pids)
-        if system == "prefetch":
+        if system.startswith("prefetch"):
             import prefetch
 
-            info["stats"] = str(prefetch.Loader.of(batches).stats())
+            loader = prefetch.Loader.of(batches)
+            info["stats"] = str(loader.stats())
+            info["workers"] = loader.workers
+            info["provenance"] = list(loader.config.provenance)
     finally:
         close()
     cores = {str(pid): round((cpu_after[pid] - cpu_before.get(pid, 0.0)) / elapsed, 3) for pid in cpu_after}
@@ -424,11 +431,12 @@ def training_env() -> dict[str, str]:
     return env
 
 
-def run_in_fresh_process(case: dict[str, Any], timeout_s: float = 600) -> dict[str, Any]:
+def run_in_fresh_process(case: dict[str, Any], timeout_s: float = 600, prefix: tuple[str, ...] = ()) -> dict[str, Any]:
     """Run one case (``{"workload": ..., "system": ..., ...}``) in a new interpreter; its result.
 
     A case with ``"tree": PATH`` runs that checkout's own ``bench/e2e.py`` with its ``prefetch`` first on the
-    path: the code before a change, measured in the same rounds as the code after it."""
+    path: the code before a change, measured in the same rounds as the code after it. ``prefix`` goes before
+    the command: what confines the run (``container.py``: a cgroup, ``taskset``)."""
     case = dict(case)
     tree = case.pop("tree", None)
     env = training_env()
@@ -437,7 +445,7 @@ def run_in_fresh_process(case: dict[str, Any], timeout_s: float = 600) -> dict[s
         script = Path(tree) / "bench" / "e2e.py"
         env["PYTHONPATH"] = os.pathsep.join([str(tree), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     done = subprocess.run(
-        [sys.executable, str(script), "run", json.dumps(case)],
+        [*prefix, sys.executable, str(script), "run", json.dumps(case)],
         env=env,
         capture_output=True,
         text=True,
@@ -449,15 +457,18 @@ def run_in_fresh_process(case: dict[str, Any], timeout_s: float = 600) -> dict[s
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def compare(cases: dict[str, dict[str, Any]], rounds: int) -> dict[str, list[dict[str, Any]]]:
-    """Run every case once per round, interleaved (a, b, c, a, b, c, ...): their results by label."""
+def compare(
+    cases: dict[str, dict[str, Any]], rounds: int, prefix: tuple[str, ...] = ()
+) -> dict[str, list[dict[str, Any]]]:
+    """Run every case once per round, interleaved (a, b, c, a, b, c, ...): their results by label. ``prefix``:
+    see ``run_in_fresh_process``."""
     results: dict[str, list[dict[str, Any]]] = {label: [] for label in cases}
     for round_number in range(rounds):
         labels = list(cases)
         if round_number % 2:
             labels.reverse()  # neither system always runs first, on a warmer page cache
         for label in labels:
-            results[label].append(run_in_fresh_process(cases[label]))
+            results[label].append(run_in_fresh_process(cases[label], prefix=prefix))
     return results
 
 

@@ -44,6 +44,7 @@ SYSTEM_LABELS = {
 SECTION_ORDER = (
     "e2e-jpeg",
     "e2e-keras",
+    "e2e-container",
     "cpu",
     "latency",
     "bigarray",
@@ -53,6 +54,7 @@ SECTION_ORDER = (
     "memory",
     "copy-on-read",
     "stats",
+    "order",
 )
 SECTION_TEXT = {
     "e2e-jpeg": (
@@ -70,6 +72,14 @@ SECTION_TEXT = {
         "Keras fit (torch backend, all defaults) for 3 epochs of 48 steps: 8x8 digits upsampled to 32x32, a ~1 ms/"
         "sample numpy augmentation (pad/crop, flip, noise, blur), a small CNN, batch 32; the seed's plain generator "
         "against prefetch.data_generator with all defaults. Wall time per epoch, first epoch (start-up) included.",
+    ),
+    "e2e-container": (
+        "End to end in a 1-CPU container (`e2e`, issue 20)",
+        "The JPEG pipeline into the torch step (default threads) with every run confined to one CPU: a cgroup "
+        "with a CPU quota of 1 CPU that the bench makes and removes (or `taskset -c` to one core when cgroups are "
+        "not writable; the table says which). Plain generator, DataLoader at its default (num_workers=0) and at "
+        "num_workers=1, prefetch at all its defaults. Target: prefetch's default starts 1 worker (the quota, not "
+        "the host's cores) and is never slower than the plain generator (paired per-round ratio >= 1).",
     ),
     "startup": (
         "Start-up",
@@ -90,6 +100,14 @@ SECTION_TEXT = {
         "A source that is a Python list of 1M floats, 2 forked workers: their USS at the first batch and after "
         "one epoch. Reading an object writes its reference count, which copies its page into the worker; a "
         "numpy array source has no such growth (prefetch.doctor() warns about large list sources).",
+    ),
+    "order": (
+        "The order at any size (`test_order`)",
+        "A source that reports a huge len and holds no data (sample i: four int64s made on demand), batch 32, "
+        "shuffled. Each case a fresh interpreter under an address-space limit (RLIMIT_AS) and a timeout; first "
+        "batch = from constructing the loader to holding batch 0, after a loader of 10 samples has paid the "
+        "imports; peak RSS added = the process's peak RSS (VmHWM, reset just before) less its RSS then; children = "
+        "the coordinator or workers. A case that fails under the limit says how.",
     ),
     "stats": (
         "Cost of loader.stats()",

@@ -71,7 +71,7 @@ class InlineEngine:
         self.config = config
         self.order = config.order
         self.position = start
-        self.recorder = StatsRecorder()
+        self.recorder = StatsRecorder(config.provenance)
         self.source_memory = SourceMemory(config.sources)  # batches must not alias the sources
 
     def next_batch(self) -> Any:
@@ -100,7 +100,7 @@ class Engine:
         self.config = config
         self.order = config.order
         self.reorder: ReorderBuffer[Result] = ReorderBuffer(start)
-        self.recorder = StatsRecorder()
+        self.recorder = StatsRecorder(config.provenance)
         self.closed = False
         self.owner_pid = os.getpid()  # a forked child's copy of this engine must leave it alone
         self.busy = threading.Lock()  # held by next_batch: close() from another thread waits for it

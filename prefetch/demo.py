@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .core.config import usable_cores
+from ._budget import process_cpus
 from .loader import Loader, data_generator
 
 
@@ -76,7 +76,7 @@ def alphabet() -> None:
 
 
 def pipeline(batches: int = 120, batch_size: int = 32) -> None:
-    workers = usable_cores()
+    workers = process_cpus()
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(2048, 64, 64, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, size=2048)

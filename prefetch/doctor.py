@@ -5,12 +5,16 @@
 finding is ``ok``, ``warn`` or ``error`` with what was found and how to fix it. The checks of
 ``/dev/shm`` space, the open-files limit, threads before fork and large Python-object sources
 are the pre-flight checks (``prefetch.preflight``, which a loader also runs when it starts its
-processes); this module adds the python version and one more:
+processes); this module adds the python version and two more:
 
+* **Where the sizes came from.** ``workers`` and ``prefetch`` with their provenance
+  (``LoaderConfig.provenance``, see ``_budget``): the CPUs this rank may use, the per-worker depth and
+  the byte budget; a depth deeper than the byte budget allows now is a warning.
 * **Sharing the cores with the training step.** The training step runs in your process on the
   same cores as the workers: PyTorch's intra-op threads (``torch.get_num_threads()``, read only
   when PyTorch is already imported; the doctor never imports it) plus the workers, against the
-  usable cores. More of them than cores is not an error -- workers step back (``worker_nice``) and
+  cores this rank may use (affinity mask and cgroup quota, shared among the ranks on the node).
+  More of them than cores is not an error -- workers step back (``worker_nice``) and
   ``train_threads="auto"`` measures fewer training threads -- but it is where a loader can make
   training slower, so the finding says what is in use and what to change.
 """
@@ -73,11 +77,54 @@ def _count(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-def _check_cores(config: LoaderConfig | None) -> Finding:
-    from .core.config import DEFAULT_WORKER_NICE, usable_cores
+def _check_budget(config: LoaderConfig | None) -> Finding:
+    """Where the loader's workers and prefetch came from (a default loader's, without one); a depth deeper than
+    the byte budget allows now is a warning."""
+    from . import _budget
+    from .validation import byte_ceiling
 
-    cores = usable_cores()
-    workers = config.workers if config is not None else cores
+    if config is None:
+        budget = _budget.cpu_budget()
+        level = "warn" if budget.ranks.ignored is not None else "ok"
+        return Finding(
+            level,
+            f"defaults: workers={budget.cpus}: {budget.describe()}; prefetch: per worker, never deeper than the slots "
+            "that fit in free /dev/shm and half the available memory (when numpy sources tell a batch's size)",
+            f"pass local_ranks=<ranks on this node>, or fix {_budget.LOCAL_RANKS_VAR}" if level == "warn" else "",
+        )
+    what = "sized: " + "; ".join(config.provenance)
+    ceiling = byte_ceiling(config, _budget.shm_dir())
+    if isinstance(ceiling, str) or config.prefetch <= ceiling.depth:
+        return Finding("ok", what)
+    return Finding(
+        "warn",
+        f"{what}. That is deeper than the byte budget allows now, prefetch={ceiling.depth}: {ceiling.why}",
+        f"leave prefetch= unset (it is then sized by the budget), or pass prefetch={ceiling.depth}; or give "
+        "/dev/shm and memory more room",
+    )
+
+
+def _rank_cores(config: LoaderConfig | None) -> tuple[int, str, int]:
+    """``(cores, in words, a default loader's workers)``: the cores this rank shares with its training step --
+    those this process may use, divided among the ranks on the node."""
+    from ._budget import Ranks, cpu_budget, local_ranks
+
+    ranks = local_ranks(None)  # the environment's; the loader's own if it was given another
+    if config is not None and config.local_ranks != ranks.count:
+        ranks = Ranks(config.local_ranks, f"local_ranks={config.local_ranks}")
+    budget = cpu_budget(ranks)
+    usable = budget.process_cpus
+    if budget.ranks.count == 1:
+        return usable, f"cores: {usable} usable", budget.cpus
+    shown = f"cores: {budget.cpus} for this rank ({usable} usable / {budget.ranks.count} ranks, {budget.ranks.source})"
+    return budget.cpus, shown, budget.cpus
+
+
+def _check_cores(config: LoaderConfig | None) -> Finding:
+    from .core.config import DEFAULT_WORKER_NICE
+
+    cores, usable, default_workers = _rank_cores(config)
+    workers = config.workers if config is not None else default_workers
     nice = config.worker_nice if config is not None else DEFAULT_WORKER_NICE
     tuning = config.train_threads if config is not None else "auto"
     loader = (
@@ -90,13 +137,13 @@ def _check_cores(config: LoaderConfig | None) -> Finding:
     if threads is None:
         return Finding(
             "ok",
-            f"cores: {cores} usable; {loader}; PyTorch is not imported in this process, so the training step's "
+            f"{usable}; {loader}; PyTorch is not imported in this process, so the training step's "
             f"threads are unknown ({env}): call prefetch.doctor(loader) in your training script, after importing "
             "it, to check them",
         )
     # While the loader runs, an int train_threads is the step's thread count.
     training = tuning if isinstance(tuning, int) else threads
-    what = f"cores: {cores} usable; PyTorch imported with {_count(threads, 'intra-op thread')} ({env}); {loader}"
+    what = f"{usable}; PyTorch imported with {_count(threads, 'intra-op thread')} ({env}); {loader}"
     if training + workers <= cores or workers == 0:
         return Finding(
             "ok", f"{what}: {_count(training, 'training thread')} + {_count(workers, 'worker')} fit the cores"
@@ -148,6 +195,7 @@ def doctor(loader: Any = None) -> Report:
         check_shm(config),
         check_fds(config),
         check_threads(config),
+        _check_budget(config),
         _check_cores(config),
     ]
     if config is not None:

@@ -37,6 +37,9 @@ batch, the sample index and the worker. Everything the engine itself reports is 
 
 * ``ShmSpaceError`` -- the pre-flight check found too little room in ``/dev/shm`` for the
   loader's batches (also an ``OSError``).
+* ``ShardError`` -- a sharded reader (``TarShards``, ``ParquetRows``, ``NpyShards``) cannot read a
+  shard as it indexed it: truncated, corrupt, not of its format, or changed since; carries ``path``,
+  ``index`` and ``key``. Raised in a source's ``__getitem__``, it reaches the consumer as itself.
 
 ``PrefetchWarning`` is what the pre-flight check warns with (threads before fork, large
 Python-object sources, a low open-files limit): see ``prefetch.doctor``.
@@ -122,6 +125,18 @@ class ForkUnavailableError(PrefetchError, RuntimeError):
 
 class ShmSpaceError(PrefetchError, OSError):
     """Raised when a loader starts and ``/dev/shm`` cannot hold ``prefetch`` of its batches."""
+
+
+class ShardError(PrefetchError):
+    """Raised by a sharded reader when a shard cannot be read as its index says: truncated, corrupt, not of the
+    reader's format, or changed (replaced, grown, truncated) since the index was built. ``path`` names the shard;
+    ``index`` and ``key`` the sample being read (None while indexing, or where the format has no key)."""
+
+    def __init__(self, message: str, *, path: str | None = None, index: int | None = None, key: str | None = None):
+        super().__init__(message)
+        self.path = path
+        self.index = index
+        self.key = key
 
 
 class PrefetchWarning(UserWarning):

@@ -341,7 +341,7 @@ class Loader:
             return holder.final  # the iteration ended: its figures as it stopped
         engine = holder.engine or holder.last
         if engine is None:
-            return StatsRecorder().snapshot([], None)
+            return StatsRecorder(self._config.provenance).snapshot([], None)
         return engine.stats()
 
     def close(self) -> None:
@@ -364,7 +364,7 @@ class Loader:
 
 
 def data_generator(
-    batch_size: int, data_x: Any, data_y: Any, shuffle: bool = True, **options: Unpack[GeneratorOptions]
+    batch_size: int, data_x: Any, data_y: Any, shuffle: bool | str = True, **options: Unpack[GeneratorOptions]
 ) -> Generator[tuple[Any, Any], None, None]:
     """The seed's ``data_generator``, in parallel: an endless generator of ``(batch_x, batch_y)``.
 

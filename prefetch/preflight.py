@@ -89,27 +89,6 @@ def shm_space(path: str | None = None) -> tuple[int, int]:
     return stat.f_bavail * stat.f_frsize, stat.f_blocks * stat.f_frsize
 
 
-def batch_bytes(config: LoaderConfig) -> int | None:
-    """Bytes of one batch, from the numpy sources' sample sizes; None when no source is an array.
-
-    Sources that are not arrays are left out, so this is a lower bound of the raw batch (a
-    ``transform`` may change the size, see ``exact_batch_size``)."""
-    import numpy as np
-
-    total = 0
-    known = False
-    for source in config.sources:
-        if isinstance(source, np.ndarray) and not source.dtype.hasobject and source.ndim >= 1:
-            total += source.itemsize * int(np.prod(source.shape[1:], dtype=np.int64)) * config.batch_size
-            known = True
-    return total if known else None
-
-
-def exact_batch_size(config: LoaderConfig) -> bool:
-    """Whether ``batch_bytes`` is the batch as delivered: no user code can change its size."""
-    return config.transform is None and config.batch_transform is None and not callable(config.collate)
-
-
 def effective_start_method(config: LoaderConfig | None = None) -> str:
     """How the coordinator is started: the loader's ``start_method``, or the platform default."""
     if config is not None and config.start_method is not None:
@@ -169,7 +148,7 @@ def check_shm(config: LoaderConfig | None) -> Finding:
                 f"give it more room: {docker}",
             )
         return Finding("ok", f"{path}: {_mib(free)} free of {_mib(total)}")
-    one = batch_bytes(config)
+    one = config.batch_bytes()
     if one is None:
         return Finding("ok", f"{path}: {_mib(free)} free (batch size unknown: the sources are not numpy arrays)")
     slots, copies = config.shm_bytes_needed(one), spawn_copy_bytes(config)
@@ -181,7 +160,7 @@ def check_shm(config: LoaderConfig | None) -> Finding:
             return Finding("error", f"{path} has {_mib(free)} free, but {copied}", SOURCE_COPY_FIX)
         sized += f" ({_mib(slots.window)}) and {copied}: in all they"
     if free < need:
-        level = "error" if exact_batch_size(config) else "warn"
+        level = "error" if config.exact_batch_size else "warn"
         return Finding(
             level,
             f"{path} has {_mib(free)} free, but {sized} need {_mib(need)}",
@@ -281,7 +260,7 @@ def preflight(config: LoaderConfig) -> None:
     if config.workers == 0:
         return
     findings: list[Finding] = []
-    if batch_bytes(config) is not None:
+    if config.batch_bytes() is not None:
         findings.append(check_shm(config))
     limit = nofile_limit()
     if limit is not None and engine_fds(config) > FD_SHARE_WARN * limit:

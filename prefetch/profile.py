@@ -27,8 +27,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
+from ._budget import process_cpus
 from ._tuning import contention
-from .core.config import usable_cores
 from .loader import Loader
 
 # A worker count whose best round is within this share of the fastest count's best round counts as "as fast"...
@@ -251,7 +251,7 @@ def choose(rows: list[SweepRow]) -> SweepRow:
 
 
 def _nearest_default(rows: list[SweepRow]) -> SweepRow:
-    cores = usable_cores()
+    cores = process_cpus()
     at_most = [row for row in rows if row.workers <= cores]
     if at_most:
         return max(at_most, key=lambda row: row.workers)
@@ -266,9 +266,9 @@ def noisy(rows: list[SweepRow]) -> str | None:
     if worst.spread <= NOISY_SPREAD:
         return None
     try:
-        load = f"load average {os.getloadavg()[0]:.1f} on {usable_cores()} cores"
+        load = f"load average {os.getloadavg()[0]:.1f} on {process_cpus()} cores"
     except OSError:  # pragma: no cover - not available
-        load = f"{usable_cores()} cores"
+        load = f"{process_cpus()} cores"
     return (
         f"the rounds of {_workers(worst.workers)} ranged {worst.samples_per_s_low:.0f}-"
         f"{worst.samples_per_s_high:.0f} samples/s ({load}): other processes used the CPU"
@@ -281,7 +281,7 @@ def recommend(rows: list[SweepRow], stepped: bool) -> str:
     why_not = noisy(rows)
     if why_not is not None:
         fastest = ", ".join(f"{_workers(row.workers)} {row.best_round:.0f}" for row in rows)
-        cores = usable_cores()
+        cores = process_cpus()
         default = "the default" if choice.workers == cores else f"nearest the default of {cores}"
         return (
             f"{_workers(choice.workers)}, {default} (one per usable core): too noisy to choose by measurement -- "
@@ -303,8 +303,8 @@ def recommend(rows: list[SweepRow], stepped: bool) -> str:
         words.append(f"{_workers(below.workers)}: {shortfall(below, best):.0%} behind the fastest")
     if stepped and choice.wait_fraction < STEP_BOUND_STALL:
         words.append("the training step is the bottleneck, data keeps up")
-    elif choice.worker_busy > 0.9 and choice.workers >= usable_cores():
-        words.append(f"the workers are saturated on {usable_cores()} cores: make the transform cheaper")
+    elif choice.worker_busy > 0.9 and choice.workers >= process_cpus():
+        words.append(f"the workers are saturated on {process_cpus()} cores: make the transform cheaper")
     elif choice.worker_busy < 0.5 and choice.workers > 0:
         words.append("the workers idle: the consumer is the bottleneck")
     return "; ".join(words)

@@ -59,6 +59,9 @@ class Stats:
     # with the same ``started_at`` belong to the same iteration and ``later.since(earlier)`` can subtract
     # them; a window made by ``since`` starts where ``earlier`` ended.
     started_at: float = 0.0
+    # Where the loader's workers and prefetch came from, one sentence each (``LoaderConfig.provenance``):
+    # the CPUs this rank may use, the per-worker depth and the byte budget (``_budget``).
+    provenance: tuple[str, ...] = ()
 
     @property
     def contention(self) -> str | None:
@@ -73,8 +76,8 @@ class Stats:
         Both must come from ``stats()`` of the same iteration (the same ``started_at``); if the loader
         started a new iteration in between, its figures already start after ``earlier`` and this
         snapshot is returned unchanged. Rates, shares and means are recomputed over the window from
-        the cumulative figures; ``max_fill``, ``memory``, ``cores``, ``consumer_threads`` and
-        ``decisions`` are this snapshot's.
+        the cumulative figures; ``max_fill``, ``memory``, ``cores``, ``consumer_threads``,
+        ``decisions`` and ``provenance`` are this snapshot's.
         """
         if earlier.started_at != self.started_at or earlier.elapsed_s > self.elapsed_s:
             return self
@@ -151,6 +154,7 @@ class Stats:
             for node in self.worker_nodes.values():
                 per_node[node] = per_node.get(node, 0) + 1
             rows.append(("worker nodes", ", ".join(f"{node[:12]}: {n}" for node, n in sorted(per_node.items()))))
+        rows += [("sized", line) for line in self.provenance]
         rows += [("decided", decision) for decision in self.decisions]
         note = self.contention
         if note is not None:
@@ -164,7 +168,8 @@ class Stats:
 class StatsRecorder:
     """Accumulates figures on the consumer side; cheap enough for every batch."""
 
-    def __init__(self) -> None:
+    def __init__(self, provenance: tuple[str, ...] = ()) -> None:
+        self.provenance = provenance  # the loader's ``config.provenance``, shown with every snapshot
         self.started = time.perf_counter()
         self.batches = 0
         self.samples = 0
@@ -205,7 +210,7 @@ class StatsRecorder:
     ) -> Stats:
         """The figures now. ``worker_pids`` are the workers on this machine (memory, CPU); ``nodes`` maps
         every worker that has a node to it, on this machine or not (all count in ``worker_busy``)."""
-        from .core.config import usable_cores
+        from ._budget import process_cpus
 
         now, cpu_now = self.paused or (time.perf_counter(), time.process_time())
         elapsed = max(now - self.started, 1e-9)
@@ -230,13 +235,14 @@ class StatsRecorder:
             max_fill=self.fill_max,
             restarts=self.restarts,
             memory=_memory(worker_pids, coordinator_pid),
-            cores=usable_cores(),
+            cores=process_cpus(),
             consumer_cpu=(cpu_now - self.cpu_started) / elapsed,
             workers_cpu=_cpu_seconds(worker_pids) / elapsed,
             consumer_threads=_thread_count(),
             decisions=decisions,
             worker_nodes=nodes,
             started_at=self.started_at,
+            provenance=self.provenance,
         )
 
 

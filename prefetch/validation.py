@@ -5,7 +5,9 @@ the option, the value received and what is accepted -- never later inside a work
 check per option (``CHECKS``: ``_check_<option>``, or one line for a plain int, bool or callable),
 and ``make_config`` runs them in the order of
 ``LoaderConfig``'s fields (the option list, written once in ``core/config.py``): each check sees
-the options checked before it (``rank`` sees ``world_size``, ``prefetch`` sees ``workers``).
+the options checked before it (``rank`` sees ``world_size``, ``prefetch`` sees ``workers``). The
+defaults of ``workers`` and ``prefetch`` are sized to the machine (``_budget``), and their checks say
+where each figure came from (``LoaderConfig.provenance``).
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from . import _budget
 from .core.config import (
     COLLATE_MODES,
     DEFAULTS,
@@ -24,17 +28,17 @@ from .core.config import (
     SMALL_POOL_WORKERS,
     LoaderConfig,
     LoaderOptions,
-    usable_cores,
 )
-from .core.order import LAST_BATCH_MODES
+from .core.order import DEFAULT_BLOCK_SIZE, LAST_BATCH_MODES
 from .errors import warn
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing.Unpack is 3.11+; annotations are strings, never evaluated
 
-Check = Callable[[Any, Mapping[str, Any]], Any]
+Check = Callable[[Any, dict[str, Any]], Any]
 # option name -> its check: ``check(value, checked)`` returns the value the configuration holds;
-# ``checked`` has ``sources`` and every option before this one, already checked.
+# ``checked`` has ``sources`` and every option before this one, already checked, and what a check
+# leaves for later ones: ``ranks`` (``_budget.Ranks``) and ``provenance`` (where a default came from).
 CHECKS: dict[str, Check] = {}
 
 
@@ -64,10 +68,51 @@ def make_config(sources: tuple[Any, ...], **options: Unpack[LoaderOptions]) -> L
     _reject_unknown(options)
     _check_sources(sources)
     given = {**DEFAULTS, **options}
-    checked: dict[str, Any] = {"sources": tuple(sources)}
+    checked: dict[str, Any] = {"sources": tuple(sources), "provenance": ()}
     for name in DEFAULTS:  # LoaderConfig's fields, in order
         checked[name] = CHECKS[name](given[name], checked)
-    return LoaderConfig(**checked)
+    config = LoaderConfig(**{name: checked[name] for name in ("sources", *DEFAULTS, "provenance")})
+    return config if given["prefetch"] is not None else _size_prefetch(config)
+
+
+def _size_prefetch(config: LoaderConfig) -> LoaderConfig:
+    """The default depth (per worker), within the byte budget of ``/dev/shm`` and memory (``budget_prefetch``)."""
+    workers_from, prefetch_from = config.provenance
+    prefetch, prefetch_from = budget_prefetch(config, prefetch_from, _budget.shm_dir())
+    return replace(config, prefetch=prefetch, provenance=(workers_from, prefetch_from))
+
+
+def byte_ceiling(config: LoaderConfig, shm_dir: str) -> _budget.Ceiling | str:
+    """The byte ceiling of ``config``'s depth (up to ``config.prefetch``) on this machine now, or why there is none."""
+    if config.workers == 0:
+        return "nothing is prefetched with workers=0"
+    one = config.batch_bytes()
+    if one is None:
+        return "no byte bound: a batch's size is known only once one is made (the sources are not numpy arrays)"
+    ceiling = _budget.prefetch_ceiling(
+        one,
+        lambda depth: replace(config, prefetch=depth).max_slots,
+        config.prefetch,
+        config.workers,
+        _budget.shm_free(shm_dir),
+        _budget.available_memory(),
+        config.local_ranks,
+    )
+    if ceiling is None:
+        return "no byte bound: /dev/shm and memory could not be read"
+    guess = "" if config.exact_batch_size else " (the sources' size, before your transforms)"
+    return _budget.Ceiling(ceiling.depth, ceiling.why + guess)
+
+
+def budget_prefetch(config: LoaderConfig, default_why: str, shm_dir: str) -> tuple[int, str]:
+    """The default ``prefetch`` of ``config`` (the per-worker depth, ``default_why``) under its byte ceiling,
+    and where it came from."""
+    ceiling = byte_ceiling(config, shm_dir)
+    if isinstance(ceiling, str):
+        return config.prefetch, f"prefetch={config.prefetch}: {default_why}; {ceiling}"
+    if ceiling.depth < config.prefetch:
+        return ceiling.depth, f"prefetch={ceiling.depth}: {ceiling.why}; {default_why} would be {config.prefetch}"
+    return config.prefetch, f"prefetch={config.prefetch}: {default_why}; {ceiling.why}"
 
 
 def _reject_unknown(options: Mapping[str, Any]) -> None:
@@ -131,7 +176,6 @@ def _need_callable(name: str, value: Any) -> Any:
 # --- the options a kind alone checks -----------------------------------------------------------------
 
 _int_option("batch_size", 1, ">= 1")
-_bool_option("shuffle")
 _callable_option("transform")
 _callable_option("batch_transform")
 _int_option("retries", 0, ">= 0 (times a batch is redone after its worker died)")
@@ -142,7 +186,32 @@ _bool_option("limit_threads")
 
 
 @_checks_option
-def _check_world_size(world_size: Any, checked: Mapping[str, Any]) -> int:
+def _check_shuffle(shuffle: Any, checked: dict[str, Any]) -> bool | str:
+    if isinstance(shuffle, bool) or (isinstance(shuffle, str) and shuffle == "block"):
+        return shuffle
+    error = ValueError if isinstance(shuffle, str) else TypeError
+    raise error(f"shuffle must be True, False or 'block'; got {shuffle!r} ({type(shuffle).__name__})")
+
+
+@_checks_option
+def _check_block_size(block_size: Any, checked: dict[str, Any]) -> int | None:
+    """Samples per block of ``shuffle="block"`` (its default when None); refused with any other shuffle,
+    where it would do nothing."""
+    shuffle = checked["shuffle"]
+    if shuffle != "block":
+        if block_size is not None:
+            raise ValueError(
+                f"block_size={block_size!r} applies to shuffle='block' only, and shuffle={shuffle!r}: pass "
+                "shuffle='block' to read blocks of consecutive samples, or leave block_size out"
+            )
+        return None
+    if block_size is None:
+        return DEFAULT_BLOCK_SIZE
+    return _need_int("block_size", block_size, 1, ">= 1 (consecutive samples per block of shuffle='block')")
+
+
+@_checks_option
+def _check_world_size(world_size: Any, checked: dict[str, Any]) -> int:
     n = len(checked["sources"][0])
     world_size = _need_int("world_size", world_size, 1, ">= 1")
     if world_size > n:
@@ -154,7 +223,7 @@ def _check_world_size(world_size: Any, checked: Mapping[str, Any]) -> int:
 
 
 @_checks_option
-def _check_rank(rank: Any, checked: Mapping[str, Any]) -> int:
+def _check_rank(rank: Any, checked: dict[str, Any]) -> int:
     world_size = checked["world_size"]
     rank = _need_int("rank", rank, 0, f"in [0, world_size={world_size})")
     if rank >= world_size:
@@ -163,7 +232,7 @@ def _check_rank(rank: Any, checked: Mapping[str, Any]) -> int:
 
 
 @_checks_option
-def _check_seed(seed: Any, checked: Mapping[str, Any]) -> int:
+def _check_seed(seed: Any, checked: dict[str, Any]) -> int:
     """Sharding splits one permutation among the ranks: they must agree on its seed (never draw their own)."""
     world_size = checked["world_size"]
     if world_size > 1 and seed is None:
@@ -180,14 +249,14 @@ def _check_seed(seed: Any, checked: Mapping[str, Any]) -> int:
 
 
 @_checks_option
-def _check_epochs(epochs: Any, checked: Mapping[str, Any]) -> int | None:
+def _check_epochs(epochs: Any, checked: dict[str, Any]) -> int | None:
     if epochs is None:
         return None
     return _need_int("epochs", epochs, 1, ">= 1 (or None for an endless stream)")
 
 
 @_checks_option
-def _check_last_batch(last_batch: Any, checked: Mapping[str, Any]) -> str:
+def _check_last_batch(last_batch: Any, checked: dict[str, Any]) -> str:
     if last_batch not in LAST_BATCH_MODES:
         raise ValueError(f"last_batch must be one of {', '.join(map(repr, LAST_BATCH_MODES))}; got {last_batch!r}")
     _check_batch_fits_shard({**checked, "last_batch": last_batch})
@@ -223,7 +292,7 @@ def _check_batch_fits_shard(stream: Mapping[str, Any]) -> None:
 
 
 @_checks_option
-def _check_collate(collate: Any, checked: Mapping[str, Any]) -> str | Callable[[list[Any]], Any]:
+def _check_collate(collate: Any, checked: dict[str, Any]) -> str | Callable[[list[Any]], Any]:
     if not callable(collate) and collate not in COLLATE_MODES:
         raise ValueError(f"collate must be 'auto', 'list' or a callable; got {collate!r}")
     return collate
@@ -233,21 +302,45 @@ def _check_collate(collate: Any, checked: Mapping[str, Any]) -> str | Callable[[
 
 
 @_checks_option
-def _check_workers(workers: Any, checked: Mapping[str, Any]) -> int:
-    return usable_cores() if workers is None else _need_int("workers", workers, 0, ">= 0 (0 runs in-process)")
+def _check_local_ranks(local_ranks: Any, checked: dict[str, Any]) -> int:
+    if local_ranks is not None:
+        local_ranks = _need_int("local_ranks", local_ranks, 1, ">= 1 (ranks on this node) or None (LOCAL_WORLD_SIZE)")
+    ranks = checked["ranks"] = _budget.local_ranks(local_ranks)
+    if ranks.ignored is not None:
+        warn(
+            f"{_budget.LOCAL_RANKS_VAR}={ranks.ignored!r} is not an int >= 1, so it is ignored: the loader sizes its "
+            "workers and memory as if this were the only rank on the node. Pass local_ranks=<ranks on this node>, "
+            f"or fix {_budget.LOCAL_RANKS_VAR} in the launcher's environment"
+        )
+    return ranks.count
 
 
 @_checks_option
-def _check_prefetch(prefetch: Any, checked: Mapping[str, Any]) -> int:
+def _check_workers(workers: Any, checked: dict[str, Any]) -> int:
+    if workers is None:
+        budget = _budget.cpu_budget(checked["ranks"])
+        workers, said = budget.cpus, budget.describe()
+    else:
+        workers, said = _need_int("workers", workers, 0, ">= 0 (0 runs in-process)"), "as given"
+    checked["provenance"] += (f"workers={workers}: {said}",)
+    return workers
+
+
+@_checks_option
+def _check_prefetch(prefetch: Any, checked: dict[str, Any]) -> int:
+    """The depth; a default one (per worker) is bounded by the bytes it takes afterwards (``_size_prefetch``)."""
     workers = checked["workers"]
     if prefetch is None:
         per_worker = SMALL_POOL_PREFETCH_PER_WORKER if workers < SMALL_POOL_WORKERS else PREFETCH_PER_WORKER
-        prefetch = per_worker * max(workers, 1)
-    return _need_int("prefetch", prefetch, 1, ">= 1 (batches ready or in flight)")
+        checked["provenance"] += (f"{per_worker} per worker",)
+        return per_worker * max(workers, 1)
+    prefetch = _need_int("prefetch", prefetch, 1, ">= 1 (batches ready or in flight)")
+    checked["provenance"] += (f"prefetch={prefetch}: as given",)
+    return prefetch
 
 
 @_checks_option
-def _check_start_method(start_method: Any, checked: Mapping[str, Any]) -> str | None:
+def _check_start_method(start_method: Any, checked: dict[str, Any]) -> str | None:
     import multiprocessing  # lazily: `import prefetch` stays fast
 
     methods = multiprocessing.get_all_start_methods()
@@ -258,7 +351,7 @@ def _check_start_method(start_method: Any, checked: Mapping[str, Any]) -> str | 
 
 
 @_checks_option
-def _check_timeout(timeout: Any, checked: Mapping[str, Any]) -> float | None:
+def _check_timeout(timeout: Any, checked: dict[str, Any]) -> float | None:
     if timeout is None:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
@@ -270,7 +363,7 @@ def _check_timeout(timeout: Any, checked: Mapping[str, Any]) -> float | None:
 
 
 @_checks_option
-def _check_worker_nice(worker_nice: Any, checked: Mapping[str, Any]) -> int:
+def _check_worker_nice(worker_nice: Any, checked: dict[str, Any]) -> int:
     worker_nice = _need_int("worker_nice", worker_nice, 0, "in [0, 19] (0: workers as urgent as the training loop)")
     if worker_nice > 19:
         raise ValueError(f"worker_nice must be an int in [0, 19]; got {worker_nice}")
@@ -278,14 +371,14 @@ def _check_worker_nice(worker_nice: Any, checked: Mapping[str, Any]) -> int:
 
 
 @_checks_option
-def _check_train_threads(train_threads: Any, checked: Mapping[str, Any]) -> str | int | None:
+def _check_train_threads(train_threads: Any, checked: dict[str, Any]) -> str | int | None:
     if train_threads == "auto" or train_threads is None:
         return train_threads
     return _need_int("train_threads", train_threads, 1, ">= 1, 'auto' or None")
 
 
 @_checks_option
-def _check_executor(executor: Any, checked: Mapping[str, Any]) -> Any:
+def _check_executor(executor: Any, checked: dict[str, Any]) -> Any:
     """A name (``"processes"``, ``"ray"``) or an executor object, kept as given."""
     accepted = f"one of {', '.join(map(repr, EXECUTORS))} or an executor object"
     if isinstance(executor, str):

@@ -9,7 +9,8 @@ import sys
 import multiprocess
 import psutil
 import pytest
-from helpers import FakeTorch
+from helpers import DEFAULT_START_METHODS, FakeTorch
+from raysession import local_ray, ray_instances  # noqa: F401  (fixtures: one Ray instance for every tier)
 
 from prefetch.ipc.segments import NAME_ROOT, SHM_DIR
 
@@ -17,10 +18,8 @@ from prefetch.ipc.segments import NAME_ROOT, SHM_DIR
 _SESSION_HELPERS = ("resource_tracker", "forkserver")
 # How long processes of a closed loader may take to disappear.
 EXIT_GRACE_S = 5.0
-# The start methods a test taking the `start_method` fixture runs under, unless it says otherwise with
-# @pytest.mark.start_methods(...): one that copies the parent and one that pickles everything (forkserver
-# pickles like spawn; the tests that must also see it ask for it). Those the platform lacks are left out.
-DEFAULT_START_METHODS = ("fork", "spawn")
+# The start methods a test taking the `start_method` fixture runs under (helpers.DEFAULT_START_METHODS, which
+# the conformance suite's processes rows use too), unless it says otherwise with @pytest.mark.start_methods(...).
 
 
 def _children() -> list[psutil.Process]:
@@ -102,7 +101,10 @@ def no_leaks(request):
     descriptor to a segment in this process behind. (A test that keeps batches on purpose drops
     them when it returns: its locals are gone by then. A test marked ``holds_batches`` hands batches to
     a framework that keeps them out of Python's reach: their mappings and descriptors may outlive it, nothing
-    else.)"""
+    else. A test marked ``ray`` is left to check its own loader: Ray starts and pools processes of its own.)"""
+    if request.node.get_closest_marker("ray") is not None:
+        yield
+        return
     before_children = {p.pid for p in _children()}
     before_segments = _segments()
     before_mapped = _mapped_segments()

@@ -18,6 +18,11 @@ import numpy as np
 
 import prefetch
 
+# The start methods a test taking the `start_method` fixture (conftest.py) runs under by default: one that copies
+# the parent and one that pickles everything (forkserver pickles like spawn; the tests that must also see it ask
+# for it). Those the platform lacks are left out.
+DEFAULT_START_METHODS = ("fork", "spawn")
+
 ALPHABET_X = [chr(i) for i in range(ord("a"), ord("a") + 26)]
 ALPHABET_Y = [chr(i) for i in range(ord("A"), ord("A") + 26)]
 

@@ -10,7 +10,6 @@ the memory bound (``max_slots``, ``shm_bytes_needed``) in one place.
 from __future__ import annotations
 
 import numbers
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from functools import cached_property
@@ -19,10 +18,12 @@ from typing import Any, NamedTuple, TypedDict
 
 import numpy as np
 
-from .order import Order
+from .order import DEFAULT_BLOCK_SIZE, Order
 
 COLLATE_MODES = ("auto", "list")
-STATE_FORMAT = 1  # of ``LoaderConfig.saved_state``: ``Loader.state_dict()``
+# Of ``LoaderConfig.saved_state`` (``Loader.state_dict()``): 2 since the order became a bijection (0.3);
+# format 1 was saved with 0.2's permutations (see ``resumed``).
+STATE_FORMAT = 2
 EXECUTORS = ("processes", "ray")
 # Default ready-or-in-flight batches per worker: one being made, one waiting, so a
 # worker never idles between batches.
@@ -40,14 +41,6 @@ SMALL_POOL_PREFETCH_PER_WORKER = 3
 DEFAULT_WORKER_NICE = 10
 
 
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, not the machine's total)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
 class GeneratorOptions(TypedDict, total=False):
     """The options ``data_generator`` takes by keyword: all of ``Loader``'s but its positional
     ``batch_size`` and ``shuffle``. For type checkers only: the list itself is ``LoaderConfig``'s
@@ -56,6 +49,7 @@ class GeneratorOptions(TypedDict, total=False):
     world_size: int
     rank: int
     seed: int | None
+    block_size: int | None
     epochs: int | None
     last_batch: str
     transform: Callable[[Any], Any] | None
@@ -63,6 +57,7 @@ class GeneratorOptions(TypedDict, total=False):
     collate: str | Callable[[list[Any]], Any]
     workers: int | None
     prefetch: int | None
+    local_ranks: int | None
     start_method: str | None
     timeout: float | None
     retries: int
@@ -76,7 +71,7 @@ class LoaderOptions(GeneratorOptions, total=False):
     """Every option of ``Loader``, by name (``Loader(*sources, **options)``), for type checkers."""
 
     batch_size: int
-    shuffle: bool
+    shuffle: bool | str
 
 
 def option(default: Any) -> Any:
@@ -104,7 +99,8 @@ class LoaderConfig:
 
     sources: tuple[Any, ...]
     batch_size: int = option(32)
-    shuffle: bool = option(True)
+    shuffle: bool | str = option(True)  # True, False or "block"
+    block_size: int | None = option(None)  # samples per block with shuffle="block" (then DEFAULT_BLOCK_SIZE)
     world_size: int = option(1)
     rank: int = option(0)
     seed: int = option(None)  # None: drawn at construction
@@ -113,8 +109,9 @@ class LoaderConfig:
     transform: Callable[[Any], Any] | None = option(None)
     batch_transform: Callable[[Any], Any] | None = option(None)
     collate: str | Callable[[list[Any]], Any] = option("auto")
-    workers: int = option(None)  # None: the usable cores
-    prefetch: int = option(None)  # None: per worker, see PREFETCH_PER_WORKER
+    local_ranks: int = option(None)  # ranks sharing this node's CPUs, /dev/shm and memory; None: LOCAL_WORLD_SIZE
+    workers: int = option(None)  # None: the CPUs this rank may use (``_budget.cpu_budget``)
+    prefetch: int = option(None)  # None: per worker, see PREFETCH_PER_WORKER, within the byte budget
     start_method: str | None = option(None)  # None: the platform's default
     timeout: float | None = option(None)
     retries: int = option(1)
@@ -122,18 +119,20 @@ class LoaderConfig:
     worker_nice: int = option(DEFAULT_WORKER_NICE)  # how far workers step back from the training step (os.nice)
     train_threads: str | int | None = option("auto")  # the training framework's intra-op threads (see _tuning)
     executor: Any = option("processes")  # what runs the batches: "processes", "ray", or an executor object
+    provenance: tuple[str, ...] = ()  # where workers and prefetch came from, in words (``validation``)
 
     @cached_property
     def order(self) -> Order:
         """The batch plan (``order.batch_indices(b)``, ``num_batches``, ``steps_per_epoch``): made once,
         when first asked for, and kept. ``dataclasses.replace`` gives a configuration that makes its own.
-        It is left out of the pickled state (its epoch cache can be large) and made again on arrival:
+        It is left out of the pickled state (its caches are of no use elsewhere) and made again on arrival:
         on its way to a spawned coordinator the sources are placeholders, resolved there first."""
         return Order(
             n=self.n,
             batch_size=self.batch_size,
             seed=self.seed,
             shuffle=self.shuffle,
+            block_size=self.block_size or DEFAULT_BLOCK_SIZE,
             epochs=self.epochs,
             last_batch=self.last_batch,
             rank=self.rank,
@@ -147,6 +146,22 @@ class LoaderConfig:
         batch (``pipeline.make_numbered_batch``). Plain lists, tuples, ranges and arrays need no seeding."""
         plain = all(isinstance(s, (np.ndarray, list, tuple, range)) for s in self.sources)
         return not plain or self.transform is not None or self.batch_transform is not None or callable(self.collate)
+
+    def batch_bytes(self) -> int | None:
+        """Bytes of one batch, from the numpy sources' sample sizes; None when no source is an array.
+        Sources that are not arrays are left out, so this is a lower bound of the raw batch (a ``transform``
+        may change the size, see ``exact_batch_size``)."""
+        total, known = 0, False
+        for source in self.sources:
+            if isinstance(source, np.ndarray) and not source.dtype.hasobject and source.ndim >= 1:
+                total += source.itemsize * int(np.prod(source.shape[1:], dtype=np.int64)) * self.batch_size
+                known = True
+        return total if known else None
+
+    @property
+    def exact_batch_size(self) -> bool:
+        """Whether ``batch_bytes`` is the batch as delivered: no user code can change its size."""
+        return self.transform is None and self.batch_transform is None and not callable(self.collate)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -185,9 +200,18 @@ class LoaderConfig:
 
     def resumed(self, state: Any) -> tuple[int, int]:
         """``(seed, position)`` of a ``saved_state`` that this configuration can continue (``ValueError``
-        naming what differs otherwise): the same fields, a position within the stream."""
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        naming what differs otherwise): the same fields, a position within the stream. 0.2's states (format 1)
+        are taken with ``shuffle=False`` only, whose order did not change; a shuffled one would repeat some
+        samples of its epoch and skip others."""
+        if not isinstance(state, dict) or state.get("format") not in (1, STATE_FORMAT):
             raise ValueError(f"not a prefetch Loader state (format {STATE_FORMAT}): {state!r}")
+        if state["format"] == 1 and state.get("config", {}).get("shuffle") is not False:
+            raise ValueError(
+                "this state was saved by prefetch 0.2 (state format 1), whose shuffled order differs from this "
+                "version's: resuming it here would repeat some samples of its epoch and skip others. Resume it with "
+                "prefetch 0.2, or start this version at the beginning of that epoch: "
+                "state['format'] = 2; state['position'] -= state['position'] % len(loader)"
+            )
         mine = self.fingerprint()
         for key, value in state["config"].items():
             if mine.get(key) != value:
@@ -208,6 +232,7 @@ class LoaderConfig:
             "n": self.n,
             "batch_size": self.batch_size,
             "shuffle": self.shuffle,
+            "block_size": self.block_size,
             "epochs": self.epochs,
             "last_batch": self.last_batch,
             "rank": self.rank,

@@ -11,8 +11,9 @@
   and stopped by everything that stopped it before.
 
 The expected batches are derived here from the documented rule (``docs/design.md``, "Order and
-determinism": epoch ``e``'s permutation is ``default_rng([seed, e]).permutation(n)``, rank ``r`` of
-``w`` takes entries ``r, r + w, ...`` of its first ``n - n % w``), not from ``core.order``.
+determinism": epoch ``e``'s order is the bijection ``reference_order`` computes on its own from that
+description, rank ``r`` of ``w`` takes entries ``r, r + w, ...`` of its first ``n - n % w``), not from
+``core.order``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import time
 
 import numpy as np
 import pytest
+import reference_order
 from helpers import alive, all_gone, reap, run_script, wait_until
 
 import prefetch
@@ -38,8 +40,7 @@ MODES = ("wrap", "short", "drop")
 
 def shard(epoch: int, rank: int, world_size: int) -> list[int]:
     """Rank ``rank``'s samples of data epoch ``epoch``, in order."""
-    permutation = np.random.default_rng([SEED, epoch]).permutation(N)
-    return permutation[: N - N % world_size][rank::world_size].tolist()
+    return reference_order.shard(SEED, epoch, N, rank, world_size)
 
 
 def batches_per_epoch(last_batch: str, world_size: int) -> int:

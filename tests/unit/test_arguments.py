@@ -52,8 +52,11 @@ BAD_OPTIONS = [
     ("transform", 3, TypeError, "callable or None"),
     ("transform", "flip", TypeError, "callable or None"),
     ("batch_transform", [], TypeError, "callable or None"),
-    ("shuffle", "yes", TypeError, "True or False"),
-    ("shuffle", 1, TypeError, "True or False"),
+    ("shuffle", "yes", ValueError, "True, False or 'block'"),
+    ("shuffle", "blocks", ValueError, "True, False or 'block'"),
+    ("shuffle", 1, TypeError, "True, False or 'block'"),
+    ("shuffle", None, TypeError, "True, False or 'block'"),
+    ("shuffle", np.array([1, 2]), TypeError, "True, False or 'block'"),
     ("seed", -1, ValueError, ">= 0"),
     ("seed", 1.5, TypeError, "int"),
     ("retries", -1, ValueError, ">= 0"),
@@ -175,3 +178,61 @@ def test_sharding_without_a_seed_is_refused_saying_to_pass_one_seed_on_every_ran
         assert "Pass the same seed on every rank, e.g. seed=1234 on every rank" in text
     make(rank=rank, world_size=2, seed=7).close()  # one seed, given on every rank: fine
     make(seed=None).close()  # unsharded: a drawn seed is fine
+
+
+def test_a_shuffled_state_of_the_old_order_is_refused_saying_what_to_do():
+    """States of format 1 were saved with 0.2's permutations: resuming one mid-epoch with this version's order
+    would repeat and skip samples, so it is refused, with the way out; unshuffled ones kept their order."""
+    with make(batch_size=2, epochs=3) as loader:
+        state = {**loader.state_dict(), "format": 1, "position": 7}
+        with pytest.raises(ValueError, match=r"saved by prefetch 0\.2 \(state format 1\)") as info:
+            loader.load_state_dict(state)
+        assert "repeat some samples" in str(info.value)
+        state["format"] = 2
+        state["position"] -= state["position"] % len(loader)  # the way out the message gives
+        loader.load_state_dict(state)
+        assert loader.position == 5
+    with make(batch_size=2, epochs=3, shuffle=False) as loader:
+        state = {**loader.state_dict(), "format": 1, "position": 7}
+        state["config"] = {key: value for key, value in state["config"].items() if key != "block_size"}
+        loader.load_state_dict(state)
+        assert loader.position == 7
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "accepted"),
+    [(0, ValueError, ">= 1"), (-3, ValueError, ">= 1"), (2.5, TypeError, "int"), ("256", TypeError, "int")],
+)
+def test_a_bad_block_size_says_what_is_accepted(value, error, accepted):
+    with pytest.raises(error) as info:
+        make(shuffle="block", block_size=value)
+    assert "block_size" in str(info.value) and repr(value) in str(info.value) and accepted in str(info.value)
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_block_size_without_the_block_order_is_refused(shuffle):
+    """It would do nothing: say so, and what to pass instead (as DataLoader refuses a sampler with shuffle)."""
+    with pytest.raises(ValueError, match=rf"block_size=100 applies to shuffle='block' only, and shuffle={shuffle}"):
+        make(shuffle=shuffle, block_size=100)
+    with pytest.raises(ValueError, match="block_size=100 applies to shuffle='block' only"):
+        prefetch.data_generator(2, X, Y, shuffle=shuffle, block_size=100, workers=0)
+
+
+def test_the_block_order_is_an_option_its_size_defaults_and_resume_compares_it():
+    from prefetch.core.order import DEFAULT_BLOCK_SIZE
+
+    with make(shuffle="block") as loader:
+        assert loader.config.block_size == DEFAULT_BLOCK_SIZE == loader.config.order.block_size
+        assert loader.config.order.shuffle == "block"
+    with make(shuffle=True) as loader:
+        assert loader.config.block_size is None
+    with make(shuffle="block", block_size=3, epochs=2, batch_size=2) as loader:
+        assert loader.config.order.block_size == 3
+        state = loader.state_dict()
+        assert state["config"]["shuffle"] == "block" and state["config"]["block_size"] == 3
+    for other, field in [
+        (make(shuffle="block", block_size=4, epochs=2, batch_size=2), "block_size=3, this one has block_size=4"),
+        (make(shuffle=True, epochs=2, batch_size=2), "shuffle='block', this one has shuffle=True"),
+    ]:
+        with other, pytest.raises(ValueError, match=f"saved by a loader with {field}"):
+            other.load_state_dict(state)

@@ -3,29 +3,36 @@
 They check the rules of the module docstring:
 
 * every epoch's order is a permutation of ``range(n)``, a pure function of ``(seed, epoch)``,
-  different across epochs and seeds, and the identity when ``shuffle`` is off;
+  different across epochs and seeds, the identity when ``shuffle`` is off, and exactly the
+  order docs/design.md describes (``reference_order``, written from it on its own), for
+  ``shuffle`` True, False and ``"block"``;
 * sharding: the ranks' shards of one epoch are disjoint, equally sized, dealt round-robin
   from the front of the permutation, and every rank plans the same number of batches;
 * ``last_batch`` = ``"wrap"`` / ``"short"`` / ``"drop"``: batch counts (``steps_per_epoch`` per epoch
   in every mode), batch sizes (``wrap``: all full) and the concatenation of the batches (also with
   ``batch_size`` larger than the shard); ``epoch_end``;
 * resuming at any batch, or asking for batches in any order, gives the same batches as one
-  uninterrupted walk (the per-``Order`` epoch cache never changes a result);
+  uninterrupted walk (the per-``Order`` caches never change a result);
 * ``IndexError`` outside a finite stream, endless streams far out, batches that straddle an
   epoch boundary;
 * small hand-checked plans.
+
+The bijection itself (every n, the cycle-walk bound, mixing, O(1) memory) is tested in
+``test_permutation.py``; the block order's locality in ``test_block_order.py``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import pytest
+import reference_order
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from prefetch.core.order import LAST_BATCH_MODES, Order, epoch_permutation
+from prefetch.core.order import CHUNK_SAMPLES, LAST_BATCH_MODES, SHUFFLE_MODES, Order
 
 SEEDS = st.integers(min_value=0, max_value=2**63 - 1)
 MODES = st.sampled_from(LAST_BATCH_MODES)
@@ -35,7 +42,8 @@ FAST = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCh
 
 @st.composite
 def configs(draw, *, max_n=40, max_world=4, epochs=FEW_EPOCHS, big_batches=True):
-    """Keyword arguments of an ``Order``: any ``world_size <= n``, any rank, any mode.
+    """Keyword arguments of an ``Order``: any ``world_size <= n``, any rank, any mode, any ``shuffle``
+    (small blocks, so that a few samples make several blocks and windows).
 
     An endless ``"drop"`` stream whose batch is larger than the shard (no batch at all;
     ``make_config`` rejects it) is left out: see ``test_endless_drop_with_no_full_batch``.
@@ -50,12 +58,23 @@ def configs(draw, *, max_n=40, max_world=4, epochs=FEW_EPOCHS, big_batches=True)
         "n": n,
         "batch_size": draw(st.integers(1, max_bs)),
         "seed": draw(SEEDS),
-        "shuffle": draw(st.booleans()),
+        "shuffle": draw(st.sampled_from(SHUFFLE_MODES)),
+        "block_size": draw(st.integers(1, 6)),
         "epochs": n_epochs,
         "last_batch": mode,
         "rank": draw(st.integers(0, world_size - 1)),
         "world_size": world_size,
     }
+
+
+def epoch_shard(order: Order, epoch: int) -> np.ndarray:
+    """This rank's whole shard of ``epoch``, in order."""
+    return order.shard_indices(epoch, 0, order.shard_size)
+
+
+def epoch_permutation(seed: int, epoch: int, n: int, shuffle: bool | str = True, block_size: int = 3) -> np.ndarray:
+    """Epoch ``epoch``'s order of ``range(n)``, unsharded."""
+    return epoch_shard(Order(n=n, batch_size=1, seed=seed, shuffle=shuffle, block_size=block_size), epoch)
 
 
 def as_lists(batches):
@@ -84,38 +103,69 @@ def model_plan(mode: str, m: int, bs: int, epochs: int) -> list[tuple[int, int, 
 # --- 1, 2: epoch permutations -------------------------------------------------------------------
 
 
+SHUFFLED = st.sampled_from([True, "block"])
+
+
 @FAST
-@given(n=st.integers(1, 200), seed=SEEDS, epoch=st.integers(0, 10**6))
-def test_every_shuffled_epoch_is_a_permutation_and_pure(n, seed, epoch):
-    order = Order(n=n, batch_size=3, seed=seed, shuffle=True, epochs=None)
-    shard = order.epoch_shard(epoch)
+@given(n=st.integers(1, 200), seed=SEEDS, epoch=st.integers(0, 10**6), shuffle=SHUFFLED, block_size=st.integers(1, 40))
+def test_every_shuffled_epoch_is_a_permutation_and_pure(n, seed, epoch, shuffle, block_size):
+    order = Order(n=n, batch_size=3, seed=seed, shuffle=shuffle, epochs=None, block_size=block_size)
+    shard = epoch_shard(order, epoch)
     assert shard.dtype == np.int64
     assert sorted(shard.tolist()) == list(range(n))
-    first = epoch_permutation(seed, epoch, n)
-    second = epoch_permutation(seed, epoch, n)
+    first = epoch_permutation(seed, epoch, n, shuffle, block_size)
+    second = epoch_permutation(seed, epoch, n, shuffle, block_size)
     assert first.tolist() == second.tolist()
     assert shard.tolist() == first.tolist()
-    # A fresh object (empty cache) and a second call agree.
-    assert Order(n=n, batch_size=3, seed=seed).epoch_shard(epoch).tolist() == first.tolist()
-    assert order.epoch_shard(epoch).tolist() == first.tolist()
+    # A fresh object (empty caches) and a second call agree.
+    fresh = Order(n=n, batch_size=3, seed=seed, shuffle=shuffle, block_size=block_size)
+    assert epoch_shard(fresh, epoch).tolist() == first.tolist()
+    assert epoch_shard(order, epoch).tolist() == first.tolist()
 
 
 @FAST
-@given(n=st.integers(10, 200), seed=SEEDS, first_epoch=st.integers(0, 10**6))
-def test_shuffled_epochs_differ(n, seed, first_epoch):
-    order = Order(n=n, batch_size=1, seed=seed, shuffle=True)
-    perms = [tuple(order.epoch_shard(e).tolist()) for e in range(first_epoch, first_epoch + 4)]
-    # Four random permutations of >= 10 items are all equal with probability < (1/10!)**3.
+@given(config=configs(max_n=40, max_world=4), epoch=st.integers(0, 10**6))
+@example(
+    config={
+        **dict(n=37, batch_size=5, seed=0, epochs=1, last_batch="wrap", rank=1, world_size=3),
+        "shuffle": "block",
+        "block_size": 2,
+    },
+    epoch=3,
+)
+def test_every_epoch_is_the_documented_order(config, epoch):
+    """Each rank's shard is what docs/design.md describes, computed on its own by ``reference_order``."""
+    order = Order(**config)
+    expected = reference_order.shard(
+        config["seed"],
+        epoch,
+        config["n"],
+        config["rank"],
+        config["world_size"],
+        config["shuffle"],
+        config["block_size"],
+    )
+    assert epoch_shard(order, epoch).tolist() == expected
+
+
+@FAST
+@given(n=st.integers(10, 200), seed=SEEDS, first_epoch=st.integers(0, 10**6), shuffle=SHUFFLED)
+def test_shuffled_epochs_differ(n, seed, first_epoch, shuffle):
+    order = Order(n=n, batch_size=1, seed=seed, shuffle=shuffle, block_size=2)
+    perms = [tuple(epoch_shard(order, e).tolist()) for e in range(first_epoch, first_epoch + 4)]
+    # Four random permutations of >= 10 items are all equal with probability < (1/10!)**3 (blocks of 2:
+    # five blocks or more, and windows of at least 10 samples but the last).
     assert len(set(perms)) > 1
 
 
 @pytest.mark.parametrize("n", [10, 11, 64, 1000])
 @pytest.mark.parametrize("epoch", [0, 1, 7])
-def test_different_seeds_give_different_permutations(n, epoch):
+@pytest.mark.parametrize("shuffle", [True, "block"])
+def test_different_seeds_give_different_permutations(n, epoch, shuffle):
     seeds = [0, 1, 2, 42, 12345, 2**31 - 1, 2**63 - 1]
-    perms = [tuple(epoch_permutation(seed, epoch, n).tolist()) for seed in seeds]
+    perms = [tuple(epoch_permutation(seed, epoch, n, shuffle, block_size=2).tolist()) for seed in seeds]
     assert len(set(perms)) == len(seeds)
-    assert all(perm != tuple(range(n)) for perm in perms), "shuffle=True left the data in order"
+    assert all(perm != tuple(range(n)) for perm in perms), "shuffle left the data in order"
 
 
 @FAST
@@ -123,7 +173,7 @@ def test_different_seeds_give_different_permutations(n, epoch):
 def test_shuffle_off_is_arange_every_epoch(n, seed, epochs):
     order = Order(n=n, batch_size=2, seed=seed, shuffle=False)
     for epoch in [0, 1, epochs, 10**6]:
-        assert order.epoch_shard(epoch).tolist() == list(range(n))
+        assert epoch_shard(order, epoch).tolist() == list(range(n))
     assert epoch_permutation(seed, epochs, n, shuffle=False).tolist() == list(range(n))
 
 
@@ -136,7 +186,7 @@ def test_shards_are_disjoint_equal_and_round_robin(config, epoch):
     n, world_size = config["n"], config["world_size"]
     m = n // world_size
     orders = [Order(**{**config, "rank": rank}) for rank in range(world_size)]
-    shards = [order.epoch_shard(epoch).tolist() for order in orders]
+    shards = [epoch_shard(order, epoch).tolist() for order in orders]
     for shard in shards:
         assert len(shard) == m
         assert len(set(shard)) == m
@@ -144,7 +194,7 @@ def test_shards_are_disjoint_equal_and_round_robin(config, epoch):
     assert len(union) == m * world_size  # so the shards are pairwise disjoint
     assert union <= set(range(n))
     # Round-robin from the kept front of the epoch's permutation.
-    perm = epoch_permutation(config["seed"], epoch, n, config["shuffle"]).tolist()
+    perm = epoch_permutation(config["seed"], epoch, n, config["shuffle"], config["block_size"]).tolist()
     assert union == set(perm[: m * world_size])
     for rank, shard in enumerate(shards):
         assert shard == perm[: m * world_size][rank::world_size]
@@ -164,7 +214,7 @@ def test_left_over_samples_change_between_epochs_when_shuffling(n, seed, data):
     orders = [Order(n=n, batch_size=1, seed=seed, world_size=world_size, rank=r) for r in range(world_size)]
     skipped = []
     for epoch in range(30):
-        kept = set().union(*(set(order.epoch_shard(epoch).tolist()) for order in orders))
+        kept = set().union(*(set(epoch_shard(order, epoch).tolist()) for order in orders))
         skipped.append(frozenset(set(range(n)) - kept))
         assert len(skipped[-1]) == n % world_size
     # 30 epochs all skipping the same samples has probability <= (1/2)**29.
@@ -214,7 +264,7 @@ def test_wrap_counts_and_contents(config):
     # E * (bs - 1) samples of the epochs after them.
     extra = epochs * steps * bs - epochs * m
     assert 0 <= extra <= epochs * (bs - 1)
-    stream = [i for e in range(epochs + extra // m + 1) for i in order.epoch_shard(e).tolist()]
+    stream = [i for e in range(epochs + extra // m + 1) for i in epoch_shard(order, e).tolist()]
     assert [i for batch in batches for i in batch] == stream[: epochs * steps * bs]
 
 
@@ -243,7 +293,7 @@ def test_short_counts_and_contents(config):
     for epoch in range(epochs):
         own = batches[epoch * steps : (epoch + 1) * steps]
         assert len(own) == steps
-        assert [i for batch in own for i in batch] == order.epoch_shard(epoch).tolist()
+        assert [i for batch in own for i in batch] == epoch_shard(order, epoch).tolist()
         assert all(len(batch) == bs for batch in own[:-1])
         assert len(own[-1]) == m - (steps - 1) * bs
         assert 1 <= len(own[-1]) <= bs
@@ -287,7 +337,7 @@ def test_drop_counts_and_contents(config):
     assert all(len(batch) == bs for batch in batches)
     for epoch in range(epochs):
         own = batches[epoch * steps : (epoch + 1) * steps]
-        assert [i for batch in own for i in batch] == order.epoch_shard(epoch).tolist()[: steps * bs]
+        assert [i for batch in own for i in batch] == epoch_shard(order, epoch).tolist()[: steps * bs]
 
 
 @FAST
@@ -301,14 +351,14 @@ def test_batch_size_larger_than_the_shard(config, extra):
         assert order.steps_per_epoch == 0
         assert batches == []
     elif config["last_batch"] == "short":
-        assert batches == [order.epoch_shard(e).tolist() for e in range(epochs)]
+        assert batches == [epoch_shard(order, e).tolist() for e in range(epochs)]
     else:
         assert order.steps_per_epoch == 1 and len(batches) == epochs  # one full batch per epoch of the loop
-        stream = [i for e in range(epochs * bs // m + 1) for i in order.epoch_shard(e).tolist()]
+        stream = [i for e in range(epochs * bs // m + 1) for i in epoch_shard(order, e).tolist()]
         assert batches == [stream[s : s + bs] for s in range(0, epochs * bs, bs)]
         # The first batch holds all of epoch 0 and the start of epoch 1.
-        assert batches[0][:m] == order.epoch_shard(0).tolist()
-        assert batches[0][m : 2 * m] == order.epoch_shard(1).tolist()[: bs - m]
+        assert batches[0][:m] == epoch_shard(order, 0).tolist()
+        assert batches[0][m : 2 * m] == epoch_shard(order, 1).tolist()[: bs - m]
 
 
 @FAST
@@ -321,7 +371,7 @@ def test_batches_match_the_model_plan(config):
         batch = order.batch_indices(b)
         assert batch.dtype == np.int64
         assert len(batch) == length
-        assert batch[0] == order.epoch_shard(epoch)[offset]
+        assert batch[0] == epoch_shard(order, epoch)[offset]
 
 
 # --- 5: resuming and random access ----------------------------------------------------------------
@@ -361,6 +411,42 @@ def test_random_access_matches_the_uninterrupted_walk(config, data):
     # And after the jumping around, a full walk on the same object is still unchanged.
     assert as_lists(order.batch_indices(b) for b in range(total)) == walked
     assert as_lists(order.batch_indices(b) for b in reversed(range(total))) == walked[::-1]
+
+
+@pytest.mark.parametrize("shuffle", SHUFFLE_MODES)
+@pytest.mark.parametrize("last_batch", LAST_BATCH_MODES)
+@pytest.mark.parametrize(("batch_size", "world_size"), [(1000, 1), (777, 3), (2 * CHUNK_SAMPLES + 1, 2)])
+def test_batches_across_chunks(shuffle, last_batch, batch_size, world_size):
+    """Shards longer than a chunk: each epoch is still every sample once, the batches cut it as the
+    mode says, and any order of asking -- backwards, one batch alone -- gives the same batches."""
+    n = 3 * CHUNK_SAMPLES * world_size + 5
+    orders = [
+        Order(
+            n=n,
+            batch_size=batch_size,
+            seed=11,
+            shuffle=shuffle,
+            epochs=2,
+            last_batch=last_batch,
+            rank=rank,
+            world_size=world_size,
+            block_size=100,
+        )
+        for rank in range(world_size)
+    ]
+    for order in orders:
+        walked = all_batches(order)
+        assert as_lists(order.batch_indices(b) for b in reversed(range(order.num_batches))) == walked[::-1]
+        for b in (0, order.num_batches // 2, order.num_batches - 1):
+            assert dataclasses.replace(order).batch_indices(b).tolist() == walked[b]  # fresh caches
+        if last_batch != "wrap":
+            steps = order.steps_per_epoch
+            for epoch in range(2):
+                samples = [i for batch in walked[epoch * steps : (epoch + 1) * steps] for i in batch]
+                assert samples == epoch_shard(order, epoch).tolist()[: len(samples)]
+    for epoch in range(2):
+        union = [i for order in orders for i in epoch_shard(order, epoch).tolist()]
+        assert len(union) == len(set(union)) == n - n % world_size
 
 
 # --- 6: the ends of the stream --------------------------------------------------------------------
@@ -405,10 +491,10 @@ def test_endless_streams_give_batches_far_out(config, far):
         assert len(batch) == bs
     if config["last_batch"] == "wrap":
         positions = range(far * bs, (far + 1) * bs)
-        assert batch == [int(order.epoch_shard(p // m)[p % m]) for p in positions]
+        assert batch == [int(epoch_shard(order, p // m)[p % m]) for p in positions]
     else:
         epoch, j = divmod(far, order.steps_per_epoch)
-        assert batch == order.epoch_shard(epoch).tolist()[j * bs : (j + 1) * bs]
+        assert batch == epoch_shard(order, epoch).tolist()[j * bs : (j + 1) * bs]
 
 
 @FAST
@@ -440,8 +526,8 @@ def test_wrap_batches_straddle_epoch_boundaries(n, seed, data, epochs, shuffle):
     assert (m * e) // bs == b
     batch = order.batch_indices(b).tolist()
     i = m * e - 1 - b * bs  # where position m*e - 1 sits in the batch
-    assert batch[i] == order.epoch_shard(e - 1).tolist()[-1]
-    assert batch[i + 1] == order.epoch_shard(e).tolist()[0]
+    assert batch[i] == epoch_shard(order, e - 1).tolist()[-1]
+    assert batch[i + 1] == epoch_shard(order, e).tolist()[0]
 
 
 @pytest.mark.parametrize("mode", LAST_BATCH_MODES)

@@ -47,7 +47,7 @@ def test_recommendation_compares_best_rounds_so_a_busy_spell_does_not_decide():
 
 
 def test_a_sweep_too_noisy_to_choose_by_keeps_the_default_and_says_why(monkeypatch):
-    monkeypatch.setattr(profile_module, "usable_cores", lambda: 2)
+    monkeypatch.setattr(profile_module, "process_cpus", lambda: 2)
     # other processes took the CPU for much of the sweep: rounds of one count differ 2.5x
     rows = [_row(0, 900, rounds=(1200, 900, 600)), _row(2, 800, rounds=(2000, 800, 1900)), _row(4, 9, rounds=(1100,))]
     assert noisy(rows) is not None and choose(rows).workers == 2
@@ -55,7 +55,7 @@ def test_a_sweep_too_noisy_to_choose_by_keeps_the_default_and_says_why(monkeypat
     assert line.startswith("2 workers, the default (one per usable core): too noisy to choose by measurement")
     assert "the rounds of 2 workers ranged 800-2000 samples/s" in line and "load average" in line
     assert "0 workers 1200, 2 workers 2000, 4 workers 1100" in line and "quiet machine" in line
-    monkeypatch.setattr(profile_module, "usable_cores", lambda: 3)
+    monkeypatch.setattr(profile_module, "process_cpus", lambda: 3)
     assert recommend(rows, stepped=True).startswith("2 workers, nearest the default of 3")
 
 
