@@ -1,6 +1,6 @@
 """The JPEG workload of ``e2e.py`` from WebDataset tar shards: ``prefetch.TarShards`` against ``webdataset``.
 
-The same JPEG files (``e2e.write_jpegs``) are packed once into tar shards of ``SHARD_SAMPLES`` samples
+The same JPEG files (``jpegs.write_jpegs``) are packed once into tar shards of ``SHARD_SAMPLES`` samples
 (``{key}.jpg``, ``{key}.cls``), and the same per-sample work runs on them: Pillow decode, RandomResizedCrop to
 224, a flip. Two systems, selected by ``e2e._jpeg_stream`` when the system's name is one of ``SYSTEMS``:
 
@@ -23,7 +23,7 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
-import e2e
+import jpegs
 import numpy as np
 
 SHARD_SAMPLES = 128  # samples per shard: 10 shards for the 1280 JPEGs
@@ -33,11 +33,11 @@ SHUFFLE_BUFFER = 1000
 SYSTEMS = ("prefetch-tar", "webdataset")
 
 
-def write_shards(count: int = e2e.JPEG_COUNT) -> list[str]:
-    """Pack the JPEGs of ``e2e.write_jpegs(count)`` into tar shards once; return the shard paths."""
-    jpegs = e2e.write_jpegs(count)
-    labels = e2e.jpeg_labels(count)
-    folder = Path(jpegs[0]).parent.with_name(Path(jpegs[0]).parent.name + f"-tar{SHARD_SAMPLES}")
+def write_shards(count: int = jpegs.JPEG_COUNT) -> list[str]:
+    """Pack the JPEGs of ``jpegs.write_jpegs(count)`` into tar shards once; return the shard paths."""
+    files = jpegs.write_jpegs(count)
+    labels = jpegs.jpeg_labels(count)
+    folder = Path(files[0]).parent.with_name(Path(files[0]).parent.name + f"-tar{SHARD_SAMPLES}")
     paths = [str(folder / f"shard-{k:04d}.tar") for k in range(-(-count // SHARD_SAMPLES))]
     if all(os.path.exists(p) for p in paths):
         return paths
@@ -46,7 +46,7 @@ def write_shards(count: int = e2e.JPEG_COUNT) -> list[str]:
         tmp = path + f".{os.getpid()}.tmp"
         with tarfile.open(tmp, "w") as archive:
             for i in range(k * SHARD_SAMPLES, min(count, (k + 1) * SHARD_SAMPLES)):
-                archive.add(jpegs[i], arcname=f"{i:05d}.jpg")
+                archive.add(files[i], arcname=f"{i:05d}.jpg")
                 label = str(int(labels[i])).encode()
                 info = tarfile.TarInfo(f"{i:05d}.cls")
                 info.size = len(label)
@@ -56,11 +56,11 @@ def write_shards(count: int = e2e.JPEG_COUNT) -> list[str]:
 
 
 def crop_and_flip(image: Any) -> np.ndarray:
-    """``e2e.jpeg_augment``'s work on a decoded RGB image: RandomResizedCrop(224), a flip half of the time."""
+    """``jpegs.jpeg_augment``'s work on a decoded RGB image: RandomResizedCrop(224), a flip half of the time."""
     from PIL import Image
 
-    box = e2e.random_resized_crop(*image.size)
-    image = image.resize((e2e.CROP, e2e.CROP), Image.Resampling.BILINEAR, box=box)
+    box = jpegs.random_resized_crop(*image.size)
+    image = image.resize((jpegs.CROP, jpegs.CROP), Image.Resampling.BILINEAR, box=box)
     if random.random() < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return np.asarray(image)
@@ -89,7 +89,7 @@ def shard_stream(system: str, workers: int, options: dict[str, Any]) -> tuple[An
         if workers >= 0:
             options = {"workers": workers, **options}
         loader = prefetch.Loader(
-            prefetch.TarShards(shards), batch_size=e2e.JPEG_BATCH, seed=0, transform=tar_augment, **options
+            prefetch.TarShards(shards), batch_size=jpegs.JPEG_BATCH, seed=0, transform=tar_augment, **options
         )
         gen = loader.stream()
 
@@ -112,7 +112,7 @@ def shard_stream(system: str, workers: int, options: dict[str, Any]) -> tuple[An
             .to_tuple("jpg", "cls")
             .map(webdataset_augment)
         )
-        loader = DataLoader(dataset, batch_size=e2e.JPEG_BATCH, num_workers=workers, persistent_workers=workers > 0)
+        loader = DataLoader(dataset, batch_size=jpegs.JPEG_BATCH, num_workers=workers, persistent_workers=workers > 0)
 
         def endless() -> Any:
             while True:
