@@ -298,6 +298,9 @@ def _check_collate(collate: Any, checked: dict[str, Any]) -> str | Callable[[lis
     return collate
 
 
+_int_option("io_threads", 1, ">= 1 (threads loading a batch's samples at once; 1: one after another)")
+
+
 # --- how batches are made: processes, depth, time limits, CPU sharing ------------------------------
 
 

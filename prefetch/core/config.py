@@ -55,6 +55,7 @@ class GeneratorOptions(TypedDict, total=False):
     transform: Callable[[Any], Any] | None
     batch_transform: Callable[[Any], Any] | None
     collate: str | Callable[[list[Any]], Any]
+    io_threads: int
     workers: int | None
     prefetch: int | None
     local_ranks: int | None
@@ -109,6 +110,7 @@ class LoaderConfig:
     transform: Callable[[Any], Any] | None = option(None)
     batch_transform: Callable[[Any], Any] | None = option(None)
     collate: str | Callable[[list[Any]], Any] = option("auto")
+    io_threads: int = option(1)  # threads loading a batch's samples (source[i]) at once, in each worker
     local_ranks: int = option(None)  # ranks sharing this node's CPUs, /dev/shm and memory; None: LOCAL_WORLD_SIZE
     workers: int = option(None)  # None: the CPUs this rank may use (``_budget.cpu_budget``)
     prefetch: int = option(None)  # None: per worker, see PREFETCH_PER_WORKER, within the byte budget
