@@ -200,6 +200,7 @@ class Engine:
 
     def stats(self) -> Stats:
         self.recorder.restarts = self.run.restarts
+        self.recorder.hedges = getattr(self.run, "hedges", 0)  # an executor that hedges (processes) counts them
         nodes = {worker.pid: worker.node for worker in self.run.workers() if worker.node is not None}
         return self.recorder.snapshot(self.worker_pids(), self.helper_pid(), self.decisions(), nodes)
 

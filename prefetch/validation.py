@@ -179,6 +179,7 @@ _int_option("batch_size", 1, ">= 1")
 _callable_option("transform")
 _callable_option("batch_transform")
 _int_option("retries", 0, ">= 0 (times a batch is redone after its worker died)")
+_bool_option("hedge")
 _bool_option("limit_threads")
 
 

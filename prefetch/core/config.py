@@ -62,6 +62,7 @@ class GeneratorOptions(TypedDict, total=False):
     start_method: str | None
     timeout: float | None
     retries: int
+    hedge: bool
     limit_threads: bool
     worker_nice: int
     train_threads: str | int | None
@@ -117,6 +118,7 @@ class LoaderConfig:
     start_method: str | None = option(None)  # None: the platform's default
     timeout: float | None = option(None)
     retries: int = option(1)
+    hedge: bool = option(False)  # make the batch the loop waits for a second time when it is late (core/hedging)
     limit_threads: bool = option(True)
     worker_nice: int = option(DEFAULT_WORKER_NICE)  # how far workers step back from the training step (os.nice)
     train_threads: str | int | None = option("auto")  # the training framework's intra-op threads (see _tuning)
