@@ -23,6 +23,7 @@ from typing import Any
 import multiprocess.util  # noqa: F401 - its atexit hook must be registered before ours (below)
 
 from ._tuning import ThreadTuner
+from .core import threaded
 from .core.aliasing import SourceMemory
 from .core.config import LoaderConfig
 from .core.pipeline import UserCodeRaised, make_numbered_batch
@@ -90,7 +91,7 @@ class InlineEngine:
         return self.recorder.snapshot([], None)
 
     def close(self) -> None:
-        pass
+        threaded.end_pools()  # io_threads' threads: none left running after the loader (core/threaded.py)
 
 
 class Engine:
@@ -199,6 +200,7 @@ class Engine:
 
     def stats(self) -> Stats:
         self.recorder.restarts = self.run.restarts
+        self.recorder.hedges = getattr(self.run, "hedges", 0)  # an executor that hedges (processes) counts them
         nodes = {worker.pid: worker.node for worker in self.run.workers() if worker.node is not None}
         return self.recorder.snapshot(self.worker_pids(), self.helper_pid(), self.decisions(), nodes)
 

@@ -41,6 +41,7 @@ class Stats:
     mean_fill: float  # ready batches waiting in the consumer when one was asked for
     max_fill: int
     restarts: int  # workers that died and were replaced
+    hedges: int = 0  # late batches a second worker was set to make (``hedge=True``)
     # role ("consumer", "coordinator", "worker <pid>") -> RSS bytes; and "uss_total", memory unique to
     # any of these processes (shared pages counted once), where the system lets us read it
     memory: dict[str, int] = field(default_factory=dict)
@@ -109,6 +110,7 @@ class Stats:
             transfer_s=mean(self.transfer_s, earlier.transfer_s),
             mean_fill=mean(self.mean_fill, earlier.mean_fill),
             restarts=self.restarts - earlier.restarts,
+            hedges=self.hedges - earlier.hedges,
             consumer_cpu=per_second(self.consumer_cpu, earlier.consumer_cpu),
             workers_cpu=per_second(self.workers_cpu, earlier.workers_cpu),
             started_at=self.started_at + earlier.elapsed_s,
@@ -140,7 +142,7 @@ class Stats:
                 f"collate {self.collate_s * 1e3:.2f} ms, transfer {self.transfer_s * 1e3:.2f} ms",
             ),
             ("buffer fill", f"mean {self.mean_fill:.1f}, max {self.max_fill}"),
-            ("worker restarts", str(self.restarts)),
+            ("worker restarts", str(self.restarts) + (f", {self.hedges} late batches hedged" if self.hedges else "")),
             ("memory", memory),
             (
                 "cpu",
@@ -179,6 +181,7 @@ class StatsRecorder:
         self.fill_sum = 0
         self.fill_max = 0
         self.restarts = 0
+        self.hedges = 0
         self.cpu_started = time.process_time()  # this process's CPU, every thread of it
         self.started_at = time.time()  # identifies the iteration (``Stats.since``)
         # (perf_counter, process_time) when the engine was kept between epochs: the clocks stop there
@@ -234,6 +237,7 @@ class StatsRecorder:
             mean_fill=self.fill_sum / self.batches if self.batches else 0.0,
             max_fill=self.fill_max,
             restarts=self.restarts,
+            hedges=self.hedges,
             memory=_memory(worker_pids, coordinator_pid),
             cores=process_cpus(),
             consumer_cpu=(cpu_now - self.cpu_started) / elapsed,

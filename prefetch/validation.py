@@ -179,6 +179,7 @@ _int_option("batch_size", 1, ">= 1")
 _callable_option("transform")
 _callable_option("batch_transform")
 _int_option("retries", 0, ">= 0 (times a batch is redone after its worker died)")
+_bool_option("hedge")
 _bool_option("limit_threads")
 
 
@@ -296,6 +297,9 @@ def _check_collate(collate: Any, checked: dict[str, Any]) -> str | Callable[[lis
     if not callable(collate) and collate not in COLLATE_MODES:
         raise ValueError(f"collate must be 'auto', 'list' or a callable; got {collate!r}")
     return collate
+
+
+_int_option("io_threads", 1, ">= 1 (threads loading a batch's samples at once; 1: one after another)")
 
 
 # --- how batches are made: processes, depth, time limits, CPU sharing ------------------------------

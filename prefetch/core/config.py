@@ -55,12 +55,14 @@ class GeneratorOptions(TypedDict, total=False):
     transform: Callable[[Any], Any] | None
     batch_transform: Callable[[Any], Any] | None
     collate: str | Callable[[list[Any]], Any]
+    io_threads: int
     workers: int | None
     prefetch: int | None
     local_ranks: int | None
     start_method: str | None
     timeout: float | None
     retries: int
+    hedge: bool
     limit_threads: bool
     worker_nice: int
     train_threads: str | int | None
@@ -109,12 +111,14 @@ class LoaderConfig:
     transform: Callable[[Any], Any] | None = option(None)
     batch_transform: Callable[[Any], Any] | None = option(None)
     collate: str | Callable[[list[Any]], Any] = option("auto")
+    io_threads: int = option(1)  # threads loading a batch's samples (source[i]) at once, in each worker
     local_ranks: int = option(None)  # ranks sharing this node's CPUs, /dev/shm and memory; None: LOCAL_WORLD_SIZE
     workers: int = option(None)  # None: the CPUs this rank may use (``_budget.cpu_budget``)
     prefetch: int = option(None)  # None: per worker, see PREFETCH_PER_WORKER, within the byte budget
     start_method: str | None = option(None)  # None: the platform's default
     timeout: float | None = option(None)
     retries: int = option(1)
+    hedge: bool = option(False)  # make the batch the loop waits for a second time when it is late (core/hedging)
     limit_threads: bool = option(True)
     worker_nice: int = option(DEFAULT_WORKER_NICE)  # how far workers step back from the training step (os.nice)
     train_threads: str | int | None = option("auto")  # the training framework's intra-op threads (see _tuning)

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from ..errors import Failure
-from . import rng
+from . import rng, threaded
 from .aliasing import SourceMemory
 from .collate import Alloc, StreamingStack, collate_auto, collate_list, private_alloc
 from .config import LoaderConfig
@@ -115,8 +115,11 @@ def _user_code(where: Callable[[], str]) -> Iterator[None]:
         raise UserCodeRaised(Failure.capture(exc, where()), exc) from exc
 
 
-def _load(sources: tuple[Any, ...], indices: np.ndarray) -> list[Any]:
-    """One sample per index: ``source[i]``, or ``(s1[i], s2[i], ...)`` with several sources."""
+def _load(sources: tuple[Any, ...], indices: np.ndarray, threads: int = 1) -> list[Any]:
+    """One sample per index: ``source[i]``, or ``(s1[i], s2[i], ...)`` with several sources; with
+    ``threads > 1``, up to that many loads at once, in the batch's order (``threaded``)."""
+    if threads > 1 and len(indices) > 1:
+        return _load_threaded(sources, indices.tolist(), threads)
     samples: list[Any] = []
     index = -1
     with _user_code(lambda: f"loading sample {index}"):
@@ -131,6 +134,24 @@ def _load(sources: tuple[Any, ...], indices: np.ndarray) -> list[Any]:
         else:
             for index in indices.tolist():
                 samples.append(tuple(source[index] for source in sources))
+    return samples
+
+
+def _load_threaded(sources: tuple[Any, ...], indices: list[int], threads: int) -> list[Any]:
+    """``_load`` with ``io_threads`` threads; a source that drew from the batch's generators fails the batch."""
+    if len(sources) == 1:
+        load_one: Callable[[int], Any] = sources[0].__getitem__
+    else:
+        load_one = lambda i: tuple(source[i] for source in sources)  # noqa: E731
+    draws = threaded.GlobalDraws()
+    loads = threaded.in_order(load_one, indices, threads)
+    samples: list[Any] = []
+    index = -1
+    with _user_code(lambda: f"loading sample {index}"), closing(loads):
+        for index in indices:  # noqa: B007 (the failure's words read it)
+            samples.append(next(loads))
+    with _user_code(lambda: f"loading samples {indices}"):
+        draws.check()
     return samples
 
 
@@ -154,7 +175,7 @@ def make_batch(
         batch = _take(config.sources, indices, alloc)
         load_s = time.perf_counter() - start
     else:
-        samples = _load(config.sources, indices)
+        samples = _load(config.sources, indices, config.io_threads)
         if safety is not None:
             safety.add(samples)  # before a transform replaces them
         load_s = time.perf_counter() - start

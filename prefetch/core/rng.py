@@ -115,6 +115,11 @@ def adopt_global_states(states: tuple[Any, Any, bytes | None]) -> None:
         generator.set_state(torch.frombuffer(bytearray(torch_state), dtype=torch.uint8))
 
 
+def current_generator() -> np.random.Generator | None:
+    """``batch_rng()``'s generator if it was made for the batch being made, else None (draws nothing)."""
+    return _current.generator
+
+
 def batch_rng() -> np.random.Generator:
     """The random generator of the batch being made, for use inside ``transform``/``batch_transform``.
 

@@ -109,6 +109,17 @@ class Schedule:
             self.next_batch += 1
         return batch, place
 
+    def spare_place(self) -> int | None:
+        """A place for a second copy of a batch in flight (a hedge): a free one, or a new one up to
+        ``max_places`` (beyond the window's ``prefetch + held``, within the memory bound); None if none.
+        It comes back like any other, when the consumer drops the copy it does not deliver."""
+        if self.free_places:
+            return self.free_places.pop()
+        if self.place_count < self.max_places:
+            self.place_count += 1
+            return self.place_count - 1
+        return None
+
     def consumed(self, position: int, released: Iterable[int], held: int) -> bool:
         """The consumer took every batch below ``position``, gave ``released`` places back and holds
         ``held`` batches. True when the position moved (done batches can be forgotten)."""

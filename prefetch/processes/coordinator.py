@@ -91,6 +91,8 @@ class Coordinator:
         self.idle_deaths = 0
         self.workers: list[_Worker] = []
         self.late_kills: dict[int, int] = {}  # pid of a worker killed for a late batch -> that batch
+        self.hedged: set[int] = set()  # batches made twice (``hedge``), at or beyond the position
+        self.last_hedge: set[int] = set()  # pids of the workers making the last hedged batch (killed at shutdown)
         method = "fork" if "fork" in multiprocess.get_all_start_methods() else config.start_method
         self.ctx = multiprocess.get_context(method)
         self.consumer = consumer  # (pid, start ticks): the pid alone may be reused once it is gone
@@ -190,14 +192,31 @@ class Coordinator:
             if next_task is None:
                 return
             batch, slot = next_task
-            worker = min(self.workers, key=lambda w: len(w.tasks))
-            indices = self.order.batch_indices(batch).astype(np.int64, copy=False).tobytes()
-            task = messages.Task(batch, indices, slot, self.segments.get(slot), self.size_hint)
-            worker.tasks.append(task)
-            try:
-                worker.outbox.put(encode(task))
-            except OSError:  # it just died: its sentinel reports it, and the task is redone with its others
-                pass
+            self._send(min(self.workers, key=lambda w: len(w.tasks)), batch, slot)
+
+    def _send(self, worker: _Worker, batch: int, slot: int) -> None:
+        indices = self.order.batch_indices(batch).astype(np.int64, copy=False).tobytes()
+        task = messages.Task(batch, indices, slot, self.segments.get(slot), self.size_hint)
+        worker.tasks.append(task)
+        try:
+            worker.outbox.put(encode(task))
+        except OSError:  # it just died: its sentinel reports it, and the task is redone with its others
+            pass
+
+    def _on_hedge(self, batch: int) -> None:
+        """The loop waits too long for ``batch``: a second worker makes it too, the one with the fewest tasks
+        of those that do not have it, in a spare place (``core/hedging.py``). Nothing if there is none."""
+        others = [w for w in self.workers if w.killed_for is None and all(t.batch != batch for t in w.tasks)]
+        if batch < self.schedule.position or batch in self.hedged or not others:
+            return
+        slot = self.schedule.spare_place()
+        if slot is None:
+            return
+        worker = min(others, key=lambda w: len(w.tasks))
+        self.hedged.add(batch)
+        self.last_hedge = {w.process.pid for w in self.workers if w is worker or w not in others}
+        self._send(worker, batch, slot)
+        self._post(messages.Hedged(batch, worker.process.pid))
 
     # --- writing without blocking -------------------------------------------------------
 
@@ -224,6 +243,7 @@ class Coordinator:
             for worker in self.workers:
                 if worker.tasks and worker.tasks[0].batch < position:
                     worker.tasks = deque(t for t in worker.tasks if t.batch >= position)
+            self.hedged = {batch for batch in self.hedged if batch >= position}
         for slot, segment in message.released:
             if segment is not None:
                 self.segments[slot] = segment
@@ -242,6 +262,8 @@ class Coordinator:
                 self._on_lost(message)
             elif isinstance(message, messages.TimedOut):
                 self._on_timed_out(message.batch)
+            elif isinstance(message, messages.Hedge):
+                self._on_hedge(message.batch)
             else:
                 assert isinstance(message, messages.Stop)
                 self.stop_request = message
@@ -304,6 +326,7 @@ class Coordinator:
             unsent = worker.outbox.drop_queued()
             sent = list(worker.tasks)[: len(worker.tasks) - unsent]
             busy = any(task.batch >= position and task.batch not in received for task in sent)
+            busy = busy or worker.process.pid in self.last_hedge  # its copy may still be in the making
             if self.consumer_gone or busy or worker.killed_for is not None:
                 worker.process.kill()
                 continue

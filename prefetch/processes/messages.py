@@ -117,6 +117,20 @@ class TimedOut(NamedTuple):
     batch: int
 
 
+class Hedge(NamedTuple):
+    """Consumer -> coordinator: the loop has waited too long for ``batch`` (``core.hedging``): have an other
+    worker make it too."""
+
+    batch: int
+
+
+class Hedged(NamedTuple):
+    """Coordinator -> consumer: worker ``pid`` makes ``batch`` a second time (a hedge)."""
+
+    batch: int
+    pid: int
+
+
 class Stop(NamedTuple):
     """Consumer -> coordinator, coordinator -> worker: shut down now.
 
@@ -147,6 +161,8 @@ Message = (
     | Consumed
     | Lost
     | TimedOut
+    | Hedge
+    | Hedged
     | Stop
     | WorkersStopped
 )

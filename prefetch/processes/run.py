@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 from ..core.config import LoaderConfig
+from ..core.hedging import Hedging
 from ..core.reorder import Leases
 from ..core.schedule import GiveUp
 from ..errors import CoordinatorDiedError, CoordinatorTimeoutError, StartTimeoutError
@@ -37,6 +38,8 @@ from .messages import (
     Consumed,
     CoordinatorCrashed,
     CoordinatorReady,
+    Hedge,
+    Hedged,
     Lost,
     Stop,
     TimedOut,
@@ -71,6 +74,8 @@ class ProcessRun:
         self.position = start  # the batch the consumer wants next
         self.sent_position = start  # the position the coordinator was last told
         self.delivered: set[int] = set()  # batches passed on, at or beyond ``position``
+        self.hedging = Hedging() if config.hedge else None  # when to make a late batch twice (``hedge``)
+        self.hedges = 0  # batches a second worker was set to make (``Hedged``), for ``stats()``
         self.reader = SlotReader()
         self.leases = Leases()  # slots the user's batches hold, and those given back since the last report
         self.reported_segments: dict[int, SegmentRef] = {}  # each slot's segment as last told
@@ -94,7 +99,7 @@ class ProcessRun:
 
     # --- talking to the coordinator -----------------------------------------------------
 
-    def _tell(self, message: Consumed | Lost | TimedOut) -> None:
+    def _tell(self, message: Consumed | Lost | TimedOut | Hedge) -> None:
         """Send ``message`` now or as soon as the pipe has room; never block, never a raw EPIPE."""
         try:
             self.control_out.put(encode(message))
@@ -112,6 +117,8 @@ class ProcessRun:
         for taken in range(self.position, position):
             self.delivered.discard(taken)
         self.position = max(self.position, position)
+        if self.hedging is not None:
+            self.hedging.asked(self.position)
         if self.position - self.sent_position >= self.config.credit_step:
             self._report()
 
@@ -134,7 +141,7 @@ class ProcessRun:
         """What arrived within ``seconds`` (0: only what is there already)."""
         coordinator_exited = False
         if seconds > 0:
-            for deadline in (self.answer_by, self.start_by):
+            for deadline in (self.answer_by, self.start_by, self._hedge_by()):
                 if deadline is not None:
                     seconds = max(0.0, min(seconds, deadline - time.perf_counter()))
             for key, _ in self.selector.select(seconds):
@@ -149,7 +156,21 @@ class ProcessRun:
             self._check_answer()
         if self.start_by is not None and time.perf_counter() >= self.start_by:
             self._start_timed_out()
+        if self._hedge_by() is not None:
+            self._hedge()
         return results
+
+    def _hedge_by(self) -> float | None:
+        """When the batch the loop waits for is late enough to hedge (``hedge=True``), or None."""
+        if self.hedging is None or self.position in self.delivered:
+            return None
+        return self.hedging.deadline()
+
+    def _hedge(self) -> None:
+        assert self.hedging is not None
+        batch = self.hedging.due()
+        if batch is not None:
+            self._tell(Hedge(batch))
 
     def _drain(self) -> list[Result]:
         try:
@@ -163,6 +184,8 @@ class ProcessRun:
                 results.append(result)
                 if result.batch >= self.position:
                     self.delivered.add(result.batch)
+                if self.hedging is not None and isinstance(result, Made):
+                    self.hedging.measured(sum(result.timings))
         return results
 
     def _result(self, message: Any) -> Result | None:
@@ -182,6 +205,8 @@ class ProcessRun:
             missing = tuple((b, s) for b, s in message.tasks if b >= self.position and b not in self.delivered)
             self._tell(Lost(message.pid, message.exitcode, missing))
             self.worker_pids = message.workers
+        elif isinstance(message, Hedged):
+            self.hedges += 1
         elif isinstance(message, CoordinatorReady):
             self.coordinator_ready = True
             self.start_by = None

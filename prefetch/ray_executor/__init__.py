@@ -56,6 +56,11 @@ class RayExecutor:
 
         from .run import RayRun
 
+        if config.hedge:
+            raise ValueError(
+                "hedge=True is not supported by the Ray executor (a late batch is not made twice there); "
+                "use hedge=False, or executor='processes'"
+            )
         if not ray.is_initialized():
             ray.init(address=self.address)
         run = RayRun(self.actor_options, self.copy, config, start, wake)

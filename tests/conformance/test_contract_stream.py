@@ -44,6 +44,15 @@ def test_the_stream_over_two_epochs_is_the_workers_0_stream(executor):
     assert got == list(expected)  # each batch's SHA-256, so a failure names the first batch that differs
 
 
+@pytest.mark.contract(registry.STREAM)
+def test_the_stream_with_io_threads_is_the_workers_0_stream(executor):
+    """``io_threads`` loads a batch's samples in threads; the transform's draws stay in the batch's order."""
+    expected = reference("torch")[0]
+    with executor.loader(DATA_X, LABELS, io_threads=4, **WITH_TORCH) as loader:
+        got = [digest(batch) for batch in loader.stream()]
+    assert got == list(expected)
+
+
 def _generator_states() -> bytes:
     states = [random.getstate(), np.random.get_state()]
     if torch is not None:

@@ -106,3 +106,14 @@ def test_while_the_consumer_waits_a_slot_is_always_available(held):
     schedule = make(prefetch=3, max_places=2 * 3 + 1 + 1)
     schedule.consumed(0, released=[], held=held)
     assert schedule.next_task() is not None
+
+
+def test_a_hedge_gets_a_spare_place_beyond_the_window_within_the_ceiling():
+    schedule = make(prefetch=3, max_places=5)
+    window = {slot for _, slot in drain(schedule)}
+    assert window == {0, 1, 2}
+    spares = [schedule.spare_place(), schedule.spare_place()]
+    assert spares == [3, 4]  # beyond the full window, up to max_places
+    assert schedule.spare_place() is None  # the ceiling holds
+    schedule.consumed(0, released=[4], held=0)  # the copy not delivered gave its place back
+    assert schedule.spare_place() == 4
