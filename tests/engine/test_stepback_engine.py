@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+from functools import partial
 
 import numpy as np
 import pytest
@@ -31,6 +32,10 @@ def thread_nices(pid: int) -> set[int]:
 def oom_score_adj(pid: int | str) -> int:
     with open(f"/proc/{pid}/oom_score_adj") as adj:
         return int(adj.read())
+
+
+def raised_score(pid: int) -> bool:
+    return oom_score_adj(pid) == WORKER_OOM_SCORE_ADJ
 
 
 def reference_digest() -> str:
@@ -85,9 +90,8 @@ def test_the_oom_killer_takes_a_worker_first_and_its_batches_are_redone(monkeypa
             if replacement is None and new:
                 replacement = new.pop()
             if replacement is not None and seen == FIRST_DECISION + NICE_SPAN_BATCHES:  # a span after the decision
-                pid = replacement
-                wait_until(lambda: oom_score_adj(pid) == WORKER_OOM_SCORE_ADJ, what="the replacement's score")
-                assert thread_nices(pid) == {min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)}
+                wait_until(partial(raised_score, replacement), what="the replacement's score")
+                assert thread_nices(replacement) == {min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)}
         restarts = loader.stats().restarts
     assert replacement is not None and restarts == 1
     assert digest.hexdigest() == reference_digest()
