@@ -271,6 +271,7 @@ def test_train_threads_int_sets_them_for_the_loaders_life(fake_torch):
         ("worker_nice", -1, ValueError),
         ("worker_nice", 20, ValueError),
         ("worker_nice", 1.5, TypeError),
+        ("worker_nice", "fast", TypeError),
         ("train_threads", 0, ValueError),
         ("train_threads", "fast", TypeError),
     ],
@@ -278,6 +279,12 @@ def test_train_threads_int_sets_them_for_the_loaders_life(fake_torch):
 def test_bad_tuning_options_fail_at_construction(option, value, error):
     with pytest.raises(error, match=option):
         prefetch.Loader(DATA, batch_size=4, **{option: value})
+
+
+def test_worker_nice_is_auto_unless_given():
+    assert prefetch.Loader(DATA, batch_size=4).config.worker_nice == "auto"
+    assert prefetch.Loader(DATA, batch_size=4, worker_nice="auto").config.worker_nice == "auto"
+    assert prefetch.Loader(DATA, batch_size=4, worker_nice=10).config.worker_nice == 10
 
 
 # --- whose setting it is: the tuner gives back the user's setting, and only what it set itself ----------------
