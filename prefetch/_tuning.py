@@ -13,9 +13,10 @@ any batch (the stream is the same whatever they decide):
   no privilege; lowering it again would, so it is set once, at worker start.
 * **The framework's intra-op threads** (``train_threads="auto"``): when PyTorch is loaded in the
   consumer with more than one intra-op thread, ``ThreadTuner`` measures the loop's batch rate with the
-  framework's threads as they are and with half of them, alternating windows of batches, and keeps the
-  faster (the fewer threads only if they win clearly). ``train_threads=None`` never touches the framework;
-  an int sets it for the loader's life.
+  framework's threads as they are and with half of them, in balanced blocks of windows (``_compare``),
+  keeps the fewer only if they win beyond the measured noise, and checks its verdict again now and then.
+  ``train_threads=None`` never touches the framework; an int sets it for the loader's life. TensorFlow's
+  and JAX's pools are fixed when they start: with them the tuner reports and touches nothing.
 * **Whose setting it is** (``ThreadClaims``, one per process): torch's setting belongs to each thread. A
   tuner *claims* its loop thread's setting, remembers the user's value and the last value it set itself,
   and gives the user's value back when it lets go -- only if the thread still has the value the tuner set
@@ -35,15 +36,24 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-# The tuner's schedule: batches before it measures anything (start-up, caches), batches per window,
-# and how many windows each candidate gets (alternated: a, b, a, b, a, b), all of which count: a setting that
-# runs the step fast by starving the workers drains the buffer, and that only shows over time.
+from ._compare import NOISE, B, Comparison, Verdict
+
+# The tuner's schedule (``_compare``): batches before it measures anything (start-up, caches), batches per
+# window, and blocks of four windows (A B B A): at least TUNE_MIN_BLOCKS before any verdict (the noise is
+# their spread), at most TUNE_MAX_BLOCKS before it gives up telling the settings apart -- 4 + 8 * 24 = 196
+# batches at most. Longer windows average out more noise per block but take longer to decide.
 TUNE_WARMUP_BATCHES = 4
 TUNE_WINDOW_BATCHES = 6
-TUNE_ROUNDS = 3
-# The fewer threads are kept only if they make the loop at least this much faster: a noisy machine
-# must not talk the tuner into a change that is no real gain.
+TUNE_MIN_BLOCKS = 3
+TUNE_MAX_BLOCKS = 8
+# The fewer threads are kept only if they make the loop at least this much faster, beyond the noise too:
+# a change must be a real gain.
 TUNE_MIN_GAIN = 1.05
+# After a verdict, one more block this many batches later, then twice as far each time up to the maximum:
+# a verdict the loop's later behaviour contradicts is undone, at the cost of half a block at the other
+# setting each time (12 batches in 768 at the most spaced: under 2 %).
+TUNE_RECHECK_BATCHES = 48
+TUNE_RECHECK_MAX_BATCHES = 768
 # When consumer and workers together use at least this share of the usable cores while the loop
 # is not waiting for data, they compete for them -- if the workers use any CPU at all.
 WORKERS_BUSY_CORES = 0.05
@@ -169,111 +179,177 @@ def settle_training_threads(stopped: ThreadTuner | None = None) -> None:
 
 @dataclass
 class ThreadTuner:
-    """Picks the training framework's intra-op threads by measuring the loop's batch rate.
+    """Picks the training framework's intra-op threads by measuring the loop's batch rate (``_compare``).
 
-    ``tick()`` is called once per batch the loop asks for, in the loop's own thread (the thread
-    whose OpenMP settings matter). It times windows of ``TUNE_WINDOW_BATCHES`` batches -- the whole
-    cycle, training step and wait included, which is what the user gets -- for each candidate in
-    turn, then keeps the faster (the user's setting unless fewer threads win by ``TUNE_MIN_GAIN``).
+    ``tick()`` is called once per batch the loop asks for, in the loop's own thread (the thread whose
+    OpenMP settings matter). After ``TUNE_WARMUP_BATCHES`` it times windows of ``TUNE_WINDOW_BATCHES``
+    batches -- the whole cycle, training step and wait included, which is what the user gets -- with the
+    user's threads (A) and half of them (B) in ``A B B A`` blocks, until the blocks tell them apart beyond
+    their noise (``_compare.Verdict``) or ``TUNE_MAX_BLOCKS`` could not: then the user's setting is kept,
+    and ``decision`` says why. It then goes on measuring one block now and then (``TUNE_RECHECK_BATCHES``,
+    doubling up to ``TUNE_RECHECK_MAX_BATCHES``), and a verdict the new blocks overturn is undone.
 
-    The rate it compares is what the loop can *sustain*: batches taken, less those the window drained
-    from the buffer of ready batches (``ready`` at each tick). A setting that speeds the step up by
-    starving the workers looks fast while the buffer lasts; counted this way, it does not.
-    ``decision`` says what it decided and from which figures.
+    The rate is what the loop can *sustain*: batches taken less those the window drained from the buffer
+    of ready batches (``ready`` at each tick). A setting that speeds the step up by starving the workers
+    looks fast while the buffer lasts; counted this way, it does not.
+
+    For a controller of the worker count: ``measurement()`` is what the blocks say now, ``measuring`` is
+    True while a block runs (a change then would spoil it), and ``reconsider()`` drops what was measured
+    after a change to the workers (the balance between step and workers is another one).
     """
 
     original: int  # the framework's threads in the loop's thread when the engine started (the user's)
     candidates: tuple[int, ...]  # the settings it compares, the original first
     thread: threading.Thread = field(default_factory=threading.current_thread)  # the loop's thread
+    comparison: Comparison = field(default_factory=lambda: Comparison(TUNE_MIN_GAIN, TUNE_MIN_BLOCKS, TUNE_MAX_BLOCKS))
     batches: int = 0  # ticks so far
+    measuring: bool = False  # a window is being timed
+    next_check: int = TUNE_WARMUP_BATCHES  # the tick at which the next block starts
+    recheck_batches: int = TUNE_RECHECK_BATCHES
+    window_left: int = 0  # ticks until the window being timed ends
     window_started: float = 0.0
-    window: int = 0  # index of the window being timed
     window_ready: int = 0  # ready batches when the window began
-    seconds: dict[int, float] = field(default_factory=dict)  # threads -> seconds timed
-    sustained: dict[int, int] = field(default_factory=dict)  # threads -> batches taken less batches drained
+    settled: bool = False  # a verdict has been applied (the rest is checking it)
+    done: bool = False  # nothing more to do: a fixed setting, a report, or the user took the threads
     chosen: int | None = None
     decision: str = ""
+    windows: list[int] = field(default_factory=list)  # the threads of every window timed, in order
 
     @classmethod
     def start(cls, setting: str | int | None, workers: int) -> ThreadTuner | None:
         """A tuner for ``train_threads=setting`` in the calling (loop) thread, or None when there is nothing
-        to tune. It claims the thread's setting (``claims``); if another tuner holds it, it changes nothing."""
+        to tune or report. It claims the thread's setting (``claims``); if another tuner holds it, it changes
+        nothing. With TensorFlow or JAX and no PyTorch it only reports (``framework_not_tuned``)."""
         claims.settle()
         current = torch_threads()
-        if setting is None or current is None or workers == 0 or (not isinstance(setting, int) and current <= 1):
+        if setting is None or workers == 0:
+            return None
+        if current is None:
+            report = framework_not_tuned(setting)
+            return None if report is None else cls(original=0, candidates=(), done=True, decision=report)
+        if not isinstance(setting, int) and current <= 1:
             return None
         tuner = cls(original=current, candidates=())
         if claims.claim(tuner) is None:
-            tuner.chosen = current
+            tuner.chosen, tuner.done = current, True
             tuner.decision = f"training threads left at {current}: another loader in this thread tunes them already"
             return tuner
         if isinstance(setting, int):
-            tuner.candidates, tuner.chosen = (setting,), setting
+            tuner.candidates, tuner.chosen, tuner.done = (setting,), setting, True
             if tuner._apply(setting):
                 tuner.decision = f"training threads {current} -> {setting} (train_threads={setting})"
             return tuner
         tuner.candidates = (current, max(1, current // 2))
         return tuner
 
-    def _current_candidate(self) -> int:
-        return self.candidates[self.window % len(self.candidates)]
-
     def _apply(self, threads: int) -> bool:
         """Set the loop thread's threads, unless the user changed them since the last time: then they are
         the user's, and the tuner stops."""
         if claims.apply(self, threads):
             return True
-        self.chosen = torch_threads()
+        self.chosen, self.done, self.measuring = torch_threads(), True, False
         self.decision = f"training threads left at {self.chosen}: you set them while the loader had them (yours)"
         return False
 
     def tick(self, ready: int) -> None:
         """One more batch asked for, with ``ready`` batches waiting in the buffer: move the measurement on
-        (cheap once it has decided)."""
-        if self.chosen is not None or threading.current_thread() is not self.thread:
+        (a counter and a comparison between measurements)."""
+        if self.done or threading.current_thread() is not self.thread:
             return
         self.batches += 1
-        if self.batches < TUNE_WARMUP_BATCHES:
+        if self.measuring:
+            self.window_left -= 1
+            if self.window_left == 0:
+                self._end_window(ready)
+        elif self.batches >= self.next_check:
+            self._begin_window(ready)
+
+    def _begin_window(self, ready: int) -> None:
+        threads = self.candidates[self.comparison.setting()]
+        if not self._apply(threads):
             return
-        now = time.perf_counter()
-        into = (self.batches - TUNE_WARMUP_BATCHES) % TUNE_WINDOW_BATCHES
-        if into != 0:
-            return
-        if self.window_started:  # a window just ended
-            threads = self._current_candidate()
-            self.seconds[threads] = self.seconds.get(threads, 0.0) + now - self.window_started
-            drained = max(0, self.window_ready - ready)
-            self.sustained[threads] = self.sustained.get(threads, 0) + TUNE_WINDOW_BATCHES - drained
-            self.window += 1
-        if self.window == TUNE_ROUNDS * len(self.candidates):
-            self._decide()
-            return
-        if not self._apply(self._current_candidate()):
-            return
-        self.window_ready = ready
+        self.windows.append(threads)
+        self.measuring, self.window_left, self.window_ready = True, TUNE_WINDOW_BATCHES, ready
         self.window_started = time.perf_counter()
 
-    def _decide(self) -> None:
-        rates = {t: max(self.sustained[t], 1) / self.seconds[t] for t in self.seconds}
-        best = max(rates, key=lambda t: rates[t])
-        gain = rates[best] / rates[self.original]
-        chosen = best if best != self.original and gain >= TUNE_MIN_GAIN else self.original
-        if not self._apply(chosen):
+    def _end_window(self, ready: int) -> None:
+        seconds = time.perf_counter() - self.window_started
+        drained = max(0, self.window_ready - ready)
+        self.measuring = False
+        if not self.comparison.add(TUNE_WINDOW_BATCHES - drained, seconds):
+            self._begin_window(ready)
             return
-        self.chosen = chosen
-        shown = ", ".join(f"{t} threads {rate:.2f} batches/s" for t, rate in rates.items())
-        if self.chosen != self.original:
+        verdict = self.comparison.verdict()
+        if verdict.choice == NOISE and not self.settled and verdict.blocks < TUNE_MAX_BLOCKS:
+            self._begin_window(ready)  # not told apart yet: one more block
+            return
+        self._settle(verdict)
+
+    def _settle(self, verdict: Verdict) -> None:
+        """Apply what the blocks say (B only if it won beyond the noise), and plan the next check."""
+        user, fewer = self.candidates
+        threads = fewer if verdict.choice == B else user
+        if not self._apply(threads):
+            return
+        before, self.chosen, self.settled = self.chosen, threads, True
+        self.next_check = self.batches + self.recheck_batches
+        self.recheck_batches = min(2 * self.recheck_batches, TUNE_RECHECK_MAX_BATCHES)
+        shown = f"{user} threads {verdict.rates[0]:.2f} batches/s, {fewer} threads {verdict.rates[1]:.2f} batches/s"
+        again = " again: later blocks overturned the earlier verdict" if before not in (None, threads) else ""
+        if threads != user:
             self.decision = (
-                f"training threads {self.original} -> {self.chosen}: the loop ran {gain:.2f}x faster with "
-                f"{self.chosen} ({shown}; train_threads=None keeps yours)"
+                f"training threads {user} -> {fewer}{again}: the loop ran {verdict.gain:.2f}x faster with {fewer} "
+                f"(+-{verdict.margin:.0%} over {verdict.blocks} blocks; {shown}; train_threads=None keeps yours)"
+            )
+        elif verdict.choice == NOISE:
+            self.decision = (
+                f"training threads kept at {user}{again}: {fewer} threads measured {verdict.gain:.2f}x, within the "
+                f"noise (+-{verdict.margin:.0%} over {verdict.blocks} blocks; {shown}); train_threads={fewer} sets them"
             )
         else:
-            self.decision = f"training threads kept at {self.original} ({shown})"
+            self.decision = f"training threads kept at {user}{again}: {fewer} threads were {verdict.why} ({shown})"
+
+    def measurement(self) -> Verdict:
+        """What the blocks measured so far say (for a controller of the worker count, and ``stats()``)."""
+        return self.comparison.verdict()
+
+    def reconsider(self) -> None:
+        """The loop changed under the tuner (workers added or parked, their priority changed): forget the
+        blocks and measure again, from the setting in force, after a warm-up."""
+        if self.done:
+            return
+        self.comparison.clear()
+        self.measuring, self.settled = False, False
+        self.next_check = self.batches + TUNE_WARMUP_BATCHES
+        self.recheck_batches = TUNE_RECHECK_BATCHES
 
     def release(self) -> None:
         """Let go of the loop thread's setting: the user's comes back if the thread still has the tuner's
         (now, or -- from another thread -- at the loop thread's next ``settle_training_threads``)."""
         claims.release(self)
+
+
+# The frameworks whose training threads the tuner reports but never touches: (module, name, how to set them).
+REPORTED_FRAMEWORKS = (
+    ("tensorflow", "TensorFlow", "tf.config.threading.set_intra_op_parallelism_threads(k) before its first op"),
+    ("jax", "JAX", "XLA_FLAGS in the environment before JAX starts"),
+)
+
+
+def framework_not_tuned(setting: str | int) -> str | None:
+    """The decision to report when no PyTorch but TensorFlow or JAX is loaded (never imports either): their
+    thread pools are fixed when the runtime starts, so no setting can be measured against another; None if
+    neither is loaded."""
+    loaded = [(name, how) for module, name, how in REPORTED_FRAMEWORKS if module in sys.modules]
+    if not loaded:
+        return None
+    names = " and ".join(name for name, _ in loaded)
+    hows = "; ".join(f"{name}: {how}" for name, how in loaded)
+    asked = f"train_threads={setting!r} applies to PyTorch only" if isinstance(setting, int) else "not measured"
+    return (
+        f"training threads not touched ({asked}): {names} fixes its thread pools when it starts, so the loader "
+        f"cannot try another setting while the loop runs. To set them yourself -- {hows}"
+    )
 
 
 def contention(

@@ -22,10 +22,11 @@ from typing import Any
 
 import multiprocess.util  # noqa: F401 - its atexit hook must be registered before ours (below)
 
+from ._stepback import StepBack
 from ._tuning import ThreadTuner
 from .core import threaded
 from .core.aliasing import SourceMemory
-from .core.config import LoaderConfig
+from .core.config import DEFAULT_WORKER_NICE, LoaderConfig
 from .core.pipeline import UserCodeRaised, make_numbered_batch
 from .core.reorder import ReorderBuffer
 from .errors import LoaderClosedError, annotate
@@ -114,6 +115,8 @@ class Engine:
             raise
         # Only once the executor runs: an engine that failed to start has nothing to give back.
         self.tuner = ThreadTuner.start(config.train_threads, config.workers)  # None: nothing to tune
+        # worker_nice="auto": the workers start level and step back once the loop is measured compute-bound
+        self.stepback = StepBack(DEFAULT_WORKER_NICE, self.worker_pids) if config.worker_nice == "auto" else None
         live_engines.add(self)
 
     @property
@@ -173,6 +176,8 @@ class Engine:
         self._file(self.run.wait(0))
         if self.tuner is not None:
             self.tuner.tick(len(self.reorder))
+        if self.stepback is not None and self.stepback.tick(self.recorder.wait_s) and self.tuner is not None:
+            self.tuner.reconsider()  # measured at the workers' old priority
         waited = self._wait_for_next() if not self.reorder.ready() else 0.0
         result = self.reorder.take()
         if isinstance(result, Unmade):
@@ -192,7 +197,9 @@ class Engine:
     def decisions(self) -> tuple[str, ...]:
         """What the engine decided about sharing the cores with the training step, and why."""
         made = []
-        if self.config.worker_nice:
+        if self.stepback is not None and self.stepback.decision:
+            made.append(self.stepback.decision)
+        elif isinstance(self.config.worker_nice, int) and self.config.worker_nice:
             made.append(f"workers at nice +{self.config.worker_nice}: the training step goes first (worker_nice)")
         if self.tuner is not None and self.tuner.decision:
             made.append(self.tuner.decision)

@@ -125,11 +125,11 @@ def _check_cores(config: LoaderConfig | None) -> Finding:
 
     cores, usable, default_workers = _rank_cores(config)
     workers = config.workers if config is not None else default_workers
-    nice = config.worker_nice if config is not None else DEFAULT_WORKER_NICE
+    nice = config.worker_nice if config is not None else "auto"
     tuning = config.train_threads if config is not None else "auto"
     loader = (
         f"{'the loader' if config is not None else 'a default loader'}: {_count(workers, 'worker')}, "
-        f"worker_nice={nice}, train_threads={tuning!r}"
+        f"worker_nice={nice!r}, train_threads={tuning!r}"
     )
     env = ", ".join(f"{name}={os.environ[name]}" for name in THREAD_ENV_VARS if name in os.environ)
     env = env or f"{'/'.join(THREAD_ENV_VARS)} unset"
@@ -149,10 +149,15 @@ def _check_cores(config: LoaderConfig | None) -> Finding:
             "ok", f"{what}: {_count(training, 'training thread')} + {_count(workers, 'worker')} fit the cores"
         )
     handled, change = [], []
-    if nice > 0:
+    if nice == "auto":
+        handled.append(
+            f"worker_nice='auto' steps the workers back to nice +{DEFAULT_WORKER_NICE} once the loop is measured "
+            "compute-bound, so the training step goes first"
+        )
+    elif isinstance(nice, int) and nice > 0:
         handled.append(f"the workers run at nice +{nice}, so the training step goes first")
     else:
-        change.append(f"keep the default worker_nice={DEFAULT_WORKER_NICE}, so the training step goes first")
+        change.append("keep the default worker_nice='auto', so the training step goes first when it is the bound")
     if tuning == "auto" and threads > 1:
         handled.append(
             f"train_threads='auto' also times the step at {_count(threads // 2, 'thread')} and keeps the faster"

@@ -367,10 +367,14 @@ def _check_timeout(timeout: Any, checked: dict[str, Any]) -> float | None:
 
 
 @_checks_option
-def _check_worker_nice(worker_nice: Any, checked: dict[str, Any]) -> int:
-    worker_nice = _need_int("worker_nice", worker_nice, 0, "in [0, 19] (0: workers as urgent as the training loop)")
+def _check_worker_nice(worker_nice: Any, checked: dict[str, Any]) -> int | str:
+    if isinstance(worker_nice, str) and worker_nice == "auto":
+        return worker_nice
+    worker_nice = _need_int(
+        "worker_nice", worker_nice, 0, "in [0, 19] or 'auto' (0: workers as urgent as the training loop)"
+    )
     if worker_nice > 19:
-        raise ValueError(f"worker_nice must be an int in [0, 19]; got {worker_nice}")
+        raise ValueError(f"worker_nice must be an int in [0, 19] or 'auto'; got {worker_nice}")
     return worker_nice
 
 

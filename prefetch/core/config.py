@@ -35,9 +35,10 @@ PREFETCH_PER_WORKER = 2
 # with 2 ms samples reach 97 % of ideal at prefetch=16 and 71 % at 18).
 SMALL_POOL_WORKERS = 4
 SMALL_POOL_PREFETCH_PER_WORKER = 3
-# How far workers step back from the training step (nice increment; 19 is the most, 0 is none).
-# Measured on 2 cores (bench/e2e.py, Keras fit and the JPEG pipeline): 0 makes training slower than the
-# plain generator; 10 beat 19 on both (19 starves the workers while the step's threads spin).
+# How far workers step back from the training step (nice increment; 19 is the most, 0 is none), when they do:
+# always with an int worker_nice, with "auto" (the default) once the loop is measured compute-bound (_stepback).
+# Measured on 2 cores (bench/e2e.py, Keras fit and the JPEG pipeline): 0 makes a compute-bound step slower than
+# the plain generator; 10 beat 19 on both (19 starves the workers while the step's threads spin).
 DEFAULT_WORKER_NICE = 10
 
 
@@ -64,7 +65,7 @@ class GeneratorOptions(TypedDict, total=False):
     retries: int
     hedge: bool
     limit_threads: bool
-    worker_nice: int
+    worker_nice: int | str
     train_threads: str | int | None
     executor: Any
 
@@ -120,7 +121,7 @@ class LoaderConfig:
     retries: int = option(1)
     hedge: bool = option(False)  # make the batch the loop waits for a second time when it is late (core/hedging)
     limit_threads: bool = option(True)
-    worker_nice: int = option(DEFAULT_WORKER_NICE)  # how far workers step back from the training step (os.nice)
+    worker_nice: int | str = option("auto")  # how far workers step back from the training step; "auto": _stepback
     train_threads: str | int | None = option("auto")  # the training framework's intra-op threads (see _tuning)
     executor: Any = option("processes")  # what runs the batches: "processes", "ray", or an executor object
     provenance: tuple[str, ...] = ()  # where workers and prefetch came from, in words (``validation``)

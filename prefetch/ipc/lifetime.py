@@ -8,8 +8,9 @@
   producer) uses ``exit_with_parent``, which ignores the end of a mere thread.
 * ``ignore_sigint`` / ``sigint_ignored``: Ctrl-C is the consumer's alone to handle.
 * ``batch_scheduling`` / ``normal_scheduling``: a coordinator's wake-ups do not preempt the loop.
-* ``wake_on_time``, ``limit_threads``, ``one_torch_thread`` and ``worker_prologue``: what a process that
-  runs user code does first (timed waits on time, one BLAS/OpenMP and torch thread, stepped back).
+* ``wake_on_time``, ``limit_threads``, ``one_torch_thread``, ``first_to_go_under_memory_pressure`` and
+  ``worker_prologue``: what a process that runs user code does first (timed waits on time, one BLAS/OpenMP
+  and torch thread, stepped back, the OOM killer's first pick).
 * Threads at a fork: ``other_threads``, ``native_threads`` and ``fork_hazard`` (what may hold a lock
   that a forked process would find locked forever), ``warn_threads_before_fork``.
 
@@ -35,6 +36,12 @@ _PR_SET_TIMERSLACK = 29
 # timer slack, 50 us by default: 2.5 % of a 2 ms wait. Workers that wait on storage or a
 # network with timeouts should wake on time; the cost is a few more timer interrupts.
 WORKER_TIMER_SLACK_NS = 1000
+
+# A worker's oom_score_adj (-1000 .. 1000; the kernel's OOM killer adds it to each process's share of memory,
+# in thousandths, and kills the highest): the most, so that under memory pressure a worker goes before the
+# training process, whatever their sizes. A killed worker's batches are redone (as any SIGKILLed worker's);
+# the training process is not. The cost: a worker may die where another process of the machine would have.
+WORKER_OOM_SCORE_ADJ = 1000
 
 # The signal ``exit_with_parent`` asks for: a real-time one that nothing else sends, so that its handler
 # knows it comes from Linux's parent-death request (a SIGTERM may come from anyone).
@@ -159,19 +166,36 @@ def limit_threads() -> None:
     threadpool_limits(1)
 
 
-def worker_prologue(nice: int, limit: bool, *, ignore_interrupts: bool = True) -> None:
+def first_to_go_under_memory_pressure(score_adj: int = WORKER_OOM_SCORE_ADJ) -> None:
+    """Make the kernel's OOM killer pick this process before the training process: a worker's death is
+    repaired (its batches are redone), the training process's is not. Raising one's own score needs no
+    privilege; a score already higher is kept. Nothing where ``/proc`` has no such file."""
+    path = "/proc/self/oom_score_adj"
+    try:
+        with open(path) as current:
+            if int(current.read()) >= score_adj:
+                return
+        with open(path, "w") as raised:
+            raised.write(str(score_adj))
+    except (OSError, ValueError):  # pragma: no cover - not Linux, or a read-only /proc
+        pass
+
+
+def worker_prologue(nice: int | str, limit: bool, *, ignore_interrupts: bool = True) -> None:
     """What every process that runs user code to make batches does first, wherever it runs (a forked
     worker, a Ray actor): Ctrl-C is left to the consumer (``ignore_interrupts``; Ray handles its own
     signals), timed waits end on time (``wake_on_time``: this thread's), the normal scheduling policy
-    (not its parent's), ``nice`` steps it back from the training step, and ``limit`` gives it one
-    BLAS/OpenMP thread and one torch thread (``limit_threads``). See ``docs/design.md``, "Where a new
-    executor goes"."""
+    (not its parent's), an int ``nice`` steps it back from the training step (``"auto"``: it starts level,
+    and the consumer decides later), the OOM killer takes it first (``first_to_go_under_memory_pressure``),
+    and ``limit`` gives it one BLAS/OpenMP thread and one torch thread (``limit_threads``). See
+    ``docs/design.md``, "Where a new executor goes"."""
     if ignore_interrupts:
         ignore_sigint()
     wake_on_time()
     normal_scheduling()
-    if nice:
+    if isinstance(nice, int) and nice > 0:
         os.nice(nice)
+    first_to_go_under_memory_pressure()
     if limit:
         limit_threads()
 

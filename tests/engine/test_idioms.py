@@ -318,10 +318,12 @@ def test_a_kept_engine_is_stopped_at_exit(tmp_path, start_method):
 def test_an_epoch_loop_keeps_the_thread_tuner_across_epochs(fake_torch):
     """Epochs shorter than the tuner's measurement: with the engine kept between epochs the tuner measures
     across them and decides (with an engine per epoch it would start over every epoch and never decide)."""
-    from prefetch._tuning import TUNE_ROUNDS, TUNE_WARMUP_BATCHES, TUNE_WINDOW_BATCHES
+    from prefetch._tuning import TUNE_MAX_BLOCKS, TUNE_WARMUP_BATCHES, TUNE_WINDOW_BATCHES
 
-    measured = TUNE_WARMUP_BATCHES + TUNE_ROUNDS * 2 * TUNE_WINDOW_BATCHES
-    with prefetch.Loader(np.arange(96.0), batch_size=4, seed=0, workers=2, train_threads="auto") as loader:
+    measured = TUNE_WARMUP_BATCHES + TUNE_MAX_BLOCKS * 4 * TUNE_WINDOW_BATCHES  # the longest it may measure
+    # worker_nice=0: a step back would make the tuner start over (reconsider), on this machine's timing
+    options = {"batch_size": 4, "seed": 0, "workers": 2, "train_threads": "auto", "worker_nice": 0}
+    with prefetch.Loader(np.arange(96.0), **options) as loader:
         assert len(loader) < measured
         for _epoch in range(math.ceil(measured / len(loader)) + 1):
             for _batch in loader:

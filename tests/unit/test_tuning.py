@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import types
 
 import numpy as np
 import pytest
@@ -18,8 +19,10 @@ from helpers import FakeTorch, PerThreadFakeTorch
 import prefetch
 from prefetch import _tuning
 from prefetch._tuning import (
+    TUNE_MAX_BLOCKS,
+    TUNE_MIN_BLOCKS,
     TUNE_MIN_GAIN,
-    TUNE_ROUNDS,
+    TUNE_RECHECK_BATCHES,
     TUNE_WARMUP_BATCHES,
     TUNE_WINDOW_BATCHES,
     ThreadTuner,
@@ -27,8 +30,10 @@ from prefetch._tuning import (
 
 DATA = np.random.default_rng(3).random((96, 6)).astype(np.float32)
 LABELS = np.arange(96)
-# Batches the tuner needs to decide: its warm-up, then every window of every candidate.
-TUNING_BATCHES = TUNE_WARMUP_BATCHES + TUNE_ROUNDS * 2 * TUNE_WINDOW_BATCHES
+BLOCK_BATCHES = 4 * TUNE_WINDOW_BATCHES  # one block: windows A B B A
+# Batches the tuner needs for its earliest verdict, and for its last (settings it cannot tell apart).
+TUNING_BATCHES = TUNE_WARMUP_BATCHES + TUNE_MIN_BLOCKS * BLOCK_BATCHES
+LONGEST_TUNING_BATCHES = TUNE_WARMUP_BATCHES + TUNE_MAX_BLOCKS * BLOCK_BATCHES
 
 
 @pytest.fixture(autouse=True)
@@ -52,13 +57,25 @@ class FakeClock:
             tuner.tick(self.ready(self.torch.threads))
             self.now += self.cycle_s(self.torch.threads)
 
+    def run_until(self, tuner: ThreadTuner, done, most: int) -> None:
+        for _ in range(most):
+            if done():
+                return
+            self.run(tuner, 1)
+        raise AssertionError(f"not reached in {most} batches: {tuner.decision!r}, windows {tuner.windows}")
 
-def run_tuner(monkeypatch, torch: FakeTorch, cycle_s, ready=lambda threads: 3) -> ThreadTuner:
+
+def start_tuner(monkeypatch, torch: FakeTorch, cycle_s, ready=lambda threads: 3) -> tuple[ThreadTuner, FakeClock]:
     clock = FakeClock(torch, cycle_s, ready)
     monkeypatch.setattr(_tuning.time, "perf_counter", clock.perf_counter)
     tuner = ThreadTuner.start("auto", workers=2)
     assert tuner is not None
-    clock.run(tuner, TUNING_BATCHES + 5)
+    return tuner, clock
+
+
+def run_tuner(monkeypatch, torch: FakeTorch, cycle_s, ready=lambda threads: 3, batches=TUNING_BATCHES) -> ThreadTuner:
+    tuner, clock = start_tuner(monkeypatch, torch, cycle_s, ready)
+    clock.run(tuner, batches + 1)
     return tuner
 
 
@@ -67,7 +84,7 @@ def run_tuner(monkeypatch, torch: FakeTorch, cycle_s, ready=lambda threads: 3) -
 
 def test_tuner_keeps_fewer_threads_when_the_loop_runs_faster(monkeypatch, fake_torch):
     tuner = run_tuner(monkeypatch, fake_torch, lambda threads: 0.10 if threads == 1 else 0.14)
-    assert tuner.chosen == 1
+    assert tuner.chosen == 1 and tuner.measurement().blocks == TUNE_MIN_BLOCKS  # a clear gain: the earliest verdict
     assert fake_torch.threads == 1
     assert "training threads 2 -> 1" in tuner.decision and "1.40x" in tuner.decision
     tuner.release()
@@ -75,23 +92,111 @@ def test_tuner_keeps_fewer_threads_when_the_loop_runs_faster(monkeypatch, fake_t
 
 
 def test_tuner_keeps_the_users_threads_unless_fewer_win_clearly(monkeypatch, fake_torch):
-    just_below = 0.10 * (TUNE_MIN_GAIN - 0.01)  # one thread faster, but within the noise margin
+    just_below = 0.10 / (TUNE_MIN_GAIN - 0.01)  # one thread faster, but by less than the gain worth a change
     tuner = run_tuner(monkeypatch, fake_torch, lambda threads: just_below if threads == 1 else 0.10)
     assert tuner.chosen == 2
     assert fake_torch.threads == 2
+    assert tuner.decision.startswith("training threads kept at 2") and "no clear gain" in tuner.decision
+
+
+def test_tuner_measures_in_balanced_blocks(monkeypatch, fake_torch):
+    """A B B A, block after block: a drift that is linear over a block hits both settings alike."""
+    tuner = run_tuner(monkeypatch, fake_torch, lambda threads: 0.1)
+    assert tuner.windows == [2, 1, 1, 2] * TUNE_MIN_BLOCKS
+    assert fake_torch.calls[: 4 * TUNE_MIN_BLOCKS] == tuner.windows  # what torch was really set to, window by window
+
+
+def test_a_warm_up_does_not_favour_the_second_setting(monkeypatch, fake_torch):
+    """Both settings equally fast, but the loop starts slow and speeds up over its first block (caches, the
+    workers' start): measured A B A B, the warm-up made the second setting look 1.13x faster."""
+    ticks = {"n": 0}
+
+    def cycle(threads: int) -> float:
+        ticks["n"] += 1
+        measured = ticks["n"] - TUNE_WARMUP_BATCHES  # batches into the measurement
+        warming = max(0.0, 1.0 - measured / BLOCK_BATCHES) if measured >= 0 else 1.0
+        return 0.1 + 0.1 * warming
+
+    tuner = run_tuner(monkeypatch, fake_torch, cycle)
+    assert tuner.chosen == 2 and fake_torch.threads == 2, tuner.decision
     assert tuner.decision.startswith("training threads kept at 2")
 
 
-def test_tuner_measures_each_candidate_in_alternating_windows(monkeypatch, fake_torch):
-    run_tuner(monkeypatch, fake_torch, lambda threads: 0.1)
-    measured = fake_torch.calls[: TUNE_ROUNDS * 2]
-    assert measured == [2, 1] * TUNE_ROUNDS  # a, b, a, b: drift on the machine hits both alike
+def test_a_verdict_that_later_blocks_contradict_is_undone(monkeypatch, fake_torch):
+    """One thread wins the first blocks; then the loop changes and two threads win: the checks the tuner
+    goes on making after its verdict overturn it, and the user's setting is back."""
+    phase = {"late": False}
+
+    def cycle(threads: int) -> float:
+        faster = 2 if phase["late"] else 1
+        return 0.10 if threads == faster else 0.14
+
+    tuner, clock = start_tuner(monkeypatch, fake_torch, cycle)
+    clock.run_until(tuner, lambda: tuner.settled, TUNING_BATCHES + 1)
+    assert tuner.chosen == 1 and fake_torch.threads == 1
+    phase["late"] = True
+    checks = 3 * (TUNE_RECHECK_BATCHES + BLOCK_BATCHES)
+    clock.run_until(tuner, lambda: tuner.chosen == 2 and not tuner.measuring, checks)
+    assert fake_torch.threads == 2
+    assert "kept at 2 again" in tuner.decision and "overturned" in tuner.decision
+
+
+def test_no_verdict_within_the_noise_keeps_the_users_setting_and_says_why(monkeypatch, fake_torch):
+    """Block by block one thread is 1.25x faster, then 0.85x: a mean gain of about 3 % in a spread of 20 %.
+    The tuner measures every block it may, keeps the user's setting, and says it could not tell."""
+    tuner: ThreadTuner | None = None
+
+    def cycle(threads: int) -> float:
+        assert tuner is not None
+        odd = len(tuner.comparison.blocks) % 2
+        return 0.10 if threads == 2 else 0.10 / (0.85 if odd else 1.25)
+
+    tuner, clock = start_tuner(monkeypatch, fake_torch, cycle)
+    clock.run(tuner, LONGEST_TUNING_BATCHES - 1)
+    assert tuner.chosen is None and fake_torch.threads in (1, 2)  # still measuring
+    clock.run(tuner, 2)
+    measured = tuner.measurement()
+    assert measured.blocks == TUNE_MAX_BLOCKS and measured.choice == ""
+    assert tuner.chosen == 2 and fake_torch.threads == 2
+    assert tuner.decision.startswith("training threads kept at 2: 1 threads measured")
+    assert "within the noise (+-" in tuner.decision and "train_threads=1 sets them" in tuner.decision
+
+
+def test_after_a_verdict_the_tuner_checks_again_ever_less_often(monkeypatch, fake_torch):
+    tuner, clock = start_tuner(monkeypatch, fake_torch, lambda threads: 0.10 if threads == 1 else 0.14)
+    clock.run_until(tuner, lambda: tuner.settled, TUNING_BATCHES + 1)
+    decided_at, windows = tuner.batches, len(tuner.windows)
+    clock.run(tuner, TUNE_RECHECK_BATCHES - 1)
+    assert len(tuner.windows) == windows  # nothing measured until the first check
+    clock.run(tuner, 1 + BLOCK_BATCHES)
+    assert tuner.windows[windows:] == [2, 1, 1, 2] and tuner.chosen == 1 and fake_torch.threads == 1
+    assert tuner.next_check == decided_at + TUNE_RECHECK_BATCHES + BLOCK_BATCHES + 2 * TUNE_RECHECK_BATCHES
+
+
+def test_reconsider_measures_again_from_scratch(monkeypatch, fake_torch):
+    """What a controller of the worker count calls after it changed the workers: the blocks measured with the
+    old workers are dropped, and the verdict comes from the new ones alone."""
+    phase = {"late": False}
+
+    def cycle(threads: int) -> float:
+        faster = 2 if phase["late"] else 1
+        return 0.10 if threads == faster else 0.14
+
+    tuner, clock = start_tuner(monkeypatch, fake_torch, cycle)
+    clock.run_until(tuner, lambda: tuner.settled, TUNING_BATCHES + 1)
+    assert tuner.chosen == 1
+    phase["late"] = True
+    tuner.reconsider()
+    assert tuner.measurement().blocks == 0 and not tuner.measuring
+    clock.run_until(tuner, lambda: tuner.settled, TUNING_BATCHES + 1)
+    assert tuner.chosen == 2 and tuner.measurement().blocks == TUNE_MIN_BLOCKS
+    assert tuner.measurement().gain < 1  # B (one thread) measured slower
 
 
 def test_a_setting_that_starves_the_workers_does_not_look_fast(monkeypatch, fake_torch):
     """Two threads run the step faster but drain the buffer (the workers fall behind): what the loop can
     sustain is the batches it took less those it drained, and there one thread wins."""
-    buffer = {"ready": 12, "steps_at_2": 0}
+    buffer = {"ready": 40, "steps_at_2": 0}
 
     def cycle(threads: int) -> float:  # one step of the loop, with the threads in force for it
         if threads == 1:
@@ -104,11 +209,6 @@ def test_a_setting_that_starves_the_workers_does_not_look_fast(monkeypatch, fake
     tuner = run_tuner(monkeypatch, fake_torch, cycle, lambda threads: buffer["ready"])
     assert tuner.chosen == 1, tuner.decision  # counted by time alone, 2 threads (10 batches/s) would win
     assert "2 threads 5.00 batches/s" in tuner.decision
-
-
-def test_every_candidate_gets_every_round(monkeypatch, fake_torch):
-    run_tuner(monkeypatch, fake_torch, lambda threads: 0.10 if threads == 1 else 0.20)
-    assert fake_torch.calls == [2, 1] * TUNE_ROUNDS + [1]  # even a clear difference gets all rounds
 
 
 def test_tuner_ignores_batches_asked_from_another_thread(monkeypatch, fake_torch):
@@ -135,9 +235,27 @@ def test_tuner_starts_only_when_there_is_something_to_tune(monkeypatch, setting,
 
 
 def test_no_tuner_without_torch_and_torch_never_imported(monkeypatch):
-    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    for name in ("torch", "tensorflow", "jax"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
     assert ThreadTuner.start("auto", workers=2) is None
     assert "torch" not in sys.modules
+
+
+@pytest.mark.parametrize(("module", "name"), [("tensorflow", "TensorFlow"), ("jax", "JAX")])
+@pytest.mark.parametrize("setting", ["auto", 3])
+def test_tensorflow_and_jax_steps_are_reported_never_touched(monkeypatch, module, name, setting):
+    """Their thread pools are fixed when they start: the tuner says so, and how to set them, and touches
+    nothing -- the stand-in module has no attribute at all, so any use of it would raise."""
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    monkeypatch.setitem(sys.modules, module, types.ModuleType(module))
+    tuner = ThreadTuner.start(setting, workers=2)
+    assert tuner is not None and tuner.done and tuner.chosen is None
+    for _ in range(LONGEST_TUNING_BATCHES):
+        tuner.tick(3)
+    tuner.release()
+    assert tuner.decision.startswith("training threads not touched") and name in tuner.decision
+    assert ("applies to PyTorch only" in tuner.decision) is (setting == 3)
+    assert len(_tuning.claims) == 0
 
 
 def test_train_threads_int_sets_them_for_the_loaders_life(fake_torch):
@@ -153,6 +271,7 @@ def test_train_threads_int_sets_them_for_the_loaders_life(fake_torch):
         ("worker_nice", -1, ValueError),
         ("worker_nice", 20, ValueError),
         ("worker_nice", 1.5, TypeError),
+        ("worker_nice", "fast", TypeError),
         ("train_threads", 0, ValueError),
         ("train_threads", "fast", TypeError),
     ],
@@ -160,6 +279,12 @@ def test_train_threads_int_sets_them_for_the_loaders_life(fake_torch):
 def test_bad_tuning_options_fail_at_construction(option, value, error):
     with pytest.raises(error, match=option):
         prefetch.Loader(DATA, batch_size=4, **{option: value})
+
+
+def test_worker_nice_is_auto_unless_given():
+    assert prefetch.Loader(DATA, batch_size=4).config.worker_nice == "auto"
+    assert prefetch.Loader(DATA, batch_size=4, worker_nice="auto").config.worker_nice == "auto"
+    assert prefetch.Loader(DATA, batch_size=4, worker_nice=10).config.worker_nice == 10
 
 
 # --- whose setting it is: the tuner gives back the user's setting, and only what it set itself ----------------
