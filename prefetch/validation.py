@@ -2,18 +2,18 @@
 
 Validation happens here, in the user's call, so a bad argument fails with a message that names
 the option, the value received and what is accepted -- never later inside a worker. There is one
-check per option (``CHECKS``: ``_check_<option>``, or one line for a plain int, bool or callable),
-and ``make_config`` runs them in the order of
-``LoaderConfig``'s fields (the option list, written once in ``core/config.py``): each check sees
-the options checked before it (``rank`` sees ``world_size``, ``prefetch`` sees ``workers``). The
-defaults of ``workers`` and ``prefetch`` are sized to the machine (``_budget``), and their checks say
-where each figure came from (``LoaderConfig.provenance``).
+check per option (``CHECKS``: ``_check_<option>``, or one line for a plain int, bool or callable), and
+``make_config`` runs them in the order of ``LoaderConfig``'s fields (the option list, written once in
+``core/config.py``): each check sees the options checked before it (``rank`` sees ``world_size``,
+``prefetch`` sees ``workers``). The defaults of ``workers`` and ``prefetch`` are sized to the machine
+(``_budget``), and their checks say where each figure came from (``LoaderConfig.provenance``).
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -176,10 +176,12 @@ def _need_callable(name: str, value: Any) -> Any:
 # --- the options a kind alone checks -----------------------------------------------------------------
 
 _int_option("batch_size", 1, ">= 1")
+_callable_option("load")
 _callable_option("transform")
 _callable_option("batch_transform")
 _int_option("retries", 0, ">= 0 (times a batch is redone after its worker died)")
 _bool_option("limit_threads")
+CHECKS["cache_bytes"] = lambda value, checked: None if value is None else _need_int("cache_bytes", value, 0, ">= 0")
 
 
 # --- the stream: which samples make up each batch ------------------------------------------------
@@ -387,3 +389,12 @@ def _check_executor(executor: Any, checked: dict[str, Any]) -> Any:
     elif executor is None or isinstance(executor, (bool, numbers.Number)):
         raise TypeError(f"executor must be {accepted}; got {executor!r} ({type(executor).__name__})")
     return executor
+
+
+@_checks_option
+def _check_cache(cache: Any, checked: dict[str, Any]) -> str | None:
+    if cache is not None and cache != "memory" and not isinstance(cache, (str, os.PathLike)):
+        raise TypeError(f"cache must be None, 'memory' or a directory path; got {cache!r} ({type(cache).__name__})")
+    if cache is None and checked["cache_bytes"] is not None:
+        raise ValueError(f"cache_bytes={checked['cache_bytes']!r} limits a cache: pass cache='memory' or a directory")
+    return cache if cache in (None, "memory") else os.path.abspath(os.fspath(cache))

@@ -56,6 +56,8 @@ def _fast_path(config: LoaderConfig, sources: tuple[Any, ...]) -> bool:
     """Whole-batch ``np.take`` is the same as per-sample loading and stacking for plain arrays."""
     return (
         config.transform is None
+        and config.load is None
+        and config.store is None
         and config.collate == "auto"
         and all(isinstance(s, np.ndarray) and not s.dtype.hasobject for s in sources)
     )
@@ -134,6 +136,28 @@ def _load(sources: tuple[Any, ...], indices: np.ndarray) -> list[Any]:
     return samples
 
 
+def _load_once(config: LoaderConfig, indices: np.ndarray) -> list[Any]:
+    """``load=`` and ``cache=``: each sample from the store if it keeps it, else ``load(source sample)``,
+    which the store then keeps if it has room (``docs/design.md``, "Decode once")."""
+    sources, load, store = config.sources, config.load, config.store
+    samples: list[Any] = []
+    index = -1
+    with _user_code(lambda: f"loading sample {index}"):
+        for index in indices.tolist():
+            if store is not None:
+                found, sample = store.get(index)
+                if found:
+                    samples.append(sample)
+                    continue
+            sample = sources[0][index] if len(sources) == 1 else tuple(source[index] for source in sources)
+            if load is not None:
+                sample = load(sample)
+            if store is not None:
+                store.put(index, sample)
+            samples.append(sample)
+    return samples
+
+
 def make_batch(
     config: LoaderConfig, indices: np.ndarray, alloc: Alloc = private_alloc, private: SourceMemory | None = None
 ) -> tuple[Any, Timings]:
@@ -154,7 +178,8 @@ def make_batch(
         batch = _take(config.sources, indices, alloc)
         load_s = time.perf_counter() - start
     else:
-        samples = _load(config.sources, indices)
+        staged = config.load is not None or config.store is not None
+        samples = _load_once(config, indices) if staged else _load(config.sources, indices)
         if safety is not None:
             safety.add(samples)  # before a transform replaces them
         load_s = time.perf_counter() - start
