@@ -206,3 +206,12 @@ def test_ray_refuses_a_memory_cache_before_importing_ray():
         pytest.raises(ValueError, match=words),
     ):
         prefetch.RayExecutor().start(loader.config, 0, None)
+
+
+def test_a_load_result_pickle_cannot_write_is_a_type_error_naming_load(tmp_path):
+    unpicklable = lambda sample: lambda: sample  # noqa: E731 -- a lambda inside: pickle refuses it
+    with (
+        prefetch.Loader(IMAGES, batch_size=BATCH, workers=0, load=unpicklable, cache="memory") as loader,
+        pytest.raises(TypeError, match="cache= keeps what load returns, pickled, and this sample cannot be pickled"),
+    ):
+        next(iter(loader))
