@@ -94,9 +94,7 @@ class Loader:
         # Held while a generator of this loader takes a batch: a second thread that tries
         # meanwhile gets ConcurrentIterationError instead of a share of the engine.
         self._turn = threading.Lock()
-        self._finalizer = weakref.finalize(self, EngineHolder.stop, self._holder)
-        if self._config.store is not None:  # cache="memory": its segments go with the loader
-            weakref.finalize(self, _close_store, self._config.store)
+        self._finalizer = weakref.finalize(self, _stop, self._holder, self._config.store)
 
     # --- what the loader is -------------------------------------------------------------
 
@@ -371,6 +369,12 @@ def _close_store(store: Any) -> None:
     """Free a cache's store (``cache="memory"``: unlink its segments) once its engine has stopped."""
     if store is not None:
         store.close()
+
+
+def _stop(holder: EngineHolder[Any], store: Any) -> None:
+    """A dropped loader's end: its engine first, then its cache (no worker writes to a removed cache)."""
+    holder.stop()
+    _close_store(store)
 
 
 def data_generator(
