@@ -24,6 +24,7 @@ import errno
 import fcntl
 import os
 import pickle
+from collections.abc import Callable
 from typing import Any
 
 # The pickle protocol of an entry: 5 writes numpy arrays' bytes in one piece.
@@ -105,17 +106,25 @@ class FileStore:
 
     def clear(self) -> None:
         """Remove every entry, write in progress and the budget counter (a directory being rebuilt)."""
-        for name in os.listdir(self.directory):
-            rest = name[len(self.prefix) :] if name.startswith(self.prefix) else ""
-            if rest == BUDGET or (rest[:1] in (ENTRY, TEMPORARY) and rest[1:2].isdigit()):
-                _remove(os.path.join(self.directory, name))
+        self._remove_names(lambda rest: rest == BUDGET or _is_entry(rest) or _is_temporary(rest))
 
     def remove_unfinished(self) -> None:
         """Remove the writes in progress left by processes killed mid-write (the entries stay)."""
+        self._remove_names(_is_temporary)
+
+    def _remove_names(self, chosen: Callable[[str], bool]) -> None:
+        """Remove the files of this store whose name after the prefix is ``chosen`` (nothing else there)."""
         for name in os.listdir(self.directory):
-            rest = name[len(self.prefix) :] if name.startswith(self.prefix) else ""
-            if rest[:1] == TEMPORARY and rest[1:2].isdigit():
+            if name.startswith(self.prefix) and chosen(name[len(self.prefix) :]):
                 _remove(os.path.join(self.directory, name))
+
+
+def _is_entry(rest: str) -> bool:
+    return rest[:1] == ENTRY and rest[1:].isdigit()
+
+
+def _is_temporary(rest: str) -> bool:
+    return rest[:1] == TEMPORARY and rest[1:].replace("-", "", 1).isdigit()
 
 
 def _remove(path: str) -> None:

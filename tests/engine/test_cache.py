@@ -215,3 +215,14 @@ def test_a_load_result_pickle_cannot_write_is_a_type_error_naming_load(tmp_path)
         pytest.raises(TypeError, match="cache= keeps what load returns, pickled, and this sample cannot be pickled"),
     ):
         next(iter(loader))
+
+
+def test_a_rebuild_removes_only_the_caches_own_files(tmp_path):
+    directory = tmp_path / "cache"
+    directory.mkdir()
+    (directory / "s1.txt").write_text("the user's")
+    (directory / "t2-notes").write_text("the user's")
+    _run_counted(tmp_path, sources=(IMAGES, LABELS), load=_scaled(2.0), cache=str(directory))
+    _, called = _run_counted(tmp_path, sources=(IMAGES, LABELS), load=_shifted, cache=str(directory))
+    assert sorted(called) == list(range(N))  # rebuilt
+    assert (directory / "s1.txt").read_text() == (directory / "t2-notes").read_text() == "the user's"
