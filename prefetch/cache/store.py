@@ -54,13 +54,19 @@ class FileStore:
         return os.path.join(self.directory, self.prefix + name)
 
     def get(self, index: int) -> tuple[bool, Any]:
-        """``(True, sample)`` if sample ``index`` is kept, else ``(False, None)``."""
+        """``(True, sample)`` if sample ``index`` is kept, else ``(False, None)``. An entry cut short (a machine
+        that lost power before the disk had it: entries are not fsynced) fails to unpickle and is a miss."""
+        path = self._path(f"{ENTRY}{index}")
         try:
-            with open(self._path(f"{ENTRY}{index}"), "rb") as file:
+            with open(path, "rb") as file:
                 data = file.read()
         except FileNotFoundError:
             return False, None
-        return True, pickle.loads(data)
+        try:
+            return True, pickle.loads(data)
+        except (pickle.UnpicklingError, EOFError, ValueError):
+            _remove(path)
+            return False, None
 
     def put(self, index: int, sample: Any) -> bool:
         """Keep ``sample`` as entry ``index`` if the budget and the disk have room; True if it was kept.

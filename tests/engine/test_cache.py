@@ -226,3 +226,14 @@ def test_a_rebuild_removes_only_the_caches_own_files(tmp_path):
     _, called = _run_counted(tmp_path, sources=(IMAGES, LABELS), load=_shifted, cache=str(directory))
     assert sorted(called) == list(range(N))  # rebuilt
     assert (directory / "s1.txt").read_text() == (directory / "t2-notes").read_text() == "the user's"
+
+
+def test_an_entry_cut_short_is_loaded_again_not_read(tmp_path):
+    directory = tmp_path / "cache"
+    _run_counted(tmp_path, sources=(IMAGES, LABELS), load=_scaled(2.0), cache=str(directory))
+    entry = directory / "s5"
+    entry.write_bytes(entry.read_bytes()[:-7])  # as a power loss before the disk had it all would leave it
+    cached, called = _run_counted(tmp_path, sources=(IMAGES, LABELS), load=_scaled(2.0), cache=str(directory))
+    plain, _ = _run_counted(tmp_path, sources=(IMAGES, LABELS), load=_scaled(2.0), cache=None)
+    assert cached == plain
+    assert called == [5]
