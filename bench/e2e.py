@@ -151,6 +151,10 @@ def _jpeg_stream(system: str, workers: int, options: dict[str, Any]) -> tuple[An
         import e2e_shards
 
         return e2e_shards.shard_stream(system, workers, options)
+    if system.startswith("prefetch-split") or system.startswith("prefetch-cache"):
+        import cache_jpegs
+
+        return cache_jpegs.cache_stream(system, workers, options)
     paths = write_jpegs()
     labels = jpeg_labels(len(paths))
     if system == "plain":

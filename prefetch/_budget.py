@@ -13,11 +13,11 @@ instead (``docs/design.md``, *Defaults from the real budget*):
   per-worker default, never deeper than that.
 
 This module reads the machine only and imports nothing of the package; ``validation`` applies the
-ceiling to a configuration (``byte_ceiling``, ``budget_prefetch``). The readers take the root they
+ceiling to a configuration (``sizing``). The readers take the root they
 read under (``root="/"``: ``proc/self/cgroup``, ``proc/self/mountinfo``, ``proc/meminfo`` and the
 cgroup mount points under it), so tests pass fake trees. None raises: a file
 that is missing, unreadable or malformed is no limit, as if the kernel had none to show. The sentences
-``CpuBudget.describe`` and ``validation.budget_prefetch`` write are the provenance ``stats()`` and ``doctor`` show.
+``CpuBudget.describe`` and ``sizing.budget_prefetch`` write are the provenance ``stats()`` and ``doctor`` show.
 """
 
 from __future__ import annotations

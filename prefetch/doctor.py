@@ -81,7 +81,7 @@ def _check_budget(config: LoaderConfig | None) -> Finding:
     """Where the loader's workers and prefetch came from (a default loader's, without one); a depth deeper than
     the byte budget allows now is a warning."""
     from . import _budget
-    from .validation import byte_ceiling
+    from .sizing import byte_ceiling
 
     if config is None:
         budget = _budget.cpu_budget()

@@ -17,6 +17,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 from ._tuning import settle_training_threads
+from .cache import open_cache
 from .core.config import GeneratorOptions, LoaderConfig, LoaderOptions
 from .errors import ConcurrentIterationError, IteratorSupersededError, LoaderClosedError, LoaderExhaustedError
 from .holder import EngineHolder
@@ -82,7 +83,7 @@ class Loader:
     """
 
     def __init__(self, *sources: Any, **options: Unpack[LoaderOptions]):
-        self._config: LoaderConfig = make_config(sources, **options)
+        self._config: LoaderConfig = open_cache(make_config(sources, **options))
         from .processes.spawn import check_picklable
 
         check_picklable(self._config)  # spawn/forkserver: what the coordinator cannot receive fails here
@@ -93,7 +94,7 @@ class Loader:
         # Held while a generator of this loader takes a batch: a second thread that tries
         # meanwhile gets ConcurrentIterationError instead of a share of the engine.
         self._turn = threading.Lock()
-        self._finalizer = weakref.finalize(self, EngineHolder.stop, self._holder)
+        self._finalizer = weakref.finalize(self, _stop, self._holder, self._config.store)
 
     # --- what the loader is -------------------------------------------------------------
 
@@ -355,12 +356,25 @@ class Loader:
         stopped = self._holder.stop(keep_stats=True)  # takes it first: no generator's own clean-up races this one
         if not stopped and self._turn.locked() and self._turn.acquire(timeout=CLOSE_WAIT_S):
             self._turn.release()  # another thread was starting an engine: it has stopped it again
+        _close_store(self._config.store)
 
     def __enter__(self) -> Loader:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _close_store(store: Any) -> None:
+    """Free a cache's store (``cache="memory"``: unlink its segments) once its engine has stopped."""
+    if store is not None:
+        store.close()
+
+
+def _stop(holder: EngineHolder[Any], store: Any) -> None:
+    """A dropped loader's end: its engine first, then its cache (no worker writes to a removed cache)."""
+    holder.stop()
+    _close_store(store)
 
 
 def data_generator(

@@ -2,20 +2,19 @@
 
 Validation happens here, in the user's call, so a bad argument fails with a message that names
 the option, the value received and what is accepted -- never later inside a worker. There is one
-check per option (``CHECKS``: ``_check_<option>``, or one line for a plain int, bool or callable),
-and ``make_config`` runs them in the order of
-``LoaderConfig``'s fields (the option list, written once in ``core/config.py``): each check sees
-the options checked before it (``rank`` sees ``world_size``, ``prefetch`` sees ``workers``). The
-defaults of ``workers`` and ``prefetch`` are sized to the machine (``_budget``), and their checks say
-where each figure came from (``LoaderConfig.provenance``).
+check per option (``CHECKS``: ``_check_<option>``, or one line for a plain int, bool or callable), and
+``make_config`` runs them in the order of ``LoaderConfig``'s fields (the option list, written once in
+``core/config.py``): each check sees the options checked before it (``rank`` sees ``world_size``,
+``prefetch`` sees ``workers``). The defaults of ``workers`` and ``prefetch`` are sized to the machine
+(``_budget``), and their checks say where each figure came from (``LoaderConfig.provenance``).
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from . import _budget
@@ -31,6 +30,7 @@ from .core.config import (
 )
 from .core.order import DEFAULT_BLOCK_SIZE, LAST_BATCH_MODES
 from .errors import warn
+from .sizing import size_prefetch
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing.Unpack is 3.11+; annotations are strings, never evaluated
@@ -72,47 +72,7 @@ def make_config(sources: tuple[Any, ...], **options: Unpack[LoaderOptions]) -> L
     for name in DEFAULTS:  # LoaderConfig's fields, in order
         checked[name] = CHECKS[name](given[name], checked)
     config = LoaderConfig(**{name: checked[name] for name in ("sources", *DEFAULTS, "provenance")})
-    return config if given["prefetch"] is not None else _size_prefetch(config)
-
-
-def _size_prefetch(config: LoaderConfig) -> LoaderConfig:
-    """The default depth (per worker), within the byte budget of ``/dev/shm`` and memory (``budget_prefetch``)."""
-    workers_from, prefetch_from = config.provenance
-    prefetch, prefetch_from = budget_prefetch(config, prefetch_from, _budget.shm_dir())
-    return replace(config, prefetch=prefetch, provenance=(workers_from, prefetch_from))
-
-
-def byte_ceiling(config: LoaderConfig, shm_dir: str) -> _budget.Ceiling | str:
-    """The byte ceiling of ``config``'s depth (up to ``config.prefetch``) on this machine now, or why there is none."""
-    if config.workers == 0:
-        return "nothing is prefetched with workers=0"
-    one = config.batch_bytes()
-    if one is None:
-        return "no byte bound: a batch's size is known only once one is made (the sources are not numpy arrays)"
-    ceiling = _budget.prefetch_ceiling(
-        one,
-        lambda depth: replace(config, prefetch=depth).max_slots,
-        config.prefetch,
-        config.workers,
-        _budget.shm_free(shm_dir),
-        _budget.available_memory(),
-        config.local_ranks,
-    )
-    if ceiling is None:
-        return "no byte bound: /dev/shm and memory could not be read"
-    guess = "" if config.exact_batch_size else " (the sources' size, before your transforms)"
-    return _budget.Ceiling(ceiling.depth, ceiling.why + guess)
-
-
-def budget_prefetch(config: LoaderConfig, default_why: str, shm_dir: str) -> tuple[int, str]:
-    """The default ``prefetch`` of ``config`` (the per-worker depth, ``default_why``) under its byte ceiling,
-    and where it came from."""
-    ceiling = byte_ceiling(config, shm_dir)
-    if isinstance(ceiling, str):
-        return config.prefetch, f"prefetch={config.prefetch}: {default_why}; {ceiling}"
-    if ceiling.depth < config.prefetch:
-        return ceiling.depth, f"prefetch={ceiling.depth}: {ceiling.why}; {default_why} would be {config.prefetch}"
-    return config.prefetch, f"prefetch={config.prefetch}: {default_why}; {ceiling.why}"
+    return config if given["prefetch"] is not None else size_prefetch(config)
 
 
 def _reject_unknown(options: Mapping[str, Any]) -> None:
@@ -176,11 +136,13 @@ def _need_callable(name: str, value: Any) -> Any:
 # --- the options a kind alone checks -----------------------------------------------------------------
 
 _int_option("batch_size", 1, ">= 1")
+_callable_option("load")
 _callable_option("transform")
 _callable_option("batch_transform")
 _int_option("retries", 0, ">= 0 (times a batch is redone after its worker died)")
 _bool_option("hedge")
 _bool_option("limit_threads")
+CHECKS["cache_bytes"] = lambda value, checked: None if value is None else _need_int("cache_bytes", value, 0, ">= 0")
 
 
 # --- the stream: which samples make up each batch ------------------------------------------------
@@ -332,7 +294,7 @@ def _check_workers(workers: Any, checked: dict[str, Any]) -> int:
 
 @_checks_option
 def _check_prefetch(prefetch: Any, checked: dict[str, Any]) -> int:
-    """The depth; a default one (per worker) is bounded by the bytes it takes afterwards (``_size_prefetch``)."""
+    """The depth; a default one (per worker) is bounded by the bytes it takes afterwards (``sizing.size_prefetch``)."""
     workers = checked["workers"]
     if prefetch is None:
         per_worker = SMALL_POOL_PREFETCH_PER_WORKER if workers < SMALL_POOL_WORKERS else PREFETCH_PER_WORKER
@@ -395,3 +357,12 @@ def _check_executor(executor: Any, checked: dict[str, Any]) -> Any:
     elif executor is None or isinstance(executor, (bool, numbers.Number)):
         raise TypeError(f"executor must be {accepted}; got {executor!r} ({type(executor).__name__})")
     return executor
+
+
+@_checks_option
+def _check_cache(cache: Any, checked: dict[str, Any]) -> str | None:
+    if cache is not None and cache != "memory" and not isinstance(cache, (str, os.PathLike)):
+        raise TypeError(f"cache must be None, 'memory' or a directory path; got {cache!r} ({type(cache).__name__})")
+    if cache is None and checked["cache_bytes"] is not None:
+        raise ValueError(f"cache_bytes={checked['cache_bytes']!r} limits a cache: pass cache='memory' or a directory")
+    return cache if cache in (None, "memory") else os.path.abspath(os.fspath(cache))

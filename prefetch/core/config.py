@@ -10,11 +10,12 @@ the memory bound (``max_slots``, ``shm_bytes_needed``) in one place.
 from __future__ import annotations
 
 import numbers
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from functools import cached_property
 from types import MappingProxyType
-from typing import Any, NamedTuple, TypedDict
+from typing import Any, NamedTuple, Protocol, TypedDict
 
 import numpy as np
 
@@ -53,6 +54,7 @@ class GeneratorOptions(TypedDict, total=False):
     block_size: int | None
     epochs: int | None
     last_batch: str
+    load: Callable[[Any], Any] | None
     transform: Callable[[Any], Any] | None
     batch_transform: Callable[[Any], Any] | None
     collate: str | Callable[[list[Any]], Any]
@@ -68,6 +70,8 @@ class GeneratorOptions(TypedDict, total=False):
     worker_nice: int | str
     train_threads: str | int | None
     executor: Any
+    cache_bytes: int | None
+    cache: str | os.PathLike[str] | None
 
 
 class LoaderOptions(GeneratorOptions, total=False):
@@ -75,6 +79,17 @@ class LoaderOptions(GeneratorOptions, total=False):
 
     batch_size: int
     shuffle: bool | str
+
+
+class SampleStore(Protocol):
+    """Where ``load``'s results are kept (``cache=``): what ``pipeline`` asks per sample, by index. The
+    implementations touch files and shared memory, so they live outside the core (``prefetch.cache``)."""
+
+    def get(self, index: int) -> tuple[bool, Any]:
+        """``(True, sample)`` if sample ``index`` is kept, else ``(False, None)``."""
+
+    def put(self, index: int, sample: Any) -> bool:
+        """Keep ``sample`` if there is room; True if it was kept."""
 
 
 def option(default: Any) -> Any:
@@ -109,6 +124,7 @@ class LoaderConfig:
     seed: int = option(None)  # None: drawn at construction
     epochs: int | None = option(None)  # None: endless
     last_batch: str = option("wrap")
+    load: Callable[[Any], Any] | None = option(None)  # the deterministic part of a sample (decode), before transform
     transform: Callable[[Any], Any] | None = option(None)
     batch_transform: Callable[[Any], Any] | None = option(None)
     collate: str | Callable[[list[Any]], Any] = option("auto")
@@ -124,7 +140,10 @@ class LoaderConfig:
     worker_nice: int | str = option("auto")  # how far workers step back from the training step; "auto": _stepback
     train_threads: str | int | None = option("auto")  # the training framework's intra-op threads (see _tuning)
     executor: Any = option("processes")  # what runs the batches: "processes", "ray", or an executor object
+    cache_bytes: int | None = option(None)  # the most bytes the cache keeps; None: as many as there is room for
+    cache: str | None = option(None)  # where load's results are kept: None, "memory" or a directory (absolute)
     provenance: tuple[str, ...] = ()  # where workers and prefetch came from, in words (``validation``)
+    store: SampleStore | None = None  # the cache's store (``prefetch.cache.open_cache``); None without cache=
 
     @cached_property
     def order(self) -> Order:
@@ -150,7 +169,13 @@ class LoaderConfig:
         whose ``__getitem__`` may draw random numbers): then the global random generators are seeded per
         batch (``pipeline.make_numbered_batch``). Plain lists, tuples, ranges and arrays need no seeding."""
         plain = all(isinstance(s, (np.ndarray, list, tuple, range)) for s in self.sources)
-        return not plain or self.transform is not None or self.batch_transform is not None or callable(self.collate)
+        return (
+            not plain
+            or self.load is not None
+            or self.transform is not None
+            or self.batch_transform is not None
+            or callable(self.collate)
+        )
 
     def batch_bytes(self) -> int | None:
         """Bytes of one batch, from the numpy sources' sample sizes; None when no source is an array.
@@ -166,7 +191,9 @@ class LoaderConfig:
     @property
     def exact_batch_size(self) -> bool:
         """Whether ``batch_bytes`` is the batch as delivered: no user code can change its size."""
-        return self.transform is None and self.batch_transform is None and not callable(self.collate)
+        return (
+            self.load is None and self.transform is None and self.batch_transform is None and not callable(self.collate)
+        )
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

@@ -56,6 +56,8 @@ def _fast_path(config: LoaderConfig, sources: tuple[Any, ...]) -> bool:
     """Whole-batch ``np.take`` is the same as per-sample loading and stacking for plain arrays."""
     return (
         config.transform is None
+        and config.load is None
+        and config.store is None
         and config.collate == "auto"
         and all(isinstance(s, np.ndarray) and not s.dtype.hasobject for s in sources)
     )
@@ -119,7 +121,9 @@ def _load(sources: tuple[Any, ...], indices: np.ndarray, threads: int = 1) -> li
     """One sample per index: ``source[i]``, or ``(s1[i], s2[i], ...)`` with several sources; with
     ``threads > 1``, up to that many loads at once, in the batch's order (``threaded``)."""
     if threads > 1 and len(indices) > 1:
-        return _load_threaded(sources, indices.tolist(), threads)
+        if len(sources) == 1:
+            return _load_threaded(sources[0].__getitem__, indices.tolist(), threads)
+        return _load_threaded(lambda i: tuple(source[i] for source in sources), indices.tolist(), threads)
     samples: list[Any] = []
     index = -1
     with _user_code(lambda: f"loading sample {index}"):
@@ -137,12 +141,9 @@ def _load(sources: tuple[Any, ...], indices: np.ndarray, threads: int = 1) -> li
     return samples
 
 
-def _load_threaded(sources: tuple[Any, ...], indices: list[int], threads: int) -> list[Any]:
-    """``_load`` with ``io_threads`` threads; a source that drew from the batch's generators fails the batch."""
-    if len(sources) == 1:
-        load_one: Callable[[int], Any] = sources[0].__getitem__
-    else:
-        load_one = lambda i: tuple(source[i] for source in sources)  # noqa: E731
+def _load_threaded(load_one: Callable[[int], Any], indices: list[int], threads: int) -> list[Any]:
+    """``load_one`` per index with ``io_threads`` threads, in the batch's order; a load that drew from the
+    batch's generators fails the batch."""
     draws = threaded.GlobalDraws()
     loads = threaded.in_order(load_one, indices, threads)
     samples: list[Any] = []
@@ -152,6 +153,46 @@ def _load_threaded(sources: tuple[Any, ...], indices: list[int], threads: int) -
             samples.append(next(loads))
     with _user_code(lambda: f"loading samples {indices}"):
         draws.check()
+    return samples
+
+
+def _sample_loader(config: LoaderConfig) -> Callable[[int], Any]:
+    """Sample ``i`` as the pipeline's first stage sees it: ``source[i]`` (or a tuple of the sources'), through
+    ``load=`` and the ``cache=`` store when they are set (``docs/design.md``, "Decode once")."""
+    sources, load, store = config.sources, config.load, config.store
+    if len(sources) == 1:
+        read: Callable[[int], Any] = sources[0].__getitem__
+    else:
+        read = lambda i: tuple(source[i] for source in sources)  # noqa: E731
+    if load is None and store is None:
+        return read
+
+    def load_once(index: int) -> Any:
+        if store is not None:
+            found, sample = store.get(index)
+            if found:
+                return sample
+        sample = read(index)
+        if load is not None:
+            sample = load(sample)
+        if store is not None:
+            store.put(index, sample)
+        return sample
+
+    return load_once
+
+
+def _load_staged(config: LoaderConfig, indices: np.ndarray) -> list[Any]:
+    """``load=`` and ``cache=``: each sample from the store if it keeps it, else ``load(source sample)``,
+    which the store then keeps if it has room; with ``io_threads``, in threads as ``_load``."""
+    load_one = _sample_loader(config)
+    if config.io_threads > 1 and len(indices) > 1:
+        return _load_threaded(load_one, indices.tolist(), config.io_threads)
+    samples: list[Any] = []
+    index = -1
+    with _user_code(lambda: f"loading sample {index}"):
+        for index in indices.tolist():
+            samples.append(load_one(index))
     return samples
 
 
@@ -175,7 +216,8 @@ def make_batch(
         batch = _take(config.sources, indices, alloc)
         load_s = time.perf_counter() - start
     else:
-        samples = _load(config.sources, indices, config.io_threads)
+        staged = config.load is not None or config.store is not None
+        samples = _load_staged(config, indices) if staged else _load(config.sources, indices, config.io_threads)
         if safety is not None:
             safety.add(samples)  # before a transform replaces them
         load_s = time.perf_counter() - start

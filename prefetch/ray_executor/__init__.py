@@ -52,6 +52,11 @@ class RayExecutor:
 
     def start(self, config: LoaderConfig, start: int, wake: Wake) -> RayRun:
         """Join (or start) Ray, start the actors and send them their first batches."""
+        if config.cache == "memory":  # per node, nobody would remove the other nodes' entries
+            raise ValueError(
+                "cache='memory' keeps samples in this machine's shared memory, which Ray's actors on other nodes "
+                "cannot reach; with executor='ray' pass cache=<a directory on each node's local disk>"
+            )
         import ray
 
         from .run import RayRun

@@ -35,7 +35,20 @@ USER_ERROR = "user-error"
 WORKER_DIED = "worker-died"
 TIMEOUT = "timeout"
 LIFECYCLE = "lifecycle"
-CONTRACTS = (STREAM, CALLER_RNG, RESUME, BOUND, HELD_BATCHES, LOST_WORKER, USER_ERROR, WORKER_DIED, TIMEOUT, LIFECYCLE)
+CACHE = "cache"
+CONTRACTS = (
+    STREAM,
+    CALLER_RNG,
+    RESUME,
+    BOUND,
+    HELD_BATCHES,
+    LOST_WORKER,
+    USER_ERROR,
+    WORKER_DIED,
+    TIMEOUT,
+    LIFECYCLE,
+    CACHE,
+)
 
 
 class Footprint(NamedTuple):

@@ -35,8 +35,8 @@ def draw_all(sample: tuple[np.ndarray, int]) -> tuple[np.ndarray, int, np.ndarra
     return x * np.float32(draws.sum()), label, draws
 
 
-def stream_sha(io_threads: int, workers: int) -> str:
-    options = {"batch_size": 8, "epochs": 2, "seed": 7, "transform": draw_all}
+def stream_sha(io_threads: int, workers: int, **more: object) -> str:
+    options = {"batch_size": 8, "epochs": 2, "seed": 7, "transform": draw_all, **more}
     with prefetch.Loader(Records(), workers=workers, io_threads=io_threads, **options) as loader:
         digest = hashlib.sha256()
         for batch in loader.stream():
@@ -51,6 +51,20 @@ def test_the_stream_is_the_same_for_any_io_threads_and_workers():
     with prefetch.Loader(Records(), batch_size=8, epochs=1, seed=7, workers=0, transform=draw_all) as loader:
         draws = np.concatenate([batch[2] for batch in loader])
     assert len(np.unique(draws[:, 2])) == len(draws)  # torch's draws really differ sample to sample
+
+
+def halve(sample: tuple[np.ndarray, int]) -> tuple[np.ndarray, int]:
+    """A deterministic ``load``: what ``cache=`` keeps."""
+    return sample[0] / np.float32(2), sample[1]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("cache", [None, "memory"])
+def test_load_and_cache_run_in_the_io_threads_with_the_same_stream(cache):
+    """With ``load=`` (and a cache) the whole first stage is threaded: the stream is still the same for any k."""
+    shas = {(k, w): stream_sha(k, w, load=halve, cache=cache) for k in (1, 4) for w in (0, 2)}
+    assert len(set(shas.values())) == 1, shas
+    assert stream_sha(1, 0, load=halve, cache=cache) != stream_sha(1, 0)  # load really ran
 
 
 class Rendezvous:
