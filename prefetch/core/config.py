@@ -55,7 +55,7 @@ class GeneratorOptions(TypedDict, total=False):
     transform: Callable[[Any], Any] | None
     batch_transform: Callable[[Any], Any] | None
     collate: str | Callable[[list[Any]], Any]
-    workers: int | None
+    workers: int | str | None
     prefetch: int | None
     local_ranks: int | None
     start_method: str | None
@@ -110,7 +110,7 @@ class LoaderConfig:
     batch_transform: Callable[[Any], Any] | None = option(None)
     collate: str | Callable[[list[Any]], Any] = option("auto")
     local_ranks: int = option(None)  # ranks sharing this node's CPUs, /dev/shm and memory; None: LOCAL_WORLD_SIZE
-    workers: int = option(None)  # None: the CPUs this rank may use (``_budget.cpu_budget``)
+    workers: int = option(None)  # None: the CPUs this rank may use (``_budget.cpu_budget``); "auto": as many, forked
     prefetch: int = option(None)  # None: per worker, see PREFETCH_PER_WORKER, within the byte budget
     start_method: str | None = option(None)  # None: the platform's default
     timeout: float | None = option(None)
@@ -120,6 +120,8 @@ class LoaderConfig:
     train_threads: str | int | None = option("auto")  # the training framework's intra-op threads (see _tuning)
     executor: Any = option("processes")  # what runs the batches: "processes", "ray", or an executor object
     provenance: tuple[str, ...] = ()  # where workers and prefetch came from, in words (``validation``)
+    # workers="auto": ``workers`` are forked, and how many get tasks is decided on figures (``core.autoscale``)
+    auto_workers: bool = False
 
     @cached_property
     def order(self) -> Order:

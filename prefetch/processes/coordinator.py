@@ -90,6 +90,7 @@ class Coordinator:
         self.size_hint = 0
         self.idle_deaths = 0
         self.workers: list[_Worker] = []
+        self.active = config.workers  # the first ``active`` workers get tasks (workers="auto" parks the rest)
         self.late_kills: dict[int, int] = {}  # pid of a worker killed for a late batch -> that batch
         method = "fork" if "fork" in multiprocess.get_all_start_methods() else config.start_method
         self.ctx = multiprocess.get_context(method)
@@ -185,12 +186,13 @@ class Coordinator:
     # --- dispatch -----------------------------------------------------------------------
 
     def _dispatch(self) -> None:
-        while self.workers:
+        working = self.workers[: self.active]  # a replacement takes its place at the end
+        while working:
             next_task = self.schedule.next_task()
             if next_task is None:
                 return
             batch, slot = next_task
-            worker = min(self.workers, key=lambda w: len(w.tasks))
+            worker = min(working, key=lambda w: len(w.tasks))
             indices = self.order.batch_indices(batch).astype(np.int64, copy=False).tobytes()
             task = messages.Task(batch, indices, slot, self.segments.get(slot), self.size_hint)
             worker.tasks.append(task)
@@ -242,6 +244,10 @@ class Coordinator:
                 self._on_lost(message)
             elif isinstance(message, messages.TimedOut):
                 self._on_timed_out(message.batch)
+            elif isinstance(message, messages.Resize):  # workers="auto": within the budget and the slots
+                self.active = max(1, min(message.workers, self.config.workers))
+                shallowest = min(self.config.credit_step + 1, self.config.prefetch)  # credits come back in steps
+                self.schedule.prefetch = max(shallowest, min(message.window, self.config.prefetch))
             else:
                 assert isinstance(message, messages.Stop)
                 self.stop_request = message

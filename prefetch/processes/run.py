@@ -38,6 +38,7 @@ from .messages import (
     CoordinatorCrashed,
     CoordinatorReady,
     Lost,
+    Resize,
     Stop,
     TimedOut,
     WorkerLost,
@@ -94,7 +95,7 @@ class ProcessRun:
 
     # --- talking to the coordinator -----------------------------------------------------
 
-    def _tell(self, message: Consumed | Lost | TimedOut) -> None:
+    def _tell(self, message: Consumed | Lost | TimedOut | Resize) -> None:
         """Send ``message`` now or as soon as the pipe has room; never block, never a raw EPIPE."""
         try:
             self.control_out.put(encode(message))
@@ -114,6 +115,10 @@ class ProcessRun:
         self.position = max(self.position, position)
         if self.position - self.sent_position >= self.config.credit_step:
             self._report()
+
+    def resize(self, workers: int, window: int) -> None:
+        """``workers="auto"``: the coordinator gives tasks to ``workers`` workers, with ``window`` batches ahead."""
+        self._tell(Resize(workers, window))
 
     def _report(self) -> None:
         """Return credits and released slots to the coordinator."""

@@ -23,8 +23,9 @@ PACKAGE = Path(prefetch.__file__).parent
 
 
 def test_the_option_list_is_written_once_and_everything_agrees_with_it():
-    # sources are positional; provenance is what validation found, not an option
-    fields = [f.name for f in dataclasses.fields(LoaderConfig) if f.init and f.name not in ("sources", "provenance")]
+    # sources are positional; provenance and auto_workers are what validation found, not options
+    found = ("sources", "provenance", "auto_workers")
+    fields = [f.name for f in dataclasses.fields(LoaderConfig) if f.init and f.name not in found]
     assert set(LoaderOptions.__optional_keys__) == set(DEFAULTS) == set(fields)
     assert set(GeneratorOptions.__optional_keys__) == set(DEFAULTS) - {"batch_size", "shuffle"}
     assert not LoaderOptions.__required_keys__
