@@ -54,12 +54,26 @@ def run_queue_seconds() -> float:
         return 0.0
 
 
+def read_clocks() -> tuple[float, float, float]:
+    """(wall, the process's CPU, the thread's run-queue wait), in seconds."""
+    return time.perf_counter(), time.process_time(), run_queue_seconds()
+
+
 class AutoScaler:
     """Measure, decide, apply: ``resize`` is the run's (``ProcessRun.resize``)."""
 
-    def __init__(self, budget: int, deepest: int, shallowest: int, resize: Callable[[int, int], None]):
+    def __init__(
+        self,
+        budget: int,
+        deepest: int,
+        shallowest: int,
+        resize: Callable[[int, int], None],
+        clocks: Callable[[], tuple[float, float, float]] = read_clocks,
+        memory: Callable[[], int | None] = _budget.available_memory,
+    ):
         self.controller = Controller(budget, deepest, shallowest)
         self.resize = resize
+        self.clocks, self.memory = clocks, memory  # tests pass fake ones
         self.changes: list[Change] = []
         self.mark: _Mark | None = None
         self.next_at = 0  # the batch count at which the next window may end
@@ -80,7 +94,7 @@ class AutoScaler:
     def measure(self, was: _Mark, now: _Mark) -> Measure:
         """The window between two marks (a method, so that tests can put a fake source in its place)."""
         wall = max(now.wall_s - was.wall_s, 1e-9)
-        memory = _budget.available_memory()
+        memory = self.memory()
         return Measure(
             wait=min(1.0, (now.wait_s - was.wait_s) / wall),
             busy=min(1.0, (now.busy_s - was.busy_s) / wall / self.setting.workers),
@@ -94,7 +108,7 @@ class AutoScaler:
         in all (called only at a window's end)."""
         if batches < self.next_at:
             return
-        now = _Mark(batches, time.perf_counter(), time.process_time(), run_queue_seconds(), wait_s, busy_s())
+        now = _Mark(batches, *self.clocks(), wait_s, busy_s())
         was, self.mark = self.mark, now
         self.next_at = batches + WINDOW_BATCHES
         if was is None:
