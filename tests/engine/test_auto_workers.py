@@ -12,13 +12,13 @@ import signal
 
 import numpy as np
 import pytest
+from helpers import augment, fingerprint
 
 import prefetch
 from prefetch import _budget, autoscaler
 from prefetch.autoscaler import AutoScaler
 from prefetch.core.autoscale import Measure
 from prefetch.processes.run import ProcessRun
-from tests.helpers import augment, fingerprint
 
 BUDGET = 3  # the CPU budget the test gives the loader, whatever the machine has
 N, BATCH_SIZE = 160, 4  # 40 batches an epoch, two epochs

@@ -112,7 +112,7 @@ class FakeClock:
 def test_the_scaler_measures_windows_of_batches_on_the_clock_and_applies_the_controllers_changes():
     clock, resized = FakeClock(), []
     scaler = AutoScaler(4, 8, 2, lambda w, p: resized.append((w, p)), clock, lambda: 2**40)
-    wait = busy = 0.0
+    wait, busy = 0.0, [0.0]
     batches = 0
     seconds = 2 * WINDOW_MIN_S / WINDOW_BATCHES  # per batch: a window is never too short
     while batches < 1 + WINDOWS_PER_CHANGE * WINDOW_BATCHES:  # the first batch marks the first window's start
@@ -120,8 +120,8 @@ def test_the_scaler_measures_windows_of_batches_on_the_clock_and_applies_the_con
         clock.wall += seconds
         clock.cpu += 1.8 * seconds  # the loop uses 1.8 cores
         clock.run_queue += 0.2 * seconds  # and waits for a core a fifth of the time
-        busy += 4 * 0.9 * seconds  # four workers busy 90 % of the time; the loop never waits
-        scaler.tick(batches, wait, lambda: busy)
+        busy[0] += 4 * 0.9 * seconds  # four workers busy 90 % of the time; the loop never waits
+        scaler.tick(batches, wait, lambda: busy[0])
     assert resized == [(3, 6)]
     assert scaler.changes == [Change(batches, 3, 6)]
     assert "3 of 4 workers given tasks, window 6 (1 change)" in scaler.describe()
