@@ -12,7 +12,7 @@ import signal
 
 import numpy as np
 import pytest
-from helpers import augment, fingerprint
+from helpers import AheadSource, augment, fingerprint, wait_until
 
 import prefetch
 from prefetch import _budget, autoscaler
@@ -111,3 +111,33 @@ def test_auto_parks_and_adds_workers_mid_run_with_a_worker_killed_and_the_stream
     assert len(one_worker) >= 5 and set(one_worker) == {killed[0]}
     # After the adds, the work is shared again.
     assert len(set(makers[last_at + deepest :])) >= 2
+
+
+@pytest.mark.timeout(60)
+def test_auto_shortens_the_window_with_the_workers_it_parks(monkeypatch, tmp_path):
+    """Parked from 3 workers to 1, the window shrinks to 1's share of prefetch=6 (2): once the coordinator has it,
+    no load runs further ahead of the consumer than that (counted, as in ``consume_within_the_bound``)."""
+    budget = _budget.CpuBudget(BUDGET, None, BUDGET, _budget.Ranks(1, "test"))
+    monkeypatch.setattr(_budget, "cpu_budget", lambda ranks=None, **_: budget)
+    monkeypatch.setattr(autoscaler, "WINDOW_BATCHES", 2)
+    monkeypatch.setattr(autoscaler, "WINDOW_MIN_S", 0.0)
+    monkeypatch.setattr(AutoScaler, "measure", lambda scaler, was, now: PARK)
+    deepest, source = 6, AheadSource(400, 4, str(tmp_path))
+    with prefetch.Loader(source, batch_size=4, shuffle=False, workers="auto", prefetch=deepest) as loader:
+        stream = loader.stream()
+        taken = 0
+        while len(loader.stats().auto_changes) < BUDGET - 1:  # parked down to one worker
+            taken += 1
+            source.take(taken)
+            next(stream)
+        parked_at, workers, window = loader.stats().auto_changes[-1]
+        assert (workers, window) == (1, 2)
+        for _ in range(15):
+            taken += 1
+            source.take(taken)
+            next(stream)
+            wanted = (taken + window - 1) * source.batch_size
+            wait_until(lambda: source.loaded() >= wanted, what=f"{wanted} samples loaded")  # noqa: B023
+        stream.close()
+    after = [batch + 1 - then for batch, then in source.loads() if batch >= parked_at + deepest]
+    assert after and max(after) == window - 1
