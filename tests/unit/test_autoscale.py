@@ -141,3 +141,16 @@ def test_a_window_shorter_than_the_minimum_goes_on_until_it_is_long_enough():
 def test_workers_takes_auto_and_nothing_like_it(bad):
     with pytest.raises((TypeError, ValueError), match="None or 'auto'"):
         make_config((list(range(10)),), batch_size=2, workers=bad)
+
+
+def test_auto_is_the_budget_on_a_run_that_cannot_resize():
+    from prefetch.consumer import _auto_scaler
+
+    class Resizable:
+        def resize(self, workers: int, window: int) -> None: ...
+
+    auto = make_config((list(range(10)),), batch_size=2, workers="auto")
+    assert _auto_scaler(auto, object()) is None  # e.g. Ray's run: all the budget's workers work
+    scaler = _auto_scaler(auto, Resizable())
+    assert scaler is not None and scaler.setting == Setting(auto.workers, auto.prefetch)
+    assert _auto_scaler(make_config((list(range(10)),), batch_size=2), Resizable()) is None  # workers=None
