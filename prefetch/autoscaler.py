@@ -91,6 +91,10 @@ class AutoScaler:
             f"({len(self.changes)} change{'s' * (len(self.changes) != 1)}){tail}"
         )
 
+    def restart(self) -> None:
+        """The loop was away (the engine kept between epochs): the next batch starts a new window."""
+        self.mark, self.next_at = None, 0
+
     def measure(self, was: _Mark, now: _Mark) -> Measure:
         """The window between two marks (a method, so that tests can put a fake source in its place)."""
         wall = max(now.wall_s - was.wall_s, 1e-9)

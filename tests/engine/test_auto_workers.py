@@ -141,3 +141,13 @@ def test_auto_shortens_the_window_with_the_workers_it_parks(monkeypatch, tmp_pat
         stream.close()
     after = [batch + 1 - then for batch, then in source.loads() if batch >= parked_at + deepest]
     assert after and max(after) == window - 1
+
+
+@pytest.mark.timeout(60)
+def test_the_next_epoch_starts_a_new_window(monkeypatch):
+    restarts = []
+    monkeypatch.setattr(AutoScaler, "restart", lambda scaler: restarts.append(scaler))
+    with prefetch.Loader(np.arange(40), batch_size=4, epochs=3, workers="auto") as loader:
+        for _ in range(3):
+            assert len(list(loader)) == 10
+    assert len(restarts) == 2 and restarts[0] is restarts[1]  # the kept engine's, at each adoption

@@ -154,3 +154,22 @@ def test_auto_is_the_budget_on_a_run_that_cannot_resize():
     scaler = _auto_scaler(auto, Resizable())
     assert scaler is not None and scaler.setting == Setting(auto.workers, auto.prefetch)
     assert _auto_scaler(make_config((list(range(10)),), batch_size=2), Resizable()) is None  # workers=None
+
+
+def test_no_window_spans_the_pause_between_epochs():
+    clock, windows = FakeClock(), []
+    scaler = AutoScaler(4, 8, 2, lambda w, p: None, clock, lambda: None)
+    scaler.measure = lambda was, now: windows.append((was.wall_s, now.wall_s)) or CALM_UNCONTENDED  # type: ignore[method-assign]
+    batch = 0
+    for _ in range(WINDOW_BATCHES):  # the first window, unfinished when the epoch ends
+        batch += 1
+        clock.wall += 1.0
+        scaler.tick(batch, 0.0, lambda: 0.0)
+    clock.wall += 1000.0  # the loop is away (an evaluation), then adopts the kept engine
+    scaler.restart()
+    resumed_at = clock.wall
+    for _ in range(WINDOW_BATCHES + 1):
+        batch += 1
+        clock.wall += 1.0
+        scaler.tick(batch, 0.0, lambda: 0.0)
+    assert windows == [(resumed_at + 1.0, clock.wall)]  # a window from the first batch after the pause
