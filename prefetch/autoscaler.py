@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from . import _budget
-from .core.autoscale import Controller, Measure, Setting
+from .core.autoscale import BUSY_SATURATED_SHARE, WAIT_STARVED_SHARE, Controller, Measure, Setting
 
 # Batches per measurement window: longer windows are less noisy, shorter ones converge sooner (a change
 # takes SETTLE_WINDOWS + STREAK_WINDOWS windows: 48 batches at 16).
@@ -96,12 +96,16 @@ class AutoScaler:
         self.mark, self.next_at = None, 0
 
     def measure(self, was: _Mark, now: _Mark) -> Measure:
-        """The window between two marks (a method, so that tests can put a fake source in its place)."""
+        """The window between two marks (a method, so that tests can put a fake source in its place). Memory is
+        read only when a worker could be added (about a millisecond: cgroup files)."""
         wall = max(now.wall_s - was.wall_s, 1e-9)
-        memory = self.memory()
+        wait = min(1.0, (now.wait_s - was.wait_s) / wall)
+        busy = min(1.0, (now.busy_s - was.busy_s) / wall / self.setting.workers)
+        could_add = wait >= WAIT_STARVED_SHARE and busy >= BUSY_SATURATED_SHARE
+        memory = self.memory() if could_add and self.setting.workers < self.controller.budget else None
         return Measure(
-            wait=min(1.0, (now.wait_s - was.wait_s) / wall),
-            busy=min(1.0, (now.busy_s - was.busy_s) / wall / self.setting.workers),
+            wait=wait,
+            busy=busy,
             loop_cpu=(now.cpu_s - was.cpu_s) / wall,
             run_queue=min(1.0, (now.run_queue_s - was.run_queue_s) / wall),
             memory_low=memory is not None and memory < MEMORY_FLOOR_BYTES,

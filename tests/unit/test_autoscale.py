@@ -173,3 +173,20 @@ def test_no_window_spans_the_pause_between_epochs():
         clock.wall += 1.0
         scaler.tick(batch, 0.0, lambda: 0.0)
     assert windows == [(resumed_at + 1.0, clock.wall)]  # a window from the first batch after the pause
+
+
+def test_memory_is_read_only_when_a_worker_could_be_added():
+    clock, reads = FakeClock(), []
+    scaler = AutoScaler(4, 8, 2, lambda w, p: None, clock, lambda: reads.append(1) or 100)  # 100 bytes: low
+    wait = [0.0]
+    for batch in range(1, 1 + 20 * WINDOW_BATCHES):
+        clock.wall += 1.0
+        wait[0] += 0.5  # the loop waits half the time, the workers are saturated: add, but memory is low
+        scaler.tick(batch, wait[0], lambda: 4.0 * batch)  # noqa: B023
+    assert reads == []  # at the budget already: no worker can be added, nothing read
+    scaler.controller.workers = 2
+    for batch in range(1 + 20 * WINDOW_BATCHES, 1 + 40 * WINDOW_BATCHES):
+        clock.wall += 1.0
+        wait[0] += 0.5
+        scaler.tick(batch, wait[0], lambda: 2.0 * batch)  # noqa: B023
+    assert reads and scaler.setting.workers == 2  # read, found low: no worker added
