@@ -205,8 +205,19 @@ def _jpeg_stream(system: str, workers: int, options: dict[str, Any]) -> tuple[An
     raise ValueError(f"unknown system {system!r}")
 
 
-def run_jpeg(system: str, step: str, workers: int = 2, **options: Any) -> dict[str, Any]:
-    """One training run of the JPEG pipeline: images/s over the timed batches, first batch, CPU by process."""
+def run_jpeg(
+    system: str,
+    step: str,
+    workers: int = 2,
+    warmup_batches: int = JPEG_WARMUP_BATCHES,
+    timed_batches: int = JPEG_TIMED_BATCHES,
+    auto: bool = False,
+    **options: Any,
+) -> dict[str, Any]:
+    """One training run of the JPEG pipeline: images/s over the timed batches, first batch, CPU by process.
+    ``auto``: prefetch with ``workers="auto"`` (then ``workers`` is ignored)."""
+    if auto:
+        workers, options = -1, {**options, "workers": "auto"}
     train = None
     if step != "none":
         import torch
@@ -222,7 +233,7 @@ def run_jpeg(system: str, step: str, workers: int = 2, **options: Any) -> dict[s
     try:
         x, y = next(batches)
         first_batch_s = time.perf_counter() - started
-        for _ in range(JPEG_WARMUP_BATCHES - 1):
+        for _ in range(warmup_batches - 1):
             x, y = next(batches)
             if train is not None:
                 train(x, y)
@@ -230,7 +241,7 @@ def run_jpeg(system: str, step: str, workers: int = 2, **options: Any) -> dict[s
         sched_before = scheduler_figures(pids)
         cpu_before = _cpu_seconds(pids)
         t0 = time.perf_counter()
-        for _ in range(JPEG_TIMED_BATCHES):
+        for _ in range(timed_batches):
             x, y = next(batches)
             if train is not None:
                 train(x, y)
@@ -241,7 +252,9 @@ def run_jpeg(system: str, step: str, workers: int = 2, **options: Any) -> dict[s
             import prefetch
 
             loader = prefetch.Loader.of(batches)
-            info["stats"] = str(loader.stats())
+            stats = loader.stats()
+            info["stats"] = str(stats)
+            info["auto_changes"] = [list(change) for change in getattr(stats, "auto_changes", ())]
             info["workers"] = loader.workers
             info["provenance"] = list(loader.config.provenance)
     finally:
@@ -249,7 +262,7 @@ def run_jpeg(system: str, step: str, workers: int = 2, **options: Any) -> dict[s
     cores = {str(pid): round((cpu_after[pid] - cpu_before.get(pid, 0.0)) / elapsed, 3) for pid in cpu_after}
     per_batch = {  # per timed batch: ms on CPU, ms waiting for a core, voluntary and involuntary switches
         "consumer" if pid == os.getpid() else str(pid): [
-            round((after - before) / JPEG_TIMED_BATCHES * (1e3 if k < 2 else 1), 1)
+            round((after - before) / timed_batches * (1e3 if k < 2 else 1), 1)
             for k, (after, before) in enumerate(zip(sched_after[pid], sched_before[pid]))
         ]
         for pid in sched_after
@@ -257,7 +270,7 @@ def run_jpeg(system: str, step: str, workers: int = 2, **options: Any) -> dict[s
     }
     return {
         "sched_per_batch": per_batch,
-        "images_per_s": JPEG_TIMED_BATCHES * JPEG_BATCH / elapsed,
+        "images_per_s": timed_batches * JPEG_BATCH / elapsed,
         "first_batch_s": first_batch_s,
         "consumer_cores": cores.pop(str(os.getpid()), None),
         "other_cores": sorted(cores.values(), reverse=True),

@@ -3,8 +3,8 @@
 ``Engine`` drives one run of an executor (``executor.py``: where batches are made) and owns what
 the user sees, whatever the executor: the reorder buffer (batches strictly by number, so the
 stream is the same for any number of workers), the ``timeout`` clock, the thread tuner,
-statistics, and closing -- from any thread, at exit, never in a forked child. ``close()``
-from another thread wakes a ``next_batch`` blocked in ``run.wait`` (it raises
+``workers="auto"`` (``autoscaler``), statistics, and closing -- from any thread, at exit, never in
+a forked child. ``close()`` from another thread wakes a ``next_batch`` blocked in ``run.wait`` (it raises
 ``LoaderClosedError``), waits for it to leave, then stops the run.
 
 ``InlineEngine`` (``workers=0``) makes each batch in the calling process with the same
@@ -18,12 +18,14 @@ import os
 import threading
 import time
 import weakref
+from dataclasses import replace
 from typing import Any
 
 import multiprocess.util  # noqa: F401 - its atexit hook must be registered before ours (below)
 
 from ._stepback import StepBack
 from ._tuning import ThreadTuner
+from .autoscaler import AutoScaler
 from .core import threaded
 from .core.aliasing import SourceMemory
 from .core.config import DEFAULT_WORKER_NICE, LoaderConfig
@@ -117,6 +119,7 @@ class Engine:
         self.tuner = ThreadTuner.start(config.train_threads, config.workers)  # None: nothing to tune
         # worker_nice="auto": the workers start level and step back once the loop is measured compute-bound
         self.stepback = StepBack(DEFAULT_WORKER_NICE, self.worker_pids) if config.worker_nice == "auto" else None
+        self.auto = _auto_scaler(config, self.run)  # None: a fixed count
         live_engines.add(self)
 
     @property
@@ -185,7 +188,12 @@ class Engine:
             raise result.error
         batch = self.run.open(result)
         self.recorder.delivered(self.order.batch_length(result.batch), waited, fill, result.timings, result.worker)
+        if self.auto is not None:
+            self.auto.tick(self.recorder.batches, self.recorder.wait_s, self._busy_s)
         return batch
+
+    def _busy_s(self) -> float:
+        return sum(self.recorder.busy_s.values())
 
     def worker_pids(self) -> list[int]:
         """The workers on this machine (whose processes can be looked up here)."""
@@ -203,13 +211,21 @@ class Engine:
             made.append(f"workers at nice +{self.config.worker_nice}: the training step goes first (worker_nice)")
         if self.tuner is not None and self.tuner.decision:
             made.append(self.tuner.decision)
+        if self.auto is not None:
+            made.append(self.auto.describe())
+        elif self.config.auto_workers:
+            made.append(f"workers='auto' is the budget with this executor: all {self.config.workers} workers work")
         return tuple(made)
 
     def stats(self) -> Stats:
         self.recorder.restarts = self.run.restarts
         self.recorder.hedges = getattr(self.run, "hedges", 0)  # an executor that hedges (processes) counts them
         nodes = {worker.pid: worker.node for worker in self.run.workers() if worker.node is not None}
-        return self.recorder.snapshot(self.worker_pids(), self.helper_pid(), self.decisions(), nodes)
+        stats = self.recorder.snapshot(self.worker_pids(), self.helper_pid(), self.decisions(), nodes)
+        if self.auto is None:
+            return stats
+        workers, window = self.auto.setting
+        return replace(stats, auto_workers=workers, auto_window=window, auto_changes=tuple(self.auto.changes))
 
     def forget_in_forked_child(self) -> None:
         """In a child forked from the owner: let go of this process's copies only (see ``live_engines``)."""
@@ -245,3 +261,11 @@ class Engine:
         finally:
             self.wake.close()
             self.reorder.clear()
+
+
+def _auto_scaler(config: LoaderConfig, run: Run) -> AutoScaler | None:
+    """``workers="auto"`` on a run that can resize (``processes``); None otherwise (Ray: the budget, all working)."""
+    resize = getattr(run, "resize", None)
+    if not config.auto_workers or resize is None:
+        return None
+    return AutoScaler(config.workers, config.prefetch, min(config.credit_step + 1, config.prefetch), resize)

@@ -77,6 +77,9 @@ class EngineHolder(Generic[E]):
                 return False
             self.owner = owner
             engine.recorder.paused = None  # its clocks run again
+            auto = getattr(engine, "auto", None)  # workers="auto" (consumer.Engine): no window spans the pause
+            if auto is not None:
+                auto.restart()
             return True
 
     def park(self) -> None:

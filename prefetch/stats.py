@@ -63,6 +63,11 @@ class Stats:
     # Where the loader's workers and prefetch came from, one sentence each (``LoaderConfig.provenance``):
     # the CPUs this rank may use, the per-worker depth and the byte budget (``_budget``).
     provenance: tuple[str, ...] = ()
+    # workers="auto" (0 and () otherwise): the workers given tasks now, the window now, and every change it
+    # made as (batches the loop had taken, workers, window); the last one's batch is when it settled.
+    auto_workers: int = 0
+    auto_window: int = 0
+    auto_changes: tuple[tuple[int, int, int], ...] = ()
 
     @property
     def contention(self) -> str | None:
@@ -157,6 +162,9 @@ class Stats:
                 per_node[node] = per_node.get(node, 0) + 1
             rows.append(("worker nodes", ", ".join(f"{node[:12]}: {n}" for node, n in sorted(per_node.items()))))
         rows += [("sized", line) for line in self.provenance]
+        if self.auto_workers:
+            changes = ", ".join(f"{w} workers/window {p} at batch {b}" for b, w, p in self.auto_changes) or "none"
+            rows.append(("auto", f"{self.auto_workers} workers, window {self.auto_window}; changes: {changes}"))
         rows += [("decided", decision) for decision in self.decisions]
         note = self.contention
         if note is not None:

@@ -68,10 +68,10 @@ def make_config(sources: tuple[Any, ...], **options: Unpack[LoaderOptions]) -> L
     _reject_unknown(options)
     _check_sources(sources)
     given = {**DEFAULTS, **options}
-    checked: dict[str, Any] = {"sources": tuple(sources), "provenance": ()}
+    checked: dict[str, Any] = {"sources": tuple(sources), "provenance": (), "auto_workers": False}
     for name in DEFAULTS:  # LoaderConfig's fields, in order
         checked[name] = CHECKS[name](given[name], checked)
-    config = LoaderConfig(**{name: checked[name] for name in ("sources", *DEFAULTS, "provenance")})
+    config = LoaderConfig(**{name: checked[name] for name in ("sources", *DEFAULTS, "provenance", "auto_workers")})
     return config if given["prefetch"] is not None else size_prefetch(config)
 
 
@@ -283,12 +283,13 @@ def _check_local_ranks(local_ranks: Any, checked: dict[str, Any]) -> int:
 
 @_checks_option
 def _check_workers(workers: Any, checked: dict[str, Any]) -> int:
-    if workers is None:
+    auto = checked["auto_workers"] = isinstance(workers, str) and workers == "auto"
+    if workers is None or auto:  # "auto": the budget is forked, and given tasks as the figures say (core.autoscale)
         budget = _budget.cpu_budget(checked["ranks"])
         workers, said = budget.cpus, budget.describe()
     else:
-        workers, said = _need_int("workers", workers, 0, ">= 0 (0 runs in-process)"), "as given"
-    checked["provenance"] += (f"workers={workers}: {said}",)
+        workers, said = _need_int("workers", workers, 0, ">= 0 (0 runs in-process), None or 'auto'"), "as given"
+    checked["provenance"] += (f"workers={'auto, at most ' if auto else ''}{workers}: {said}",)
     return workers
 
 

@@ -59,7 +59,7 @@ class GeneratorOptions(TypedDict, total=False):
     batch_transform: Callable[[Any], Any] | None
     collate: str | Callable[[list[Any]], Any]
     io_threads: int
-    workers: int | None
+    workers: int | str | None
     prefetch: int | None
     local_ranks: int | None
     start_method: str | None
@@ -130,7 +130,7 @@ class LoaderConfig:
     collate: str | Callable[[list[Any]], Any] = option("auto")
     io_threads: int = option(1)  # threads loading a batch's samples (source[i]) at once, in each worker
     local_ranks: int = option(None)  # ranks sharing this node's CPUs, /dev/shm and memory; None: LOCAL_WORLD_SIZE
-    workers: int = option(None)  # None: the CPUs this rank may use (``_budget.cpu_budget``)
+    workers: int = option(None)  # None: the CPUs this rank may use (``_budget.cpu_budget``); "auto": as many, forked
     prefetch: int = option(None)  # None: per worker, see PREFETCH_PER_WORKER, within the byte budget
     start_method: str | None = option(None)  # None: the platform's default
     timeout: float | None = option(None)
@@ -144,6 +144,8 @@ class LoaderConfig:
     cache: str | None = option(None)  # where load's results are kept: None, "memory" or a directory (absolute)
     provenance: tuple[str, ...] = ()  # where workers and prefetch came from, in words (``validation``)
     store: SampleStore | None = None  # the cache's store (``prefetch.cache.open_cache``); None without cache=
+    # workers="auto": ``workers`` are forked, and how many get tasks is decided on figures (``core.autoscale``)
+    auto_workers: bool = False
 
     @cached_property
     def order(self) -> Order:

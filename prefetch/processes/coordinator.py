@@ -90,6 +90,7 @@ class Coordinator:
         self.size_hint = 0
         self.idle_deaths = 0
         self.workers: list[_Worker] = []
+        self.active = config.workers  # the first ``active`` workers get tasks (workers="auto" parks the rest)
         self.late_kills: dict[int, int] = {}  # pid of a worker killed for a late batch -> that batch
         self.hedged: set[int] = set()  # batches made twice (``hedge``), at or beyond the position
         self.last_hedge: set[int] = set()  # pids of the workers making the last hedged batch (killed at shutdown)
@@ -187,12 +188,13 @@ class Coordinator:
     # --- dispatch -----------------------------------------------------------------------
 
     def _dispatch(self) -> None:
-        while self.workers:
+        working = self.workers[: self.active]  # a replacement takes its place at the end
+        while working:
             next_task = self.schedule.next_task()
             if next_task is None:
                 return
             batch, slot = next_task
-            self._send(min(self.workers, key=lambda w: len(w.tasks)), batch, slot)
+            self._send(min(working, key=lambda w: len(w.tasks)), batch, slot)
 
     def _send(self, worker: _Worker, batch: int, slot: int) -> None:
         indices = self.order.batch_indices(batch).astype(np.int64, copy=False).tobytes()
@@ -205,8 +207,10 @@ class Coordinator:
 
     def _on_hedge(self, batch: int) -> None:
         """The loop waits too long for ``batch``: a second worker makes it too, the one with the fewest tasks
-        of those that do not have it, in a spare place (``core/hedging.py``). Nothing if there is none."""
-        others = [w for w in self.workers if w.killed_for is None and all(t.batch != batch for t in w.tasks)]
+        of the working ones that do not have it, in a spare place (``core/hedging.py``). Nothing if there is none."""
+        others = [
+            w for w in self.workers[: self.active] if w.killed_for is None and all(t.batch != batch for t in w.tasks)
+        ]
         if batch < self.schedule.position or batch in self.hedged or not others:
             return
         slot = self.schedule.spare_place()
@@ -264,6 +268,10 @@ class Coordinator:
                 self._on_timed_out(message.batch)
             elif isinstance(message, messages.Hedge):
                 self._on_hedge(message.batch)
+            elif isinstance(message, messages.Resize):  # workers="auto": within the budget and the slots
+                self.active = max(1, min(message.workers, self.config.workers))
+                shallowest = min(self.config.credit_step + 1, self.config.prefetch)  # credits come back in steps
+                self.schedule.prefetch = max(shallowest, min(message.window, self.config.prefetch))
             else:
                 assert isinstance(message, messages.Stop)
                 self.stop_request = message

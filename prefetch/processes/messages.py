@@ -4,7 +4,7 @@ Every message is a small typed ``NamedTuple`` (immutable, and the cheapest typed
 record to pickle: the hot path sends a few per batch). Array data never travels in
 a message: it is in a shared-memory slot (``ipc.slots``). The pipes, and who writes what::
 
-    control  consumer -> coordinator      Consumed, Lost, TimedOut, Stop
+    control  consumer -> coordinator      Consumed, Lost, TimedOut, Resize, Stop
     tasks    coordinator -> one worker    Task, Stop
     results  workers -> consumer          BatchReady, BatchFailure
              coordinator -> consumer      CoordinatorReady, WorkerLost, GiveUp (core.schedule),
@@ -131,6 +131,15 @@ class Hedged(NamedTuple):
     pid: int
 
 
+class Resize(NamedTuple):
+    """Consumer -> coordinator (``workers="auto"``): give tasks to the first ``workers`` workers only, and keep
+    ``window`` batches ready or in flight (at most the configuration's ``prefetch``). A parked worker finishes
+    what it has and then gets nothing; the batches are the same."""
+
+    workers: int
+    window: int
+
+
 class Stop(NamedTuple):
     """Consumer -> coordinator, coordinator -> worker: shut down now.
 
@@ -163,6 +172,7 @@ Message = (
     | TimedOut
     | Hedge
     | Hedged
+    | Resize
     | Stop
     | WorkersStopped
 )

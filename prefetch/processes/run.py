@@ -41,6 +41,7 @@ from .messages import (
     Hedge,
     Hedged,
     Lost,
+    Resize,
     Stop,
     TimedOut,
     WorkerLost,
@@ -99,7 +100,7 @@ class ProcessRun:
 
     # --- talking to the coordinator -----------------------------------------------------
 
-    def _tell(self, message: Consumed | Lost | TimedOut | Hedge) -> None:
+    def _tell(self, message: Consumed | Lost | TimedOut | Hedge | Resize) -> None:
         """Send ``message`` now or as soon as the pipe has room; never block, never a raw EPIPE."""
         try:
             self.control_out.put(encode(message))
@@ -121,6 +122,10 @@ class ProcessRun:
             self.hedging.asked(self.position)
         if self.position - self.sent_position >= self.config.credit_step:
             self._report()
+
+    def resize(self, workers: int, window: int) -> None:
+        """``workers="auto"``: the coordinator gives tasks to ``workers`` workers, with ``window`` batches ahead."""
+        self._tell(Resize(workers, window))
 
     def _report(self) -> None:
         """Return credits and released slots to the coordinator."""

@@ -67,3 +67,17 @@ def test_the_callers_generators_are_left_as_they_were(executor):
         for _ in loader.stream():
             pass
     assert _generator_states() == before
+
+
+@pytest.mark.contract(registry.STREAM)
+def test_the_stream_with_workers_auto_is_the_workers_0_stream(executor):
+    """``workers="auto"``: the processes executor decides how many workers get tasks, Ray takes the budget; the
+    stream is the same either way."""
+    options = {**WITH_TORCH, **executor.options, "workers": "auto"}
+    with prefetch.Loader(DATA_X, LABELS, **options) as loader:
+        got = [digest(batch) for batch in loader.stream()]
+        stats = loader.stats()
+    assert got == list(reference("torch")[0])
+    resizes = stats.auto_workers > 0  # the processes executor's run resizes; Ray's does not
+    assert resizes or any("workers='auto' is the budget" in decision for decision in stats.decisions)
+    assert resizes == (executor.options["executor"] == "processes")

@@ -23,8 +23,8 @@ PACKAGE = Path(prefetch.__file__).parent
 
 
 def test_the_option_list_is_written_once_and_everything_agrees_with_it():
-    # sources are positional; provenance is what validation found, store what the cache made: not options
-    derived = ("sources", "provenance", "store")
+    # sources are positional; provenance and auto_workers are what validation found, store what the cache made
+    derived = ("sources", "provenance", "auto_workers", "store")
     fields = [f.name for f in dataclasses.fields(LoaderConfig) if f.init and f.name not in derived]
     assert set(LoaderOptions.__optional_keys__) == set(DEFAULTS) == set(fields)
     assert set(GeneratorOptions.__optional_keys__) == set(DEFAULTS) - {"batch_size", "shuffle"}

@@ -1,0 +1,68 @@
+"""``workers="auto"`` against every fixed count 1 .. budget, on the end-to-end JPEG training (``e2e.py``).
+
+Why: ``"auto"`` becomes the default only if it wins or ties on every end-to-end workload. The target: within
+5 % of the best fixed count, settled within 300 batches. Each system's run is a fresh process
+(``e2e.run_in_fresh_process``), the systems interleaved round after round (``BENCH_AUTO_ROUNDS``, at least 5
+unless ``BENCH_QUICK=1``); every run first takes ``BENCH_AUTO_WARMUP`` batches (default 300: what ``"auto"``
+is allowed to settle in), then times ``BENCH_AUTO_TIMED`` more. The table gives each system's median rate,
+its paired per-round ratio to the best fixed count (``e2e.paired_ratio``) and, for ``"auto"``, the batch of
+its last change (from ``stats().auto_changes``: the loop's batches when it last moved) and where it ended.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+from typing import Any
+
+import e2e
+import pytest
+import workloads
+from harness import Results
+
+from prefetch import _budget
+
+ROUNDS = 1 if workloads.QUICK else max(5, int(os.environ.get("BENCH_AUTO_ROUNDS", "5")))
+WARMUP_BATCHES = 4 if workloads.QUICK else int(os.environ.get("BENCH_AUTO_WARMUP", "300"))
+TIMED_BATCHES = 4 if workloads.QUICK else int(os.environ.get("BENCH_AUTO_TIMED", "60"))
+STEP_LABELS = {"none": "none (loader alone)", "default": "torch default threads", "1": "1 thread"}
+
+
+def _systems(step: str) -> dict[str, dict[str, Any]]:
+    """``"auto"`` and each fixed count up to the budget (the default ``workers``), as e2e cases (``run_jpeg``)."""
+    base = {"workload": "jpeg", "system": "prefetch", "step": step}
+    base.update(warmup_batches=WARMUP_BATCHES, timed_batches=TIMED_BATCHES)
+    cases = {"auto": {**base, "auto": True}}
+    for count in range(1, _budget.cpu_budget().cpus + 1):
+        cases[f"workers={count}"] = {**base, "workers": count}
+    return cases
+
+
+@pytest.mark.parametrize("step", ["none", "default", "1"])
+def test_auto_against_every_fixed_count(benchmark: Any, results: Results, step: str) -> None:
+    pytest.importorskip("PIL")
+    if step != "none":
+        pytest.importorskip("torch")
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    cases = _systems(step)
+    e2e.write_jpegs()
+    runs = benchmark.pedantic(e2e.compare, args=(cases, ROUNDS), rounds=1, iterations=1)
+    fixed = {label: r for label, r in runs.items() if label != "auto"}
+    best = max(fixed, key=lambda label: statistics.median(run["images_per_s"] for run in fixed[label]))
+    for label, system_runs in runs.items():
+        settled = [run["auto_changes"][-1][0] if run.get("auto_changes") else 0 for run in system_runs]
+        ended = [tuple(run["auto_changes"][-1][1:]) if run.get("auto_changes") else "unchanged" for run in system_runs]
+        results.add_table_row(
+            "auto-vs-fixed",
+            {
+                "system": label,
+                "training step": STEP_LABELS[step],
+                "images/s (median)": round(statistics.median(run["images_per_s"] for run in system_runs), 1),
+                "paired vs best fixed": f"{e2e.paired_ratio(system_runs, runs[best], 'images_per_s'):.3f}x",
+                "best fixed": best,
+                "last change at batch (max)": max(settled) if label == "auto" else "",
+                "ended at (workers, window)": str(ended) if label == "auto" else "",
+                "rounds": len(system_runs),
+            },
+        )
+    assert all(len(r) == ROUNDS for r in runs.values())

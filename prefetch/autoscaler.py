@@ -1,0 +1,130 @@
+"""``workers="auto"`` in the loop's thread: measures windows of batches and applies ``core.autoscale``'s decisions.
+
+``AutoScaler.tick`` is called once per batch the loop takes, with the stats recorder's running totals (the
+loop's wait, the workers' time making batches): between windows it compares one integer. At the end of a
+window (``WINDOW_BATCHES`` batches and at least ``WINDOW_MIN_S``) it reads the clocks -- the loop's
+process CPU, its thread's run-queue wait (``/proc/thread-self/schedstat``), the available memory
+(``_budget``) -- hands the ``Controller`` a ``Measure``, and passes a new setting to the executor's run
+(``resize(workers, window)``). See ``docs/design.md`` ("Workers on figures: workers="auto"").
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+from . import _budget
+from .core.autoscale import BUSY_SATURATED_SHARE, WAIT_STARVED_SHARE, Controller, Measure, Setting
+
+# Batches per measurement window: longer windows are less noisy, shorter ones converge sooner (a change
+# takes SETTLE_WINDOWS + STREAK_WINDOWS windows: 48 batches at 16).
+WINDOW_BATCHES = 16
+# ... and at least this long, so that a very fast loop's window is not a few timer ticks.
+WINDOW_MIN_S = 0.05
+# No worker is added while less memory than this is available (a worker given tasks grows its memory).
+MEMORY_FLOOR_BYTES = 512 * 2**20
+_SCHEDSTAT = "/proc/thread-self/schedstat"
+
+
+class Change(NamedTuple):
+    """One change ``workers="auto"`` made: at which batch the loop had taken, to what setting."""
+
+    batch: int
+    workers: int
+    window: int
+
+
+class _Mark(NamedTuple):
+    batches: int
+    wall_s: float
+    cpu_s: float
+    run_queue_s: float
+    wait_s: float
+    busy_s: float
+
+
+def run_queue_seconds() -> float:
+    """Seconds the calling thread has waited for a core (0.0 where the kernel does not say)."""
+    try:
+        with open(_SCHEDSTAT, "rb") as file:
+            fields = file.read().split()
+        return int(fields[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def read_clocks() -> tuple[float, float, float]:
+    """(wall, the process's CPU, the thread's run-queue wait), in seconds."""
+    return time.perf_counter(), time.process_time(), run_queue_seconds()
+
+
+class AutoScaler:
+    """Measure, decide, apply: ``resize`` is the run's (``ProcessRun.resize``)."""
+
+    def __init__(
+        self,
+        budget: int,
+        deepest: int,
+        shallowest: int,
+        resize: Callable[[int, int], None],
+        clocks: Callable[[], tuple[float, float, float]] = read_clocks,
+        memory: Callable[[], int | None] = _budget.available_memory,
+    ):
+        self.controller = Controller(budget, deepest, shallowest)
+        self.resize = resize
+        self.clocks, self.memory = clocks, memory  # tests pass fake ones
+        self.changes: list[Change] = []
+        self.mark: _Mark | None = None
+        self.next_at = 0  # the batch count at which the next window may end
+
+    @property
+    def setting(self) -> Setting:
+        return self.controller.setting
+
+    def describe(self) -> str:
+        """What it decided, for ``stats().decisions``."""
+        now = self.setting
+        tail = f"; last change: {self.controller.last}" if self.controller.last else ""
+        return (
+            f"workers='auto': {now.workers} of {self.controller.budget} workers given tasks, window {now.window} "
+            f"({len(self.changes)} change{'s' * (len(self.changes) != 1)}){tail}"
+        )
+
+    def restart(self) -> None:
+        """The loop was away (the engine kept between epochs): the next batch starts a new window."""
+        self.mark, self.next_at = None, 0
+
+    def measure(self, was: _Mark, now: _Mark) -> Measure:
+        """The window between two marks (a method, so that tests can put a fake source in its place). Memory is
+        read only when a worker could be added (about a millisecond: cgroup files)."""
+        wall = max(now.wall_s - was.wall_s, 1e-9)
+        wait = min(1.0, (now.wait_s - was.wait_s) / wall)
+        busy = min(1.0, (now.busy_s - was.busy_s) / wall / self.setting.workers)
+        could_add = wait >= WAIT_STARVED_SHARE and busy >= BUSY_SATURATED_SHARE
+        memory = self.memory() if could_add and self.setting.workers < self.controller.budget else None
+        return Measure(
+            wait=wait,
+            busy=busy,
+            loop_cpu=(now.cpu_s - was.cpu_s) / wall,
+            run_queue=min(1.0, (now.run_queue_s - was.run_queue_s) / wall),
+            memory_low=memory is not None and memory < MEMORY_FLOOR_BYTES,
+        )
+
+    def tick(self, batches: int, wait_s: float, busy_s: Callable[[], float]) -> None:
+        """The loop took its ``batches``-th batch; ``wait_s`` it waited in all, ``busy_s()`` the workers' time
+        in all (called only at a window's end)."""
+        if batches < self.next_at:
+            return
+        now = _Mark(batches, *self.clocks(), wait_s, busy_s())
+        was, self.mark = self.mark, now
+        self.next_at = batches + WINDOW_BATCHES
+        if was is None:
+            return
+        if now.wall_s - was.wall_s < WINDOW_MIN_S:
+            self.mark, self.next_at = was, batches + 1  # too short yet: the window goes on
+            return
+        setting = self.controller.decide(self.measure(was, now))
+        if setting is not None:
+            self.changes.append(Change(batches, *setting))
+            self.resize(*setting)

@@ -1,0 +1,192 @@
+"""workers="auto"'s decisions on fake figures: ``core.autoscale.Controller`` (no process, no clock) and
+``autoscaler.AutoScaler``'s windows on a fake clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from prefetch import _budget
+from prefetch.autoscaler import WINDOW_BATCHES, WINDOW_MIN_S, AutoScaler, Change
+from prefetch.core.autoscale import (
+    BUSY_SATURATED_SHARE,
+    SETTLE_WINDOWS,
+    STREAK_WINDOWS,
+    WAIT_CALM_SHARE,
+    WAIT_STARVED_SHARE,
+    Controller,
+    Measure,
+    Setting,
+)
+from prefetch.validation import make_config
+
+# Figures well inside each verdict's region (derived from the thresholds, not copied from a run).
+STARVED_SATURATED = Measure(wait=WAIT_STARVED_SHARE * 4, busy=1.0, loop_cpu=0.2, run_queue=0.0)
+STARVED_IDLE_WORKERS = Measure(wait=WAIT_STARVED_SHARE * 4, busy=BUSY_SATURATED_SHARE / 3, loop_cpu=0.2, run_queue=0.0)
+CALM_CONTENDED = Measure(wait=0.0, busy=0.9, loop_cpu=1.8, run_queue=0.2)
+CALM_UNCONTENDED = Measure(wait=0.0, busy=0.1, loop_cpu=0.1, run_queue=0.0)
+IN_BETWEEN = Measure(wait=(WAIT_CALM_SHARE + WAIT_STARVED_SHARE) / 2, busy=1.0, loop_cpu=1.8, run_queue=0.2)
+WINDOWS_PER_CHANGE = SETTLE_WINDOWS + STREAK_WINDOWS
+
+
+def feed(controller: Controller, measure: Measure, windows: int) -> list[Setting]:
+    """The settings ``controller`` changed to over ``windows`` windows of ``measure``."""
+    return [s for s in (controller.decide(measure) for _ in range(windows)) if s is not None]
+
+
+def test_it_adds_a_worker_when_the_loop_waits_and_the_workers_are_saturated():
+    controller = Controller(budget=4, deepest=8, workers=1, window=2)
+    changes = feed(controller, STARVED_SATURATED, WINDOWS_PER_CHANGE)
+    assert changes == [Setting(2, 4)]  # one worker more, and its share of the window
+    assert "add 1->2 workers" in controller.last
+
+
+def test_it_parks_a_worker_when_the_loop_does_not_wait_and_the_cores_are_contended():
+    controller = Controller(budget=4, deepest=8)
+    assert controller.setting == Setting(4, 8)  # it starts at the budget
+    changes = feed(controller, CALM_CONTENDED, WINDOWS_PER_CHANGE)
+    assert changes == [Setting(3, 6)]
+    # contention seen from the loop's CPU and the workers' time alone (no run-queue figure) parks too
+    loop_and_workers_fill_the_cores = CALM_CONTENDED._replace(run_queue=0.0, loop_cpu=2.0, busy=0.7)  # 2 + 0.7 * 3
+    assert feed(controller, loop_and_workers_fill_the_cores, WINDOWS_PER_CHANGE) == [Setting(2, 4)]
+
+
+def test_it_holds_when_the_loop_does_not_wait_and_the_cores_are_free():
+    controller = Controller(budget=4, deepest=8)
+    assert feed(controller, CALM_UNCONTENDED, 50) == []
+
+
+def test_it_never_goes_above_the_budget_nor_below_one_worker():
+    budget = _budget.cpu_budget().cpus
+    config = make_config((list(range(10)),), batch_size=2, workers="auto")
+    assert config.workers == budget and config.auto_workers  # forked: the budget
+    controller = Controller(budget=budget + 0, deepest=3 * budget, workers=1)
+    seen = [s.workers for s in feed(controller, STARVED_SATURATED, 40 * budget)]
+    assert seen == list(range(2, budget + 1))  # one at a time, up to the budget and no further
+    seen = [s.workers for s in feed(Controller(budget=budget, deepest=8), CALM_CONTENDED, 40 * budget)]
+    assert seen == list(range(budget - 1, 0, -1))
+
+
+def test_it_holds_within_noise():
+    controller = Controller(budget=4, deepest=8, workers=2, window=4)
+    assert feed(controller, IN_BETWEEN, 50) == []  # between the calm and the starved bars
+    alternating = [STARVED_SATURATED, CALM_CONTENDED] * 25  # each verdict once, never twice in a row
+    assert [s for s in map(controller.decide, alternating) if s is not None] == []
+    one_bad_window = [CALM_UNCONTENDED, STARVED_SATURATED] * 25
+    assert [s for s in map(controller.decide, one_bad_window) if s is not None] == []
+
+
+def test_a_park_that_made_the_loop_wait_is_undone_and_not_tried_again():
+    controller = Controller(budget=4, deepest=8)
+    assert feed(controller, CALM_CONTENDED, WINDOWS_PER_CHANGE) == [Setting(3, 6)]
+    assert feed(controller, STARVED_SATURATED, WINDOWS_PER_CHANGE) == [Setting(4, 8)]
+    assert feed(controller, CALM_CONTENDED, 50) == []  # 4 is the floor now: no oscillation
+    assert controller.floor == 4
+
+
+def test_a_loop_waiting_on_idle_workers_gets_a_deeper_window_not_more_workers():
+    controller = Controller(budget=4, deepest=8, workers=2, window=4)
+    assert feed(controller, STARVED_IDLE_WORKERS, 3 * WINDOWS_PER_CHANGE) == [Setting(2, 6), Setting(2, 8)]
+
+
+def test_no_worker_is_added_while_memory_is_low():
+    controller = Controller(budget=4, deepest=8, workers=1, window=2)
+    assert feed(controller, STARVED_SATURATED._replace(memory_low=True), 50) == []
+
+
+def test_the_window_never_shrinks_below_the_credit_step():
+    controller = Controller(budget=8, deepest=16, shallowest=5)
+    settings = feed(controller, CALM_CONTENDED, 40)
+    assert settings[-1] == Setting(1, 5) and all(s.window >= 5 for s in settings)
+
+
+class FakeClock:
+    """The wall clock, the process's CPU and the run-queue wait, moved by hand."""
+
+    def __init__(self) -> None:
+        self.wall = self.cpu = self.run_queue = 0.0
+
+    def __call__(self) -> tuple[float, float, float]:
+        return self.wall, self.cpu, self.run_queue
+
+
+def test_the_scaler_measures_windows_of_batches_on_the_clock_and_applies_the_controllers_changes():
+    clock, resized = FakeClock(), []
+    scaler = AutoScaler(4, 8, 2, lambda w, p: resized.append((w, p)), clock, lambda: 2**40)
+    wait, busy = 0.0, [0.0]
+    batches = 0
+    seconds = 2 * WINDOW_MIN_S / WINDOW_BATCHES  # per batch: a window is never too short
+    while batches < 1 + WINDOWS_PER_CHANGE * WINDOW_BATCHES:  # the first batch marks the first window's start
+        batches += 1
+        clock.wall += seconds
+        clock.cpu += 1.8 * seconds  # the loop uses 1.8 cores
+        clock.run_queue += 0.2 * seconds  # and waits for a core a fifth of the time
+        busy[0] += 4 * 0.9 * seconds  # four workers busy 90 % of the time; the loop never waits
+        scaler.tick(batches, wait, lambda: busy[0])
+    assert resized == [(3, 6)]
+    assert scaler.changes == [Change(batches, 3, 6)]
+    assert "3 of 4 workers given tasks, window 6 (1 change)" in scaler.describe()
+
+
+def test_a_window_shorter_than_the_minimum_goes_on_until_it_is_long_enough():
+    clock, measured = FakeClock(), []
+    scaler = AutoScaler(4, 8, 2, lambda w, p: None, clock, lambda: None)
+    scaler.measure = lambda was, now: measured.append(now.batches - was.batches) or CALM_UNCONTENDED  # type: ignore[method-assign]
+    for batch in range(1, 4 * WINDOW_BATCHES):
+        clock.wall += WINDOW_MIN_S / (2 * WINDOW_BATCHES)  # a window of batches takes half the minimum
+        scaler.tick(batch, 0.0, lambda: 0.0)
+    assert measured and all(n >= 2 * WINDOW_BATCHES - 1 for n in measured)
+
+
+@pytest.mark.parametrize("bad", ["Auto", "most", 2.5])
+def test_workers_takes_auto_and_nothing_like_it(bad):
+    with pytest.raises((TypeError, ValueError), match="None or 'auto'"):
+        make_config((list(range(10)),), batch_size=2, workers=bad)
+
+
+def test_auto_is_the_budget_on_a_run_that_cannot_resize():
+    from prefetch.consumer import _auto_scaler
+
+    class Resizable:
+        def resize(self, workers: int, window: int) -> None: ...
+
+    auto = make_config((list(range(10)),), batch_size=2, workers="auto")
+    assert _auto_scaler(auto, object()) is None  # e.g. Ray's run: all the budget's workers work
+    scaler = _auto_scaler(auto, Resizable())
+    assert scaler is not None and scaler.setting == Setting(auto.workers, auto.prefetch)
+    assert _auto_scaler(make_config((list(range(10)),), batch_size=2), Resizable()) is None  # workers=None
+
+
+def test_no_window_spans_the_pause_between_epochs():
+    clock, windows = FakeClock(), []
+    scaler = AutoScaler(4, 8, 2, lambda w, p: None, clock, lambda: None)
+    scaler.measure = lambda was, now: windows.append((was.wall_s, now.wall_s)) or CALM_UNCONTENDED  # type: ignore[method-assign]
+    batch = 0
+    for _ in range(WINDOW_BATCHES):  # the first window, unfinished when the epoch ends
+        batch += 1
+        clock.wall += 1.0
+        scaler.tick(batch, 0.0, lambda: 0.0)
+    clock.wall += 1000.0  # the loop is away (an evaluation), then adopts the kept engine
+    scaler.restart()
+    resumed_at = clock.wall
+    for _ in range(WINDOW_BATCHES + 1):
+        batch += 1
+        clock.wall += 1.0
+        scaler.tick(batch, 0.0, lambda: 0.0)
+    assert windows == [(resumed_at + 1.0, clock.wall)]  # a window from the first batch after the pause
+
+
+def test_memory_is_read_only_when_a_worker_could_be_added():
+    clock, reads = FakeClock(), []
+    scaler = AutoScaler(4, 8, 2, lambda w, p: None, clock, lambda: reads.append(1) or 100)  # 100 bytes: low
+    wait = [0.0]
+    for batch in range(1, 1 + 20 * WINDOW_BATCHES):
+        clock.wall += 1.0
+        wait[0] += 0.5  # the loop waits half the time, the workers are saturated: add, but memory is low
+        scaler.tick(batch, wait[0], lambda: 4.0 * batch)  # noqa: B023
+    assert reads == []  # at the budget already: no worker can be added, nothing read
+    scaler.controller.workers = 2
+    for batch in range(1 + 20 * WINDOW_BATCHES, 1 + 40 * WINDOW_BATCHES):
+        clock.wall += 1.0
+        wait[0] += 0.5
+        scaler.tick(batch, wait[0], lambda: 2.0 * batch)  # noqa: B023
+    assert reads and scaler.setting.workers == 2  # read, found low: no worker added
