@@ -188,7 +188,8 @@ class Engine:
             raise result.error
         batch = self.run.open(result)
         self.recorder.delivered(self.order.batch_length(result.batch), waited, fill, result.timings, result.worker)
-        if self.auto is not None:
+        if self.auto is not None and (self.tuner is None or not self.tuner.measuring):
+            # one thing at a time: the worker count holds while the thread tuner times a window
             self.auto.tick(self.recorder.batches, self.recorder.wait_s, self._busy_s)
         return batch
 

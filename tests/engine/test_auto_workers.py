@@ -65,6 +65,7 @@ def two_epochs(workers, start_method, makers=None):
         batch_transform=with_maker,
         workers=workers,
         start_method=start_method,
+        train_threads=None,  # the thread tuner would hold the count while it measures (torch may be imported)
     )
     with loader:
         for _ in range(2):
@@ -123,7 +124,9 @@ def test_auto_shortens_the_window_with_the_workers_it_parks(monkeypatch, tmp_pat
     monkeypatch.setattr(autoscaler, "WINDOW_MIN_S", 0.0)
     monkeypatch.setattr(AutoScaler, "measure", lambda scaler, was, now: PARK)
     deepest, source = 6, AheadSource(400, 4, str(tmp_path))
-    with prefetch.Loader(source, batch_size=4, shuffle=False, workers="auto", prefetch=deepest) as loader:
+    with prefetch.Loader(
+        source, batch_size=4, shuffle=False, workers="auto", prefetch=deepest, train_threads=None
+    ) as loader:
         stream = loader.stream()
         taken = 0
         while len(loader.stats().auto_changes) < BUDGET - 1:  # parked down to one worker
@@ -147,7 +150,49 @@ def test_auto_shortens_the_window_with_the_workers_it_parks(monkeypatch, tmp_pat
 def test_the_next_epoch_starts_a_new_window(monkeypatch):
     restarts = []
     monkeypatch.setattr(AutoScaler, "restart", lambda scaler: restarts.append(scaler))
-    with prefetch.Loader(np.arange(40), batch_size=4, epochs=3, workers="auto") as loader:
+    with prefetch.Loader(np.arange(40), batch_size=4, epochs=3, workers="auto", train_threads=None) as loader:
         for _ in range(3):
             assert len(list(loader)) == 10
     assert len(restarts) == 2 and restarts[0] is restarts[1]  # the kept engine's, at each adoption
+
+
+class MeasuringTuner:
+    """A thread tuner that is timing a window until the test says it is done (the engine's view of one)."""
+
+    decision = None
+
+    def __init__(self) -> None:
+        self.measuring = True
+
+    def tick(self, fill: int) -> None:
+        pass
+
+    def reconsider(self) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+
+@pytest.mark.timeout(60)
+def test_the_count_holds_while_the_thread_tuner_measures(monkeypatch):
+    """One thing at a time: no resize while the thread tuner times a window, resizes once it is done."""
+    from prefetch import consumer
+
+    budget = _budget.CpuBudget(BUDGET, None, BUDGET, _budget.Ranks(1, "test"))
+    monkeypatch.setattr(_budget, "cpu_budget", lambda ranks=None, **_: budget)
+    monkeypatch.setattr(autoscaler, "WINDOW_BATCHES", 2)
+    monkeypatch.setattr(autoscaler, "WINDOW_MIN_S", 0.0)
+    monkeypatch.setattr(AutoScaler, "measure", lambda scaler, was, now: PARK)
+    tuner = MeasuringTuner()
+    monkeypatch.setattr(consumer.ThreadTuner, "start", staticmethod(lambda *args, **kwargs: tuner))
+    with prefetch.Loader(np.arange(400), batch_size=4, shuffle=False, workers="auto") as loader:
+        stream = loader.stream()
+        for _ in range(30):  # fifteen windows' worth: a park would have come after two
+            next(stream)
+        assert loader.stats().auto_changes == ()
+        tuner.measuring = False
+        for _ in range(30):
+            next(stream)
+        assert loader.stats().auto_changes  # the same figures park workers now
+        stream.close()
