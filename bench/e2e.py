@@ -37,8 +37,10 @@ from jpegs import CROP, JPEG_BATCH, JPEG_COUNT, jpeg_augment, jpeg_labels, rando
 BENCH_DIR = Path(__file__).resolve().parent
 # Warm-up: start-up, caches, and prefetch's measurement of the training threads (_tuning: 40 batches);
 # everyone gets the same. Then the timed batches: the steady state a long training run lives in.
-JPEG_WARMUP_BATCHES = 45
-JPEG_TIMED_BATCHES = 20
+# A smoke run (``BENCH_QUICK=1``) takes 10 + 10: it checks that the runs work, its figures mean nothing.
+QUICK = os.environ.get("BENCH_QUICK", "") not in ("", "0")
+JPEG_WARMUP_BATCHES = 10 if QUICK else 45
+JPEG_TIMED_BATCHES = 10 if QUICK else 20
 # The training step's work: channels of the small CNN, chosen so that one step takes ~150 ms alone at
 # torch's default threads on this 2-core machine, as in the measurements that opened the issue.
 STEP_WIDTH = 8

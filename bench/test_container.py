@@ -38,6 +38,7 @@ def test_jpeg_training_in_a_one_cpu_container(benchmark: Any, results: Results) 
     e2e.write_jpegs()
     with one_cpu() as confinement:
         runs = benchmark.pedantic(e2e.compare, args=(cases, ROUNDS, confinement.prefix), rounds=1, iterations=1)
+    results.runs["jpeg in a 1-CPU container"] = runs
     started = {run["workers"] for run in runs["prefetch"]}
     for system, system_runs in runs.items():
         rates = [run["images_per_s"] for run in system_runs]

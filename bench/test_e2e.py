@@ -131,6 +131,7 @@ def test_jpeg_training(benchmark: Any, results: Results, step: str) -> None:
     cases = _jpeg_cases(step, dataloader_counts() if step == "default" else [TARGET_DATALOADER])
     e2e.write_jpegs()
     runs = benchmark.pedantic(e2e.compare, args=(cases, ROUNDS), rounds=1, iterations=1)
+    results.runs[f"jpeg step={step}"] = runs
     _jpeg_report(results, "e2e-jpeg", step, runs)
     benchmark.extra_info.update(
         {f"{system}_images_per_s": _median(r, "images_per_s") for system, r in runs.items()}, step=step
@@ -149,6 +150,7 @@ def test_jpeg_data_bound(benchmark: Any, results: Results) -> None:
     cases = _jpeg_cases("tiny", dataloader_counts())
     e2e.write_jpegs()
     runs = benchmark.pedantic(e2e.compare, args=(cases, ROUNDS), rounds=1, iterations=1)
+    results.runs["jpeg step=tiny"] = runs
     _jpeg_report(results, "e2e-data-bound", "tiny", runs)
     benchmark.extra_info.update({f"{system}_images_per_s": _median(r, "images_per_s") for system, r in runs.items()})
     assert all(len(r) == ROUNDS for r in runs.values())
@@ -168,6 +170,7 @@ def test_keras_fit(benchmark: Any, results: Results, threads: str) -> None:
     }
     _add_baseline(cases, "prefetch")
     runs = benchmark.pedantic(e2e.compare, args=(cases, ROUNDS), rounds=1, iterations=1)
+    results.runs[f"keras threads={threads}"] = runs
     for system, system_runs in runs.items():
         results.add_table_row(
             "e2e-keras",
