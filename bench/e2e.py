@@ -41,6 +41,16 @@ BENCH_DIR = Path(__file__).resolve().parent
 QUICK = os.environ.get("BENCH_QUICK", "") not in ("", "0")
 JPEG_WARMUP_BATCHES = 10 if QUICK else 45
 JPEG_TIMED_BATCHES = 10 if QUICK else 20
+# The time limit of one comparison (a pytest timeout, against hangs): rounds x systems x this per run (a run
+# takes 20-40 s on a quiet 2-core machine; each run also has run_in_fresh_process's own limit).
+RUN_LIMIT_S = 240
+
+
+def comparison_timeout_s(rounds: int, systems: int = 8) -> int:
+    """A pytest time limit for ``compare`` over ``rounds`` rounds of up to ``systems`` systems."""
+    return rounds * systems * RUN_LIMIT_S
+
+
 # The training step's work: channels of the small CNN, chosen so that one step takes ~150 ms alone at
 # torch's default threads on this 2-core machine, as in the measurements that opened the issue.
 STEP_WIDTH = 8
@@ -255,9 +265,20 @@ class _Decisions:
             self.last, self.at = made, taken
 
 
-def run_jpeg(system: str, step: str, workers: int = 2, **options: Any) -> dict[str, Any]:
+def run_jpeg(
+    system: str,
+    step: str,
+    workers: int = 2,
+    warmup_batches: int = JPEG_WARMUP_BATCHES,
+    timed_batches: int = JPEG_TIMED_BATCHES,
+    auto: bool = False,
+    **options: Any,
+) -> dict[str, Any]:
     """One training run of the JPEG pipeline: images/s over the timed batches, first batch, every batch's
-    time (start-up in the first), the batches before the steady state, CPU by process."""
+    time (start-up in the first), the batches before the steady state, CPU by process. ``auto``: prefetch with
+    ``workers="auto"`` (then ``workers`` is ignored)."""
+    if auto:
+        workers, options = -1, {**options, "workers": "auto"}
     train = _training_step(step)
     started = time.perf_counter()
     batches, close = _jpeg_stream(system, workers, options)
@@ -265,8 +286,8 @@ def run_jpeg(system: str, step: str, workers: int = 2, **options: Any) -> dict[s
     info: dict[str, Any] = {}
     try:
         decisions = _Decisions(batches, system)
-        for taken in range(JPEG_WARMUP_BATCHES + JPEG_TIMED_BATCHES):
-            if taken == JPEG_WARMUP_BATCHES:
+        for taken in range(warmup_batches + timed_batches):
+            if taken == warmup_batches:
                 pids = [os.getpid(), *_descendants()]
                 sched_before, cpu_before = scheduler_figures(pids), _cpu_seconds(pids)
                 t0 = time.perf_counter()
@@ -281,7 +302,9 @@ def run_jpeg(system: str, step: str, workers: int = 2, **options: Any) -> dict[s
         cpu_after, sched_after = _cpu_seconds(pids), scheduler_figures(pids)
         if decisions.loader is not None:
             loader = decisions.loader
-            info.update(stats=str(loader.stats()), workers=loader.workers, decisions=list(decisions.last))
+            stats = loader.stats()
+            info.update(stats=str(stats), workers=loader.workers, decisions=list(decisions.last))
+            info["auto_changes"] = [list(change) for change in getattr(stats, "auto_changes", ())]
             info.update(provenance=list(loader.config.provenance), decided_at_batch=decisions.at)
     finally:
         close()
@@ -289,7 +312,7 @@ def run_jpeg(system: str, step: str, workers: int = 2, **options: Any) -> dict[s
     cores = {str(pid): round((cpu_after[pid] - cpu_before.get(pid, 0.0)) / elapsed, 3) for pid in cpu_after}
     per_batch = {  # per timed batch: ms on CPU, ms waiting for a core, voluntary and involuntary switches
         "consumer" if pid == os.getpid() else str(pid): [
-            round((after - before) / JPEG_TIMED_BATCHES * (1e3 if k < 2 else 1), 1)
+            round((after - before) / timed_batches * (1e3 if k < 2 else 1), 1)
             for k, (after, before) in enumerate(zip(sched_after[pid], sched_before[pid]))
         ]
         for pid in sched_after
@@ -297,10 +320,10 @@ def run_jpeg(system: str, step: str, workers: int = 2, **options: Any) -> dict[s
     }
     return {
         "sched_per_batch": per_batch,
-        "images_per_s": JPEG_TIMED_BATCHES * JPEG_BATCH / elapsed,
+        "images_per_s": timed_batches * JPEG_BATCH / elapsed,
         "first_batch_s": first_batch_s,
         "batch_s": [round(t, 4) for t in batch_s],
-        "steady_batches": steady_state_batch(batch_s, tail=JPEG_TIMED_BATCHES),
+        "steady_batches": steady_state_batch(batch_s, tail=timed_batches),
         "consumer_cores": cores.pop(str(os.getpid()), None),
         "other_cores": sorted(cores.values(), reverse=True),
         **info,
@@ -330,6 +353,7 @@ def run_in_fresh_process(case: dict[str, Any], timeout_s: float = 600, prefix: t
     if tree is not None:
         script = Path(tree) / "bench" / "e2e.py"
         env["PYTHONPATH"] = os.pathsep.join([str(tree), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    started = time.perf_counter()
     done = subprocess.run(
         [*prefix, sys.executable, str(script), "run", json.dumps(case)],
         env=env,
@@ -340,7 +364,9 @@ def run_in_fresh_process(case: dict[str, Any], timeout_s: float = 600, prefix: t
     )
     if done.returncode != 0:
         raise RuntimeError(f"case {case} failed with code {done.returncode}:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["process_s"] = time.perf_counter() - started  # the whole run, interpreter and imports included
+    return dict(result)
 
 
 def compare(

@@ -22,6 +22,7 @@ from container import one_cpu
 from harness import Results
 
 ROUNDS = e2e_figures.bench_rounds()
+pytestmark = pytest.mark.timeout(e2e.comparison_timeout_s(ROUNDS))
 STEP = "default"  # torch's default threads, as a user's script has them (torch does not read the quota)
 
 

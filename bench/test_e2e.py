@@ -21,6 +21,7 @@ import pytest
 from harness import Results
 
 ROUNDS = e2e_figures.bench_rounds()
+pytestmark = pytest.mark.timeout(e2e.comparison_timeout_s(ROUNDS))
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 # DataLoader's documented default, and the counts its best is picked from (1 to the cores + 1):
 # ``BENCH_DATALOADER_WORKERS=2`` (a comma list) runs fewer, as ``target_runs.py`` does.
