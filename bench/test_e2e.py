@@ -89,11 +89,11 @@ def _jpeg_report(results: Results, section: str, step: str, runs: dict[str, list
     """One row per system: images/s, paired per-round ratios against plain, DataLoader(num_workers=2) and the
     best DataLoader of the run (highest median), batches before steady state, CPU."""
     loaders = [label for label in runs if label.startswith("DataLoader")]
-    best = max(loaders, key=lambda label: _median(runs[label], "images_per_s"), default=None)
+    best = max(loaders, key=lambda label: _median(runs[label], "images_per_s")) if len(loaders) > 1 else None
     references = {"plain": runs["plain"]}
     if dataloader_label(TARGET_DATALOADER) in runs:
         references["DataLoader(2)"] = runs[dataloader_label(TARGET_DATALOADER)]
-    if best is not None and len(loaders) > 1:
+    if best is not None:
         references["best DataLoader"] = runs[best]
     for system, system_runs in runs.items():
         loop, others = _cores(system_runs)
