@@ -5,11 +5,12 @@ runs on the same cores as the workers. Here every measurement is a training run:
 
 * ``jpeg``: JPEG files on disk (written once by ``write_jpegs``) -> Pillow decode -> RandomResizedCrop(224)
   -> horizontal flip -> uint8 batches of 64, consumed by a small torch CNN training step (``step="default"``:
-  torch's default intra-op threads; ``"1"``: ``torch.set_num_threads(1)``; ``"none"``: no step, the loader
-  alone). Figure: images per second, and the time to the first batch.
-* ``keras``: the seed's use case. Keras ``fit`` (torch backend) on 8x8 digits upsampled to 32x32 with a
-  ~1 ms/sample numpy augmentation (pad/crop, flip, noise, blur), a small CNN, batch 32, all defaults.
-  Figure: wall time per epoch.
+  torch's default intra-op threads; ``"1"``: ``torch.set_num_threads(1)``; ``"tiny"``: one linear layer, a
+  data-bound loop; ``"none"``: no step, the loader alone). Figure: images per second over the timed batches,
+  the time to the first batch, and every batch's time, from which ``e2e_figures.steady_state_batch`` finds
+  how many batches the run took to settle (prefetch's tuning included).
+* ``keras``: the seed's use case, Keras ``fit`` on augmented digits (``e2e_keras.py``). Figure: wall time per
+  epoch.
 
 Each run is a fresh Python process (``python e2e.py run '<json>'``), so thread settings, imports and caches of
 one system never help or hurt another; ``compare`` runs the systems of one case interleaved, round after
@@ -22,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import statistics
 import subprocess
 import sys
 import time
@@ -30,21 +30,32 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from e2e_figures import bench_rounds, paired_ratio, paired_ratios, steady_state_batch, summary  # noqa: F401  (e2e.paired_ratio)
+from e2e_keras import KERAS_BATCH, KERAS_EPOCHS, KERAS_SAMPLES, KERAS_SIDE, digits, digits_augment, run_keras  # noqa: F401
 from jpegs import CROP, JPEG_BATCH, JPEG_COUNT, jpeg_augment, jpeg_labels, random_resized_crop, write_jpegs  # noqa: F401
 
 BENCH_DIR = Path(__file__).resolve().parent
-# Warm-up: start-up, caches, and prefetch's measurement of the training threads (_tuning: 40 batches);
-# everyone gets the same. Then the timed batches: the steady state a long training run lives in.
-JPEG_WARMUP_BATCHES = 45
-JPEG_TIMED_BATCHES = 20
+# Warm-up: start-up, caches, and prefetch's first verdicts (the training threads' tuner gives its first at
+# batch 76 when the two settings differ clearly, at 196 at the latest; worker_nice="auto" steps back after 28);
+# everyone gets the same. Then the timed batches: the steady state a long training run lives in. The tables'
+# "steady after" and "decided at" columns say whether a run settled inside the warm-up.
+# A smoke run (``BENCH_QUICK=1``) takes 10 + 10: it checks that the runs work, its figures mean nothing.
+QUICK = os.environ.get("BENCH_QUICK", "") not in ("", "0")
+JPEG_WARMUP_BATCHES = 10 if QUICK else 120
+JPEG_TIMED_BATCHES = 10 if QUICK else 30
+# The time limit of one comparison (a pytest timeout, against hangs): rounds x systems x this per run (a run
+# takes 20-40 s on a quiet 2-core machine; each run also has run_in_fresh_process's own limit).
+RUN_LIMIT_S = 240
+
+
+def comparison_timeout_s(rounds: int, systems: int = 8) -> int:
+    """A pytest time limit for ``compare`` over ``rounds`` rounds of up to ``systems`` systems."""
+    return rounds * systems * RUN_LIMIT_S
+
+
 # The training step's work: channels of the small CNN, chosen so that one step takes ~150 ms alone at
 # torch's default threads on this 2-core machine, as in the measurements that opened the issue.
 STEP_WIDTH = 8
-
-KERAS_SAMPLES = 1536
-KERAS_BATCH = 32
-KERAS_EPOCHS = 3
-KERAS_SIDE = 32
 
 # The variables bench/conftest.py sets to one thread; a training run gets the user's defaults back.
 ONE_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -205,6 +216,61 @@ def _jpeg_stream(system: str, workers: int, options: dict[str, Any]) -> tuple[An
     raise ValueError(f"unknown system {system!r}")
 
 
+def make_tiny_step() -> Any:
+    """The data-bound loop's step (``step="tiny"``): SGD on one linear layer over an 8x8 average-pooled image,
+    a few ms on a batch of 64 -- a loop whose time goes to preprocessing, not to training."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.AdaptiveAvgPool2d(8), nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step(x: Any, y: Any) -> float:
+        images = torch.as_tensor(x).permute(0, 3, 1, 2).float()
+        optimizer.zero_grad()
+        loss = loss_fn(model(images), torch.as_tensor(y))
+        loss.backward()
+        optimizer.step()
+        return float(loss.detach())
+
+    return step
+
+
+def _training_step(step: str) -> Any:
+    """The step of ``run_jpeg``'s loop, warmed once (None for ``step="none"``, the loader alone)."""
+    if step == "none":
+        return None
+    import torch
+
+    if step not in ("default", "tiny"):
+        torch.set_num_threads(int(step))
+    train = make_tiny_step() if step == "tiny" else make_torch_step()
+    train(np.zeros((JPEG_BATCH, CROP, CROP, 3), np.uint8), np.zeros(JPEG_BATCH, np.int64))
+    return train
+
+
+class _Decisions:
+    """After which batch the engine's decisions (``stats().decisions``: worker priority, the training threads'
+    tuner) last changed: polled after every batch, at the cost of a tuple of strings."""
+
+    def __init__(self, batches: Any, system: str):
+        self.loader = None
+        if system.startswith("prefetch"):
+            import prefetch
+
+            self.loader = prefetch.Loader.of(batches)
+        self.last: tuple[str, ...] = ()
+        self.at = 0
+
+    def poll(self, taken: int) -> None:
+        engine = None if self.loader is None else self.loader.engine
+        made = tuple(getattr(engine, "decisions", tuple)())
+        if made != self.last:
+            self.last, self.at = made, taken
+
+
 def run_jpeg(
     system: str,
     step: str,
@@ -214,51 +280,41 @@ def run_jpeg(
     auto: bool = False,
     **options: Any,
 ) -> dict[str, Any]:
-    """One training run of the JPEG pipeline: images/s over the timed batches, first batch, CPU by process.
-    ``auto``: prefetch with ``workers="auto"`` (then ``workers`` is ignored)."""
+    """One training run of the JPEG pipeline: images/s over the timed batches, first batch, every batch's
+    time (start-up in the first), the batches before the steady state, CPU by process. ``auto``: prefetch with
+    ``workers="auto"`` (then ``workers`` is ignored)."""
     if auto:
         workers, options = -1, {**options, "workers": "auto"}
-    train = None
-    if step != "none":
-        import torch
-
-        if step != "default":
-            torch.set_num_threads(int(step))
-        train = make_torch_step()
-        warm = np.zeros((JPEG_BATCH, CROP, CROP, 3), np.uint8)
-        train(warm, np.zeros(JPEG_BATCH, np.int64))
+    train = _training_step(step)
     started = time.perf_counter()
     batches, close = _jpeg_stream(system, workers, options)
+    ends: list[float] = []
     info: dict[str, Any] = {}
     try:
-        x, y = next(batches)
-        first_batch_s = time.perf_counter() - started
-        for _ in range(warmup_batches - 1):
+        decisions = _Decisions(batches, system)
+        for taken in range(warmup_batches + timed_batches):
+            if taken == warmup_batches:
+                pids = [os.getpid(), *_descendants()]
+                sched_before, cpu_before = scheduler_figures(pids), _cpu_seconds(pids)
+                t0 = time.perf_counter()
             x, y = next(batches)
+            if taken == 0:
+                first_batch_s = time.perf_counter() - started  # to holding batch 0, before its step
             if train is not None:
                 train(x, y)
-        pids = [os.getpid(), *_descendants()]
-        sched_before = scheduler_figures(pids)
-        cpu_before = _cpu_seconds(pids)
-        t0 = time.perf_counter()
-        for _ in range(timed_batches):
-            x, y = next(batches)
-            if train is not None:
-                train(x, y)
+            ends.append(time.perf_counter())
+            decisions.poll(taken + 1)
         elapsed = time.perf_counter() - t0
-        cpu_after = _cpu_seconds(pids)
-        sched_after = scheduler_figures(pids)
-        if system.startswith("prefetch"):
-            import prefetch
-
-            loader = prefetch.Loader.of(batches)
+        cpu_after, sched_after = _cpu_seconds(pids), scheduler_figures(pids)
+        if decisions.loader is not None:
+            loader = decisions.loader
             stats = loader.stats()
-            info["stats"] = str(stats)
+            info.update(stats=str(stats), workers=loader.workers, decisions=list(decisions.last))
             info["auto_changes"] = [list(change) for change in getattr(stats, "auto_changes", ())]
-            info["workers"] = loader.workers
-            info["provenance"] = list(loader.config.provenance)
+            info.update(provenance=list(loader.config.provenance), decided_at_batch=decisions.at)
     finally:
         close()
+    batch_s = [b - a for a, b in zip([started, *ends], ends)]
     cores = {str(pid): round((cpu_after[pid] - cpu_before.get(pid, 0.0)) / elapsed, 3) for pid in cpu_after}
     per_batch = {  # per timed batch: ms on CPU, ms waiting for a core, voluntary and involuntary switches
         "consumer" if pid == os.getpid() else str(pid): [
@@ -272,97 +328,10 @@ def run_jpeg(
         "sched_per_batch": per_batch,
         "images_per_s": timed_batches * JPEG_BATCH / elapsed,
         "first_batch_s": first_batch_s,
+        "batch_s": [round(t, 4) for t in batch_s],
+        "steady_batches": steady_state_batch(batch_s, tail=timed_batches),
         "consumer_cores": cores.pop(str(os.getpid()), None),
         "other_cores": sorted(cores.values(), reverse=True),
-        **info,
-    }
-
-
-# --- the Keras fit workload ----------------------------------------------------------------------------------
-
-
-def digits(count: int = KERAS_SAMPLES) -> tuple[np.ndarray, np.ndarray]:
-    """8x8 digit-like images (a blurred random stroke pattern per class), upsampled to 32x32 float32."""
-    rng = np.random.default_rng(7)
-    prototypes = rng.uniform(0, 1, (10, 8, 8)) > 0.55
-    labels = rng.integers(0, 10, count)
-    small = prototypes[labels].astype(np.float32) + rng.normal(0, 0.2, (count, 8, 8)).astype(np.float32)
-    big = np.kron(small, np.ones((4, 4), np.float32))
-    return big[..., None], labels.astype(np.int64)
-
-
-def digits_augment(sample: tuple[np.ndarray, Any]) -> tuple[np.ndarray, Any]:
-    """~1 ms of numpy per sample: pad and random crop, random flip, noise, a 5-tap blur in both directions."""
-    image, label = sample
-    padded = np.pad(image, ((4, 4), (4, 4), (0, 0)), mode="reflect")
-    top, left = np.random.randint(0, 9), np.random.randint(0, 9)
-    out = padded[top : top + KERAS_SIDE, left : left + KERAS_SIDE]
-    if np.random.rand() < 0.5:
-        out = out[:, ::-1]
-    out = out + np.random.normal(0, 0.05, out.shape).astype(np.float32)
-    kernel = np.array([1, 4, 6, 4, 1], np.float32) / 16
-    for _ in range(12):
-        out = np.apply_along_axis(lambda r: np.convolve(r, kernel, mode="same"), 0, out)
-    return np.ascontiguousarray(out, dtype=np.float32), label
-
-
-def run_keras(system: str, threads: str = "default", **options: Any) -> dict[str, Any]:
-    """``model.fit`` for KERAS_EPOCHS epochs on the digits, fed by the seed's generator or ``data_generator``."""
-    os.environ.setdefault("KERAS_BACKEND", "torch")
-    import keras
-    import torch
-
-    if threads != "default":
-        torch.set_num_threads(int(threads))
-    x, y = digits()
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential(
-        [
-            keras.Input((KERAS_SIDE, KERAS_SIDE, 1)),
-            keras.layers.Conv2D(32, 3, activation="relu"),
-            keras.layers.MaxPooling2D(),
-            keras.layers.Conv2D(64, 3, activation="relu"),
-            keras.layers.MaxPooling2D(),
-            keras.layers.Flatten(),
-            keras.layers.Dense(64, activation="relu"),
-            keras.layers.Dense(10, activation="softmax"),
-        ]
-    )
-    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
-    epoch_ends: list[float] = []
-    threads_at_epoch_end: list[int] = []  # the training thread's intra-op threads, as prefetch may tune them
-
-    class Clock(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-            epoch_ends.append(time.perf_counter())
-            threads_at_epoch_end.append(torch.get_num_threads())
-
-    steps = KERAS_SAMPLES // KERAS_BATCH
-    started = time.perf_counter()
-    if system == "plain":
-        random.seed(0)
-        np.random.seed(0)
-        gen = plain_generator(KERAS_BATCH, x, y, digits_augment)
-        close = gen.close
-    else:
-        import prefetch
-
-        gen = prefetch.data_generator(KERAS_BATCH, x, y, shuffle=True, seed=0, transform=digits_augment, **options)
-        close = gen.close
-    info: dict[str, Any] = {}
-    try:
-        model.fit(gen, steps_per_epoch=steps, epochs=KERAS_EPOCHS, verbose=0, callbacks=[Clock()])
-        if system != "plain":
-            info["decisions"] = list(prefetch.Loader.of(gen).stats().decisions)
-    finally:
-        close()
-    total = time.perf_counter() - started
-    epochs = [b - a for a, b in zip([started, *epoch_ends], epoch_ends)]
-    return {
-        "s_per_epoch": total / KERAS_EPOCHS,
-        "epoch_s": [round(e, 3) for e in epochs],
-        "total_s": total,
-        "threads": threads_at_epoch_end,
         **info,
     }
 
@@ -390,6 +359,7 @@ def run_in_fresh_process(case: dict[str, Any], timeout_s: float = 600, prefix: t
     if tree is not None:
         script = Path(tree) / "bench" / "e2e.py"
         env["PYTHONPATH"] = os.pathsep.join([str(tree), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    started = time.perf_counter()
     done = subprocess.run(
         [*prefix, sys.executable, str(script), "run", json.dumps(case)],
         env=env,
@@ -400,7 +370,9 @@ def run_in_fresh_process(case: dict[str, Any], timeout_s: float = 600, prefix: t
     )
     if done.returncode != 0:
         raise RuntimeError(f"case {case} failed with code {done.returncode}:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["process_s"] = time.perf_counter() - started  # the whole run, interpreter and imports included
+    return dict(result)
 
 
 def compare(
@@ -425,16 +397,6 @@ def baseline_tree() -> str | None:
     if tree and not (Path(tree) / "prefetch" / "__init__.py").exists():
         raise RuntimeError(f"BENCH_BASELINE_TREE={tree!r} is not a prefetch checkout")
     return tree or None
-
-
-def paired_ratio(runs: list[dict[str, Any]], base: list[dict[str, Any]], key: str) -> float:
-    """The median over rounds of ``run[key] / base[key]`` within each round: on a machine whose speed drifts
-    between rounds, systems compared inside a round say more than a ratio of medians does."""
-    return statistics.median(a[key] / b[key] for a, b in zip(runs, base, strict=True))
-
-
-def summary(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def main(argv: list[str]) -> None:

@@ -21,6 +21,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import e2e
 import psutil
 import workloads
 from workloads import Stream, Workload
@@ -43,6 +44,7 @@ SYSTEM_LABELS = {
 }
 SECTION_ORDER = (
     "e2e-jpeg",
+    "e2e-data-bound",
     "e2e-keras",
     "e2e-container",
     "cpu",
@@ -56,30 +58,52 @@ SECTION_ORDER = (
     "stats",
     "order",
 )
+# What the end-to-end tables' columns mean (e2e.py, e2e_figures.py).
+E2E_FIGURES = (
+    f"Images/s over {e2e.JPEG_TIMED_BATCHES} timed batches after {e2e.JPEG_WARMUP_BATCHES} warm-up batches (which "
+    "cover prefetch's measurement of the training threads). Paired vs X: the median over rounds of (this system "
+    "/ X) within each round; per round vs X: every round's ratio, in round order. Batches to steady: how many "
+    "batches the run took before its per-batch time settled -- the first batch from which the rolling median of "
+    "10 batches stays within 10 % of the timed batches' median (median over rounds, range in brackets; >N: never "
+    "within the run). Decided after batch: when prefetch's decisions (worker priority, the training threads its "
+    "tuner chose) last changed, per round. First batch = from constructing the loader to holding batch 0; loop / "
+    "worker cores = CPU seconds per wall second of the training process and of its children."
+)
 SECTION_TEXT = {
     "e2e-jpeg": (
-        "End to end: JPEG files into a torch training step (`e2e`)",
+        "End to end: JPEG files into a torch training step, the compute-bound loop (`e2e`)",
         "What a user gets. JPEG files (500x400, q90) -> Pillow decode -> RandomResizedCrop(224) -> flip -> uint8 "
         "batches of 64, consumed by a small torch CNN's SGD step at torch's default threads, at 1 thread, or by "
         "nothing (the loader alone). Each system's run is a fresh process; systems interleaved round after round. "
-        "DataLoader: num_workers=2, persistent workers; prefetch: all defaults (2 workers here). Images/s over 20 "
-        "batches after 45 warm-up batches (which cover prefetch's measurement of the training threads); first "
-        "batch = from constructing the loader to holding batch 0; loop / worker cores = CPU seconds per wall second "
-        "of the training process and of its children.",
+        "DataLoader: persistent workers, at num_workers=2 (the target's reference), and at torch's default threads "
+        "also at its documented default (0) and at 1 to the cores + 1 (the best by median marked); prefetch: all "
+        "defaults. " + E2E_FIGURES + " Target at torch's default threads: prefetch >= 1.3x plain and >= 1.05x "
+        "DataLoader(2).",
+    ),
+    "e2e-data-bound": (
+        "End to end: the data-bound loop, JPEG files into one linear layer (`e2e`)",
+        "The same JPEG pipeline into a step of a few ms (SGD on one linear layer over 8x8-pooled images, torch's "
+        "default threads): preprocessing is the whole cost. Plain generator; DataLoader at its documented default "
+        "(num_workers=0) and at 1 to the cores + 1 (the best by median marked); prefetch at all its defaults. "
+        + E2E_FIGURES,
     ),
     "e2e-keras": (
         "End to end: Keras fit, the seed's use case (`e2e`)",
-        "Keras fit (torch backend, all defaults) for 3 epochs of 48 steps: 8x8 digits upsampled to 32x32, a ~1 ms/"
+        f"Keras fit (torch backend, all defaults) for {e2e.KERAS_EPOCHS} epochs of "
+        f"{e2e.KERAS_SAMPLES // e2e.KERAS_BATCH} steps: 8x8 digits upsampled to 32x32, a ~1 ms/"
         "sample numpy augmentation (pad/crop, flip, noise, blur), a small CNN, batch 32; the seed's plain generator "
-        "against prefetch.data_generator with all defaults. Wall time per epoch, first epoch (start-up) included.",
+        "against prefetch.data_generator with all defaults. Wall time per epoch, first epoch (start-up) included; "
+        "ratios are epochs per second (> 1: faster). Batches to steady: as in the JPEG tables, over every batch of "
+        "the run, against the last epoch's median. Target: prefetch >= 1.3x plain.",
     ),
     "e2e-container": (
         "End to end in a 1-CPU container (`e2e`, issue 20)",
         "The JPEG pipeline into the torch step (default threads) with every run confined to one CPU: a cgroup "
         "with a CPU quota of 1 CPU that the bench makes and removes (or `taskset -c` to one core when cgroups are "
         "not writable; the table says which). Plain generator, DataLoader at its default (num_workers=0) and at "
-        "num_workers=1, prefetch at all its defaults. Target: prefetch's default starts 1 worker (the quota, not "
-        "the host's cores) and is never slower than the plain generator (paired per-round ratio >= 1).",
+        "num_workers=1, prefetch at all its defaults. " + E2E_FIGURES + " Target: prefetch's default starts 1 "
+        "worker (the quota, not the host's cores) and is never slower than the plain generator (every round's "
+        "ratio >= 1).",
     ),
     "startup": (
         "Start-up",
@@ -162,6 +186,7 @@ class Results:
     def __init__(self) -> None:
         self.rows: list[Row] = []
         self.tables: dict[str, list[dict[str, Any]]] = {}  # free-form sections (memory)
+        self.runs: dict[str, Any] = {}  # end-to-end comparisons: every round's result, by case (JSON only)
         self.started = datetime.datetime.now(datetime.timezone.utc)
         self.load_at_start = os.getloadavg()
         self.numpy_imported_early = False  # set by conftest: then BLAS may have missed the 1-thread setting
@@ -391,6 +416,7 @@ def render_json(results: Results) -> dict[str, Any]:
         "settings": settings(results),
         "rows": [row.to_dict() for row in results.rows],
         "tables": results.tables,
+        "runs": results.runs,
     }
 
 

@@ -16,10 +16,9 @@ from typing import Any
 import e2e
 import e2e_shards
 import pytest
-import workloads
 from harness import Results
 
-ROUNDS = 1 if workloads.QUICK else 3
+ROUNDS = e2e.bench_rounds()
 STEP_LABELS = {"none": "none (loader alone)", "default": "torch default threads", "1": "1 thread"}
 
 
