@@ -132,11 +132,13 @@ class Schedule:
             del self.attempts[batch]
         return True
 
-    def lost(self, tasks: Sequence[tuple[int, int]]) -> GiveUp | None:
+    def lost(self, tasks: Sequence[tuple[int, int]], sure: bool = True) -> GiveUp | None:
         """A worker died; ``tasks`` are its ``(batch, place)`` the consumer never received, in the order
         it made them. Their places are free again; all are redone, except the first -- the one it was
         making -- when it was stopped for ``timeout`` or has now killed more than ``retries`` workers:
-        then it is given up on, and returned."""
+        then it is given up on, and returned. ``sure=False``: the first may have been made already (its
+        answer lost with the worker), so the death counts against it but never gives it up: it is
+        redone (alone, by an executor that can tell, see ``suspect``) until a death of its own does."""
         self.free_places.extend(place for _, place in tasks)
         if not tasks:
             return None
@@ -147,12 +149,21 @@ class Schedule:
             verdict = GiveUp(head, Why.LATE, self.attempts.get(head, 0))
         else:
             self.attempts[head] = self.attempts.get(head, 0) + 1
-            if self.attempts[head] > self.retries:
+            if self.attempts[head] > self.retries and sure:
                 verdict = GiveUp(head, Why.DIED, self.attempts[head])
             else:
                 self.redo.append(head)
         self.redo.extend(rest)
         return verdict
+
+    def suspect(self, batch: int) -> bool:
+        """``batch`` was in the front of a worker that died: it is made alone until it is answered, so
+        that a death while making it is surely its own (``lost(..., sure=True)``)."""
+        return batch in self.attempts
+
+    def peek(self) -> int | None:
+        """The batch ``next_task`` would dispatch (a place permitting), or None."""
+        return self._next_batch()
 
     def requeue(self, tasks: Sequence[tuple[int, int]], given_up: int) -> None:
         """A worker killed because ``given_up`` was late (and answered as such already) is gone; ``tasks``

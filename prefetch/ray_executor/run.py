@@ -9,7 +9,10 @@ batches, and kills everything at the end. What it keeps (``docs/design.md``, "Th
 * **Lost actors.** Ray runs an actor's calls in submission order, so when an actor dies the calls it
   had not answered are, in order, the batch it was making and those queued behind it: they go to
   ``Schedule.lost``, are redone on a replacement actor, and the one it was making is given up after
-  ``retries`` deaths (a ``GiveUp``).
+  ``retries`` deaths (a ``GiveUp``). But an answer can die with its actor: a call that ended just
+  before the kill fails as the one it was making does. So a death with several calls unanswered is not
+  sure to be the front's: it counts against it without giving it up, and the front is redone alone on
+  an actor (``Schedule.suspect``) until a death of its own decides.
 * **Timeout.** ``late(b)`` kills the actor that has ``b``; its loss then gives ``b`` up as late and
   redoes the others.
 * **Stop.** Every actor is killed and every reference dropped; ``stop`` waits for the actor processes
@@ -56,6 +59,7 @@ class _Task:
     batch: int
     place: int
     ref: Any  # the ObjectRef of ``BatchMaker.make``
+    alone: bool = False  # a suspect: nothing is queued behind it (see the module docstring)
 
 
 @dataclass
@@ -110,15 +114,20 @@ class RayRun:
     def dispatch(self) -> None:
         """Send every batch the schedule allows to the least-loaded actor."""
         self.schedule.consumed(self.schedule.position, self._given_back(), 0)
-        candidates = [actor for actor in self.actors if not actor.dying]
-        while candidates:
-            task = self.schedule.next_task()
+        while True:
+            batch = self.schedule.peek()
+            if batch is None:
+                return
+            alone = self.schedule.suspect(batch)
+            # Actors with room: nothing behind a suspect, and a suspect only on an idle actor.
+            candidates = [a for a in self.actors if not a.dying and not (a.queue and (alone or a.queue[0].alone))]
+            task = self.schedule.next_task() if candidates else None
             if task is None:
                 return
             batch, place = task
             actor = min(candidates, key=lambda a: len(a.queue))
             indices = self.order.batch_indices(batch).tobytes()  # bytes: the cheapest argument for Ray to pack
-            actor.queue.append(_Task(batch, place, actor.handle.make.remote(batch, indices)))
+            actor.queue.append(_Task(batch, place, actor.handle.make.remote(batch, indices), alone))
 
     def _given_back(self) -> list[int]:
         return [place for place, _ in self.leases.given_back()]
@@ -236,6 +245,7 @@ class RayRun:
     def _lose(self, actor: _Actor) -> list[Result]:
         """``actor`` died: replace it, redo its unanswered batches, fail the one it killed too often."""
         error = actor.death
+        sure = len(actor.queue) == 1  # one call unanswered: the one it was making
         if actor.pid is None and not actor.dying:
             raise PrefetchError(f"a Ray actor of the loader could not start: {_first_line(error)}") from error
         _kill(self.ray, actor.handle)
@@ -250,7 +260,7 @@ class RayRun:
             tasks.remove(late[0])
             tasks.insert(0, late[0])
         actor.queue.clear()
-        give_up = self.schedule.lost(tasks)
+        give_up = self.schedule.lost(tasks, sure)
         if give_up is None:
             return []
         who = f"Ray actor pid {actor.pid} on node {actor.address} ({(actor.node or '?')[:12]})"

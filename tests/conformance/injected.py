@@ -31,15 +31,32 @@ class RaiseAt:
 
 
 class DieAt:
-    """A transform that kills its own process at sample ``index``, every time (a poison sample)."""
+    """A transform that kills its own process at sample ``index``, every time (a poison sample). Before each
+    kill it appends ``pid monotonic-seconds`` to the file ``deaths_path`` (one ``write``: whole lines), so a
+    test can count the deaths and time what follows the last one (``deaths``)."""
 
-    def __init__(self, index: int):
+    def __init__(self, index: int, deaths_path: str):
         self.index = index
+        self.deaths_path = deaths_path
 
     def __call__(self, sample: tuple[Any, Any]) -> tuple[Any, Any]:
         if int(sample[1]) == self.index:
+            line = f"{os.getpid()} {time.monotonic()!r}\n".encode()
+            fd = os.open(self.deaths_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+            try:
+                os.write(fd, line)
+            finally:
+                os.close(fd)
             os.kill(os.getpid(), signal.SIGKILL)
         return sample
+
+    def deaths(self) -> list[tuple[int, float]]:
+        """``(pid, time.monotonic() just before the kill)`` of each process it killed, in order (the clock
+        is the machine's: comparable with this process's ``time.monotonic()``)."""
+        if not os.path.exists(self.deaths_path):
+            return []
+        with open(self.deaths_path) as file:
+            return [(int(pid), float(at)) for pid, at in (line.split() for line in file)]
 
 
 class HangAt:

@@ -74,19 +74,30 @@ def test_a_user_error_keeps_its_type_and_names_its_sample_batch_and_process(exec
 
 @pytest.mark.contract(registry.WORKER_DIED)
 @pytest.mark.timeout(60)
-def test_a_worker_that_dies_at_every_try_is_a_worker_died_error(executor):
-    sample = _sample_in(FAULTY_BATCH)
-    with executor.loader(DATA_X, LABELS, **{**OPTIONS, "transform": DieAt(sample), "retries": 1}) as loader:
-        started = time.monotonic()
+def test_a_worker_that_dies_at_every_try_is_a_worker_died_error(executor, tmp_path):
+    # One epoch: the poison sample is in batch FAULTY_BATCH only (over two it is in a batch of the second
+    # epoch too, inside the window: more deaths, each a restart, in an order that varies from run to run).
+    sample, retries = _sample_in(FAULTY_BATCH), 1
+    die = DieAt(sample, str(tmp_path / "deaths"))
+    options = {**OPTIONS, "epochs": 1, "transform": die, "retries": retries}
+    with executor.loader(DATA_X, LABELS, **options) as loader:
         with pytest.raises(prefetch.WorkerDiedError) as caught:
             for _ in loader.stream():
-                started = time.monotonic()  # the next() that raises starts now
-        took = time.monotonic() - started
+                pass
+        raised = time.monotonic()
     exc = caught.value
     assert isinstance(exc, prefetch.WorkerError) and isinstance(exc, prefetch.PrefetchError)
     assert exc.batch == FAULTY_BATCH and sample in exc.indices, (exc.batch, exc.indices)
-    assert exc.pid is not None and f"pid {exc.pid}" in str(exc) and f"batch {FAULTY_BATCH}" in str(exc), str(exc)
-    assert took < executor.settle_s, f"the deaths took {took:.1f} s to reach the consumer"  # promptly, never a hang
+    deaths = dict(die.deaths())  # pid -> when it was killed
+    # A death at each try, one of them named. More deaths when one is blamed on another batch: a Ray actor
+    # killed just after a call ended loses that call's answer too; that batch is then redone, not given up.
+    assert len(deaths) >= retries + 1 and exc.pid in deaths, (exc.pid, deaths)
+    assert f"killed {retries + 1} worker(s), retries={retries}" in str(exc), str(exc)
+    assert f"pid {exc.pid}" in str(exc) and f"batch {FAULTY_BATCH}" in str(exc), str(exc)
+    # Promptly, never a hang: from the death that gave the batch up to the error. (Each death before it costs
+    # a restart, which takes what the machine's load makes it: the test's time limit bounds those.)
+    took = raised - deaths[exc.pid]
+    assert took < executor.settle_s, f"the last death took {took:.1f} s to reach the consumer"
 
 
 @pytest.mark.contract(registry.TIMEOUT)

@@ -103,11 +103,12 @@ def stuck_at_sample_20(sample):
 
 
 def test_timeout_kills_the_actor_and_raises_worker_timeout(local_ray):
-    started = time.monotonic()
     options = {"batch_size": 10, "shuffle": False, "epochs": 1, "workers": 2, "timeout": 2.0, "executor": "ray"}
     loader = prefetch.Loader(DATA_X, DATA_Y, transform=stuck_at_sample_20, **options)
+    started = time.monotonic()
     with loader, pytest.raises(prefetch.WorkerTimeoutError) as caught:
-        list(loader)
+        for _ in loader:
+            started = time.monotonic()  # the wait for the stuck batch starts now (not with the actors' start-up)
     assert caught.value.batch == 2 and time.monotonic() - started < 20
     assert alive_actors() == []
 

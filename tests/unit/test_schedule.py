@@ -67,6 +67,22 @@ def test_a_batch_that_kills_more_than_retries_workers_is_given_up():
     assert 0 not in [batch for batch, _ in drain(schedule)]
 
 
+def test_a_death_that_may_not_be_its_own_never_gives_a_batch_up_and_marks_it_suspect():
+    # Ray: the answer of a call that ended just before its actor was killed dies with it, so the front
+    # of the dead actor's calls may have been made already (sure=False when others were behind it).
+    schedule = make(retries=1)
+    tasks = drain(schedule)
+    assert not schedule.suspect(0)
+    assert schedule.lost(tasks[:2], sure=False) is None
+    assert schedule.suspect(0) and not schedule.suspect(1)
+    again = drain(schedule)
+    assert schedule.lost(again[:2], sure=False) is None  # past retries, but maybe not its own: redone
+    assert schedule.attempts == {0: 2} and schedule.peek() == 0
+    alone = drain(schedule)[0]
+    assert alone[0] == 0
+    assert schedule.lost([alone], sure=True) == GiveUp(0, Why.DIED, 3)  # a death of its own decides
+
+
 def test_a_late_batch_is_given_up_once_its_worker_is_gone_and_its_followers_are_redone():
     schedule = make()
     tasks = drain(schedule)
