@@ -3,8 +3,8 @@ without a cache and with ``cache="memory"`` and ``cache=<dir>``, measured after 
 of a cached run reads the cache).
 
 Each run is a fresh process (``e2e.run_in_fresh_process``), the systems interleaved round after round, as in
-``test_e2e.py``. Its warm-up (``e2e.JPEG_WARMUP_BATCHES``, 45 batches of 64 over 1280 files) covers more than two
-epochs, so the timed batches are epochs 3 and 4.
+``test_e2e.py``. Its warm-up (``e2e.JPEG_WARMUP_BATCHES``, 120 batches of 64 over 1280 files) covers six epochs, so
+the timed batches are epochs 7 and 8.
 """
 
 from __future__ import annotations
