@@ -2,10 +2,11 @@
 
 Why: a fixed nice +10 is right when the training step is the critical path (the step goes first) and wrong when
 the loop waits for data and the step's runnable threads spin (OpenMP spin-wait) at nice 0 on the cores the
-workers need. ``worker_nice="auto"`` (the default) measures which loop it is in (``_stepback``). Each loop runs
-with ``worker_nice=0``, ``10`` and ``"auto"``, interleaved in fresh processes (``e2e.compare``), training
-threads left alone (``train_threads=None``) so that only the priority differs. ``"auto"`` must be within 3 %
-of the better fixed value in both loops (paired ratios, round by round), and each row says what it decided.
+workers need. ``worker_nice="auto"`` (an option; the default is 10) measures which loop it is in
+(``_stepback``). Each loop runs with ``worker_nice=0``, ``10`` and ``"auto"``, interleaved in fresh processes
+(``e2e.compare``), training threads left alone (``train_threads=None``) so that only the priority differs.
+``"auto"`` must be within 3 % of the better fixed value in both loops (paired ratios, round by round), and
+each row says what it decided.
 
 * data-bound: the JPEG pipeline with one worker feeding the torch CNN step at torch's default threads -- one
   worker cannot keep up with the step, so the loop waits (``waiting for data`` in the row's stats).

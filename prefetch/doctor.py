@@ -157,7 +157,7 @@ def _check_cores(config: LoaderConfig | None) -> Finding:
     elif isinstance(nice, int) and nice > 0:
         handled.append(f"the workers run at nice +{nice}, so the training step goes first")
     else:
-        change.append("keep the default worker_nice='auto', so the training step goes first when it is the bound")
+        change.append(f"keep the default worker_nice={DEFAULT_WORKER_NICE}, so the training step goes first")
     if tuning == "auto" and threads > 1:
         handled.append(
             f"train_threads='auto' also times the step at {_count(threads // 2, 'thread')} and keeps the faster"

@@ -37,7 +37,7 @@ PREFETCH_PER_WORKER = 2
 SMALL_POOL_WORKERS = 4
 SMALL_POOL_PREFETCH_PER_WORKER = 3
 # How far workers step back from the training step (nice increment; 19 is the most, 0 is none), when they do:
-# always with an int worker_nice, with "auto" (the default) once the loop is measured compute-bound (_stepback).
+# always with an int worker_nice, with "auto" once the loop is measured compute-bound (_stepback).
 # Measured on 2 cores (bench/e2e.py, Keras fit and the JPEG pipeline): 0 makes a compute-bound step slower than
 # the plain generator; 10 beat 19 on both (19 starves the workers while the step's threads spin).
 DEFAULT_WORKER_NICE = 10
@@ -137,7 +137,7 @@ class LoaderConfig:
     retries: int = option(1)
     hedge: bool = option(False)  # make the batch the loop waits for a second time when it is late (core/hedging)
     limit_threads: bool = option(True)
-    worker_nice: int | str = option("auto")  # how far workers step back from the training step; "auto": _stepback
+    worker_nice: int | str = option(DEFAULT_WORKER_NICE)  # how far workers step back from the step; "auto": _stepback
     train_threads: str | int | None = option("auto")  # the training framework's intra-op threads (see _tuning)
     executor: Any = option("processes")  # what runs the batches: "processes", "ray", or an executor object
     cache_bytes: int | None = option(None)  # the most bytes the cache keeps; None: as many as there is room for

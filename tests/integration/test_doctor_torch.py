@@ -53,14 +53,14 @@ def test_doctor_weighs_the_training_threads_against_the_cores_when_torch_is_load
     level, what, fix = found["defaults"]
     assert level == "warn"
     assert "cores: 2 usable" in what and "PyTorch imported with 2 intra-op threads" in what
-    assert "OMP_NUM_THREADS=2" in what and "2 workers" in what and "worker_nice='auto'" in what
+    assert "OMP_NUM_THREADS=2" in what and "2 workers" in what and "worker_nice=10" in what
     assert "train_threads='auto'" in what and "2 training threads + 2 workers > 2 cores" in what and "compete" in what
-    assert fix.startswith("the defaults account for it") and "nice +10 once the loop is measured compute-bound" in fix
+    assert fix.startswith("the defaults account for it") and "nice +10" in fix
     assert "torch.set_num_threads(1)" in fix and "workers=1" in fix
 
     level, what, fix = found["opted_out"]  # without the defaults, the fix is to take them back
     assert level == "warn" and "worker_nice=0" in what and "train_threads=None" in what
-    assert "keep the default worker_nice='auto'" in fix and "train_threads='auto'" in fix
+    assert "keep the default worker_nice=10" in fix and "train_threads='auto'" in fix
     assert not fix.startswith("the defaults account for it")
 
     level, what, _ = found["fits"]  # train_threads=1 is the step's thread count while the loader runs
