@@ -20,7 +20,7 @@ from prefetch.ipc.lifetime import WORKER_OOM_SCORE_ADJ
 
 DATA = np.random.default_rng(4).random((96, 5)).astype(np.float32)
 LABELS = np.arange(96)
-OPTIONS = {"batch_size": 2, "epochs": 2, "seed": 7, "transform": augment}  # 48 batches an epoch
+OPTIONS = {"batch_size": 2, "epochs": 2, "seed": 7, "transform": augment, "worker_nice": "auto"}  # 48 batches an epoch
 FIRST_DECISION = NICE_WARMUP_BATCHES + NICE_SPAN_BATCHES
 
 
