@@ -26,8 +26,10 @@ import pytest
 
 import prefetch
 
-PACKAGE = Path(prefetch.__file__).parent
-DESIGN = PACKAGE.parent / "docs" / "design.md"
+# The checkout's package and docs (tox installs the package elsewhere, without docs/), else the imported one's.
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGE = ROOT / "prefetch" if (ROOT / "prefetch" / "__init__.py").exists() else Path(prefetch.__file__).parent
+DESIGN = ROOT / "docs" / "design.md"
 
 
 # --- the package as its imports say ------------------------------------------------------------------------
