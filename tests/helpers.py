@@ -349,7 +349,8 @@ def wait_until(condition, timeout_s: float = 10.0, interval_s: float = 0.02, wha
     deadline = started + timeout_s
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"still not true after {timeout_s} s: {what or _describe(condition)}")
+            left = f" ({condition.described()})" if hasattr(condition, "described") else ""
+            raise AssertionError(f"still not true after {timeout_s} s: {what or _describe(condition)}{left}")
         time.sleep(interval_s)
     return time.monotonic() - started
 
@@ -371,7 +372,13 @@ def all_gone(pids, consumer_pid: int | None = None):
     def gone() -> bool:
         return not any(alive(pid) for pid in pids) and (consumer_pid is None or not segments_of(consumer_pid))
 
+    def described() -> str:  # what is left, named when the wait fails
+        left = [pid for pid in pids if alive(pid)]
+        segments = sorted(segments_of(consumer_pid)) if consumer_pid is not None else []
+        return f"left: processes {left}, segments {segments}"
+
     gone.__doc__ = f"processes {list(pids)} gone and no segment of consumer {consumer_pid} left"
+    gone.described = described  # type: ignore[attr-defined]
     return gone
 
 
