@@ -122,9 +122,9 @@ def test_a_warm_up_does_not_favour_the_second_setting(monkeypatch, fake_torch):
     assert tuner.decision.startswith("training threads kept at 2")
 
 
-def test_a_verdict_that_later_blocks_contradict_is_undone(monkeypatch, fake_torch):
-    """One thread wins the first blocks; then the loop changes and two threads win: the checks the tuner
-    goes on making after its verdict overturn it, and the user's setting is back."""
+def start_phased_tuner(monkeypatch, fake_torch):
+    """A tuner on a loop where one thread is faster until ``phase["late"]``, then two: started, and run
+    until its first verdict (one thread)."""
     phase = {"late": False}
 
     def cycle(threads: int) -> float:
@@ -133,6 +133,13 @@ def test_a_verdict_that_later_blocks_contradict_is_undone(monkeypatch, fake_torc
 
     tuner, clock = start_tuner(monkeypatch, fake_torch, cycle)
     clock.run_until(tuner, lambda: tuner.settled, TUNING_BATCHES + 1)
+    return tuner, clock, phase
+
+
+def test_a_verdict_that_later_blocks_contradict_is_undone(monkeypatch, fake_torch):
+    """One thread wins the first blocks; then the loop changes and two threads win: the checks the tuner
+    goes on making after its verdict overturn it, and the user's setting is back."""
+    tuner, clock, phase = start_phased_tuner(monkeypatch, fake_torch)
     assert tuner.chosen == 1 and fake_torch.threads == 1
     phase["late"] = True
     checks = 3 * (TUNE_RECHECK_BATCHES + BLOCK_BATCHES)
@@ -176,14 +183,7 @@ def test_after_a_verdict_the_tuner_checks_again_ever_less_often(monkeypatch, fak
 def test_reconsider_measures_again_from_scratch(monkeypatch, fake_torch):
     """What a controller of the worker count calls after it changed the workers: the blocks measured with the
     old workers are dropped, and the verdict comes from the new ones alone."""
-    phase = {"late": False}
-
-    def cycle(threads: int) -> float:
-        faster = 2 if phase["late"] else 1
-        return 0.10 if threads == faster else 0.14
-
-    tuner, clock = start_tuner(monkeypatch, fake_torch, cycle)
-    clock.run_until(tuner, lambda: tuner.settled, TUNING_BATCHES + 1)
+    tuner, clock, phase = start_phased_tuner(monkeypatch, fake_torch)
     assert tuner.chosen == 1
     phase["late"] = True
     tuner.reconsider()
