@@ -171,6 +171,7 @@ def test_moving_load_in_its_file_keeps_the_cache():
         load.__defaults__,
         load.__closure__,
     )
+    moved.__qualname__ = load.__qualname__  # Python 3.10 names a function made this way by co_name alone
     assert fingerprint((IMAGES,), load) == fingerprint((IMAGES,), moved)
     assert fingerprint((IMAGES,), load) != fingerprint((IMAGES,), _scaled(2.5))
 
