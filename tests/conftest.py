@@ -9,10 +9,10 @@ import sys
 import multiprocess
 import psutil
 import pytest
-from helpers import DEFAULT_START_METHODS, FakeTorch
+from helpers import DEFAULT_START_METHODS, FakeTorch, segment_descriptors_here, segments_mapped_here, segments_of
 from raysession import local_ray, ray_instances  # noqa: F401  (fixtures: one Ray instance for every tier)
 
-from prefetch.ipc.segments import NAME_ROOT, SHM_DIR
+from prefetch.ipc.segments import SHM_DIR
 
 # multiprocess's own helpers live as long as the test session by design; they are not ours.
 _SESSION_HELPERS = ("resource_tracker", "forkserver")
@@ -32,33 +32,6 @@ def _children() -> list[psutil.Process]:
         if not any(helper in cmdline for helper in _SESSION_HELPERS):
             kids.append(child)
     return kids
-
-
-def _segments() -> set[str]:
-    """This process's loaders' segments (other processes may run loaders of their own meanwhile)."""
-    mine = f"{NAME_ROOT}{os.getpid()}-"
-    return {name for name in os.listdir(SHM_DIR) if name.startswith(mine)}
-
-
-def _mapped_segments() -> set[str]:
-    """Lines of /proc/self/maps that map a prefetch segment (its file may be unlinked already)."""
-    root = os.path.join(SHM_DIR, NAME_ROOT)
-    with open("/proc/self/maps") as maps:
-        return {line.split(None, 5)[-1].strip() for line in maps if root in line}
-
-
-def _segment_descriptors() -> set[str]:
-    """This process's open descriptors to a prefetch segment, as 'fd -> path'."""
-    root = os.path.join(SHM_DIR, NAME_ROOT)
-    found = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:  # the descriptor listdir itself used, now closed
-            continue
-        if target.startswith(root):
-            found.add(f"{fd} -> {target}")
-    return found
 
 
 def pytest_configure(config):
@@ -106,18 +79,18 @@ def no_leaks(request):
         yield
         return
     before_children = {p.pid for p in _children()}
-    before_segments = _segments()
-    before_mapped = _mapped_segments()
-    before_descriptors = _segment_descriptors()
+    before_segments = set(segments_of(os.getpid()))
+    before_mapped = segments_mapped_here()
+    before_descriptors = segment_descriptors_here()
     yield
     gc.collect()  # batches in reference cycles (a traceback kept by pytest.raises, ...)
-    mapped = _mapped_segments() - before_mapped
-    descriptors = _segment_descriptors() - before_descriptors
+    mapped = segments_mapped_here() - before_mapped
+    descriptors = segment_descriptors_here() - before_descriptors
     new = [p for p in _children() if p.pid not in before_children]
     _, alive = psutil.wait_procs(new, timeout=EXIT_GRACE_S)
     for process in alive:
         process.kill()
-    leaked = _segments() - before_segments
+    leaked = set(segments_of(os.getpid())) - before_segments
     for name in leaked:
         os.unlink(os.path.join(SHM_DIR, name))
     assert not alive, f"child processes left running: {[p.pid for p in alive]}"

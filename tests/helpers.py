@@ -337,6 +337,46 @@ def segments_of(pid: int) -> list[str]:
     return sorted(name for name in os.listdir(SHM_DIR) if name.startswith(f"{NAME_ROOT}{pid}-"))
 
 
+def hash_into(h, item) -> None:
+    """Feed a batch's structure, dtypes, shapes and bytes into the hash ``h`` (``hashlib.sha256()``)."""
+    import numpy as np
+
+    if isinstance(item, np.ndarray):
+        h.update(f"{item.dtype.str}{item.shape}".encode())
+        h.update(np.ascontiguousarray(item).tobytes())
+    elif isinstance(item, (tuple, list)):
+        h.update(f"{type(item).__name__}{len(item)}".encode())
+        for part in item:
+            hash_into(h, part)
+    else:
+        h.update(repr(item).encode())
+
+
+def segments_mapped_here() -> set[str]:
+    """Lines of /proc/self/maps that map a prefetch segment (its file may be unlinked already)."""
+    from prefetch.ipc.segments import NAME_ROOT, SHM_DIR
+
+    root = os.path.join(SHM_DIR, NAME_ROOT)
+    with open("/proc/self/maps") as maps:
+        return {line.split(None, 5)[-1].strip() for line in maps if root in line}
+
+
+def segment_descriptors_here() -> set[str]:
+    """This process's open descriptors to a prefetch segment, as 'fd -> path'."""
+    from prefetch.ipc.segments import NAME_ROOT, SHM_DIR
+
+    root = os.path.join(SHM_DIR, NAME_ROOT)
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # the descriptor listdir itself used, now closed
+            continue
+        if target.startswith(root):
+            found.add(f"{fd} -> {target}")
+    return found
+
+
 def wait_until(condition, timeout_s: float = 10.0, interval_s: float = 0.02, what: str | None = None) -> float:
     """Poll ``condition()`` until it is true and return the seconds it took; at the deadline, fail the test
     with an AssertionError naming ``what`` (default: the condition's docstring, else its source line).

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from helpers import hash_into
 
 # Images for the crop-and-flip transform: 40 of 12x12 RGB, uint8 (small; the stream has 10 batches).
 IMAGES = np.random.default_rng(7).integers(0, 256, (40, 12, 12, 3), dtype=np.uint8)
@@ -63,20 +64,9 @@ def sha256_of(batches: Iterable[Any]) -> str:
     """One SHA-256 over a whole stream: every batch's structure, dtypes, shapes and bytes."""
     h = hashlib.sha256()
 
-    def feed(item: Any) -> None:
-        if isinstance(item, np.ndarray):
-            h.update(f"{item.dtype.str}{item.shape}".encode())
-            h.update(np.ascontiguousarray(item).tobytes())
-        elif isinstance(item, (tuple, list)):
-            h.update(f"{type(item).__name__}{len(item)}".encode())
-            for part in item:
-                feed(part)
-        else:
-            h.update(repr(item).encode())
-
     count = 0
     for batch in batches:
-        feed(batch)
+        hash_into(h, batch)
         count += 1
     h.update(f"batches={count}".encode())
     return h.hexdigest()

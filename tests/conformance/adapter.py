@@ -12,7 +12,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from prefetch.ipc.segments import NAME_ROOT, SHM_DIR
+from helpers import segment_descriptors_here, segments_mapped_here, segments_of  # noqa: F401 (the adapter's view)
+
+from prefetch.ipc.segments import SHM_DIR
 
 # The class of the Ray actor that makes a loader's batches (prefetch/ray_executor/actor.py).
 RAY_ACTOR_CLASS = "BatchMaker"
@@ -20,29 +22,7 @@ RAY_ACTOR_CLASS = "BatchMaker"
 
 def segments_here() -> set[str]:
     """The /dev/shm segments of the loaders whose consumer is this process."""
-    mine = f"{NAME_ROOT}{os.getpid()}-"
-    return {name for name in os.listdir(SHM_DIR) if name.startswith(mine)}
-
-
-def segments_mapped_here() -> set[str]:
-    """Lines of /proc/self/maps that map a prefetch segment (its file may be unlinked already)."""
-    root = os.path.join(SHM_DIR, NAME_ROOT)
-    with open("/proc/self/maps") as maps:
-        return {line.split(None, 5)[-1].strip() for line in maps if root in line}
-
-
-def segment_descriptors_here() -> set[str]:
-    """This process's open descriptors to a prefetch segment, as 'fd -> path'."""
-    root = os.path.join(SHM_DIR, NAME_ROOT)
-    found = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:  # the descriptor listdir itself used, now closed
-            continue
-        if target.startswith(root):
-            found.add(f"{fd} -> {target}")
-    return found
+    return set(segments_of(os.getpid()))
 
 
 def segment_exists(name: str) -> bool:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 from draws import draw_everywhere, shift
+from helpers import hash_into
 from torchdraws import draw_with_torch
 
 import prefetch
@@ -44,18 +45,7 @@ def digest(batch: Any) -> str:
     """A SHA-256 of a batch's structure, dtypes, shapes and bytes."""
     h = hashlib.sha256()
 
-    def feed(item: Any) -> None:
-        if isinstance(item, np.ndarray):
-            h.update(f"{item.dtype.str}{item.shape}".encode())
-            h.update(np.ascontiguousarray(item).tobytes())
-        elif isinstance(item, (tuple, list)):
-            h.update(f"{type(item).__name__}{len(item)}".encode())
-            for part in item:
-                feed(part)
-        else:
-            h.update(repr(item).encode())
-
-    feed(batch)
+    hash_into(h, batch)
     return h.hexdigest()
 
 
