@@ -349,15 +349,15 @@ def training_env() -> dict[str, str]:
 def run_in_fresh_process(case: dict[str, Any], timeout_s: float = 600, prefix: tuple[str, ...] = ()) -> dict[str, Any]:
     """Run one case (``{"workload": ..., "system": ..., ...}``) in a new interpreter; its result.
 
-    A case with ``"tree": PATH`` runs that checkout's own ``bench/e2e.py`` with its ``prefetch`` first on the
-    path: the code before a change, measured in the same rounds as the code after it. ``prefix`` goes before
-    the command: what confines the run (``container.py``: a cgroup, ``taskset``)."""
+    A case with ``"tree": PATH`` runs this harness with that checkout's ``prefetch`` first on the path: the
+    code before a change, measured in the same rounds, windows and workloads as the code after it (only the
+    library differs). ``prefix`` goes before the command: what confines the run (``container.py``: a cgroup,
+    ``taskset``)."""
     case = dict(case)
     tree = case.pop("tree", None)
     env = training_env()
     script = Path(__file__)
     if tree is not None:
-        script = Path(tree) / "bench" / "e2e.py"
         env["PYTHONPATH"] = os.pathsep.join([str(tree), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     started = time.perf_counter()
     done = subprocess.run(
