@@ -564,12 +564,21 @@ def one_core():
         os.sched_setaffinity(0, before)
 
 
+# What a shell does for a foreground program (see ``run_script``), put before each script (which therefore
+# cannot begin with a ``from __future__`` import).
+FOREGROUND_PROLOGUE = "import signal as _s; _s.signal(_s.SIGINT, _s.default_int_handler)\n"
+
+
 def run_script(tmp_path, name: str, source: str, *args: str) -> subprocess.Popen:
     """Write ``source`` (dedented) to ``tmp_path/name`` and run it with this interpreter, in a session of
     its own (like a program started from a shell), its output piped as text: for faults that need a
-    consumer process of their own to kill or interrupt."""
+    consumer process of their own to kill or interrupt.
+
+    Like a shell starting a foreground program, it gives the script Python's Ctrl-C handler back first: a
+    test run launched in the background (``cmd &`` from a script) inherits SIGINT ignored, and a program
+    that ignores it cannot be tested for what Ctrl-C does."""
     script = tmp_path / name
-    script.write_text(textwrap.dedent(source))
+    script.write_text(FOREGROUND_PROLOGUE + textwrap.dedent(source))
     return subprocess.Popen(
         [sys.executable, str(script), *args],
         stdout=subprocess.PIPE,
