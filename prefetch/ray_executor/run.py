@@ -10,7 +10,7 @@ batches, and kills everything at the end. What it keeps (``docs/design.md``, "Th
   before that has run no batch: it could not start (a ``PrefetchError``); and every later death is a
   batch's, by an actor whose pid is known. (A batch queued behind the hello could kill the actor before
   the hello's answer left it, and a poison batch would then pass for an actor that could not start.)
-  Until every actor has started, each started one is given at most its share of the window.
+  The first actors up take the whole window; the others get batches as places free up.
 * **Lost actors.** Ray runs an actor's calls in submission order, so when an actor dies the calls it
   had not answered are, in order, the batch it was making and those queued behind it: they go to
   ``Schedule.lost``, are redone on a replacement actor, and the one it was making is given up after
@@ -119,13 +119,12 @@ class RayRun:
     def dispatch(self) -> None:
         """Send every batch the schedule allows to the least-loaded actor."""
         self.schedule.consumed(self.schedule.position, self._given_back(), 0)
-        share = -(-self.schedule.prefetch // len(self.actors))  # an actor's part of the window, rounded up
         while True:
             batch = self.schedule.peek()
             if batch is None:
                 return
             alone = self.schedule.suspect(batch)
-            candidates = [actor for actor in self.actors if self._has_room(actor, alone, share)]
+            candidates = [actor for actor in self.actors if self._has_room(actor, alone)]
             task = self.schedule.next_task() if candidates else None
             if task is None:
                 return
@@ -134,14 +133,10 @@ class RayRun:
             indices = self.order.batch_indices(batch).tobytes()  # bytes: the cheapest argument for Ray to pack
             actor.queue.append(_Task(batch, place, actor.handle.make.remote(batch, indices), alone))
 
-    def _has_room(self, actor: _Actor, alone: bool, share: int) -> bool:
+    def _has_room(self, actor: _Actor, alone: bool) -> bool:
         """Whether ``actor`` may take a batch (``alone``: a suspect): it has said hello and is not being
-        killed; nothing goes behind a suspect, and a suspect only to an idle actor; and until every actor
-        has started, no more than its ``share`` of the window is queued on it (the first one up would
-        otherwise take the whole window and make its batches alone while the others start)."""
-        if actor.pid is None or actor.dying or (actor.queue and (alone or actor.queue[0].alone)):
-            return False
-        return self.all_started or len(actor.queue) < share
+        killed; nothing goes behind a suspect, and a suspect only to an idle actor."""
+        return actor.pid is not None and not actor.dying and not (actor.queue and (alone or actor.queue[0].alone))
 
     def _given_back(self) -> list[int]:
         return [place for place, _ in self.leases.given_back()]

@@ -201,17 +201,3 @@ def test_an_actor_that_dies_before_its_hello_is_a_start_up_error(monkeypatch):
     run.stop()
     assert not isinstance(caught.value, prefetch.WorkerError)
     assert [actor.batches for actor in ray.actors] == [[], []]
-
-
-def test_while_an_actor_starts_the_started_one_takes_only_its_share_of_the_window(monkeypatch):
-    ray = FakeRay()
-    ray.starting.add(9_000_002)  # the second actor's hello does not come yet
-    run = _run(ray, monkeypatch, 64, prefetch=6)
-    run.wait(0.0)
-    first, second = ray.actors
-    assert (first.batches, second.batches) == ([0, 1, 2], []), (first.batches, second.batches)  # 6 / 2 actors
-    ray.starting.clear()  # the second one says hello: it gets batches in the same wait
-    made = run.wait(0.0)
-    run.stop()
-    assert sorted(result.batch for result in made if isinstance(result, Made)) == [0, 1, 2], made
-    assert second.batches and not second.early, (first.batches, second.batches)
