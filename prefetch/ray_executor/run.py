@@ -6,6 +6,11 @@ batches, and kills everything at the end. What it keeps (``docs/design.md``, "Th
 
 * **Bound.** A ``Schedule`` place is an in-flight token here: a batch holds one from dispatch until
   the engine opens or drops it (``Leases.give_back``), at most ``prefetch`` of them.
+* **Hello first.** An actor gets no batch before its ``hello`` has answered. So an actor that dies
+  before that has run no batch: it could not start (a ``PrefetchError``); and every later death is a
+  batch's, by an actor whose pid is known. (A batch queued behind the hello could kill the actor before
+  the hello's answer left it, and a poison batch would then pass for an actor that could not start.)
+  The first actors up take the whole window; the others get batches as places free up.
 * **Lost actors.** Ray runs an actor's calls in submission order, so when an actor dies the calls it
   had not answered are, in order, the batch it was making and those queued behind it: they go to
   ``Schedule.lost``, are redone on a replacement actor, and the one it was making is given up after
@@ -119,8 +124,7 @@ class RayRun:
             if batch is None:
                 return
             alone = self.schedule.suspect(batch)
-            # Actors with room: nothing behind a suspect, and a suspect only on an idle actor.
-            candidates = [a for a in self.actors if not a.dying and not (a.queue and (alone or a.queue[0].alone))]
+            candidates = [actor for actor in self.actors if self._has_room(actor, alone)]
             task = self.schedule.next_task() if candidates else None
             if task is None:
                 return
@@ -128,6 +132,11 @@ class RayRun:
             actor = min(candidates, key=lambda a: len(a.queue))
             indices = self.order.batch_indices(batch).tobytes()  # bytes: the cheapest argument for Ray to pack
             actor.queue.append(_Task(batch, place, actor.handle.make.remote(batch, indices), alone))
+
+    def _has_room(self, actor: _Actor, alone: bool) -> bool:
+        """Whether ``actor`` may take a batch (``alone``: a suspect): it has said hello and is not being
+        killed; nothing goes behind a suspect, and a suspect only to an idle actor."""
+        return actor.pid is not None and not actor.dying and not (actor.queue and (alone or actor.queue[0].alone))
 
     def _given_back(self) -> list[int]:
         return [place for place, _ in self.leases.given_back()]
@@ -215,11 +224,12 @@ class RayRun:
             return {}
 
     def _hello(self, actor: _Actor) -> None:
+        """``actor`` said hello: it may take batches from now on (the next ``dispatch``). It had none, so a
+        failed hello is a start-up error, not a batch's (see the module docstring)."""
         try:
             actor.pid, actor.node, actor.address = self.ray.get(actor.hello)
         except self.ray.exceptions.RayError as error:
-            if not actor.dying:
-                raise PrefetchError(f"a Ray actor of the loader could not start: {_first_line(error)}") from error
+            raise PrefetchError(f"a Ray actor of the loader could not start: {_first_line(error)}") from error
         actor.hello = None
 
     def _answer(self, actor: _Actor, values: dict[Any, Any]) -> Any:
@@ -243,11 +253,10 @@ class RayRun:
         return Made(task.batch, timings, actor.pid or 0, Fetched(task.place, batch))
 
     def _lose(self, actor: _Actor) -> list[Result]:
-        """``actor`` died: replace it, redo its unanswered batches, fail the one it killed too often."""
+        """``actor`` died: replace it, redo its unanswered batches, fail the one it killed too often. It had
+        batches, so it had said hello: its pid names it."""
         error = actor.death
         sure = len(actor.queue) == 1  # one call unanswered: the one it was making
-        if actor.pid is None and not actor.dying:
-            raise PrefetchError(f"a Ray actor of the loader could not start: {_first_line(error)}") from error
         _kill(self.ray, actor.handle)
         self.actors[self.actors.index(actor)] = self._spawn()
         self.restarts += 1
@@ -287,7 +296,8 @@ class RayRun:
     # --- timeout and stop ---------------------------------------------------------------
 
     def late(self, batch: int) -> None:
-        """``timeout`` passed for ``batch``: kill the actor that has it; nobody has it: fail it now."""
+        """``timeout`` passed for ``batch``: kill the actor that has it; nobody has it (not dispatched yet:
+        no started actor had room, e.g. while a replacement starts): fail it now, as the coordinator does."""
         for actor in self.actors:
             for task in actor.queue:
                 if task.batch == batch:

@@ -74,12 +74,7 @@ def test_a_user_error_keeps_its_type_and_names_its_sample_batch_and_process(exec
 
 @pytest.mark.contract(registry.WORKER_DIED)
 @pytest.mark.timeout(60)
-def test_a_worker_that_dies_at_every_try_is_a_worker_died_error(executor, tmp_path, request):
-    if executor.name == "ray":
-        # An open bug, held by tests/unit/test_ray_run.py (strict xfail, deterministic): an actor killed by a
-        # batch just after its hello can lose the hello's answer, and the run then raises "could not start"
-        # (PrefetchError) instead of WorkerDiedError. Under real Ray it shows about one run in ten.
-        request.applymarker(pytest.mark.xfail(raises=prefetch.PrefetchError, strict=False, reason="lost hello"))
+def test_a_worker_that_dies_at_every_try_is_a_worker_died_error(executor, tmp_path):
     # One epoch: the poison sample is in batch FAULTY_BATCH only (over two it is in a batch of the second
     # epoch too, inside the window: more deaths, each a restart, in an order that varies from run to run).
     sample, retries = _sample_in(FAULTY_BATCH), 1

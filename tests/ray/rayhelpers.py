@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import sys
+import threading
 import time
 from typing import Any
 
@@ -50,6 +52,49 @@ def processes_stream(*sources: Any, **options: Any) -> list[Any]:
     options.setdefault("start_method", "forkserver")  # Ray runs threads in this process: no fork
     with prefetch.Loader(*sources, **options) as loader:
         return list(loader.stream())
+
+
+def gated(transform: Any, directory: str, batch_size: int = 0, count: int = 0) -> Any:
+    """``transform``, held in every process that runs it until ``directory`` holds a file ``open``
+    (``Opener``). With ``count``: a process then makes its first batch (``batch_size`` samples), leaves a
+    file ``made-<pid>``, and waits before its next sample until ``count`` processes have left one. A
+    closure: Ray pickles it by value, and each actor unpickles its own count."""
+    made = [0]  # samples this process has transformed
+
+    def held(sample: Any) -> Any:
+        if made[0] == 0:
+            _wait_for(lambda: os.path.exists(os.path.join(directory, "open")))
+        made[0] += 1
+        if count and made[0] == batch_size:
+            open(os.path.join(directory, f"made-{os.getpid()}"), "w").close()
+        elif count and made[0] == batch_size + 1:
+            _wait_for(lambda: sum(name.startswith("made-") for name in os.listdir(directory)) >= count)
+        return transform(sample)
+
+    return held
+
+
+def _wait_for(condition: Any) -> None:
+    while not condition():
+        time.sleep(0.005)
+
+
+class Opener(threading.Thread):
+    """Opens ``gated``'s gate in ``directory`` once ``condition()`` holds (``reached``), or after
+    ``timeout_s`` anyway (``reached`` stays False), so that a test fails rather than hangs."""
+
+    def __init__(self, condition: Any, directory: str, timeout_s: float):
+        super().__init__(daemon=True)
+        self.condition, self.directory, self.timeout_s = condition, directory, timeout_s
+        self.reached = False
+        self.start()
+
+    def run(self) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline and not self.reached:
+            self.reached = self.condition()
+            time.sleep(0.01)
+        open(os.path.join(self.directory, "open"), "w").close()
 
 
 class Boom(Exception):

@@ -130,8 +130,12 @@ def _leaves_nothing(stop) -> None:
 
 def test_close_mid_stream_leaves_no_actor_and_no_object(local_ray):
     def close(loader):
-        batches = iter(loader)
-        for _ in range(5):
+        batches = loader.stream()  # endless (epochs=None)
+        next(batches)
+        # An actor gets batches once it has started: take batches until all three have said hello, so that
+        # the close has three live actors to end.
+        deadline = time.monotonic() + 60
+        while len(loader.stats().worker_nodes) < 3 and time.monotonic() < deadline:
             next(batches)
         assert len(loader.stats().worker_nodes) == 3
         assert len(alive_actors()) == 3

@@ -44,6 +44,9 @@ class FakeActor:
     def __init__(self, ray: FakeRay, pid: int):
         self.ray, self.pid, self.alive = ray, pid, True
         self.undelivered: list[Ref] = []
+        self.batches: list[int] = []  # the batches it was asked to make, in order
+        self.hello_ref: Ref | None = None
+        self.early: list[int] = []  # batches it was asked to make before its hello's answer was delivered
         self.hello = _Method(self._hello)
         self.make = _Method(self._make)
 
@@ -55,9 +58,15 @@ class FakeActor:
         return ref
 
     def _hello(self) -> Ref:
-        return self._call((self.pid, "node-1", "127.0.0.1"))
+        ref = self.hello_ref = self._call((self.pid, "node-1", "127.0.0.1"))
+        if self.ray.broken:  # its constructor failed: the actor is gone before any call runs
+            self.die()
+        return ref
 
     def _make(self, batch: int, packed: bytes) -> Ref:
+        self.batches.append(batch)
+        if self.hello_ref is None or not self.hello_ref.delivered:
+            self.early.append(batch)
         ref = self._call((np.frombuffer(packed, dtype=np.int64).copy(), None))
         if batch == POISON_BATCH and self.alive:
             self.ray.deaths.append(self.pid)
@@ -80,7 +89,9 @@ class _Method:
 class FakeRay:
     exceptions = type("exceptions", (), {"RayError": RayError, "RayTaskError": RayTaskError})
 
-    def __init__(self) -> None:
+    def __init__(self, broken: bool = False) -> None:
+        self.broken = broken  # every actor fails in its constructor
+        self.starting: set[int] = set()  # pids of actors still starting: nothing of theirs arrives yet
         self.pids = itertools.count(9_000_001)  # no such process here: ``stop`` finds none to wait for
         self.actors: list[FakeActor] = []
         self.deaths: list[int] = []
@@ -105,6 +116,8 @@ class FakeRay:
 
     def wait(self, refs: list[Ref], num_returns: int, timeout: float) -> tuple[list[Ref], list[Ref]]:
         for actor in self.actors:  # the answers in flight arrive now
+            if actor.pid in self.starting:
+                continue
             for ref in actor.undelivered:
                 ref.delivered = True
             actor.undelivered = []
@@ -132,16 +145,12 @@ class NotWoken:
         return -1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open bug: a batch queued behind an actor's hello can kill the actor before the hello's answer is "
-    "delivered; the run then raises 'a Ray actor of the loader could not start' instead of WorkerDiedError",
-)
 def test_an_actor_gets_no_batch_before_its_hello_is_answered_so_a_poison_batch_names_the_actor_it_killed(
     monkeypatch,
 ):
-    # Before: batches were queued behind an actor's hello; a poison batch killed it before the hello's answer
-    # was delivered, and the run took the death for an actor that could not start (a PrefetchError).
+    # A regression test. Batches used to be queued behind an actor's hello: a poison batch killed the actor
+    # before the hello's answer was delivered, and the run took the death for an actor that could not start
+    # (a PrefetchError) instead of the batch's (a WorkerDiedError naming the actor's pid).
     from prefetch.ray_executor.run import RayRun
 
     ray = FakeRay()
@@ -161,3 +170,34 @@ def test_an_actor_gets_no_batch_before_its_hello_is_answered_so_a_poison_batch_n
     assert error.pid == ray.deaths[-1] and f"pid {error.pid}" in str(error), (error, ray.deaths)
     assert f"killed {config.retries + 1} worker(s)" in str(error), str(error)
     assert {result.batch for result in results if isinstance(result, Made)} <= {0, 1, 2}
+
+
+def _run(ray: FakeRay, monkeypatch: Any, samples: int, prefetch: int = 4) -> Any:
+    from prefetch.ray_executor.run import RayRun
+
+    monkeypatch.setitem(sys.modules, "ray", ray)
+    config = make_config((np.arange(samples),), batch_size=4, shuffle=False, epochs=1, workers=2, prefetch=prefetch)
+    return RayRun({}, True, config, 0, NotWoken())
+
+
+def test_batches_go_to_an_actor_in_the_wait_that_brings_its_hello(monkeypatch):
+    ray = FakeRay()
+    run = _run(ray, monkeypatch, 12)  # batches 0, 1, 2: none of them the poison batch
+    assert [actor.batches for actor in ray.actors] == [[], []]  # no hello answered yet: no batch sent
+    assert run.wait(0.0) == []  # the hellos arrive ...
+    assert sorted(b for actor in ray.actors for b in actor.batches) == [0, 1, 2]  # ... and the batches go out
+    assert all(actor.batches for actor in ray.actors), [actor.batches for actor in ray.actors]
+    assert [actor.early for actor in ray.actors] == [[], []]
+    made = run.wait(0.0)
+    run.stop()
+    assert sorted(result.batch for result in made if isinstance(result, Made)) == [0, 1, 2], made
+
+
+def test_an_actor_that_dies_before_its_hello_is_a_start_up_error(monkeypatch):
+    ray = FakeRay(broken=True)
+    run = _run(ray, monkeypatch, 64)
+    with pytest.raises(prefetch.PrefetchError, match="a Ray actor of the loader could not start") as caught:
+        run.wait(0.0)
+    run.stop()
+    assert not isinstance(caught.value, prefetch.WorkerError)
+    assert [actor.batches for actor in ray.actors] == [[], []]
