@@ -25,6 +25,8 @@ from prefetch import _budget
 ROUNDS = 1 if workloads.QUICK else max(5, int(os.environ.get("BENCH_AUTO_ROUNDS", "5")))
 WARMUP_BATCHES = 4 if workloads.QUICK else int(os.environ.get("BENCH_AUTO_WARMUP", "300"))
 TIMED_BATCHES = 4 if workloads.QUICK else int(os.environ.get("BENCH_AUTO_TIMED", "60"))
+# Longer than the suite's per-test limit: every fixed count and "auto", each round (see e2e.py).
+pytestmark = pytest.mark.timeout(e2e.comparison_timeout_s(ROUNDS))
 STEP_LABELS = {"none": "none (loader alone)", "default": "torch default threads", "1": "1 thread"}
 
 

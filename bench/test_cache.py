@@ -18,6 +18,7 @@ import workloads
 from harness import Results
 
 ROUNDS = 1 if workloads.QUICK else 3
+pytestmark = pytest.mark.timeout(e2e.comparison_timeout_s(ROUNDS))
 # Issue 21.5: with the cache, epochs 2+ of the loader alone at least this many times the split pipeline's rate.
 CACHE_SPEEDUP_TARGET = 2.5
 STEP_LABELS = {"none": "none (loader alone)", "default": "torch default threads"}
