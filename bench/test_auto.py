@@ -49,6 +49,7 @@ def test_auto_against_every_fixed_count(benchmark: Any, results: Results, step: 
     cases = _systems(step)
     e2e.write_jpegs()
     runs = benchmark.pedantic(e2e.compare, args=(cases, ROUNDS), rounds=1, iterations=1)
+    results.runs[f"auto step={step}"] = runs  # every round of every system, in the JSON report
     fixed = {label: r for label, r in runs.items() if label != "auto"}
     best = max(fixed, key=lambda label: statistics.median(run["images_per_s"] for run in fixed[label]))
     for label, system_runs in runs.items():
