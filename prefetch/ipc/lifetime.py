@@ -22,9 +22,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import select
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -88,7 +90,12 @@ def exit_with_parent(parent_pid: int) -> None:
 
     Linux sends ``PARENT_DEATH_SIGNAL`` when the starting thread ends; the process is then given to
     another thread of the same parent and keeps the request, so the parent's real end signals again.
-    The handler exits only once ``getppid()`` is no longer ``parent_pid``."""
+    The handler exits only once ``getppid()`` is no longer ``parent_pid``.
+
+    The kernel may hand that signal to any thread of this process (a BLAS pool's thread, when the main
+    thread has one pending already: a parent whose threads end one by one signals once per thread), and
+    only the main thread runs Python's handler and is woken by it from a sleep in user code. So a watcher
+    thread (``_signal_main_when_gone``) also waits for the parent's end and then signals the main thread."""
 
     def on_parent_death(signum: int, frame: Any) -> None:
         if os.getppid() != parent_pid:
@@ -98,6 +105,28 @@ def exit_with_parent(parent_pid: int) -> None:
     _prctl(_PR_SET_PDEATHSIG, PARENT_DEATH_SIGNAL)
     if os.getppid() != parent_pid:  # it died before the request was made
         raise SystemExit(PARENT_DIED_EXIT)
+    main = threading.get_ident()
+    threading.Thread(
+        target=_signal_main_when_gone, args=(parent_pid, main), name="prefetch-parent-watch", daemon=True
+    ).start()
+
+
+def _signal_main_when_gone(parent_pid: int, main: int) -> None:
+    """Wait until this process's parent ``parent_pid`` has ended (a pidfd where Linux has them, else a
+    check every ``PARENT_CHECK_INTERVAL_S``), then send ``PARENT_DEATH_SIGNAL`` to the main thread."""
+    try:
+        pidfd: int | None = os.pidfd_open(parent_pid)
+    except (AttributeError, OSError):  # pragma: no cover - before Linux 5.3, or it has ended already
+        pidfd = None
+    if pidfd is not None:
+        try:
+            if os.getppid() == parent_pid:  # the pidfd is the parent's, not a later process's with its pid
+                select.select([pidfd], [], [])  # readable once it has ended
+        finally:
+            os.close(pidfd)
+    while os.getppid() == parent_pid:  # without a pidfd; with one, until this process has been handed on
+        time.sleep(PARENT_CHECK_INTERVAL_S)
+    signal.pthread_kill(main, PARENT_DEATH_SIGNAL)
 
 
 def wake_on_time(timer_slack_ns: int = WORKER_TIMER_SLACK_NS) -> None:
