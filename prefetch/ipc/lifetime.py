@@ -121,7 +121,9 @@ def _signal_main_when_gone(parent_pid: int, main: int) -> None:
     if pidfd is not None:
         try:
             if os.getppid() == parent_pid:  # the pidfd is the parent's, not a later process's with its pid
-                select.select([pidfd], [], [])  # readable once it has ended
+                watch = select.poll()  # not select(): a descriptor past 1023 is legal here
+                watch.register(pidfd, select.POLLIN)
+                watch.poll()  # readable once it has ended
         finally:
             os.close(pidfd)
     while os.getppid() == parent_pid:  # without a pidfd; with one, until this process has been handed on
