@@ -114,7 +114,9 @@ def run_keras(system: str, threads: str = "default", **options: Any) -> dict[str
     try:
         model.fit(gen, steps_per_epoch=steps, epochs=KERAS_EPOCHS, verbose=0, callbacks=[Clock()])
         if system != "plain":
-            info["decisions"] = list(prefetch.Loader.of(gen).stats().decisions)
+            stats = prefetch.Loader.of(gen).stats()
+            info["decisions"] = list(stats.decisions)
+            info["auto_changes"] = [list(change) for change in getattr(stats, "auto_changes", ())]
             info["decided_at_batch"] = decided["at"]
     finally:
         gen.close()

@@ -27,7 +27,12 @@ WARMUP_BATCHES = 4 if workloads.QUICK else int(os.environ.get("BENCH_AUTO_WARMUP
 TIMED_BATCHES = 4 if workloads.QUICK else int(os.environ.get("BENCH_AUTO_TIMED", "60"))
 # Longer than the suite's per-test limit: every fixed count and "auto", each round (see e2e.py).
 pytestmark = pytest.mark.timeout(e2e.comparison_timeout_s(ROUNDS))
-STEP_LABELS = {"none": "none (loader alone)", "default": "torch default threads", "1": "1 thread"}
+STEP_LABELS = {
+    "none": "none (loader alone)",
+    "default": "torch default threads",
+    "1": "1 thread",
+    "keras": "Keras fit (digits)",
+}
 
 
 def _systems(step: str) -> dict[str, dict[str, Any]]:
@@ -40,18 +45,32 @@ def _systems(step: str) -> dict[str, dict[str, Any]]:
     return cases
 
 
-@pytest.mark.parametrize("step", ["none", "default", "1"])
+def _keras_systems() -> dict[str, dict[str, Any]]:
+    """The same for Keras ``fit`` on the digits (``e2e_keras.run_keras``: its whole run is timed, tuning included)."""
+    base = {"workload": "keras", "system": "prefetch", "threads": "default"}
+    cases = {"auto": {**base, "workers": "auto"}}
+    for count in range(1, _budget.cpu_budget().cpus + 1):
+        cases[f"workers={count}"] = {**base, "workers": count}
+    return cases
+
+
+@pytest.mark.parametrize("step", ["none", "default", "1", "keras"])
 def test_auto_against_every_fixed_count(benchmark: Any, results: Results, step: str) -> None:
     pytest.importorskip("PIL")
     if step != "none":
         pytest.importorskip("torch")
     os.environ.setdefault("KERAS_BACKEND", "torch")
-    cases = _systems(step)
-    e2e.write_jpegs()
+    if step == "keras":
+        pytest.importorskip("keras")
+        cases, key = _keras_systems(), "s_per_epoch"
+    else:
+        cases, key = _systems(step), "images_per_s"
+        e2e.write_jpegs()
     runs = benchmark.pedantic(e2e.compare, args=(cases, ROUNDS), rounds=1, iterations=1)
     results.runs[f"auto step={step}"] = runs  # every round of every system, in the JSON report
     fixed = {label: r for label, r in runs.items() if label != "auto"}
-    best = max(fixed, key=lambda label: statistics.median(run["images_per_s"] for run in fixed[label]))
+    sign = 1 if key == "images_per_s" else -1  # seconds per epoch: less is faster
+    best = max(fixed, key=lambda label: sign * statistics.median(run[key] for run in fixed[label]))
     for label, system_runs in runs.items():
         settled = [run["auto_changes"][-1][0] if run.get("auto_changes") else 0 for run in system_runs]
         ended = [tuple(run["auto_changes"][-1][1:]) if run.get("auto_changes") else "unchanged" for run in system_runs]
@@ -60,8 +79,9 @@ def test_auto_against_every_fixed_count(benchmark: Any, results: Results, step: 
             {
                 "system": label,
                 "training step": STEP_LABELS[step],
-                "images/s (median)": round(statistics.median(run["images_per_s"] for run in system_runs), 1),
-                "paired vs best fixed": f"{e2e.paired_ratio(system_runs, runs[best], 'images_per_s'):.3f}x",
+                "figure (median)": f"{statistics.median(run[key] for run in system_runs):.3g} {key}",
+                "paired vs best fixed": f"{_paired(system_runs, runs[best], key):.3f}x",
+                "per round": " ".join(f"{_paired([a], [b], key):.2f}" for a, b in zip(system_runs, runs[best])),
                 "best fixed": best,
                 "last change at batch (max)": max(settled) if label == "auto" else "",
                 "ended at (workers, window)": str(ended) if label == "auto" else "",
@@ -69,3 +89,10 @@ def test_auto_against_every_fixed_count(benchmark: Any, results: Results, step: 
             },
         )
     assert all(len(r) == ROUNDS for r in runs.values())
+
+
+def _paired(runs: list[dict[str, Any]], best: list[dict[str, Any]], key: str) -> float:
+    """The median of the per-round ratios, > 1 when ``runs`` is faster (``e2e.paired_ratio``; for seconds per
+    epoch, its inverse)."""
+    ratio = e2e.paired_ratio(runs, best, key)
+    return ratio if key == "images_per_s" else 1.0 / ratio

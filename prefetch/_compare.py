@@ -14,14 +14,27 @@ noise. The verdict is:
   measured enough blocks keeps the user's setting and says why (``Verdict.why``).
 
 The comparison keeps the last ``max_blocks`` blocks only, so a caller that goes on measuring now and then
-sees a verdict that was right early and is wrong now (the loop changed) overturned. Pure: no clock, no
-process, no framework; see ``docs/design.md``, *Sharing the cores with the training step*.
+sees a verdict that was right early and is wrong now (the loop changed) overturned. ``Comparison`` is pure:
+no clock, no process, no framework.
+
+``Trial`` runs a comparison on a loop, for ``train_threads="auto"`` (``_tuning``) and ``worker_nice="auto"``
+(``_stepback``). Told each batch the loop asks for (``tick``), after ``warmup_batches`` it times windows of
+``window_batches`` batches -- the whole cycle, training step and wait included, which is what the user gets
+-- asking its owner to put A or B in force before each window (``apply``). When the blocks tell the two
+apart, or ``max_blocks`` could not, it hands the verdict over (``settle``), then measures one more block now
+and then (``recheck_batches``, doubling up to ``recheck_max_batches``): a verdict the loop's later behaviour
+contradicts is overturned. The rate is what the loop can *sustain*: batches taken less those the window
+drained from the buffer of ready batches. A setting that speeds the step up by starving the workers looks
+fast while the buffer lasts; counted this way, it does not. See ``docs/design.md``, *Sharing the cores with
+the training step*.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 # Student's t at 97.5 % by degrees of freedom (blocks - 1): the margin is t times the standard error.
@@ -115,3 +128,72 @@ class Comparison:
 def _rate(batches: float, seconds: float) -> float:
     """Batches per second, never 0 (a window that drained as much as it took still took time)."""
     return max(batches, 0.5) / max(seconds, 1e-9)
+
+
+@dataclass
+class Trial:
+    """The windows of one A/B comparison; ``apply(0 or 1)`` returns False when the owner cannot apply a
+    setting any more (the trial then stops)."""
+
+    apply: Callable[[int], bool]  # put setting A (0) or B (1) in force for the next window
+    settle: Callable[[Verdict], None]  # what the blocks say: the owner applies its choice
+    comparison: Comparison
+    window_batches: int
+    warmup_batches: int
+    recheck_batches: int
+    recheck_max_batches: int
+    batches: int = 0  # ticks so far
+    measuring: bool = False  # a window is being timed
+    stopped: bool = False  # the owner could not apply a setting: nothing more to measure
+    settled: bool = False  # a verdict has been handed over (the rest is checking it)
+    next_check: int = field(init=False)  # the tick at which the next block starts
+    recheck: int = field(init=False)  # batches from a verdict to the next check
+    window_left: int = 0  # ticks until the window being timed ends
+    window_started: float = 0.0
+    window_ready: int = 0  # ready batches when the window began
+
+    def __post_init__(self) -> None:
+        self.next_check, self.recheck = self.warmup_batches, self.recheck_batches
+
+    def tick(self, ready: int) -> None:
+        """One more batch asked for, with ``ready`` batches waiting in the buffer (a counter between windows)."""
+        if self.stopped:
+            return
+        self.batches += 1
+        if self.measuring:
+            self.window_left -= 1
+            if self.window_left == 0:
+                self._end_window(ready)
+        elif self.batches >= self.next_check:
+            self._begin_window(ready)
+
+    def _begin_window(self, ready: int) -> None:
+        if not self.apply(self.comparison.setting()):
+            self.stopped, self.measuring = True, False
+            return
+        self.measuring, self.window_left, self.window_ready = True, self.window_batches, ready
+        self.window_started = time.perf_counter()
+
+    def _end_window(self, ready: int) -> None:
+        seconds = time.perf_counter() - self.window_started
+        drained = max(0, self.window_ready - ready)
+        self.measuring = False
+        if not self.comparison.add(self.window_batches - drained, seconds):
+            self._begin_window(ready)
+            return
+        verdict = self.comparison.verdict()
+        if verdict.choice == NOISE and not self.settled and verdict.blocks < self.comparison.max_blocks:
+            self._begin_window(ready)  # not told apart yet: one more block
+            return
+        self.settled = True
+        self.next_check = self.batches + self.recheck
+        self.recheck = min(2 * self.recheck, self.recheck_max_batches)
+        self.settle(verdict)
+
+    def restart(self) -> None:
+        """The loop changed under the trial (workers added or parked, their priority changed): forget the
+        blocks and measure again, from the setting in force, after a warm-up."""
+        self.comparison.clear()
+        self.measuring, self.settled = False, False
+        self.next_check = self.batches + self.warmup_batches
+        self.recheck = self.recheck_batches

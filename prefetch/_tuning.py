@@ -33,10 +33,9 @@ from __future__ import annotations
 
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
 
-from ._compare import NOISE, B, Comparison, Verdict
+from ._compare import NOISE, B, Comparison, Trial, Verdict
 
 # The tuner's schedule (``_compare``): batches before it measures anything (start-up, caches), batches per
 # window, and blocks of four windows (A B B A): at least TUNE_MIN_BLOCKS before any verdict (the noise is
@@ -179,19 +178,13 @@ def settle_training_threads(stopped: ThreadTuner | None = None) -> None:
 
 @dataclass
 class ThreadTuner:
-    """Picks the training framework's intra-op threads by measuring the loop's batch rate (``_compare``).
+    """Picks the training framework's intra-op threads by measuring the loop's batch rate (``_compare.Trial``).
 
     ``tick()`` is called once per batch the loop asks for, in the loop's own thread (the thread whose
-    OpenMP settings matter). After ``TUNE_WARMUP_BATCHES`` it times windows of ``TUNE_WINDOW_BATCHES``
-    batches -- the whole cycle, training step and wait included, which is what the user gets -- with the
-    user's threads (A) and half of them (B) in ``A B B A`` blocks, until the blocks tell them apart beyond
-    their noise (``_compare.Verdict``) or ``TUNE_MAX_BLOCKS`` could not: then the user's setting is kept,
-    and ``decision`` says why. It then goes on measuring one block now and then (``TUNE_RECHECK_BATCHES``,
-    doubling up to ``TUNE_RECHECK_MAX_BATCHES``), and a verdict the new blocks overturn is undone.
-
-    The rate is what the loop can *sustain*: batches taken less those the window drained from the buffer
-    of ready batches (``ready`` at each tick). A setting that speeds the step up by starving the workers
-    looks fast while the buffer lasts; counted this way, it does not.
+    OpenMP settings matter). Its ``Trial`` times windows with the user's threads (A) and half of them (B)
+    until the blocks tell them apart beyond their noise (``_compare.Verdict``) or ``TUNE_MAX_BLOCKS`` could
+    not: then the user's setting is kept, and ``decision`` says why. It goes on measuring one block now and
+    then, and a verdict the new blocks overturn is undone.
 
     For a controller of the worker count: ``measurement()`` is what the blocks say now, ``measuring`` is
     True while a block runs (a change then would spoil it), and ``reconsider()`` drops what was measured
@@ -201,19 +194,30 @@ class ThreadTuner:
     original: int  # the framework's threads in the loop's thread when the engine started (the user's)
     candidates: tuple[int, ...]  # the settings it compares, the original first
     thread: threading.Thread = field(default_factory=threading.current_thread)  # the loop's thread
-    comparison: Comparison = field(default_factory=lambda: Comparison(TUNE_MIN_GAIN, TUNE_MIN_BLOCKS, TUNE_MAX_BLOCKS))
-    batches: int = 0  # ticks so far
-    measuring: bool = False  # a window is being timed
-    next_check: int = TUNE_WARMUP_BATCHES  # the tick at which the next block starts
-    recheck_batches: int = TUNE_RECHECK_BATCHES
-    window_left: int = 0  # ticks until the window being timed ends
-    window_started: float = 0.0
-    window_ready: int = 0  # ready batches when the window began
-    settled: bool = False  # a verdict has been applied (the rest is checking it)
     done: bool = False  # nothing more to do: a fixed setting, a report, or the user took the threads
     chosen: int | None = None
     decision: str = ""
     windows: list[int] = field(default_factory=list)  # the threads of every window timed, in order
+    trial: Trial = field(init=False)
+
+    def __post_init__(self) -> None:
+        comparison = Comparison(TUNE_MIN_GAIN, TUNE_MIN_BLOCKS, TUNE_MAX_BLOCKS)
+        self.trial = Trial(
+            self._window, self._settle, comparison, TUNE_WINDOW_BATCHES, TUNE_WARMUP_BATCHES,
+            TUNE_RECHECK_BATCHES, TUNE_RECHECK_MAX_BATCHES,
+        )  # fmt: skip
+
+    @property
+    def measuring(self) -> bool:
+        return self.trial.measuring
+
+    @property
+    def settled(self) -> bool:
+        return self.trial.settled
+
+    @property
+    def batches(self) -> int:
+        return self.trial.batches
 
     @classmethod
     def start(cls, setting: str | int | None, workers: int) -> ThreadTuner | None:
@@ -247,7 +251,7 @@ class ThreadTuner:
         the user's, and the tuner stops."""
         if claims.apply(self, threads):
             return True
-        self.chosen, self.done, self.measuring = torch_threads(), True, False
+        self.chosen, self.done = torch_threads(), True
         self.decision = f"training threads left at {self.chosen}: you set them while the loader had them (yours)"
         return False
 
@@ -256,44 +260,22 @@ class ThreadTuner:
         (a counter and a comparison between measurements)."""
         if self.done or threading.current_thread() is not self.thread:
             return
-        self.batches += 1
-        if self.measuring:
-            self.window_left -= 1
-            if self.window_left == 0:
-                self._end_window(ready)
-        elif self.batches >= self.next_check:
-            self._begin_window(ready)
+        self.trial.tick(ready)
 
-    def _begin_window(self, ready: int) -> None:
-        threads = self.candidates[self.comparison.setting()]
+    def _window(self, setting: int) -> bool:
+        threads = self.candidates[setting]
         if not self._apply(threads):
-            return
+            return False
         self.windows.append(threads)
-        self.measuring, self.window_left, self.window_ready = True, TUNE_WINDOW_BATCHES, ready
-        self.window_started = time.perf_counter()
-
-    def _end_window(self, ready: int) -> None:
-        seconds = time.perf_counter() - self.window_started
-        drained = max(0, self.window_ready - ready)
-        self.measuring = False
-        if not self.comparison.add(TUNE_WINDOW_BATCHES - drained, seconds):
-            self._begin_window(ready)
-            return
-        verdict = self.comparison.verdict()
-        if verdict.choice == NOISE and not self.settled and verdict.blocks < TUNE_MAX_BLOCKS:
-            self._begin_window(ready)  # not told apart yet: one more block
-            return
-        self._settle(verdict)
+        return True
 
     def _settle(self, verdict: Verdict) -> None:
-        """Apply what the blocks say (B only if it won beyond the noise), and plan the next check."""
+        """Apply what the blocks say (B only if it won beyond the noise)."""
         user, fewer = self.candidates
         threads = fewer if verdict.choice == B else user
         if not self._apply(threads):
             return
-        before, self.chosen, self.settled = self.chosen, threads, True
-        self.next_check = self.batches + self.recheck_batches
-        self.recheck_batches = min(2 * self.recheck_batches, TUNE_RECHECK_MAX_BATCHES)
+        before, self.chosen = self.chosen, threads
         shown = f"{user} threads {verdict.rates[0]:.2f} batches/s, {fewer} threads {verdict.rates[1]:.2f} batches/s"
         again = " again: later blocks overturned the earlier verdict" if before not in (None, threads) else ""
         if threads != user:
@@ -311,17 +293,13 @@ class ThreadTuner:
 
     def measurement(self) -> Verdict:
         """What the blocks measured so far say (for a controller of the worker count, and ``stats()``)."""
-        return self.comparison.verdict()
+        return self.trial.comparison.verdict()
 
     def reconsider(self) -> None:
         """The loop changed under the tuner (workers added or parked, their priority changed): forget the
         blocks and measure again, from the setting in force, after a warm-up."""
-        if self.done:
-            return
-        self.comparison.clear()
-        self.measuring, self.settled = False, False
-        self.next_check = self.batches + TUNE_WARMUP_BATCHES
-        self.recheck_batches = TUNE_RECHECK_BATCHES
+        if not self.done:
+            self.trial.restart()
 
     def release(self) -> None:
         """Let go of the loop thread's setting: the user's comes back if the thread still has the tuner's

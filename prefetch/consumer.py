@@ -18,12 +18,13 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 import multiprocess.util  # noqa: F401 - its atexit hook must be registered before ours (below)
 
-from ._stepback import StepBack
+from ._stepback import NiceTrial, StepBack, may_lower_nice, own_nice
 from ._tuning import ThreadTuner
 from .autoscaler import AutoScaler
 from .core import threaded
@@ -117,8 +118,7 @@ class Engine:
             raise
         # Only once the executor runs: an engine that failed to start has nothing to give back.
         self.tuner = ThreadTuner.start(config.train_threads, config.workers)  # None: nothing to tune
-        # worker_nice="auto": the workers start level and step back once the loop is measured compute-bound
-        self.stepback = StepBack(DEFAULT_WORKER_NICE, self.worker_pids) if config.worker_nice == "auto" else None
+        self.stepback = _nice_chooser(config, self.worker_pids)  # worker_nice="auto"; None: a fixed value
         self.auto = _auto_scaler(config, self.run)  # None: a fixed count
         live_engines.add(self)
 
@@ -177,10 +177,7 @@ class Engine:
         self.run.advance(self.position)
         fill = len(self.reorder)
         self._file(self.run.wait(0))
-        if self.tuner is not None:
-            self.tuner.tick(len(self.reorder))
-        if self.stepback is not None and self.stepback.tick(self.recorder.wait_s) and self.tuner is not None:
-            self.tuner.reconsider()  # measured at the workers' old priority
+        self._tick_choosers(len(self.reorder))
         waited = self._wait_for_next() if not self.reorder.ready() else 0.0
         result = self.reorder.take()
         if isinstance(result, Unmade):
@@ -188,10 +185,28 @@ class Engine:
             raise result.error
         batch = self.run.open(result)
         self.recorder.delivered(self.order.batch_length(result.batch), waited, fill, result.timings, result.worker)
-        if self.auto is not None and (self.tuner is None or not self.tuner.measuring):
-            # one thing at a time: the worker count holds while the thread tuner times a window
+        if self.auto is not None and not self._measuring():
+            # one thing at a time: the worker count holds while a window is timed at one priority or thread count
             self.auto.tick(self.recorder.batches, self.recorder.wait_s, self._busy_s)
         return batch
+
+    def _measuring(self) -> bool:
+        return (self.tuner is not None and self.tuner.measuring) or (
+            self.stepback is not None and self.stepback.measuring
+        )
+
+    def _tick_choosers(self, ready: int) -> None:
+        """The workers' priority first, then the training threads: one is timed at a time (``_compare.Trial``)."""
+        tuner, stepback = self.tuner, self.stepback
+        changed = (
+            stepback is not None
+            and not (tuner is not None and tuner.measuring)
+            and stepback.tick(ready, self.recorder.wait_s)
+        )
+        if changed and tuner is not None:
+            tuner.reconsider()  # measured at the workers' old priority
+        if tuner is not None and not (stepback is not None and stepback.measuring):
+            tuner.tick(ready)
 
     def _busy_s(self) -> float:
         return sum(self.recorder.busy_s.values())
@@ -262,6 +277,16 @@ class Engine:
         finally:
             self.wake.close()
             self.reorder.clear()
+
+
+def _nice_chooser(config: LoaderConfig, pids: Callable[[], list[int]]) -> NiceTrial | StepBack | None:
+    """``worker_nice="auto"``: the loop's rate decides where the workers may come back level once stepped back
+    (``NiceTrial``), its waiting decides elsewhere (``StepBack``, which steps back once and for good)."""
+    if config.worker_nice != "auto":
+        return None
+    if may_lower_nice(own_nice()):
+        return NiceTrial(DEFAULT_WORKER_NICE, pids)
+    return StepBack(DEFAULT_WORKER_NICE, pids)
 
 
 def _auto_scaler(config: LoaderConfig, run: Run) -> AutoScaler | None:

@@ -338,16 +338,27 @@ def segments_of(pid: int) -> list[str]:
 
 
 def hash_into(h, item) -> None:
-    """Feed a batch's structure, dtypes, shapes and bytes into the hash ``h`` (``hashlib.sha256()``)."""
+    """Feed a batch's structure, dtypes, shapes and bytes into the hash ``h`` (``hashlib.sha256()``): NumPy
+    arrays, torch tensors (if torch is loaded; never imported here), tuples, lists and dicts (keys sorted), and
+    the ``repr`` of anything else."""
     import numpy as np
 
-    if isinstance(item, np.ndarray):
+    torch = sys.modules.get("torch")
+    if isinstance(getattr(torch, "Tensor", None), type) and isinstance(item, torch.Tensor):
+        h.update(f"{type(item).__name__}{item.dtype}{tuple(item.shape)}".encode())
+        h.update(bytes(item.detach().contiguous().reshape(-1).view(torch.uint8).numpy()))
+    elif isinstance(item, np.ndarray):
         h.update(f"{item.dtype.str}{item.shape}".encode())
         h.update(np.ascontiguousarray(item).tobytes())
     elif isinstance(item, (tuple, list)):
         h.update(f"{type(item).__name__}{len(item)}".encode())
         for part in item:
             hash_into(h, part)
+    elif isinstance(item, dict):
+        h.update(f"dict{len(item)}".encode())
+        for key in sorted(item):
+            h.update(repr(key).encode())
+            hash_into(h, item[key])
     else:
         h.update(repr(item).encode())
 

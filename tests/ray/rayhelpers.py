@@ -5,40 +5,20 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import sys
 import threading
 import time
 from typing import Any
 
 import numpy as np
+from helpers import hash_into
 
 import prefetch
 
 
 def digest(batch: Any) -> str:
-    """A SHA-256 of a batch's structure, dtypes, shapes and bytes."""
+    """A SHA-256 of a batch's structure, dtypes, shapes and bytes (``helpers.hash_into``)."""
     h = hashlib.sha256()
-
-    def feed(item: Any) -> None:
-        torch = sys.modules.get("torch")
-        if isinstance(getattr(torch, "Tensor", None), type) and isinstance(item, torch.Tensor):
-            h.update(f"{type(item).__name__}{item.dtype}{tuple(item.shape)}".encode())
-            h.update(bytes(item.detach().contiguous().reshape(-1).view(torch.uint8).numpy()))
-        elif isinstance(item, np.ndarray):
-            h.update(f"{item.dtype}{item.shape}".encode())
-            h.update(np.ascontiguousarray(item).tobytes())
-        elif isinstance(item, (tuple, list)):
-            h.update(f"{type(item).__name__}{len(item)}".encode())
-            for part in item:
-                feed(part)
-        elif isinstance(item, dict):
-            for key in sorted(item):
-                h.update(repr(key).encode())
-                feed(item[key])
-        else:
-            h.update(repr(item).encode())
-
-    feed(batch)
+    hash_into(h, batch)
     return h.hexdigest()
 
 

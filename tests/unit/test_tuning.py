@@ -17,7 +17,7 @@ import pytest
 from helpers import FakeTorch, PerThreadFakeTorch
 
 import prefetch
-from prefetch import _tuning
+from prefetch import _compare, _tuning
 from prefetch._tuning import (
     TUNE_MAX_BLOCKS,
     TUNE_MIN_BLOCKS,
@@ -67,7 +67,7 @@ class FakeClock:
 
 def start_tuner(monkeypatch, torch: FakeTorch, cycle_s, ready=lambda threads: 3) -> tuple[ThreadTuner, FakeClock]:
     clock = FakeClock(torch, cycle_s, ready)
-    monkeypatch.setattr(_tuning.time, "perf_counter", clock.perf_counter)
+    monkeypatch.setattr(_compare.time, "perf_counter", clock.perf_counter)
     tuner = ThreadTuner.start("auto", workers=2)
     assert tuner is not None
     return tuner, clock
@@ -155,7 +155,7 @@ def test_no_verdict_within_the_noise_keeps_the_users_setting_and_says_why(monkey
 
     def cycle(threads: int) -> float:
         assert tuner is not None
-        odd = len(tuner.comparison.blocks) % 2
+        odd = len(tuner.trial.comparison.blocks) % 2
         return 0.10 if threads == 2 else 0.10 / (0.85 if odd else 1.25)
 
     tuner, clock = start_tuner(monkeypatch, fake_torch, cycle)
@@ -177,7 +177,7 @@ def test_after_a_verdict_the_tuner_checks_again_ever_less_often(monkeypatch, fak
     assert len(tuner.windows) == windows  # nothing measured until the first check
     clock.run(tuner, 1 + BLOCK_BATCHES)
     assert tuner.windows[windows:] == [2, 1, 1, 2] and tuner.chosen == 1 and fake_torch.threads == 1
-    assert tuner.next_check == decided_at + TUNE_RECHECK_BATCHES + BLOCK_BATCHES + 2 * TUNE_RECHECK_BATCHES
+    assert tuner.trial.next_check == decided_at + TUNE_RECHECK_BATCHES + BLOCK_BATCHES + 2 * TUNE_RECHECK_BATCHES
 
 
 def test_reconsider_measures_again_from_scratch(monkeypatch, fake_torch):
@@ -319,7 +319,7 @@ def test_the_users_change_during_the_measurement_stops_the_tuner(monkeypatch):
     torch = FakeTorch(4)
     monkeypatch.setitem(sys.modules, "torch", torch)
     clock = FakeClock(torch, lambda threads: 0.1, lambda threads: 3)
-    monkeypatch.setattr(_tuning.time, "perf_counter", clock.perf_counter)
+    monkeypatch.setattr(_compare.time, "perf_counter", clock.perf_counter)
     tuner = ThreadTuner.start("auto", workers=2)
     assert tuner is not None
     measure_until_halved(tuner, clock, torch)
@@ -339,7 +339,7 @@ def test_two_tuners_in_one_thread_give_back_the_users_setting(monkeypatch, first
     torch = FakeTorch(4)
     monkeypatch.setitem(sys.modules, "torch", torch)
     clock = FakeClock(torch, lambda threads: 0.1, lambda threads: 3)
-    monkeypatch.setattr(_tuning.time, "perf_counter", clock.perf_counter)
+    monkeypatch.setattr(_compare.time, "perf_counter", clock.perf_counter)
     training = ThreadTuner.start("auto", workers=2)
     assert training is not None
     measure_until_halved(training, clock, torch)
