@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from ..errors import Failure
-from . import rng, threaded
+from . import readahead, rng, threaded
 from .aliasing import SourceMemory
 from .collate import Alloc, StreamingStack, collate_auto, collate_list, private_alloc
 from .config import LoaderConfig
@@ -40,6 +40,10 @@ class Timings(NamedTuple):
     transform: float = 0.0
     collate: float = 0.0
     transfer: float = 0.0
+
+
+# A batch's loads already started, and the generators' states when they were seeded (``_make_reading_ahead``).
+Started = tuple[readahead.Loads, threaded.GlobalDraws]
 
 
 class UserCodeRaised(Exception):
@@ -117,13 +121,8 @@ def _user_code(where: Callable[[], str]) -> Iterator[None]:
         raise UserCodeRaised(Failure.capture(exc, where()), exc) from exc
 
 
-def _load(sources: tuple[Any, ...], indices: np.ndarray, threads: int = 1) -> list[Any]:
-    """One sample per index: ``source[i]``, or ``(s1[i], s2[i], ...)`` with several sources; with
-    ``threads > 1``, up to that many loads at once, in the batch's order (``threaded``)."""
-    if threads > 1 and len(indices) > 1:
-        if len(sources) == 1:
-            return _load_threaded(sources[0].__getitem__, indices.tolist(), threads)
-        return _load_threaded(lambda i: tuple(source[i] for source in sources), indices.tolist(), threads)
+def _load(sources: tuple[Any, ...], indices: np.ndarray) -> list[Any]:
+    """One sample per index, one after another: ``source[i]``, or ``(s1[i], s2[i], ...)`` with several sources."""
     samples: list[Any] = []
     index = -1
     with _user_code(lambda: f"loading sample {index}"):
@@ -141,17 +140,17 @@ def _load(sources: tuple[Any, ...], indices: np.ndarray, threads: int = 1) -> li
     return samples
 
 
-def _load_threaded(load_one: Callable[[int], Any], indices: list[int], threads: int) -> list[Any]:
-    """``load_one`` per index with ``io_threads`` threads, in the batch's order; a load that drew from the
-    batch's generators fails the batch."""
-    draws = threaded.GlobalDraws()
-    loads = threaded.in_order(load_one, indices, threads)
-    samples: list[Any] = []
-    index = -1
-    with _user_code(lambda: f"loading sample {index}"), closing(loads):
-        for index in indices:  # noqa: B007 (the failure's words read it)
-            samples.append(next(loads))
-    with _user_code(lambda: f"loading samples {indices}"):
+def _load_threaded(config: LoaderConfig, indices: np.ndarray, started: Started | None) -> list[Any]:
+    """The first stage (``_sample_loader``) per index with ``io_threads`` threads, or the loads ``started``
+    already; a load that drew from the batch's generators while the calling thread waited fails the batch."""
+    if started is None:
+        draws = threaded.GlobalDraws()  # before the loads start
+        loads = readahead.Loads(_sample_loader(config), indices.tolist(), config.io_threads)
+    else:
+        loads, draws = started
+    with _user_code(lambda: f"loading sample {loads.failed_index}"):
+        samples = loads.result()
+    with _user_code(lambda: f"loading samples {indices.tolist()}"):
         draws.check()
     return samples
 
@@ -184,10 +183,8 @@ def _sample_loader(config: LoaderConfig) -> Callable[[int], Any]:
 
 def _load_staged(config: LoaderConfig, indices: np.ndarray) -> list[Any]:
     """``load=`` and ``cache=``: each sample from the store if it keeps it, else ``load(source sample)``,
-    which the store then keeps if it has room; with ``io_threads``, in threads as ``_load``."""
+    which the store then keeps if it has room; one after another, as ``_load``."""
     load_one = _sample_loader(config)
-    if config.io_threads > 1 and len(indices) > 1:
-        return _load_threaded(load_one, indices.tolist(), config.io_threads)
     samples: list[Any] = []
     index = -1
     with _user_code(lambda: f"loading sample {index}"):
@@ -197,7 +194,11 @@ def _load_staged(config: LoaderConfig, indices: np.ndarray) -> list[Any]:
 
 
 def make_batch(
-    config: LoaderConfig, indices: np.ndarray, alloc: Alloc = private_alloc, private: SourceMemory | None = None
+    config: LoaderConfig,
+    indices: np.ndarray,
+    alloc: Alloc = private_alloc,
+    private: SourceMemory | None = None,
+    started: Started | None = None,
 ) -> tuple[Any, Timings]:
     """Batch ``indices``: load each sample, transform it, collate, then ``batch_transform``.
 
@@ -205,6 +206,7 @@ def make_batch(
     come out as ``UserCodeRaised`` naming the stage and the sample index. With ``private`` (the calling
     process, ``workers=0``) the parts of the batch that alias a source are copied, as a
     worker's slot would (see ``SourceMemory``); the whole-batch ``np.take`` never aliases.
+    ``started``: the batch's loads, already started (``readahead``), and the generators as they were seeded.
     """
     load_s = transform_s = collate_s = 0.0
     safety = None
@@ -216,8 +218,12 @@ def make_batch(
         batch = _take(config.sources, indices, alloc)
         load_s = time.perf_counter() - start
     else:
-        staged = config.load is not None or config.store is not None
-        samples = _load_staged(config, indices) if staged else _load(config.sources, indices, config.io_threads)
+        if started is not None or (config.io_threads > 1 and len(indices) > 1):
+            samples = _load_threaded(config, indices, started)
+        elif config.load is not None or config.store is not None:
+            samples = _load_staged(config, indices)
+        else:
+            samples = _load(config.sources, indices)
         if safety is not None:
             safety.add(samples)  # before a transform replaces them
         load_s = time.perf_counter() - start
@@ -249,6 +255,7 @@ def make_numbered_batch(
     indices: np.ndarray | None = None,
     alloc: Alloc = private_alloc,
     private: SourceMemory | None = None,
+    ahead: tuple[int, np.ndarray] | None = None,
 ) -> tuple[Any, Timings]:
     """Batch number ``batch``, made as every executor must make it (the module docstring):
 
@@ -258,6 +265,9 @@ def make_numbered_batch(
       (``config.runs_user_code``): ``rng.seed_globals``, or, in the calling process (``private`` given:
       ``workers=0``), ``rng.seeded_in_caller``, which gives the caller its own states back after;
     * by ``make_batch``: user code's exceptions come out as ``UserCodeRaised``.
+
+    ``ahead``: the batch this process makes next and its indices, if known (a worker's next task): with
+    ``io_threads > 1`` its loads start now, behind this batch's (``readahead``); the next call takes them.
     """
     if indices is None:
         indices = config.order.batch_indices(batch)
@@ -266,5 +276,27 @@ def make_numbered_batch(
     if private is not None:
         with rng.seeded_in_caller(config.seed, batch):
             return make_batch(config, indices, alloc, private)
+    if config.io_threads == 1 or _fast_path(config, config.sources):
+        rng.seed_globals(config.seed, batch)
+        return make_batch(config, indices, alloc)
+    return _make_reading_ahead(config, batch, indices, alloc, ahead)
+
+
+def _make_reading_ahead(
+    config: LoaderConfig, batch: int, indices: np.ndarray, alloc: Alloc, ahead: tuple[int, np.ndarray] | None
+) -> tuple[Any, Timings]:
+    """``make_batch`` with ``io_threads > 1`` in a process that reads ahead: this batch's loads taken from the
+    read-ahead (or started), the next batch's started behind them, the generators watched in between."""
+    listed = indices.tolist()
+    with _user_code(lambda: f"loading samples {listed}"):
+        loads = readahead.take_ahead(batch, listed)
     rng.seed_globals(config.seed, batch)
-    return make_batch(config, indices, alloc)
+    draws = threaded.GlobalDraws()
+    if loads is None:
+        loads = readahead.Loads(_sample_loader(config), listed, config.io_threads)
+    if ahead is not None:
+        readahead.start_ahead(ahead[0], _sample_loader(config), ahead[1].tolist(), config.io_threads)
+    try:
+        return make_batch(config, indices, alloc, started=(loads, draws))
+    finally:
+        readahead.quiet_now()

@@ -1,9 +1,9 @@
-"""Loading a batch's samples with ``io_threads`` threads: ``in_order`` and ``GlobalDraws``.
+"""Loading a batch's samples with ``io_threads`` threads: the pool, and ``GlobalDraws``.
 
-Only the loading -- ``source[i]``, the I/O -- runs in threads; the transform, collate and
-``batch_transform`` stay in the calling thread, sample after sample, so the draws they make from the
-generators seeded for the batch (``rng``) come in the same order for any ``io_threads``. The samples
-keep their batch order. A source's ``__getitem__`` that draws random numbers would draw in thread
+Only the loading -- ``source[i]``, the I/O -- runs in threads (``readahead.Loads``); the transform,
+collate and ``batch_transform`` stay in the calling thread, sample after sample, so the draws they make
+from the generators seeded for the batch (``rng``) come in the same order for any ``io_threads``. The
+samples keep their batch order. A source's ``__getitem__`` that draws random numbers would draw in thread
 order, so the pipeline looks at the generators before and after a threaded load (``GlobalDraws``) and
 fails the batch if one moved. See ``docs/design.md`` ("io_threads").
 
@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Callable, Generator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -35,31 +34,18 @@ def _forget_pools() -> None:
 os.register_at_fork(after_in_child=_forget_pools)
 
 
-def _pool(threads: int) -> ThreadPoolExecutor:
-    pool = _pools.get(threads)
-    if pool is None:
-        pool = _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="prefetch-io")
-    return pool
+def pool(threads: int) -> ThreadPoolExecutor:
+    """This process's pool of ``threads`` threads (made at first use)."""
+    found = _pools.get(threads)
+    if found is None:
+        found = _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="prefetch-io")
+    return found
 
 
 def end_pools() -> None:
     """End this process's pools, after the loads in flight (a later load makes a new pool)."""
     while _pools:
         _pools.popitem()[1].shutdown(wait=True)
-
-
-def in_order(load_one: Callable[[int], Any], indices: list[int], threads: int) -> Generator[Any, None, None]:
-    """``load_one(i)`` for each of ``indices``, up to ``threads`` at once, yielded in ``indices``' order.
-
-    A load that raised raises at its turn; the loads not started by then are cancelled when the
-    iterator is closed (or dropped)."""
-    futures: list[Future[Any]] = [_pool(threads).submit(load_one, index) for index in indices]
-    try:
-        for future in futures:
-            yield future.result()
-    finally:
-        for future in futures:
-            future.cancel()  # a no-op for the finished and running ones
 
 
 def _numpy_state() -> tuple[bytes, int]:

@@ -25,6 +25,7 @@ import numpy as np
 
 from ..core.config import LoaderConfig
 from ..core.pipeline import UserCodeRaised, make_numbered_batch
+from ..core.readahead import cancel_ahead
 from ..errors import Failure
 from ..ipc.channel import PipeReader, send
 from ..ipc.lifetime import PARENT_CHECK_INTERVAL_S, die_with_parent, worker_prologue
@@ -37,12 +38,14 @@ PARENT_CHECK_INTERVAL_MS = round(PARENT_CHECK_INTERVAL_S * 1000)
 SLOT_PURPOSE = ("a batch", "free space there, lower `prefetch` or the batch size (Docker: --shm-size)")
 
 
-def run_task(config: LoaderConfig, writer: SlotWriter, task: Task) -> BatchReady | BatchFailure:
-    """Make one batch into its slot and say how it went."""
+def run_task(config: LoaderConfig, writer: SlotWriter, task: Task, after: Any = None) -> BatchReady | BatchFailure:
+    """Make one batch into its slot and say how it went; ``after``: the message this worker takes next
+    (a ``Task``: its loads may start now, ``make_numbered_batch``'s ``ahead``)."""
     space = writer.space(task.slot, task.segment, task.size_hint)
     indices = np.frombuffer(task.indices, np.int64)
+    ahead = (after.batch, np.frombuffer(after.indices, np.int64)) if isinstance(after, Task) else None
     try:
-        batch, timings = make_numbered_batch(config, task.batch, indices, space.alloc)
+        batch, timings = make_numbered_batch(config, task.batch, indices, space.alloc, ahead=ahead)
     except UserCodeRaised as error:
         return BatchFailure(task.batch, task.slot, tuple(indices.tolist()), os.getpid(), error.failure)
     start = time.perf_counter()
@@ -63,24 +66,36 @@ def worker_main(tasks: Any, results: Any, config: LoaderConfig, prefix: str, par
     inbox = PipeReader(tasks)
     poller = select.poll()
     poller.register(inbox.fileno(), select.POLLIN)
+    try:
+        _serve(inbox, poller, results, config, writer, prefix, parent_pid)
+    finally:
+        cancel_ahead()  # the next batch's loads not started yet never start (core/readahead.py)
+
+
+def _serve(
+    inbox: PipeReader, poller: Any, results: Any, config: LoaderConfig, writer: SlotWriter, prefix: str, parent_pid: int
+) -> None:
+    """Take the tasks that arrived when none is queued -- with ``io_threads > 1``, also when one is, so that
+    its successor's loads can start with it (``make_numbered_batch``'s ``ahead``) -- and make them in order."""
     queued: deque[Any] = deque()
+    reads_ahead = config.io_threads > 1
     while os.getppid() == parent_pid:
-        if not queued:
-            if not poller.poll(PARENT_CHECK_INTERVAL_MS):
+        if not queued or (reads_ahead and len(queued) == 1):
+            if poller.poll(PARENT_CHECK_INTERVAL_MS if not queued else 0):
+                try:
+                    arrived = inbox.read_available()
+                except (EOFError, OSError):
+                    return
+                if any(isinstance(message, Stop) for message in arrived):
+                    return  # shutting down: the tasks that came with it are wanted no more
+                queued.extend(arrived)
+            if not queued:
                 continue
-            try:
-                arrived = inbox.read_available()
-            except (EOFError, OSError):
-                return
-            if any(isinstance(message, Stop) for message in arrived):
-                return  # shutting down: the tasks that came with it are wanted no more
-            queued.extend(arrived)
-            continue
         message = queued.popleft()
         if isinstance(message, Stop):
             return
         assert isinstance(message, Task)
         try:
-            send(results, run_task(config, writer, message), prefix)
+            send(results, run_task(config, writer, message, queued[0] if queued else None), prefix)
         except OSError:  # the consumer is gone
             return
