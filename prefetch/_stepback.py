@@ -118,9 +118,8 @@ class StepBack:
     def stepped_nice(self) -> int:
         return min(19, self.base + self.step)
 
-    @property
-    def measuring(self) -> bool:
-        return False  # it watches the loop's waiting, and never changes a setting to time it
+    times_windows = False  # it watches the loop's waiting, and never changes a setting to time it
+    measuring = False
 
     def tick(self, ready: int, waited_s: float) -> bool:
         """One more batch asked for; ``waited_s``: the loop's seconds waited for data so far (``ready``, the
@@ -207,6 +206,8 @@ class NiceTrial:
             self._window, self._settle, comparison, NICE_WINDOW_BATCHES, NICE_WARMUP_BATCHES,
             NICE_RECHECK_BATCHES, NICE_RECHECK_MAX_BATCHES,
         )  # fmt: skip
+
+    times_windows = True  # the thread tuner's windows and its own never overlap (``Engine._tick_choosers``)
 
     @property
     def measuring(self) -> bool:

@@ -198,11 +198,9 @@ class Engine:
     def _tick_choosers(self, ready: int) -> None:
         """The workers' priority first, then the training threads: one is timed at a time (``_compare.Trial``)."""
         tuner, stepback = self.tuner, self.stepback
-        changed = (
-            stepback is not None
-            and not (tuner is not None and tuner.measuring)
-            and stepback.tick(ready, self.recorder.wait_s)
-        )
+        # StepBack only watches the waiting (it ticks always); NiceTrial times windows, never during the tuner's
+        waits = stepback is not None and stepback.times_windows and tuner is not None and tuner.measuring
+        changed = stepback is not None and not waits and stepback.tick(ready, self.recorder.wait_s)
         if changed and tuner is not None:
             tuner.reconsider()  # measured at the workers' old priority
         if tuner is not None and not (stepback is not None and stepback.measuring):

@@ -55,9 +55,10 @@ def reference_digest() -> str:
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("compute_bound", [True, False])
-def test_the_measured_decision_renices_the_running_workers(monkeypatch, compute_bound):
+def test_the_measured_decision_renices_the_running_workers(monkeypatch, compute_bound, fake_torch):
     """The thresholds are set so that any loop is compute-bound (or none is): what is tested here is that the
-    decision reaches every thread of the running workers, not how this machine's timing falls."""
+    decision reaches every thread of the running workers, not how this machine's timing falls. The thread
+    tuner times its windows meanwhile (``fake_torch``: 2 threads): the waiting is watched all along."""
     monkeypatch.setattr(_stepback, "COMPUTE_BOUND_WAIT_SHARE", 2.0 if compute_bound else -1.0)
     mine = os.getpriority(os.PRIO_PROCESS, 0)
     with prefetch.Loader(DATA, LABELS, workers=2, **OPTIONS) as loader:
