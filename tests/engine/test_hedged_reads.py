@@ -18,7 +18,8 @@ import pytest
 from helpers import fingerprint, wait_until
 
 import prefetch
-from prefetch.core import hedging
+from prefetch.core import hedging, readahead, rng, threaded
+from prefetch.core.pipeline import make_numbered_batch
 
 N = 256
 BATCH = 8
@@ -184,3 +185,67 @@ def test_with_workers_0_a_read_that_never_ends_does_not_hold_the_close(tmp_path)
     finally:
         source.ends.set()  # the threads still reading end: nothing of the test is left running
     wait_until(lambda: not [t for t in threading.enumerate() if t.name.startswith("prefetch-")], what="reads end")
+
+
+class AheadStraggler:
+    """64 samples, ``[i, i]``, each read 1 ms (batches of 8, ``shuffle=False``: sample ``i`` is in batch ``i // 8``).
+    The first read of ``SLOW`` says it started (``first_started``), records which batch the test was making
+    (``making``) and waits until a second read of it has started (its hedge). The transform of the sample before
+    it waits until that first read has started: it is read ahead."""
+
+    SLOW = 40  # batch 5's first sample: reads are measured (32) by then
+
+    def __init__(self) -> None:
+        self.making = -1
+        self.lock = threading.Lock()
+        self.reads = 0
+        self.first_read_during = -1
+        self.first_started = threading.Event()
+        self.hedge_started = threading.Event()
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if i == self.SLOW:
+            with self.lock:
+                self.reads += 1
+                first = self.reads == 1
+            if first:
+                self.first_read_during = self.making
+                self.first_started.set()
+                assert self.hedge_started.wait(50), "the late read ahead was not started again"
+            else:
+                self.hedge_started.set()
+        time.sleep(READ_S)
+        return np.array([i, i], dtype=np.int64)
+
+    def transform(self, sample: np.ndarray) -> np.ndarray:
+        if sample[0] == self.SLOW - 1:
+            assert self.first_started.wait(50), "the next batch was not read ahead"
+        return sample
+
+
+@pytest.mark.timeout(60)
+def test_a_late_read_ahead_is_hedged_when_its_batch_is_waited_for():
+    """A worker's read-ahead (io_threads > 1): the straggler's read starts while the batch before is made, and
+    its hedge when the worker comes to wait for its batch; the batches are those made without hedging."""
+    source = AheadStraggler()
+    options = {"batch_size": 8, "shuffle": False, "io_threads": 2, "hedge": True, "seed": 1, "epochs": 1}
+    config = prefetch.Loader(source, transform=source.transform, **options).config
+    order = config.order
+    made = []
+    try:
+        with rng.seeded_in_caller(0, 0):  # made as a worker makes them, this process's generators given back
+            for batch in range(order.num_batches):
+                source.making = batch
+                upcoming = batch + 1
+                ahead = (upcoming, order.batch_indices(upcoming)) if upcoming < order.num_batches else None
+                made.append(make_numbered_batch(config, batch, order.batch_indices(batch), ahead=ahead)[0])
+    finally:
+        source.hedge_started.set()
+        readahead.cancel_ahead()
+        threaded.end_pools()
+    assert source.first_read_during == AheadStraggler.SLOW // 8 - 1  # read ahead, while the batch before was made
+    assert readahead.rule_for(config).hedges >= 1
+    assert np.concatenate(made)[:, 0].tolist() == list(range(64))

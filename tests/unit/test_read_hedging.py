@@ -183,11 +183,12 @@ def test_the_first_error_in_the_batch_order_is_raised_as_itself():
 
 
 @pytest.mark.timeout(60)
-def test_an_error_is_raised_once_the_reads_before_it_are_in_without_waiting_for_the_rest():
+@pytest.mark.parametrize("rule", [ReadHedging, None], ids=["hedged", "not hedged"])
+def test_an_error_is_raised_once_the_reads_before_it_are_in_without_waiting_for_the_rest(rule):
     """Sample 4's read never ends while the batch is read: the error of 2 comes out all the same. (A rule with
-    too few reads measured: nothing is hedged, the caller sleeps until a read wakes it.)"""
+    too few reads measured: nothing is hedged, the caller sleeps until a read wakes it; or no rule, hedge=False.)"""
     source = Raises((2,), held=4)
-    loads = readahead.Loads(source, list(range(6)), 3, ReadHedging())
+    loads = readahead.Loads(source, list(range(6)), 3, rule() if rule else None)
     try:
         with pytest.raises(ValueError, match="bad sample 2"):
             loads.result()
