@@ -160,16 +160,24 @@ def test_a_first_read_that_raises_after_its_hedge_succeeded_is_dropped():
 
 
 class Raises:
-    """``source[i]`` raises for the indices in ``bad``, every time; a read of ``held`` waits until ``go`` is set."""
+    """``source[i]`` raises for the indices in ``bad``, every time; a read of ``held`` waits until ``go`` is set,
+    and a bad one (given ``held``) raises only once the read of ``held`` has started."""
 
     def __init__(self, bad: tuple[int, ...], held: int = -1):
         self.bad, self.held = bad, held
         self.go = threading.Event()
+        self.held_started = threading.Event()
+        self.held_done = threading.Event()
 
     def __call__(self, i: int) -> int:
         if i == self.held:
-            assert self.go.wait(WAIT_S)
+            self.held_started.set()
+            try:
+                assert self.go.wait(WAIT_S)
+            finally:
+                self.held_done.set()
         if i in self.bad:
+            assert self.held < 0 or self.held_started.wait(WAIT_S)
             raise ValueError(f"bad sample {i}")
         return i
 
@@ -188,10 +196,11 @@ def test_an_error_is_raised_once_the_reads_before_it_are_in_without_waiting_for_
     """Sample 4's read never ends while the batch is read: the error of 2 comes out all the same. (A rule with
     too few reads measured: nothing is hedged, the caller sleeps until a read wakes it; or no rule, hedge=False.)"""
     source = Raises((2,), held=4)
-    loads = readahead.Loads(source, list(range(6)), 3, rule() if rule else None)
+    loads = readahead.Loads(source, list(range(6)), 3, rule() if rule else None)  # 2 fails while 4 is read
     try:
         with pytest.raises(ValueError, match="bad sample 2"):
             loads.result()
+        assert not source.held_done.is_set()  # raised while 4 was still read
     finally:
         source.go.set()
     assert loads.failed_index == 2
