@@ -82,7 +82,8 @@ class Loads:
         self._stop_at = n  # no position from here on starts: a failure there, or cancelled (-1)
         self._failure: BaseException | None = None
         self._taken = [False] * n  # a copy of the position is in (a sample or the failure)
-        self._prefix = 0  # every position before it is in
+        self._in = 0  # positions before ``_stop_at`` that are in
+        self._first = 0  # (``_hedge_due``'s) every position before it is in
         self._lock = threading.Lock()
         self._done = threading.Event()  # every position before ``_stop_at`` is in
         self._threads = threads
@@ -114,18 +115,26 @@ class Loads:
                 position = self._take_next()
             elif self._taken[position] or position > self._stop_at:
                 return  # a hedge that waited for a thread until its position was in (or past a failure)
-        timed = self._rule is not None
+        load_one, indices, put = self._load_one, self.indices, self._put
+        if self._rule is None:  # (the loop without clocks: ``hedge=False``)
+            while position is not None:
+                try:
+                    sample = load_one(indices[position])
+                except BaseException as exc:  # any user exception: raised by ``result`` in the calling thread
+                    position = put(position, None, exc, 0.0, False)
+                else:
+                    position = put(position, sample, None, 0.0, False)
+            return
         while position is not None:
-            start = time.perf_counter() if timed else 0.0
-            if timed and not hedge:
+            start = time.perf_counter()
+            if not hedge:
                 self._started[position] = start
             sample, failure = None, None
             try:
-                sample = self._load_one(self.indices[position])
-            except BaseException as exc:  # any user exception: raised by ``result`` in the calling thread
+                sample = load_one(indices[position])
+            except BaseException as exc:
                 failure = exc
-            seconds = time.perf_counter() - start if timed else 0.0
-            position = self._put(position, sample, failure, seconds, hedge)
+            position = put(position, sample, failure, time.perf_counter() - start, hedge)
             hedge = False
 
     def _pull_counted(self, position: int | None) -> None:
@@ -148,20 +157,23 @@ class Loads:
                     self._held -= 1  # (a hedged position's primary, ending)
                 return None
             self._taken[position] = True
-            if hedge:
-                self._held += 1
             if failure is None:
                 self.samples[position] = sample
-            else:  # the first in the batch's order so far (``position <= _stop_at``)
+                self._in += 1  # (``position < _stop_at``: a failure's position is taken, and nothing is past it)
+            else:  # the first in the batch's order so far
                 self._stop_at, self._failure = position, failure
+                self._in = sum(self._taken[:position])
             if self._rule is not None:
                 self._seconds[position] = seconds
-            while self._prefix < len(self._taken) and self._taken[self._prefix]:
-                self._prefix += 1
-            if self._prefix >= self._stop_at:
+                self._held += hedge
+            if self._in >= self._stop_at:
                 self._done.set()
                 return None
-            return self._take_next()
+            position = self._next  # the next one for this puller
+            if position >= self._stop_at:
+                return None
+            self._next += 1
+            return position
 
     def result(self) -> list[Any]:
         """The samples in the batch's order, once all are loaded; or what the first failed load (in the
@@ -195,7 +207,9 @@ class Loads:
             return None
         now = time.perf_counter()
         soonest = None
-        for position in range(self._prefix, min(self._next, len(self._taken))):
+        while self._first < self._next and self._taken[self._first]:
+            self._first += 1
+        for position in range(self._first, self._next):
             started = self._started[position]
             if self._taken[position] or position in hedged or not started:
                 continue
