@@ -114,12 +114,20 @@ class DrawsInRead:
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("workers", [0, 1])
-def test_a_source_that_draws_fails_the_batch_with_hedge_on(workers):
+@pytest.mark.parametrize(
+    ("io_threads", "words"),
+    [
+        (1, r"drew from np.random while hedge=True loaded the batch.*use hedge=False"),
+        (2, r"drew from np.random while io_threads > 1 and hedge=True loaded .*use io_threads=1 and hedge=False"),
+    ],
+)
+def test_a_source_that_draws_fails_the_batch_with_hedge_on(workers, io_threads, words):
     """Hedged reads run in threads and a hedge reads twice: draws in __getitem__ would land anywhere. It fails
-    at once, however fast the reads (a fast source is read in the calling thread, and fails all the same)."""
-    words = r"drew from np.random while hedge=True loaded the batch.*hedge=False"
+    at once, however fast the reads (a fast source is read in the calling thread, and fails all the same); the
+    message names what threaded the reads."""
+    options = {"batch_size": 4, "seed": 0, "workers": workers, "io_threads": io_threads, "hedge": True}
     with (
-        prefetch.Loader(DrawsInRead(), batch_size=4, seed=0, workers=workers, hedge=True) as loader,
+        prefetch.Loader(DrawsInRead(), **options) as loader,
         pytest.raises(RuntimeError, match=words),
     ):
         next(iter(loader))
