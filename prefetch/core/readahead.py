@@ -169,7 +169,7 @@ class Loads:
             if self._in >= self._stop_at:
                 self._done.set()
                 return None
-            position = self._next  # the next one for this puller
+            position = self._next  # the next one for this puller (``_take_next``, inline: once per sample)
             if position >= self._stop_at:
                 return None
             self._next += 1
