@@ -27,7 +27,7 @@ import multiprocess.util  # noqa: F401 - its atexit hook must be registered befo
 from ._stepback import NiceTrial, StepBack, may_lower_nice, own_nice
 from ._tuning import ThreadTuner
 from .autoscaler import AutoScaler
-from .core import threaded
+from .core import readahead, threaded
 from .core.aliasing import SourceMemory
 from .core.config import DEFAULT_WORKER_NICE, LoaderConfig
 from .core.pipeline import UserCodeRaised, make_numbered_batch
@@ -92,10 +92,14 @@ class InlineEngine:
         return batch
 
     def stats(self) -> Stats:
+        if self.config.hedge:
+            self.recorder.hedged_reads = readahead.rule_for(self.config).hedges
         return self.recorder.snapshot([], None)
 
     def close(self) -> None:
-        threaded.end_pools()  # io_threads' threads: none left running after the loader (core/threaded.py)
+        # io_threads' threads: none left running after the loader (core/threaded.py); but a dropped copy of a
+        # hedged read still reading (it may never end) is not waited for (core/readahead.py)
+        threaded.end_pools(wait=not readahead.reading())
 
 
 class Engine:
@@ -234,6 +238,7 @@ class Engine:
     def stats(self) -> Stats:
         self.recorder.restarts = self.run.restarts
         self.recorder.hedges = getattr(self.run, "hedges", 0)  # an executor that hedges (processes) counts them
+        self.recorder.hedged_reads = getattr(self.run, "hedged_reads", 0)
         nodes = {worker.pid: worker.node for worker in self.run.workers() if worker.node is not None}
         stats = self.recorder.snapshot(self.worker_pids(), self.helper_pid(), self.decisions(), nodes)
         if self.auto is None:

@@ -42,6 +42,7 @@ class Stats:
     max_fill: int
     restarts: int  # workers that died and were replaced
     hedges: int = 0  # late batches a second worker was set to make (``hedge=True``)
+    hedged_reads: int = 0  # late reads a worker started a second time (``hedge=True``, ``core/readahead``)
     # role ("consumer", "coordinator", "worker <pid>") -> RSS bytes; and "uss_total", memory unique to
     # any of these processes (shared pages counted once), where the system lets us read it
     memory: dict[str, int] = field(default_factory=dict)
@@ -116,6 +117,7 @@ class Stats:
             mean_fill=mean(self.mean_fill, earlier.mean_fill),
             restarts=self.restarts - earlier.restarts,
             hedges=self.hedges - earlier.hedges,
+            hedged_reads=self.hedged_reads - earlier.hedged_reads,
             consumer_cpu=per_second(self.consumer_cpu, earlier.consumer_cpu),
             workers_cpu=per_second(self.workers_cpu, earlier.workers_cpu),
             started_at=self.started_at + earlier.elapsed_s,
@@ -147,7 +149,12 @@ class Stats:
                 f"collate {self.collate_s * 1e3:.2f} ms, transfer {self.transfer_s * 1e3:.2f} ms",
             ),
             ("buffer fill", f"mean {self.mean_fill:.1f}, max {self.max_fill}"),
-            ("worker restarts", str(self.restarts) + (f", {self.hedges} late batches hedged" if self.hedges else "")),
+            (
+                "worker restarts",
+                str(self.restarts)
+                + (f", {self.hedges} late batches hedged" if self.hedges else "")
+                + (f", {self.hedged_reads} late reads hedged" if self.hedged_reads else ""),
+            ),
             ("memory", memory),
             (
                 "cpu",
@@ -190,6 +197,7 @@ class StatsRecorder:
         self.fill_max = 0
         self.restarts = 0
         self.hedges = 0
+        self.hedged_reads = 0
         self.cpu_started = time.process_time()  # this process's CPU, every thread of it
         self.started_at = time.time()  # identifies the iteration (``Stats.since``)
         # (perf_counter, process_time) when the engine was kept between epochs: the clocks stop there
@@ -246,6 +254,7 @@ class StatsRecorder:
             max_fill=self.fill_max,
             restarts=self.restarts,
             hedges=self.hedges,
+            hedged_reads=self.hedged_reads,
             memory=_memory(worker_pids, coordinator_pid),
             cores=process_cpus(),
             consumer_cpu=(cpu_now - self.cpu_started) / elapsed,

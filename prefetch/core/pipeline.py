@@ -28,6 +28,7 @@ from . import readahead, rng, threaded
 from .aliasing import SourceMemory
 from .collate import Alloc, StreamingStack, collate_auto, collate_list, private_alloc
 from .config import LoaderConfig
+from .hedging import ReadHedging
 
 
 class Timings(NamedTuple):
@@ -141,17 +142,47 @@ def _load(sources: tuple[Any, ...], indices: np.ndarray) -> list[Any]:
 
 
 def _load_threaded(config: LoaderConfig, indices: np.ndarray, started: Started | None) -> list[Any]:
-    """The first stage (``_sample_loader``) per index with ``io_threads`` threads, or the loads ``started``
-    already; a load that drew from the batch's generators while the calling thread waited fails the batch."""
+    """The first stage (``_sample_loader``) per index with ``io_threads`` threads (late reads hedged with
+    ``hedge=True``), or the loads ``started`` already; a load that drew from the batch's generators while the
+    calling thread waited fails the batch."""
     if started is None:
         draws = threaded.GlobalDraws()  # before the loads start
-        loads = readahead.Loads(_sample_loader(config), indices.tolist(), config.io_threads)
+        loads = readahead.Loads(_sample_loader(config), indices.tolist(), config.io_threads, _read_rule(config))
     else:
         loads, draws = started
     with _user_code(lambda: f"loading sample {loads.failed_index}"):
         samples = loads.result()
     with _user_code(lambda: f"loading samples {indices.tolist()}"):
-        draws.check()
+        draws.check(*_draw_words(config))
+    return samples
+
+
+def _read_rule(config: LoaderConfig) -> ReadHedging | None:
+    """When a read is late (``hedge=True``): the loader's ``ReadHedging`` in this process."""
+    return readahead.rule_for(config) if config.hedge else None
+
+
+def _draw_words(config: LoaderConfig) -> tuple[str, str]:
+    """What threaded the loads, and the fix, for ``GlobalDraws.check``'s message."""
+    if not config.hedge:
+        return "io_threads > 1", "io_threads=1"
+    if config.io_threads == 1:
+        return "hedge=True", "hedge=False"
+    return "io_threads > 1 and hedge=True", "io_threads=1 and hedge=False"
+
+
+def _load_hedged(config: LoaderConfig, indices: np.ndarray) -> list[Any]:
+    """``hedge=True`` with one thread: read through ``readahead.Loads`` while the reads are unmeasured (the first
+    batch) or measured slow enough to repay the thread; else as without hedging, timed as a whole."""
+    rule = readahead.rule_for(config)
+    if rule.active():
+        return _load_threaded(config, indices, None)
+    start = time.perf_counter()
+    if config.load is not None or config.store is not None:
+        samples = _load_staged(config, indices)
+    else:
+        samples = _load(config.sources, indices)
+    rule.measured_batch(time.perf_counter() - start, len(indices), 1)
     return samples
 
 
@@ -220,6 +251,8 @@ def make_batch(
     else:
         if started is not None or (config.io_threads > 1 and len(indices) > 1):
             samples = _load_threaded(config, indices, started)
+        elif config.hedge and len(indices) > 1:
+            samples = _load_hedged(config, indices)
         elif config.load is not None or config.store is not None:
             samples = _load_staged(config, indices)
         else:
@@ -288,14 +321,15 @@ def _make_reading_ahead(
     """``make_batch`` with ``io_threads > 1`` in a process that reads ahead: this batch's loads taken from the
     read-ahead (or started), the next batch's started behind them, the generators watched in between."""
     listed = indices.tolist()
+    rule = _read_rule(config)
     with _user_code(lambda: f"loading samples {listed}"):
-        loads = readahead.take_ahead(batch, listed)
+        loads = readahead.take_ahead(batch, listed, _draw_words(config))
     rng.seed_globals(config.seed, batch)
     draws = threaded.GlobalDraws()
     if loads is None:
-        loads = readahead.Loads(_sample_loader(config), listed, config.io_threads)
+        loads = readahead.Loads(_sample_loader(config), listed, config.io_threads, rule)
     if ahead is not None:
-        readahead.start_ahead(ahead[0], _sample_loader(config), ahead[1].tolist(), config.io_threads)
+        readahead.start_ahead(ahead[0], _sample_loader(config), ahead[1].tolist(), config.io_threads, rule)
     try:
         return make_batch(config, indices, alloc, started=(loads, draws))
     finally:

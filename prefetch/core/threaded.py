@@ -24,7 +24,7 @@ import numpy as np
 
 from . import rng
 
-_pools: dict[int, ThreadPoolExecutor] = {}
+_pools: dict[tuple[str, int], ThreadPoolExecutor] = {}
 
 
 def _forget_pools() -> None:
@@ -34,18 +34,28 @@ def _forget_pools() -> None:
 os.register_at_fork(after_in_child=_forget_pools)
 
 
-def pool(threads: int) -> ThreadPoolExecutor:
-    """This process's pool of ``threads`` threads (made at first use)."""
-    found = _pools.get(threads)
+def pool(threads: int, name: str = "prefetch-io") -> ThreadPoolExecutor:
+    """This process's pool ``name`` of ``threads`` threads (made at first use; ``prefetch-hedge``: the hedged
+    reads' spare pool, ``readahead``)."""
+    found = _pools.get((name, threads))
     if found is None:
-        found = _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="prefetch-io")
+        found = _pools[name, threads] = ThreadPoolExecutor(threads, thread_name_prefix=name)
     return found
 
 
-def end_pools() -> None:
-    """End this process's pools, after the loads in flight (a later load makes a new pool)."""
+def replace_pool(threads: int, name: str = "prefetch-io") -> None:
+    """Make the next ``pool(threads, name)`` a new one: one of this pool's threads is held by a read whose copy
+    was dropped (``readahead``), which may never end. The tasks queued on it still run, on its other threads."""
+    found = _pools.pop((name, threads), None)
+    if found is not None:
+        found.shutdown(wait=False)
+
+
+def end_pools(wait: bool = True) -> None:
+    """End this process's pools, after the loads in flight unless ``wait`` is False (a later load makes a new
+    pool)."""
     while _pools:
-        _pools.popitem()[1].shutdown(wait=True)
+        _pools.popitem()[1].shutdown(wait=wait)
 
 
 def _numpy_state() -> tuple[bytes, int]:
@@ -60,7 +70,7 @@ def _torch_state() -> bytes | None:
 
 class GlobalDraws:
     """Whether the batch's generators moved between ``__init__`` and ``check()``: one look at each per
-    batch (a few microseconds), only with ``io_threads > 1``."""
+    batch (a few microseconds), only where loads run in threads (``io_threads > 1``, ``hedge=True``)."""
 
     def __init__(self) -> None:
         self.python = random.getstate()
@@ -68,8 +78,8 @@ class GlobalDraws:
         self.torch = _torch_state()
         self.batch_rng = rng.current_generator()
 
-    def check(self) -> None:
-        """Raise ``RuntimeError`` naming the first generator that moved."""
+    def check(self, loaded_by: str = "io_threads > 1", fix: str = "io_threads=1") -> None:
+        """Raise ``RuntimeError`` naming the first generator that moved (and what threaded the load, and the fix)."""
         moved = (
             "random" if random.getstate() != self.python
             else "np.random" if _numpy_state() != self.numpy
@@ -79,7 +89,7 @@ class GlobalDraws:
         )  # fmt: skip
         if moved is not None:
             raise RuntimeError(
-                f"a source's __getitem__ drew from {moved} while io_threads > 1 loaded the batch: the threads draw "
+                f"a source's __getitem__ drew from {moved} while {loaded_by} loaded the batch: the threads draw "
                 "in no fixed order, so the batch would not be a function of its number. Draw in transform (it runs "
-                "sample after sample, in the batch's order), or use io_threads=1"
+                f"sample after sample, in the batch's order), or use {fix}"
             )

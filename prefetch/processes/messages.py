@@ -49,6 +49,7 @@ class BatchReady(NamedTuple):
     layout: SlotLayout
     timings: Timings
     pid: int
+    hedged_reads: int = 0  # reads of it started a second time (``hedge=True``, ``core/readahead``)
 
 
 class BatchFailure(NamedTuple):

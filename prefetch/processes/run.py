@@ -77,6 +77,7 @@ class ProcessRun:
         self.delivered: set[int] = set()  # batches passed on, at or beyond ``position``
         self.hedging = Hedging() if config.hedge else None  # when to make a late batch twice (``hedge``)
         self.hedges = 0  # batches a second worker was set to make (``Hedged``), for ``stats()``
+        self.hedged_reads = 0  # reads the workers started a second time (``BatchReady.hedged_reads``)
         self.reader = SlotReader()
         self.leases = Leases()  # slots the user's batches hold, and those given back since the last report
         self.reported_segments: dict[int, SegmentRef] = {}  # each slot's segment as last told
@@ -195,6 +196,7 @@ class ProcessRun:
 
     def _result(self, message: Any) -> Result | None:
         if isinstance(message, BatchReady):
+            self.hedged_reads += message.hedged_reads
             return Made(message.batch, message.timings, message.pid, message)
         if isinstance(message, BatchFailure):
             self.leases.give_back(message.slot, None)  # nothing in it

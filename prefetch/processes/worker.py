@@ -25,7 +25,7 @@ import numpy as np
 
 from ..core.config import LoaderConfig
 from ..core.pipeline import UserCodeRaised, make_numbered_batch
-from ..core.readahead import cancel_ahead
+from ..core.readahead import cancel_ahead, reading, rule_for
 from ..errors import Failure
 from ..ipc.channel import PipeReader, send
 from ..ipc.lifetime import PARENT_CHECK_INTERVAL_S, die_with_parent, worker_prologue
@@ -44,6 +44,7 @@ def run_task(config: LoaderConfig, writer: SlotWriter, task: Task, after: Any = 
     space = writer.space(task.slot, task.segment, task.size_hint)
     indices = np.frombuffer(task.indices, np.int64)
     ahead = (after.batch, np.frombuffer(after.indices, np.int64)) if isinstance(after, Task) else None
+    hedged_before = rule_for(config).hedges if config.hedge else 0
     try:
         batch, timings = make_numbered_batch(config, task.batch, indices, space.alloc, ahead=ahead)
     except UserCodeRaised as error:
@@ -55,7 +56,8 @@ def run_task(config: LoaderConfig, writer: SlotWriter, task: Task, after: Any = 
         failure = Failure.capture(exc, f"writing the batch of samples {indices.tolist()} to shared memory")
         return BatchFailure(task.batch, task.slot, tuple(indices.tolist()), os.getpid(), failure)
     timings = timings._replace(transfer=time.perf_counter() - start)
-    return BatchReady(task.batch, task.slot, written, timings, os.getpid())
+    hedged = rule_for(config).hedges - hedged_before if config.hedge else 0
+    return BatchReady(task.batch, task.slot, written, timings, os.getpid(), hedged)
 
 
 def worker_main(tasks: Any, results: Any, config: LoaderConfig, prefix: str, parent_pid: int) -> None:
@@ -70,6 +72,8 @@ def worker_main(tasks: Any, results: Any, config: LoaderConfig, prefix: str, par
         _serve(inbox, poller, results, config, writer, prefix, parent_pid)
     finally:
         cancel_ahead()  # the next batch's loads not started yet never start (core/readahead.py)
+    if reading():  # a dropped copy of a hedged read still reading (it may never end): do not join its
+        os._exit(0)  # thread at exit, which the coordinator would end by a kill after a timeout
 
 
 def _serve(

@@ -5,6 +5,7 @@ files, not on time: a straggler's first read waits until the test lets it go (or
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import pickle
 import signal
@@ -65,6 +66,14 @@ def sha(batches: list) -> str:
 def reference(tmp_path: Path, n: int = N) -> str:
     with prefetch.Loader(Stragglers(str(tmp_path), n=n), batch_size=BATCH, seed=5, epochs=1, workers=0) as loader:
         return sha([b.copy() for b in loader])
+
+
+@pytest.fixture(autouse=True)
+def reads_not_hedged(monkeypatch):
+    """These tests are about late *batches*: a stall the worker does not hedge itself (as a slow transform
+    would be). Its reads are not hedged (``core/readahead``, tested in test_hedged_reads.py and
+    unit/test_read_hedging.py): no median read is above an infinite floor. The forked workers see it too."""
+    monkeypatch.setattr(hedging, "READ_MIN_S", math.inf)
 
 
 @pytest.fixture
