@@ -95,10 +95,15 @@ def exit_with_parent(parent_pid: int) -> None:
     The kernel may hand that signal to any thread of this process (a BLAS pool's thread, when the main
     thread has one pending already: a parent whose threads end one by one signals once per thread), and
     only the main thread runs Python's handler and is woken by it from a sleep in user code. So a watcher
-    thread (``_signal_main_when_gone``) also waits for the parent's end and then signals the main thread."""
+    thread (``_signal_main_when_gone``) also waits for the parent's end and then signals the main thread.
+    The signal may so come twice: only the first raises, so that the second cannot cut short the clean-up
+    the first unwinds to (a producer's ``unlink_prefix``, whose lock file would be left)."""
+    exiting = False
 
     def on_parent_death(signum: int, frame: Any) -> None:
-        if os.getppid() != parent_pid:
+        nonlocal exiting
+        if os.getppid() != parent_pid and not exiting:
+            exiting = True
             raise SystemExit(PARENT_DIED_EXIT)
 
     signal.signal(PARENT_DEATH_SIGNAL, on_parent_death)

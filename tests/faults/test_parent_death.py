@@ -149,3 +149,31 @@ def test_a_loader_started_in_an_ended_thread_dies_with_its_process(tmp_path, sta
         wait_until(all_gone(pids, process.pid), GONE_S, what="the producer (and spawn's tracker) gone")
     finally:
         reap(process, pids, SUBPROCESS_TIMEOUT_S)
+
+
+@pytest.mark.timeout(30)
+def test_a_second_parent_death_signal_does_not_cut_the_clean_up_short(monkeypatch):
+    """The kernel's parent-death signal and the watcher thread's both arrive (``exit_with_parent``): the first
+    unwinds to the clean-up, the second must not raise inside it (a producer's lock file was left, 1 run in 7).
+    Here in this process: the parent's end is faked (``getppid``), and the signals are sent by hand."""
+    from prefetch.ipc import lifetime
+
+    monkeypatch.setattr(lifetime, "_prctl", lambda *args: None)  # no real request to the kernel
+    monkeypatch.setattr(lifetime, "_signal_main_when_gone", lambda parent, main: None)  # no watcher
+    previous = signal.getsignal(lifetime.PARENT_DEATH_SIGNAL)
+    parent = os.getppid()
+    cleaned = []
+    try:
+        lifetime.exit_with_parent(parent)
+        os.kill(os.getpid(), lifetime.PARENT_DEATH_SIGNAL)  # the parent is still there: nothing happens
+        monkeypatch.setattr(lifetime.os, "getppid", lambda: parent + 1)  # handed on: the parent has ended
+        with pytest.raises(SystemExit) as exited:
+            try:
+                os.kill(os.getpid(), lifetime.PARENT_DEATH_SIGNAL)
+            finally:
+                os.kill(os.getpid(), lifetime.PARENT_DEATH_SIGNAL)  # the second, during the clean-up
+                cleaned.append("done")
+        assert exited.value.code == lifetime.PARENT_DIED_EXIT
+    finally:
+        signal.signal(lifetime.PARENT_DEATH_SIGNAL, previous)
+    assert cleaned == ["done"]
