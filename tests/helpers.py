@@ -337,6 +337,18 @@ def segments_of(pid: int) -> list[str]:
     return sorted(name for name in os.listdir(SHM_DIR) if name.startswith(f"{NAME_ROOT}{pid}-"))
 
 
+def claim_flag(path) -> bool:
+    """Create the file ``path`` holding this process's pid, if no process has yet: True for the one process (or
+    thread) that created it. Processes that race for one role (the first read of a sample, say) claim a flag."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    return True
+
+
 def hash_into(h, item) -> None:
     """Feed a batch's structure, dtypes, shapes and bytes into the hash ``h`` (``hashlib.sha256()``): NumPy
     arrays, torch tensors (if torch is loaded; never imported here), tuples, lists and dicts (keys sorted), and

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import fingerprint, wait_until
+from helpers import claim_flag, fingerprint, wait_until
 
 import prefetch
 from prefetch.core import hedging, readahead, rng, threaded
@@ -61,13 +61,7 @@ class FirstReadsWait:
 
     def _claim(self, name: str) -> bool:
         assert self.directory is not None
-        try:
-            fd = os.open(self.directory / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return False
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
-        return True
+        return claim_flag(self.directory / name)
 
 
 def noisy(sample: np.ndarray) -> np.ndarray:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import fingerprint, wait_until
+from helpers import claim_flag, fingerprint, wait_until
 
 import prefetch
 from prefetch.core import hedging
@@ -46,13 +46,7 @@ class Stragglers:
         return np.array([i, i], dtype=np.int64)
 
     def _claim(self, name: str) -> bool:
-        try:
-            fd = os.open(self.directory / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return False
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
-        return True
+        return claim_flag(self.directory / name)
 
     def _wait_for(self, name: str) -> None:
         while not (self.directory / name).exists():  # a flag file: the test's say, not a guess at time
