@@ -326,10 +326,11 @@ def _make_reading_ahead(
         loads = readahead.take_ahead(batch, listed, _draw_words(config))
     rng.seed_globals(config.seed, batch)
     draws = threaded.GlobalDraws()
+    load_one = _sample_loader(config)
     if loads is None:
-        loads = readahead.Loads(_sample_loader(config), listed, config.io_threads, rule)
+        loads = readahead.Loads(load_one, listed, config.io_threads, rule)
     if ahead is not None:
-        readahead.start_ahead(ahead[0], _sample_loader(config), ahead[1].tolist(), config.io_threads, rule)
+        readahead.start_ahead(ahead[0], load_one, ahead[1].tolist(), config.io_threads, rule)
     try:
         return make_batch(config, indices, alloc, started=(loads, draws))
     finally:
