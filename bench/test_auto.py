@@ -6,7 +6,9 @@ Why: ``"auto"`` becomes the default only if it wins or ties on every end-to-end 
 unless ``BENCH_QUICK=1``); every run first takes ``BENCH_AUTO_WARMUP`` batches (default 300: what ``"auto"``
 is allowed to settle in), then times ``BENCH_AUTO_TIMED`` more. The table gives each system's median rate,
 its paired per-round ratio to the best fixed count (``e2e.paired_ratio``) and, for ``"auto"``, the batch of
-its last change (from ``stats().auto_changes``: the loop's batches when it last moved) and where it ended.
+its last change (from ``stats().auto_changes``: the loop's batches when it last moved), where it ended, and
+the batch at which any of prefetch's decisions last moved (``stats().decisions``: a park timed and not kept,
+the thread tuner's verdicts).
 """
 
 from __future__ import annotations
@@ -84,6 +86,8 @@ def test_auto_against_every_fixed_count(benchmark: Any, results: Results, step: 
                 "per round": " ".join(f"{_paired([a], [b], key):.2f}" for a, b in zip(system_runs, runs[best])),
                 "best fixed": best,
                 "last change at batch (max)": max(settled) if label == "auto" else "",
+                # any decision's last move, a park measured and not kept included (no change is listed for it)
+                "decided at batch (max)": max(run.get("decided_at_batch", 0) for run in system_runs),
                 "ended at (workers, window)": str(ended) if label == "auto" else "",
                 "rounds": len(system_runs),
             },

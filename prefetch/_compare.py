@@ -190,6 +190,14 @@ class Trial:
         self.recheck = min(2 * self.recheck, self.recheck_max_batches)
         self.settle(verdict)
 
+    def pause(self) -> None:
+        """The loop was away (between epochs): the block being timed is dropped and begun again at the next
+        tick; the blocks already complete are kept."""
+        self.comparison.restart_block()
+        if self.measuring:
+            self.measuring = False
+            self.next_check = self.batches + 1
+
     def restart(self) -> None:
         """The loop changed under the trial (workers added or parked, their priority changed): forget the
         blocks and measure again, from the setting in force, after a warm-up."""

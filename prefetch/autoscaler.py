@@ -5,7 +5,10 @@ loop's wait, the workers' time making batches): between windows it compares one 
 window (``WINDOW_BATCHES`` batches and at least ``WINDOW_MIN_S``) it reads the clocks -- the loop's
 process CPU, its thread's run-queue wait (``/proc/thread-self/schedstat``), the available memory
 (``_budget``) -- hands the ``Controller`` a ``Measure``, and passes a new setting to the executor's run
-(``resize(workers, window)``). See ``docs/design.md`` ("Workers on figures: workers="auto"").
+(``resize(workers, window)``). A park is not kept on those figures alone: the loop's sustained rate with and
+without the worker is compared first, in balanced blocks (``_compare.Trial``), and the worker stays parked
+only when the loop is measurably faster without it. While that trial runs (``measuring``), nothing else is
+timed. See ``docs/design.md`` ("Workers on figures: workers="auto"").
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from . import _budget
+from ._compare import B, Comparison, Trial, Verdict
 from .core.autoscale import BUSY_SATURATED_SHARE, WAIT_STARVED_SHARE, Controller, Measure, Setting
 
 # Batches per measurement window: longer windows are less noisy, shorter ones converge sooner (a change
@@ -24,6 +28,15 @@ WINDOW_BATCHES = 16
 WINDOW_MIN_S = 0.05
 # No worker is added while less memory than this is available (a worker given tasks grows its memory).
 MEMORY_FLOOR_BYTES = 512 * 2**20
+# A park on trial: windows of PARK_WINDOW_BATCHES with the worker (A) and without it (B), in A B B A blocks,
+# the prefetch window held at A's so that only the worker differs. The park is kept when the loop runs at
+# least PARK_MIN_GAIN faster without it, beyond the noise, within PARK_MAX_BLOCKS blocks (8 + 4 * 8 * 8 = 264
+# batches at most); otherwise the worker stays. A tie keeps it: a parked worker that was needed costs the
+# loop its data, one kept that was not costs a little of a core.
+PARK_WINDOW_BATCHES = 8
+PARK_MIN_GAIN = 1.03
+PARK_MIN_BLOCKS = 3
+PARK_MAX_BLOCKS = 8
 _SCHEDSTAT = "/proc/thread-self/schedstat"
 
 
@@ -77,6 +90,15 @@ class AutoScaler:
         self.changes: list[Change] = []
         self.mark: _Mark | None = None
         self.next_at = 0  # the batch count at which the next window may end
+        self.trial: Trial | None = None  # a park being measured
+        self.trying: tuple[Setting, Setting] = (self.setting, self.setting)  # the trial's (with, without)
+        self.applied = self.setting  # what the run was last told
+        self.batches = 0
+
+    @property
+    def measuring(self) -> bool:
+        """A park is on trial: the loop's rate is being timed with and without a worker."""
+        return self.trial is not None
 
     @property
     def setting(self) -> Setting:
@@ -86,14 +108,19 @@ class AutoScaler:
         """What it decided, for ``stats().decisions``."""
         now = self.setting
         tail = f"; last change: {self.controller.last}" if self.controller.last else ""
+        if self.trial is not None:
+            tail = f"; timing the loop with {self.trying[0].workers} and {self.trying[1].workers} workers{tail}"
         return (
             f"workers='auto': {now.workers} of {self.controller.budget} workers given tasks, window {now.window} "
             f"({len(self.changes)} change{'s' * (len(self.changes) != 1)}){tail}"
         )
 
     def restart(self) -> None:
-        """The loop was away (the engine kept between epochs): the next batch starts a new window."""
+        """The loop was away (the engine kept between epochs): the next batch starts a new window (a trial's
+        block being timed is dropped)."""
         self.mark, self.next_at = None, 0
+        if self.trial is not None:
+            self.trial.pause()
 
     def measure(self, was: _Mark, now: _Mark) -> Measure:
         """The window between two marks (a method, so that tests can put a fake source in its place). Memory is
@@ -111,9 +138,13 @@ class AutoScaler:
             memory_low=memory is not None and memory < MEMORY_FLOOR_BYTES,
         )
 
-    def tick(self, batches: int, wait_s: float, busy_s: Callable[[], float]) -> None:
+    def tick(self, batches: int, wait_s: float, busy_s: Callable[[], float], ready: int = 0) -> None:
         """The loop took its ``batches``-th batch; ``wait_s`` it waited in all, ``busy_s()`` the workers' time
-        in all (called only at a window's end)."""
+        in all (called only at a window's end); ``ready`` batches wait in the buffer."""
+        self.batches = batches
+        if self.trial is not None:
+            self.trial.tick(ready)
+            return
         if batches < self.next_at:
             return
         now = _Mark(batches, *self.clocks(), wait_s, busy_s())
@@ -124,7 +155,43 @@ class AutoScaler:
         if now.wall_s - was.wall_s < WINDOW_MIN_S:
             self.mark, self.next_at = was, batches + 1  # too short yet: the window goes on
             return
+        before = self.setting
         setting = self.controller.decide(self.measure(was, now))
-        if setting is not None:
-            self.changes.append(Change(batches, *setting))
+        if setting is None:
+            return
+        if setting.workers < before.workers:
+            self.try_park(before, setting)
+        else:
+            self.apply(setting)
+
+    def apply(self, setting: Setting) -> None:
+        """Put ``setting`` in force for good (a change ``stats().auto_changes`` lists)."""
+        self.changes.append(Change(self.batches, *setting))
+        self._tell(setting)
+
+    def _tell(self, setting: Setting) -> None:
+        if setting != self.applied:
             self.resize(*setting)
+            self.applied = setting
+
+    def try_park(self, before: Setting, parked: Setting) -> None:
+        """Time the loop with ``before``'s workers and with ``parked``'s before keeping either."""
+        self.trying = (before, parked)
+        comparison = Comparison(PARK_MIN_GAIN, PARK_MIN_BLOCKS, PARK_MAX_BLOCKS)
+        self.trial = Trial(self._window, self._settle, comparison, PARK_WINDOW_BATCHES, 1, 0, 0)
+
+    def _window(self, setting: int) -> bool:
+        before, parked = self.trying
+        self._tell(Setting(parked.workers if setting == 1 else before.workers, before.window))
+        return True
+
+    def _settle(self, verdict: Verdict) -> None:
+        before, parked = self.trying
+        self.trial = None
+        self.mark, self.next_at = None, 0  # the next window starts after the trial
+        if verdict.choice == B:
+            self.controller.last += f"; measured {verdict.why}"
+            self.apply(parked)
+        else:
+            self.controller.undo_park(before, verdict.why)
+            self._tell(before)

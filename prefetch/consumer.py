@@ -191,7 +191,7 @@ class Engine:
         self.recorder.delivered(self.order.batch_length(result.batch), waited, fill, result.timings, result.worker)
         if self.auto is not None and not self._measuring():
             # one thing at a time: the worker count holds while a window is timed at one priority or thread count
-            self.auto.tick(self.recorder.batches, self.recorder.wait_s, self._busy_s)
+            self.auto.tick(self.recorder.batches, self.recorder.wait_s, self._busy_s, len(self.reorder))
         return batch
 
     def _measuring(self) -> bool:
@@ -200,8 +200,11 @@ class Engine:
         )
 
     def _tick_choosers(self, ready: int) -> None:
-        """The workers' priority first, then the training threads: one is timed at a time (``_compare.Trial``)."""
+        """The workers' priority first, then the training threads, neither while ``workers="auto"`` times a park:
+        one setting is timed at a time (``_compare.Trial``)."""
         tuner, stepback = self.tuner, self.stepback
+        if self.auto is not None and self.auto.measuring:
+            return  # a park on trial (workers="auto") is timed alone
         # StepBack only watches the waiting (it ticks always); NiceTrial times windows, never during the tuner's
         waits = stepback is not None and stepback.times_windows and tuner is not None and tuner.measuring
         changed = stepback is not None and not waits and stepback.tick(ready, self.recorder.wait_s)

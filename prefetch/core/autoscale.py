@@ -129,3 +129,11 @@ class Controller:
         self.history.append(self.last)
         self.verdict, self.streak, self.settle = None, 0, SETTLE_WINDOWS
         return self.setting
+
+    def undo_park(self, before: Setting, why: str) -> None:
+        """The park just decided did not make the loop faster when measured: back to ``before``, and never
+        parked below it again (``floor``)."""
+        self.workers, self.window = before
+        self.floor = max(self.floor, before.workers)
+        self.last = f"kept {before.workers} workers: parking one measured {why}"
+        self.history.append(self.last)

@@ -28,6 +28,11 @@ HOLD = Measure(wait=0.03, busy=0.5, loop_cpu=0.5, run_queue=0.0)  # in between: 
 HOLD_WINDOWS = 12  # windows at one worker before adding again: longer than the window (in batches)
 
 
+def park_at_once(scaler: AutoScaler, before, parked) -> None:
+    """No trial: the park is kept as the controller decided it (these tests script the figures)."""
+    scaler.apply(parked)
+
+
 def with_maker(batch):
     """The batch, and the pid of the process that made it (left out of the hash)."""
     return {"x": batch, "pid": np.int64(os.getpid())}
@@ -87,6 +92,7 @@ def test_auto_parks_and_adds_workers_mid_run_with_a_worker_killed_and_the_stream
     monkeypatch.setattr(autoscaler, "WINDOW_MIN_S", 0.0)
     script = Script()
     monkeypatch.setattr(AutoScaler, "measure", lambda scaler, was, now: script.measure(scaler, was, now))
+    monkeypatch.setattr(AutoScaler, "try_park", park_at_once)
     sent, killed = [], []
     resize = ProcessRun.resize
 
@@ -123,6 +129,7 @@ def test_auto_shortens_the_window_with_the_workers_it_parks(monkeypatch, tmp_pat
     monkeypatch.setattr(autoscaler, "WINDOW_BATCHES", 2)
     monkeypatch.setattr(autoscaler, "WINDOW_MIN_S", 0.0)
     monkeypatch.setattr(AutoScaler, "measure", lambda scaler, was, now: PARK)
+    monkeypatch.setattr(AutoScaler, "try_park", park_at_once)
     deepest, source = 6, AheadSource(400, 4, str(tmp_path))
     with prefetch.Loader(
         source, batch_size=4, shuffle=False, workers="auto", prefetch=deepest, train_threads=None
@@ -184,6 +191,7 @@ def test_the_count_holds_while_the_thread_tuner_measures(monkeypatch):
     monkeypatch.setattr(autoscaler, "WINDOW_BATCHES", 2)
     monkeypatch.setattr(autoscaler, "WINDOW_MIN_S", 0.0)
     monkeypatch.setattr(AutoScaler, "measure", lambda scaler, was, now: PARK)
+    monkeypatch.setattr(AutoScaler, "try_park", park_at_once)
     tuner = MeasuringTuner()
     monkeypatch.setattr(consumer.ThreadTuner, "start", staticmethod(lambda *args, **kwargs: tuner))
     with prefetch.Loader(np.arange(400), batch_size=4, shuffle=False, workers="auto") as loader:
@@ -196,3 +204,52 @@ def test_the_count_holds_while_the_thread_tuner_measures(monkeypatch):
             next(stream)
         assert loader.stats().auto_changes  # the same figures park workers now
         stream.close()
+
+
+class CountingTuner(MeasuringTuner):
+    """A thread tuner that is never timing; it notes, at each tick, whether a park was on trial."""
+
+    def __init__(self, scalers: list[AutoScaler]) -> None:
+        self.measuring, self.scalers, self.ticks = False, scalers, []
+
+    def tick(self, fill: int) -> None:
+        self.ticks.append(bool(self.scalers) and self.scalers[0].measuring)
+
+
+@pytest.mark.timeout(60)
+def test_a_park_on_trial_alternates_the_workers_alone_and_the_stream_is_byte_identical(monkeypatch, start_method):
+    """The trial's windows run A B B A (the window held), nothing else is timed meanwhile, and whatever it
+    decides, two epochs hash as workers=0's."""
+    from prefetch import consumer
+
+    budget = _budget.CpuBudget(BUDGET, None, BUDGET, _budget.Ranks(1, "test"))
+    monkeypatch.setattr(_budget, "cpu_budget", lambda ranks=None, **_: budget)
+    monkeypatch.setattr(autoscaler, "WINDOW_BATCHES", 2)
+    monkeypatch.setattr(autoscaler, "WINDOW_MIN_S", 0.0)
+    monkeypatch.setattr(autoscaler, "PARK_WINDOW_BATCHES", 2)
+    monkeypatch.setattr(AutoScaler, "measure", lambda scaler, was, now: PARK)
+    scalers: list[AutoScaler] = []
+    try_park = AutoScaler.try_park
+
+    def noted(scaler: AutoScaler, before, parked) -> None:
+        scalers.append(scaler)
+        try_park(scaler, before, parked)
+
+    monkeypatch.setattr(AutoScaler, "try_park", noted)
+    tuner = CountingTuner(scalers)
+    monkeypatch.setattr(consumer.ThreadTuner, "start", staticmethod(lambda *args, **kwargs: tuner))
+    sent = []
+    resize = ProcessRun.resize
+
+    def noting(run: ProcessRun, workers: int, window: int) -> None:
+        resize(run, workers, window)
+        sent.append((workers, window))
+
+    monkeypatch.setattr(ProcessRun, "resize", noting)
+    auto_sha, _, deepest = two_epochs("auto", start_method)
+    reference_sha, _, _ = two_epochs(0, start_method)
+    assert auto_sha == reference_sha
+    assert scalers, "no park was put on trial"
+    trial = sent[: 2 * autoscaler.PARK_MIN_BLOCKS]  # the first blocks of the first trial
+    assert trial == [(BUDGET - 1, deepest), (BUDGET, deepest)] * autoscaler.PARK_MIN_BLOCKS
+    assert tuner.ticks and True not in tuner.ticks  # the tuner was not ticked while a park was timed

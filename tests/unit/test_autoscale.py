@@ -5,8 +5,15 @@ from __future__ import annotations
 
 import pytest
 
-from prefetch import _budget
-from prefetch.autoscaler import WINDOW_BATCHES, WINDOW_MIN_S, AutoScaler, Change
+from prefetch import _budget, _compare
+from prefetch.autoscaler import (
+    PARK_MIN_BLOCKS,
+    PARK_WINDOW_BATCHES,
+    WINDOW_BATCHES,
+    WINDOW_MIN_S,
+    AutoScaler,
+    Change,
+)
 from prefetch.core.autoscale import (
     BUSY_SATURATED_SHARE,
     SETTLE_WINDOWS,
@@ -109,22 +116,70 @@ class FakeClock:
         return self.wall, self.cpu, self.run_queue
 
 
-def test_the_scaler_measures_windows_of_batches_on_the_clock_and_applies_the_controllers_changes():
-    clock, resized = FakeClock(), []
-    scaler = AutoScaler(4, 8, 2, lambda w, p: resized.append((w, p)), clock, lambda: 2**40)
-    wait, busy = 0.0, [0.0]
-    batches = 0
-    seconds = 2 * WINDOW_MIN_S / WINDOW_BATCHES  # per batch: a window is never too short
-    while batches < 1 + WINDOWS_PER_CHANGE * WINDOW_BATCHES:  # the first batch marks the first window's start
-        batches += 1
-        clock.wall += seconds
-        clock.cpu += 1.8 * seconds  # the loop uses 1.8 cores
-        clock.run_queue += 0.2 * seconds  # and waits for a core a fifth of the time
-        busy[0] += 4 * 0.9 * seconds  # four workers busy 90 % of the time; the loop never waits
-        scaler.tick(batches, wait, lambda: busy[0])
-    assert resized == [(3, 6)]
-    assert scaler.changes == [Change(batches, 3, 6)]
-    assert "3 of 4 workers given tasks, window 6 (1 change)" in scaler.describe()
+class ContendedLoop:
+    """A loop that never waits for data on contended cores (the controller's figures for a park), taking
+    ``seconds(workers)`` per batch with the workers the scaler last told the run; ``_compare``'s clock is its."""
+
+    def __init__(self, monkeypatch, seconds=lambda workers: 2 * WINDOW_MIN_S / WINDOW_BATCHES) -> None:
+        self.clock, self.resized, self.seconds, self.batches = FakeClock(), [], seconds, 0
+        self.busy = 0.0
+        self.scaler = AutoScaler(4, 8, 2, lambda w, p: self.resized.append((w, p)), self.clock, lambda: 2**40)
+        monkeypatch.setattr(_compare.time, "perf_counter", lambda: self.clock.wall)
+
+    def run(self, batches: int) -> None:
+        for _ in range(batches):
+            workers = self.resized[-1][0] if self.resized else 4
+            seconds = self.seconds(workers)
+            self.batches += 1
+            self.clock.wall += seconds
+            self.clock.cpu += 1.8 * seconds  # the loop uses 1.8 cores
+            self.clock.run_queue += 0.2 * seconds  # and waits for a core a fifth of the time
+            self.busy += workers * 0.9 * seconds  # the workers are busy 90 % of the time; the loop never waits
+            self.scaler.tick(self.batches, 0.0, lambda: self.busy)
+
+
+def test_the_scaler_measures_windows_of_batches_on_the_clock_and_puts_a_park_on_trial(monkeypatch):
+    loop = ContendedLoop(monkeypatch)
+    loop.run(1 + WINDOWS_PER_CHANGE * WINDOW_BATCHES)  # the first batch marks the first window's start
+    assert loop.resized == [] and loop.scaler.measuring  # the controller would park: first, a trial
+    assert "timing the loop with 4 and 3 workers" in loop.scaler.describe()
+
+
+def test_a_park_the_loop_runs_faster_with_is_kept(monkeypatch):
+    loop = ContendedLoop(monkeypatch, lambda workers: 0.010 if workers == 3 else 0.012)
+    loop.run(1 + WINDOWS_PER_CHANGE * WINDOW_BATCHES)
+    loop.run(PARK_MIN_BLOCKS * 4 * PARK_WINDOW_BATCHES + 1)
+    assert not loop.scaler.measuring
+    # A B B A with the window held at A's (8): only the worker differs; the first A is in force already
+    trial, kept = loop.resized[:-1], loop.resized[-1]
+    assert trial == [(3, 8), (4, 8)] * PARK_MIN_BLOCKS
+    assert kept == (3, 6) and loop.scaler.changes == [Change(loop.batches, 3, 6)]
+    assert "3 of 4 workers given tasks, window 6 (1 change)" in loop.scaler.describe()
+    assert "measured faster by 1.20x" in loop.scaler.describe()
+
+
+@pytest.mark.parametrize("parked_s", [0.010, 0.012], ids=["as-fast", "slower"])
+def test_a_park_the_loop_is_not_faster_with_is_undone_and_not_tried_again(monkeypatch, parked_s):
+    loop = ContendedLoop(monkeypatch, lambda workers: parked_s if workers == 3 else 0.010)
+    loop.run(1 + WINDOWS_PER_CHANGE * WINDOW_BATCHES)
+    loop.run(PARK_MIN_BLOCKS * 4 * PARK_WINDOW_BATCHES + 1)
+    assert not loop.scaler.measuring and loop.resized[-1] == (4, 8)  # back to every worker
+    assert loop.scaler.setting == Setting(4, 8) and loop.scaler.changes == []
+    assert "kept 4 workers: parking one measured" in loop.scaler.describe()
+    told = len(loop.resized)
+    loop.run(50 * WINDOW_BATCHES)  # the same contended figures: no second trial
+    assert len(loop.resized) == told and not loop.scaler.measuring
+
+
+def test_a_trial_window_never_spans_the_pause_between_epochs(monkeypatch):
+    loop = ContendedLoop(monkeypatch, lambda workers: 0.010)  # as fast with the worker parked as without
+    loop.run(1 + WINDOWS_PER_CHANGE * WINDOW_BATCHES + PARK_WINDOW_BATCHES // 2)  # half into the first A window
+    assert loop.scaler.measuring
+    loop.clock.wall += 1000.0  # the loop is away (an evaluation), then adopts the kept engine
+    loop.scaler.restart()
+    loop.run(PARK_MIN_BLOCKS * 4 * PARK_WINDOW_BATCHES + 1)
+    # Timed across the pause, A would look 100x slower and the park be kept.
+    assert not loop.scaler.measuring and loop.scaler.setting == Setting(4, 8)
 
 
 def test_a_window_shorter_than_the_minimum_goes_on_until_it_is_long_enough():
