@@ -17,12 +17,14 @@ The comparison keeps the last ``max_blocks`` blocks only, so a caller that goes 
 sees a verdict that was right early and is wrong now (the loop changed) overturned. ``Comparison`` is pure:
 no clock, no process, no framework.
 
-``Trial`` runs a comparison on a loop, for ``train_threads="auto"`` (``_tuning``) and ``worker_nice="auto"``
-(``_stepback``). Told each batch the loop asks for (``tick``), after ``warmup_batches`` it times windows of
-``window_batches`` batches -- the whole cycle, training step and wait included, which is what the user gets
--- asking its owner to put A or B in force before each window (``apply``). When the blocks tell the two
-apart, or ``max_blocks`` could not, it hands the verdict over (``settle``), then measures one more block now
-and then (``recheck_batches``, doubling up to ``recheck_max_batches``): a verdict the loop's later behaviour
+``Trial`` runs a comparison on a loop, for ``train_threads="auto"`` (``_tuning``), ``worker_nice="auto"``
+(``_stepback``) and a park of ``workers="auto"`` (``autoscaler``). Told each batch the loop asks for
+(``tick``), after ``warmup_batches`` it times windows of ``window_batches`` batches -- the whole cycle,
+training step and wait included, which is what the user gets -- asking its owner to put A or B in force
+before each window (``apply``); after a change of setting the first ``settle_batches`` ticks are not timed,
+for a setting whose effect lags (work already begun under the other). When the blocks tell the two apart,
+or ``max_blocks`` could not, it hands the verdict over (``settle``), then measures one more block now and
+then (``recheck_batches``, doubling up to ``recheck_max_batches``): a verdict the loop's later behaviour
 contradicts is overturned. The rate is what the loop can *sustain*: batches taken less those the window
 drained from the buffer of ready batches. A setting that speeds the step up by starving the workers looks
 fast while the buffer lasts; counted this way, it does not. See ``docs/design.md``, *Sharing the cores with
@@ -142,6 +144,7 @@ class Trial:
     warmup_batches: int
     recheck_batches: int
     recheck_max_batches: int
+    settle_batches: int = 0  # after a change of setting, ticks not timed (work begun under the other one lands)
     batches: int = 0  # ticks so far
     measuring: bool = False  # a window is being timed
     stopped: bool = False  # the owner could not apply a setting: nothing more to measure
@@ -151,6 +154,8 @@ class Trial:
     window_left: int = 0  # ticks until the window being timed ends
     window_started: float = 0.0
     window_ready: int = 0  # ready batches when the window began
+    settling: int = 0  # ticks before the window being measured is timed
+    in_force: int = 0  # the setting last applied (A, the setting in force before the trial)
 
     def __post_init__(self) -> None:
         self.next_check, self.recheck = self.warmup_batches, self.recheck_batches
@@ -160,7 +165,11 @@ class Trial:
         if self.stopped:
             return
         self.batches += 1
-        if self.measuring:
+        if self.measuring and self.settling:
+            self.settling -= 1
+            if self.settling == 0:
+                self._time_window(ready)
+        elif self.measuring:
             self.window_left -= 1
             if self.window_left == 0:
                 self._end_window(ready)
@@ -168,10 +177,17 @@ class Trial:
             self._begin_window(ready)
 
     def _begin_window(self, ready: int) -> None:
-        if not self.apply(self.comparison.setting()):
+        setting = self.comparison.setting()
+        if not self.apply(setting):
             self.stopped, self.measuring = True, False
             return
-        self.measuring, self.window_left, self.window_ready = True, self.window_batches, ready
+        changed, self.in_force, self.measuring = setting != self.in_force, setting, True
+        self.settling = self.settle_batches if changed else 0
+        if not self.settling:
+            self._time_window(ready)
+
+    def _time_window(self, ready: int) -> None:
+        self.window_left, self.window_ready = self.window_batches, ready
         self.window_started = time.perf_counter()
 
     def _end_window(self, ready: int) -> None:
@@ -195,13 +211,13 @@ class Trial:
         tick; the blocks already complete are kept."""
         self.comparison.restart_block()
         if self.measuring:
-            self.measuring = False
+            self.measuring, self.settling = False, 0
             self.next_check = self.batches + 1
 
     def restart(self) -> None:
         """The loop changed under the trial (workers added or parked, their priority changed): forget the
         blocks and measure again, from the setting in force, after a warm-up."""
         self.comparison.clear()
-        self.measuring, self.settled = False, False
+        self.measuring, self.settled, self.settling = False, False, 0
         self.next_check = self.batches + self.warmup_batches
         self.recheck = self.recheck_batches

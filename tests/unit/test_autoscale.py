@@ -8,6 +8,7 @@ import pytest
 from prefetch import _budget, _compare
 from prefetch.autoscaler import (
     PARK_MIN_BLOCKS,
+    PARK_SETTLE_BATCHES,
     PARK_WINDOW_BATCHES,
     WINDOW_BATCHES,
     WINDOW_MIN_S,
@@ -33,6 +34,8 @@ CALM_CONTENDED = Measure(wait=0.0, busy=0.9, loop_cpu=1.8, run_queue=0.2)
 CALM_UNCONTENDED = Measure(wait=0.0, busy=0.1, loop_cpu=0.1, run_queue=0.0)
 IN_BETWEEN = Measure(wait=(WAIT_CALM_SHARE + WAIT_STARVED_SHARE) / 2, busy=1.0, loop_cpu=1.8, run_queue=0.2)
 WINDOWS_PER_CHANGE = SETTLE_WINDOWS + STREAK_WINDOWS
+# A park trial's block: four windows and two switches (A B B A), each switch followed by untimed batches.
+TRIAL_BLOCK_BATCHES = 4 * PARK_WINDOW_BATCHES + 2 * PARK_SETTLE_BATCHES
 
 
 def feed(controller: Controller, measure: Measure, windows: int) -> list[Setting]:
@@ -122,14 +125,20 @@ class ContendedLoop:
 
     def __init__(self, monkeypatch, seconds=lambda workers: 2 * WINDOW_MIN_S / WINDOW_BATCHES) -> None:
         self.clock, self.resized, self.seconds, self.batches = FakeClock(), [], seconds, 0
-        self.busy = 0.0
-        self.scaler = AutoScaler(4, 8, 2, lambda w, p: self.resized.append((w, p)), self.clock, lambda: 2**40)
+        self.busy, self.after_switch_s, self.switched = 0.0, 0.0, [0]
+        self.scaler = AutoScaler(4, 8, 2, self.resize, self.clock, lambda: 2**40)
         monkeypatch.setattr(_compare.time, "perf_counter", lambda: self.clock.wall)
+
+    def resize(self, workers: int, window: int) -> None:
+        self.resized.append((workers, window))
+        self.switched.append(self.batches)
 
     def run(self, batches: int) -> None:
         for _ in range(batches):
             workers = self.resized[-1][0] if self.resized else 4
             seconds = self.seconds(workers)
+            if self.resized and self.batches - self.switched[-1] < PARK_SETTLE_BATCHES:
+                seconds += self.after_switch_s  # work begun under the other setting lands now
             self.batches += 1
             self.clock.wall += seconds
             self.clock.cpu += 1.8 * seconds  # the loop uses 1.8 cores
@@ -148,7 +157,7 @@ def test_the_scaler_measures_windows_of_batches_on_the_clock_and_puts_a_park_on_
 def test_a_park_the_loop_runs_faster_with_is_kept(monkeypatch):
     loop = ContendedLoop(monkeypatch, lambda workers: 0.010 if workers == 3 else 0.012)
     loop.run(1 + WINDOWS_PER_CHANGE * WINDOW_BATCHES)
-    loop.run(PARK_MIN_BLOCKS * 4 * PARK_WINDOW_BATCHES + 1)
+    loop.run(PARK_MIN_BLOCKS * TRIAL_BLOCK_BATCHES + 1)
     assert not loop.scaler.measuring
     # A B B A with the window held at A's (8): only the worker differs; the first A is in force already
     trial, kept = loop.resized[:-1], loop.resized[-1]
@@ -162,7 +171,7 @@ def test_a_park_the_loop_runs_faster_with_is_kept(monkeypatch):
 def test_a_park_the_loop_is_not_faster_with_is_undone_and_not_tried_again(monkeypatch, parked_s):
     loop = ContendedLoop(monkeypatch, lambda workers: parked_s if workers == 3 else 0.010)
     loop.run(1 + WINDOWS_PER_CHANGE * WINDOW_BATCHES)
-    loop.run(PARK_MIN_BLOCKS * 4 * PARK_WINDOW_BATCHES + 1)
+    loop.run(PARK_MIN_BLOCKS * TRIAL_BLOCK_BATCHES + 1)
     assert not loop.scaler.measuring and loop.resized[-1] == (4, 8)  # back to every worker
     assert loop.scaler.setting == Setting(4, 8) and loop.scaler.changes == []
     assert "kept 4 workers: parking one measured" in loop.scaler.describe()
@@ -171,13 +180,22 @@ def test_a_park_the_loop_is_not_faster_with_is_undone_and_not_tried_again(monkey
     assert len(loop.resized) == told and not loop.scaler.measuring
 
 
+def test_the_batches_right_after_a_switch_are_not_timed(monkeypatch):
+    loop = ContendedLoop(monkeypatch, lambda workers: 0.010 if workers == 3 else 0.012)  # parked is faster
+    loop.after_switch_s = 1.0  # but the batches after each switch are 100x slower: timed, they would decide
+    loop.run(1 + WINDOWS_PER_CHANGE * WINDOW_BATCHES)
+    loop.run(PARK_MIN_BLOCKS * TRIAL_BLOCK_BATCHES + 1)
+    assert not loop.scaler.measuring and loop.scaler.changes == [Change(loop.batches, 3, 6)]
+    assert "measured faster by 1.20x" in loop.scaler.describe()
+
+
 def test_a_trial_window_never_spans_the_pause_between_epochs(monkeypatch):
     loop = ContendedLoop(monkeypatch, lambda workers: 0.010)  # as fast with the worker parked as without
     loop.run(1 + WINDOWS_PER_CHANGE * WINDOW_BATCHES + PARK_WINDOW_BATCHES // 2)  # half into the first A window
     assert loop.scaler.measuring
     loop.clock.wall += 1000.0  # the loop is away (an evaluation), then adopts the kept engine
     loop.scaler.restart()
-    loop.run(PARK_MIN_BLOCKS * 4 * PARK_WINDOW_BATCHES + 1)
+    loop.run(PARK_MIN_BLOCKS * TRIAL_BLOCK_BATCHES + 1)
     # Timed across the pause, A would look 100x slower and the park be kept.
     assert not loop.scaler.measuring and loop.scaler.setting == Setting(4, 8)
 
