@@ -35,8 +35,8 @@ MEMORY_FLOOR_BYTES = 512 * 2**20
 # 1.06x "faster" parked on a loop that runs 0.88x with one worker fewer). The park is kept when the loop runs
 # at least PARK_MIN_GAIN faster without it, beyond the noise, within PARK_MAX_BLOCKS blocks (4 * 8 + 2 * 6 =
 # 44 batches a block, 176 at most: with the windows before, a first park settles within 300 batches);
-# otherwise the worker stays. A tie keeps it: a parked worker that was
-# needed costs the loop its data, one kept that was not costs a little of a core.
+# otherwise the worker stays. A tie keeps it: a parked worker that was needed costs the loop its data, one
+# kept that was not costs a little of a core.
 PARK_WINDOW_BATCHES = 8
 PARK_SETTLE_BATCHES = 6
 PARK_MIN_GAIN = 1.03
