@@ -36,9 +36,10 @@ from jpegs import CROP, JPEG_BATCH, JPEG_COUNT, jpeg_augment, jpeg_labels, rando
 
 BENCH_DIR = Path(__file__).resolve().parent
 # Warm-up: start-up, caches, and prefetch's first verdicts (the training threads' tuner gives its first at
-# batch 76 when the two settings differ clearly, at 196 at the latest; worker_nice="auto" steps back after 28);
-# everyone gets the same. Then the timed batches: the steady state a long training run lives in. The tables'
-# "steady after" and "decided at" columns say whether a run settled inside the warm-up.
+# batch 76 when the two settings differ clearly, at 196 at the latest; worker_nice="auto" steps back after 28;
+# workers="auto", the default, may time a park until batch 300: its cost falls in the timed batches, as it
+# would in a user's run); everyone gets the same. Then the timed batches: the steady state a long training run
+# lives in. The tables' "steady after" and "decided at" columns say whether a run settled inside the warm-up.
 # A smoke run (``BENCH_QUICK=1``) takes 10 + 10: it checks that the runs work, its figures mean nothing.
 QUICK = os.environ.get("BENCH_QUICK", "") not in ("", "0")
 JPEG_WARMUP_BATCHES = 10 if QUICK else 120

@@ -1,6 +1,6 @@
 """``workers="auto"`` against every fixed count 1 .. budget, on the end-to-end JPEG training (``e2e.py``).
 
-Why: ``"auto"`` becomes the default only if it wins or ties on every end-to-end workload. The target: within
+Why: ``"auto"`` is the default because it wins or ties on every end-to-end workload. The target: within
 5 % of the best fixed count, settled within 300 batches. Each system's run is a fresh process
 (``e2e.run_in_fresh_process``), the systems interleaved round after round (``BENCH_AUTO_ROUNDS``, at least 5
 unless ``BENCH_QUICK=1``); every run first takes ``BENCH_AUTO_WARMUP`` batches (default 300: what ``"auto"``

@@ -34,14 +34,18 @@ MEMORY_FLOOR_BYTES = 512 * 2**20
 # tasks again delivers its first a batch time later -- counted, that carry-over favoured the park (measured
 # 1.06x "faster" parked on a loop that runs 0.88x with one worker fewer). The park is kept when the loop runs
 # at least PARK_MIN_GAIN faster without it, beyond the noise, within PARK_MAX_BLOCKS blocks (4 * 8 + 2 * 6 =
-# 44 batches a block, 176 at most: with the windows before, a first park settles within 300 batches);
-# otherwise the worker stays. A tie keeps it: a parked worker that was needed costs the loop its data, one
-# kept that was not costs a little of a core.
+# 44 batches a block); otherwise the worker stays. A tie keeps it: a parked worker that was needed costs the
+# loop its data, one kept that was not costs a little of a core.
 PARK_WINDOW_BATCHES = 8
 PARK_SETTLE_BATCHES = 6
 PARK_MIN_GAIN = 1.03
 PARK_MIN_BLOCKS = 3
 PARK_MAX_BLOCKS = 4
+PARK_BLOCK_BATCHES = 4 * PARK_WINDOW_BATCHES + 2 * PARK_SETTLE_BATCHES
+# The worker count settles by this batch: a park is tried only if its shortest trial (PARK_MIN_BLOCKS
+# blocks) can end by then, and a trial still undecided then keeps the worker. Later, a park verdict is set
+# aside for good (the floor); only the add rule (the loop starved after a kept park) and the window move.
+SETTLE_BY_BATCH = 300
 _SCHEDSTAT = "/proc/thread-self/schedstat"
 
 
@@ -149,6 +153,8 @@ class AutoScaler:
         self.batches = batches
         if self.trial is not None:
             self.trial.tick(ready)
+            if self.trial is not None and batches >= SETTLE_BY_BATCH:
+                self._settle(self.trial.comparison.verdict(), late=True)  # undecided by then: the worker stays
             return
         if batches < self.next_at:
             return
@@ -164,7 +170,11 @@ class AutoScaler:
         setting = self.controller.decide(self.measure(was, now))
         if setting is None:
             return
-        if setting.workers < before.workers:
+        if setting.workers < before.workers and batches + PARK_MIN_BLOCKS * PARK_BLOCK_BATCHES > SETTLE_BY_BATCH:
+            self.controller.undo_park(
+                before, f"a park proposed at batch {batches} is not timed (settled by batch {SETTLE_BY_BATCH})"
+            )
+        elif setting.workers < before.workers:
             self.try_park(before, setting)
         else:
             self.apply(setting)
@@ -190,7 +200,9 @@ class AutoScaler:
         self._tell(Setting(parked.workers if setting == 1 else before.workers, before.window))
         return True
 
-    def _settle(self, verdict: Verdict) -> None:
+    def _settle(self, verdict: Verdict, late: bool = False) -> None:
+        """The trial's verdict (``late``: the blocks so far, at ``SETTLE_BY_BATCH``): keep the park only when the
+        loop measured faster without the worker."""
         before, parked = self.trying
         self.trial = None
         self.mark, self.next_at = None, 0  # the next window starts after the trial
@@ -198,5 +210,6 @@ class AutoScaler:
             self.controller.last += f"; measured {verdict.why}"
             self.apply(parked)
         else:
-            self.controller.undo_park(before, verdict.why)
+            by = f" by batch {SETTLE_BY_BATCH}" if late else ""
+            self.controller.undo_park(before, f"parking one measured {verdict.why}{by}")
             self._tell(before)

@@ -234,7 +234,7 @@ class Engine:
             made.append(self.tuner.decision)
         if self.auto is not None:
             made.append(self.auto.describe())
-        elif self.config.auto_workers:
+        elif self.config.auto_workers and self.config.workers > 1:
             made.append(f"workers='auto' is the budget with this executor: all {self.config.workers} workers work")
         return tuple(made)
 
@@ -296,8 +296,9 @@ def _nice_chooser(config: LoaderConfig, pids: Callable[[], list[int]]) -> NiceTr
 
 
 def _auto_scaler(config: LoaderConfig, run: Run) -> AutoScaler | None:
-    """``workers="auto"`` on a run that can resize (``processes``); None otherwise (Ray: the budget, all working)."""
+    """``workers="auto"`` on a run that can resize (``processes``) with two workers or more; None otherwise (Ray:
+    the budget, all working; one worker: nothing to decide)."""
     resize = getattr(run, "resize", None)
-    if not config.auto_workers or resize is None:
+    if not config.auto_workers or resize is None or config.workers < 2:
         return None
     return AutoScaler(config.workers, config.prefetch, min(config.credit_step + 1, config.prefetch), resize)

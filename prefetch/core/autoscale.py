@@ -131,9 +131,9 @@ class Controller:
         return self.setting
 
     def undo_park(self, before: Setting, why: str) -> None:
-        """The park just decided did not make the loop faster when measured: back to ``before``, and never
-        parked below it again (``floor``)."""
+        """The park just decided is not kept (it did not make the loop faster when measured, or it came too late
+        to be measured): back to ``before``, and never parked below it again (``floor``)."""
         self.workers, self.window = before
         self.floor = max(self.floor, before.workers)
-        self.last = f"kept {before.workers} workers: parking one measured {why}"
+        self.last = f"kept {before.workers} workers: {why}"
         self.history.append(self.last)

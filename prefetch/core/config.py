@@ -130,7 +130,7 @@ class LoaderConfig:
     collate: str | Callable[[list[Any]], Any] = option("auto")
     io_threads: int = option(1)  # threads loading a batch's samples (source[i]) at once, in each worker
     local_ranks: int = option(None)  # ranks sharing this node's CPUs, /dev/shm and memory; None: LOCAL_WORLD_SIZE
-    workers: int = option(None)  # None: the CPUs this rank may use (``_budget.cpu_budget``); "auto": as many, forked
+    workers: int = option("auto")  # "auto": the CPUs this rank may use, forked, given tasks on figures; None: all work
     prefetch: int = option(None)  # None: per worker, see PREFETCH_PER_WORKER, within the byte budget
     start_method: str | None = option(None)  # None: the platform's default
     timeout: float | None = option(None)

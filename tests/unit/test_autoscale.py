@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from prefetch import _budget, _compare
@@ -10,6 +12,7 @@ from prefetch.autoscaler import (
     PARK_MIN_BLOCKS,
     PARK_SETTLE_BATCHES,
     PARK_WINDOW_BATCHES,
+    SETTLE_BY_BATCH,
     WINDOW_BATCHES,
     WINDOW_MIN_S,
     AutoScaler,
@@ -200,6 +203,45 @@ def test_a_trial_window_never_spans_the_pause_between_epochs(monkeypatch):
     assert not loop.scaler.measuring and loop.scaler.setting == Setting(4, 8)
 
 
+def test_a_park_proposed_too_late_to_be_timed_by_the_settle_batch_is_set_aside_for_good(monkeypatch):
+    loop = ContendedLoop(monkeypatch, lambda workers: 0.010 if workers == 3 else 0.012)  # parked would be faster
+    latest_start = SETTLE_BY_BATCH - PARK_MIN_BLOCKS * TRIAL_BLOCK_BATCHES  # its shortest trial ends by then
+    loop.batches = latest_start - (1 + WINDOWS_PER_CHANGE * WINDOW_BATCHES) + 1  # figures for a park one later
+    loop.run(1 + WINDOWS_PER_CHANGE * WINDOW_BATCHES)
+    assert loop.batches == latest_start + 1
+    assert not loop.scaler.measuring and loop.resized == [] and loop.scaler.changes == []
+    assert f"is not timed (settled by batch {SETTLE_BY_BATCH})" in loop.scaler.describe()
+    loop.run(50 * WINDOW_BATCHES)  # the same figures: never a trial, never a park
+    assert not loop.scaler.measuring and loop.resized == []
+
+
+def test_a_trial_still_undecided_at_the_settle_batch_keeps_every_worker(monkeypatch):
+    loop = ContendedLoop(monkeypatch)
+
+    def seconds(workers: int) -> float:  # parked: 1.25x faster in one block, 1.25x slower in the next
+        trial = loop.scaler.trial
+        odd = trial is not None and len(trial.comparison.blocks) % 2 == 1
+        return 0.010 if workers == 4 else 0.010 * (1.25 if odd else 0.8)
+
+    loop.seconds = seconds
+    # the trial starts in time for its shortest length (3 blocks) but not its longest (4)
+    before_park = 1 + WINDOWS_PER_CHANGE * WINDOW_BATCHES
+    loop.batches = SETTLE_BY_BATCH - PARK_MIN_BLOCKS * TRIAL_BLOCK_BATCHES - before_park - 2 * WINDOW_BATCHES
+    loop.run(before_park)
+    assert loop.scaler.measuring
+    started = loop.batches
+    assert started + 4 * TRIAL_BLOCK_BATCHES > SETTLE_BY_BATCH >= started + PARK_MIN_BLOCKS * TRIAL_BLOCK_BATCHES
+    loop.run(SETTLE_BY_BATCH - loop.batches - 1)
+    assert loop.scaler.measuring  # 3 blocks that contradict each other: not told apart yet
+    loop.run(1)
+    assert not loop.scaler.measuring and loop.resized[-1] == (4, 8)  # ended at the settle batch, every worker on
+    assert loop.scaler.changes == [] and "within the noise" in loop.scaler.describe()
+    assert f"by batch {SETTLE_BY_BATCH}" in loop.scaler.describe()
+    told = len(loop.resized)
+    loop.run(50 * WINDOW_BATCHES)
+    assert len(loop.resized) == told and not loop.scaler.measuring
+
+
 def test_a_window_shorter_than_the_minimum_goes_on_until_it_is_long_enough():
     clock, measured = FakeClock(), []
     scaler = AutoScaler(4, 8, 2, lambda w, p: None, clock, lambda: None)
@@ -226,7 +268,9 @@ def test_auto_is_the_budget_on_a_run_that_cannot_resize():
     assert _auto_scaler(auto, object()) is None  # e.g. Ray's run: all the budget's workers work
     scaler = _auto_scaler(auto, Resizable())
     assert scaler is not None and scaler.setting == Setting(auto.workers, auto.prefetch)
-    assert _auto_scaler(make_config((list(range(10)),), batch_size=2), Resizable()) is None  # workers=None
+    assert _auto_scaler(make_config((list(range(10)),), batch_size=2, workers=None), Resizable()) is None
+    assert _auto_scaler(replace(auto, workers=1), Resizable()) is None  # a budget of one: nothing to decide
+    assert make_config((list(range(10)),), batch_size=2).auto_workers  # the default
 
 
 def test_no_window_spans_the_pause_between_epochs():

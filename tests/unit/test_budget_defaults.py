@@ -64,13 +64,19 @@ def machine(monkeypatch):
 # --- workers ---------------------------------------------------------------------------------------------
 
 
-def test_workers_none_in_a_container_with_a_cpu_quota_is_the_quota_not_the_host(container):
+def test_the_default_and_workers_none_in_a_container_with_a_cpu_quota_are_the_quota_not_the_host(container):
     container(quota=4, cores=96)
-    loader = prefetch.Loader(DATA, batch_size=4)
-    assert loader.workers == 4
+    loader = prefetch.Loader(DATA, batch_size=4, workers=None)
+    assert loader.workers == 4 and not loader.config.auto_workers
     assert loader.config.provenance[0] == "workers=4: cgroup CPU quota 4 of 96 cores / 1 rank (LOCAL_WORLD_SIZE unset)"
+    default = prefetch.Loader(DATA, batch_size=4)  # workers="auto": as many forked, given tasks on figures
+    assert default.workers == 4 and default.config.auto_workers
+    said = "workers=auto, at most 4: cgroup CPU quota 4 of 96 cores / 1 rank (LOCAL_WORLD_SIZE unset)"
+    assert default.config.provenance[0] == said
     container(quota=None, cores=96)
-    assert prefetch.Loader(DATA, batch_size=4).workers == 96
+    assert (
+        prefetch.Loader(DATA, batch_size=4).workers == prefetch.Loader(DATA, batch_size=4, workers=None).workers == 96
+    )
 
 
 def test_workers_none_divides_among_the_ranks_of_the_node(container, monkeypatch):
@@ -78,7 +84,9 @@ def test_workers_none_divides_among_the_ranks_of_the_node(container, monkeypatch
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun's 8 ranks on a 64-core node: 8 workers each, not 64
     loader = prefetch.Loader(DATA, batch_size=4)
     assert loader.workers == 8 and loader.config.local_ranks == 8
-    assert loader.config.provenance[0] == "workers=8: 64 cores, no cgroup CPU quota / 8 ranks (LOCAL_WORLD_SIZE=8)"
+    said = "at most 8: 64 cores, no cgroup CPU quota / 8 ranks (LOCAL_WORLD_SIZE=8)"
+    assert loader.config.provenance[0] == f"workers=auto, {said}"
+    assert prefetch.Loader(DATA, batch_size=4, workers=None).workers == 8
     assert prefetch.Loader(DATA, batch_size=4, local_ranks=2).workers == 32  # the option before the environment
     container(quota=1.5, cores=64)
     assert prefetch.Loader(DATA, batch_size=4).workers == 1  # 2 CPUs among 8 ranks: at least 1 each
