@@ -4,11 +4,12 @@
     python bench/target_runs.py --cases jpeg,keras,container --runs 3
 
 Each run is one pytest session over the chosen cases (``bench/test_e2e.py``, ``bench/test_container.py``) with
-``BENCH_RESULTS_NAME=e2e-20-run<N>``, so it writes ``bench/results/e2e-20-run<N>.md`` (the tables, with every
-round's paired ratio) and ``.json`` (every round's result, per-batch times included). The rounds are
-``BENCH_ROUNDS`` (default 5). In the JPEG case DataLoader runs at num_workers=2 only, the target's reference
-(``BENCH_DATALOADER_WORKERS=2``): its default and best counts are in the full suite's ``test_jpeg_training``.
-The container case needs root (a cgroup), or falls back to ``taskset``. Run it on an otherwise idle machine.
+``BENCH_RESULTS_NAME=<name>-run<N>`` (``--name``, default ``e2e-20``), so it writes
+``bench/results/<name>-run<N>.md`` (the tables, with every round's paired ratio) and ``.json`` (every round's
+result, per-batch times included). The rounds are ``BENCH_ROUNDS`` (default 5). In the JPEG case DataLoader runs
+at num_workers=2 only, the target's reference (``BENCH_DATALOADER_WORKERS=2``): its default and best counts are in
+the full suite's ``test_jpeg_training``. The container case needs root (a cgroup), or falls back to ``taskset``.
+Run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ CASES = {
 }
 
 
-def run_once(number: int, cases: list[str], extra: list[str]) -> int:
-    """One full run of ``cases`` in a pytest session; its exit code."""
-    env = dict(os.environ, BENCH_RESULTS_NAME=f"e2e-20-run{number}")
+def run_once(number: int, cases: list[str], extra: list[str], name: str = "e2e-20") -> int:
+    """One full run of ``cases`` in a pytest session (results ``<name>-run<number>``); its exit code."""
+    env = dict(os.environ, BENCH_RESULTS_NAME=f"{name}-run{number}")
     env.setdefault("BENCH_DATALOADER_WORKERS", "2")
     command = [sys.executable, "-m", "pytest", *(str(BENCH_DIR / CASES[c]) for c in cases)]
     command += ["--benchmark-enable", "-p", "no:cacheprovider", "-q", *extra]
@@ -46,13 +47,14 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--cases", default="jpeg,keras", help=f"comma list of {', '.join(CASES)}")
+    parser.add_argument("--name", default="e2e-20", help="results as bench/results/<name>-run<N>.md")
     parser.add_argument("pytest_args", nargs="*", help="passed on to pytest (after --)")
     args = parser.parse_args(argv)
     cases = args.cases.split(",")
     unknown = [c for c in cases if c not in CASES]
     if unknown:
         parser.error(f"unknown cases {unknown}: choose from {list(CASES)}")
-    codes = [run_once(number, cases, args.pytest_args) for number in range(1, args.runs + 1)]
+    codes = [run_once(number, cases, args.pytest_args, args.name) for number in range(1, args.runs + 1)]
     return max(codes)
 
 
