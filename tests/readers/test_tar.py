@@ -130,13 +130,16 @@ def test_it_pickles_small_without_its_open_files(tmp_path):
 def test_a_forked_child_opens_its_own_files(tmp_path):
     shards = prefetch.TarShards(sample_shards(tmp_path, shards=1, per_shard=4))
     shards[0]
-    parents = id(shards._opened.get(0))
+    # held, not its id(): the child drops its copy of the parent's files, and a file it opens next could then
+    # be made at the freed address (an equal id) although it is its own
+    parents = shards._opened.get(0)
+    assert parents is not None
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: read, then say whether it used the parent's open file
         try:
             sample = shards[1]
-            mine = shards._opened.pid == os.getpid() and id(shards._opened.get(0)) != parents
+            mine = shards._opened.pid == os.getpid() and shards._opened.get(0) is not parents
             os.write(write_end, b"own" if mine and sample["__key__"] == "s0/00001" else b"parent's")
         finally:
             os._exit(0)
