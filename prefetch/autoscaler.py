@@ -170,14 +170,14 @@ class AutoScaler:
         setting = self.controller.decide(self.measure(was, now))
         if setting is None:
             return
-        if setting.workers < before.workers and batches + PARK_MIN_BLOCKS * PARK_BLOCK_BATCHES > SETTLE_BY_BATCH:
+        if setting.workers >= before.workers:
+            self.apply(setting)
+        elif batches + PARK_MIN_BLOCKS * PARK_BLOCK_BATCHES > SETTLE_BY_BATCH:
             self.controller.undo_park(
                 before, f"a park proposed at batch {batches} is not timed (settled by batch {SETTLE_BY_BATCH})"
             )
-        elif setting.workers < before.workers:
-            self.try_park(before, setting)
         else:
-            self.apply(setting)
+            self.try_park(before, setting)
 
     def apply(self, setting: Setting) -> None:
         """Put ``setting`` in force for good (a change ``stats().auto_changes`` lists)."""

@@ -9,6 +9,8 @@ import pytest
 
 from prefetch import _budget, _compare
 from prefetch.autoscaler import (
+    PARK_BLOCK_BATCHES,
+    PARK_MAX_BLOCKS,
     PARK_MIN_BLOCKS,
     PARK_SETTLE_BATCHES,
     PARK_WINDOW_BATCHES,
@@ -38,7 +40,6 @@ CALM_UNCONTENDED = Measure(wait=0.0, busy=0.1, loop_cpu=0.1, run_queue=0.0)
 IN_BETWEEN = Measure(wait=(WAIT_CALM_SHARE + WAIT_STARVED_SHARE) / 2, busy=1.0, loop_cpu=1.8, run_queue=0.2)
 WINDOWS_PER_CHANGE = SETTLE_WINDOWS + STREAK_WINDOWS
 # A park trial's block: four windows and two switches (A B B A), each switch followed by untimed batches.
-TRIAL_BLOCK_BATCHES = 4 * PARK_WINDOW_BATCHES + 2 * PARK_SETTLE_BATCHES
 
 
 def feed(controller: Controller, measure: Measure, windows: int) -> list[Setting]:
@@ -160,7 +161,7 @@ def test_the_scaler_measures_windows_of_batches_on_the_clock_and_puts_a_park_on_
 def test_a_park_the_loop_runs_faster_with_is_kept(monkeypatch):
     loop = ContendedLoop(monkeypatch, lambda workers: 0.010 if workers == 3 else 0.012)
     loop.run(1 + WINDOWS_PER_CHANGE * WINDOW_BATCHES)
-    loop.run(PARK_MIN_BLOCKS * TRIAL_BLOCK_BATCHES + 1)
+    loop.run(PARK_MIN_BLOCKS * PARK_BLOCK_BATCHES + 1)
     assert not loop.scaler.measuring
     # A B B A with the window held at A's (8): only the worker differs; the first A is in force already
     trial, kept = loop.resized[:-1], loop.resized[-1]
@@ -174,7 +175,7 @@ def test_a_park_the_loop_runs_faster_with_is_kept(monkeypatch):
 def test_a_park_the_loop_is_not_faster_with_is_undone_and_not_tried_again(monkeypatch, parked_s):
     loop = ContendedLoop(monkeypatch, lambda workers: parked_s if workers == 3 else 0.010)
     loop.run(1 + WINDOWS_PER_CHANGE * WINDOW_BATCHES)
-    loop.run(PARK_MIN_BLOCKS * TRIAL_BLOCK_BATCHES + 1)
+    loop.run(PARK_MIN_BLOCKS * PARK_BLOCK_BATCHES + 1)
     assert not loop.scaler.measuring and loop.resized[-1] == (4, 8)  # back to every worker
     assert loop.scaler.setting == Setting(4, 8) and loop.scaler.changes == []
     assert "kept 4 workers: parking one measured" in loop.scaler.describe()
@@ -187,7 +188,7 @@ def test_the_batches_right_after_a_switch_are_not_timed(monkeypatch):
     loop = ContendedLoop(monkeypatch, lambda workers: 0.010 if workers == 3 else 0.012)  # parked is faster
     loop.after_switch_s = 1.0  # but the batches after each switch are 100x slower: timed, they would decide
     loop.run(1 + WINDOWS_PER_CHANGE * WINDOW_BATCHES)
-    loop.run(PARK_MIN_BLOCKS * TRIAL_BLOCK_BATCHES + 1)
+    loop.run(PARK_MIN_BLOCKS * PARK_BLOCK_BATCHES + 1)
     assert not loop.scaler.measuring and loop.scaler.changes == [Change(loop.batches, 3, 6)]
     assert "measured faster by 1.20x" in loop.scaler.describe()
 
@@ -198,14 +199,14 @@ def test_a_trial_window_never_spans_the_pause_between_epochs(monkeypatch):
     assert loop.scaler.measuring
     loop.clock.wall += 1000.0  # the loop is away (an evaluation), then adopts the kept engine
     loop.scaler.restart()
-    loop.run(PARK_MIN_BLOCKS * TRIAL_BLOCK_BATCHES + 1)
+    loop.run(PARK_MIN_BLOCKS * PARK_BLOCK_BATCHES + 1)
     # Timed across the pause, A would look 100x slower and the park be kept.
     assert not loop.scaler.measuring and loop.scaler.setting == Setting(4, 8)
 
 
 def test_a_park_proposed_too_late_to_be_timed_by_the_settle_batch_is_set_aside_for_good(monkeypatch):
     loop = ContendedLoop(monkeypatch, lambda workers: 0.010 if workers == 3 else 0.012)  # parked would be faster
-    latest_start = SETTLE_BY_BATCH - PARK_MIN_BLOCKS * TRIAL_BLOCK_BATCHES  # its shortest trial ends by then
+    latest_start = SETTLE_BY_BATCH - PARK_MIN_BLOCKS * PARK_BLOCK_BATCHES  # its shortest trial ends by then
     loop.batches = latest_start - (1 + WINDOWS_PER_CHANGE * WINDOW_BATCHES) + 1  # figures for a park one later
     loop.run(1 + WINDOWS_PER_CHANGE * WINDOW_BATCHES)
     assert loop.batches == latest_start + 1
@@ -226,11 +227,15 @@ def test_a_trial_still_undecided_at_the_settle_batch_keeps_every_worker(monkeypa
     loop.seconds = seconds
     # the trial starts in time for its shortest length (3 blocks) but not its longest (4)
     before_park = 1 + WINDOWS_PER_CHANGE * WINDOW_BATCHES
-    loop.batches = SETTLE_BY_BATCH - PARK_MIN_BLOCKS * TRIAL_BLOCK_BATCHES - before_park - 2 * WINDOW_BATCHES
+    loop.batches = SETTLE_BY_BATCH - PARK_MIN_BLOCKS * PARK_BLOCK_BATCHES - before_park - 2 * WINDOW_BATCHES
     loop.run(before_park)
     assert loop.scaler.measuring
     started = loop.batches
-    assert started + 4 * TRIAL_BLOCK_BATCHES > SETTLE_BY_BATCH >= started + PARK_MIN_BLOCKS * TRIAL_BLOCK_BATCHES
+    assert (
+        started + PARK_MAX_BLOCKS * PARK_BLOCK_BATCHES
+        > SETTLE_BY_BATCH
+        >= started + PARK_MIN_BLOCKS * PARK_BLOCK_BATCHES
+    )
     loop.run(SETTLE_BY_BATCH - loop.batches - 1)
     assert loop.scaler.measuring  # 3 blocks that contradict each other: not told apart yet
     loop.run(1)
